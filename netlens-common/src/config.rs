@@ -1,0 +1,131 @@
+//! Offsets resolved in userspace at start-up and handed to the programs.
+//!
+//! Rust eBPF has no CO-RE, so nothing about the running kernel's layout is
+//! compiled in: tracepoint record offsets come from tracefs `format` files,
+//! kernel struct offsets from BTF. Userspace fills a [`Config`] and writes it
+//! into the programs' read-only `CONFIG` global before loading.
+
+/// Byte offsets of the 4-tuple fields in a tracepoint record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleFields {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: u16,
+}
+
+/// `sock:inet_sock_set_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetStateFields {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub protocol: u16,
+    pub tuple: TupleFields,
+}
+
+/// `tcp:tcp_retransmit_skb`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetransmitFields {
+    pub skbaddr: u16,
+    pub skaddr: u16,
+    pub state: u16,
+    /// Offset of `err`, or [`FIELD_ABSENT`] on kernels that trace only
+    /// successful retransmissions (before 6.10).
+    pub err: u16,
+    pub tuple: TupleFields,
+}
+
+/// `tcp:tcp_retransmit_synack`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynackFields {
+    pub skaddr: u16,
+    pub req: u16,
+    pub _pad: [u16; 2],
+    pub tuple: TupleFields,
+}
+
+/// `tcp:tcp_send_reset`: addresses are `sockaddr_in6`-sized buffers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendResetFields {
+    pub skaddr: u16,
+    pub state: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+}
+
+/// `tcp:tcp_receive_reset`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReceiveResetFields {
+    pub skaddr: u16,
+    pub _pad: [u16; 3],
+    pub tuple: TupleFields,
+}
+
+/// Marks an optional field the running kernel does not have.
+pub const FIELD_ABSENT: u16 = u16::MAX;
+
+/// Kernel struct member offsets, in bytes, resolved from BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock` → `sk_err` (int).
+    pub sock_sk_err: u32,
+    /// `struct sock` → `__sk_common.skc_net.net` (struct net *).
+    pub sock_net: u32,
+    /// `struct net` → `ns.inum` (unsigned int).
+    pub net_inum: u32,
+    /// `struct sock` → `sk_cgrp_data.cgroup` (struct cgroup *), or 0 when the
+    /// kernel has no socket cgroup data.
+    pub sock_cgroup: u32,
+    /// `struct cgroup` → `kn` (struct kernfs_node *).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node` → `id` (u64): the cgroup id userspace sees.
+    pub kernfs_node_id: u32,
+    /// `struct tcp_sock` → `srtt_us` (u32, smoothed RTT << 3).
+    pub tcp_srtt_us: u32,
+    /// `struct tcp_sock` → `total_retrans` (u32, segments).
+    pub tcp_total_retrans: u32,
+    /// `struct tcp_sock` → `bytes_acked` (u64).
+    pub tcp_bytes_acked: u32,
+    /// `struct tcp_sock` → `bytes_received` (u64).
+    pub tcp_bytes_received: u32,
+    /// `struct tcp_sock` → `dsack_dups` (u32, segments reported as duplicates).
+    pub tcp_dsack_dups: u32,
+    /// `struct tcp_request_sock` → `snt_synack` (u64, µs, tcp_clock_us()).
+    pub treq_snt_synack: u32,
+    /// `struct sk_buff` → `cb` (the TCP control block lives there).
+    pub skb_cb: u32,
+    /// `struct tcp_skb_cb` → `tcp_gso_segs` (u16).
+    pub tcb_gso_segs: u32,
+    pub _pad: u32,
+}
+
+/// Everything the programs need to know about the running kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub set_state: SetStateFields,
+    pub retransmit: RetransmitFields,
+    pub synack: SynackFields,
+    pub send_reset: SendResetFields,
+    pub receive_reset: ReceiveResetFields,
+    pub kernel: KernelOffsets,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] with only integer fields and
+    // explicit padding, so any bit pattern is valid.
+    unsafe impl aya::Pod for super::Config {}
+}

@@ -1,0 +1,115 @@
+//! Records that cross from the kernel to userspace, and per-flow state.
+
+/// What a [`RawEvent`] reports.
+pub mod kind {
+    pub const HANDSHAKE: u8 = 1;
+    pub const HANDSHAKE_FAILED: u8 = 2;
+    pub const RETRANSMIT: u8 = 3;
+    pub const SYNACK_RETRANSMIT: u8 = 4;
+    pub const RESET_SENT: u8 = 5;
+    pub const RESET_RECEIVED: u8 = 6;
+    pub const CLOSE: u8 = 7;
+}
+
+/// Which end opened the connection.
+pub mod direction {
+    pub const UNKNOWN: u8 = 0;
+    pub const ACTIVE: u8 = 1;
+    pub const PASSIVE: u8 = 2;
+}
+
+/// Why a connect() failed, from `sk_err` at the SYN_SENT → CLOSE transition.
+pub mod reason {
+    pub const NONE: u8 = 0;
+    /// The peer answered the SYN with a reset (ECONNREFUSED).
+    pub const RESET: u8 = 1;
+    /// SYN retransmissions ran out (ETIMEDOUT).
+    pub const TIMEOUT: u8 = 2;
+    /// An ICMP error said the peer cannot be reached (EHOSTUNREACH, ENETUNREACH).
+    pub const UNREACHABLE: u8 = 3;
+    /// The application closed the socket before the handshake finished.
+    pub const ABORTED: u8 = 4;
+    /// Any other socket error.
+    pub const ERROR: u8 = 5;
+}
+
+/// One event from the ring buffer. Which fields mean something depends on
+/// `kind`; the rest are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawEvent {
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) when the event happened.
+    pub ts_ns: u64,
+    pub cgroup: u64,
+    /// `HANDSHAKE`: SYN (or first SYN-ACK) to ESTABLISHED; `HANDSHAKE_FAILED`:
+    /// SYN to CLOSE; `CLOSE`: the connection's lifetime (0 if not seen open).
+    pub duration_ns: u64,
+    /// `CLOSE`: bytes the peer acknowledged (tcp_sock.bytes_acked).
+    pub bytes_sent: u64,
+    /// `CLOSE`: bytes received in order (tcp_sock.bytes_received).
+    pub bytes_received: u64,
+    /// Local address: 4 bytes for IPv4 (rest zero), 16 for IPv6.
+    pub saddr: [u8; 16],
+    /// Remote address.
+    pub daddr: [u8; 16],
+    pub comm: [u8; 16],
+    pub pid: u32,
+    pub netns: u32,
+    /// `RETRANSMIT`: segments in the retransmitted skb; `CLOSE`: total
+    /// retransmitted segments of the connection.
+    pub segs: u32,
+    /// `CLOSE`: retransmitted segments the peer reported as duplicates (DSACK).
+    pub spurious_retransmits: u32,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub kind: u8,
+    pub direction: u8,
+    /// TCP state at the event (`RETRANSMIT`, `RESET_*`).
+    pub state: u8,
+    /// `HANDSHAKE_FAILED`: one of [`reason`].
+    pub reason: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Per-connection state kept in the kernel's flow table, keyed by socket
+/// address. Created when a connection starts (SYN_SENT or SYN_RECV), removed
+/// when it closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// When the handshake started: connect() for active opens, the first
+    /// SYN-ACK for passive ones.
+    pub start_ns: u64,
+    pub cgroup: u64,
+    pub comm: [u8; 16],
+    pub pid: u32,
+    pub netns: u32,
+    pub direction: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Key of the SYN-ACK start table: the 4-tuple of a pending passive open as
+/// the listener sees it, plus its network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub netns: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: [u8; 6],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], integer and byte-array fields only, explicit padding.
+    unsafe impl aya::Pod for super::RawEvent {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::TupleKey {}
+}

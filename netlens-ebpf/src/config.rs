@@ -1,0 +1,22 @@
+//! The offsets userspace resolved at start-up (see netlens_common::config).
+
+use netlens_common::Config;
+
+/// Written by the loader through `EbpfLoader::set_global` before load; the
+/// map is frozen, so the verifier sees these as constants.
+#[unsafe(no_mangle)]
+static CONFIG: Config = unsafe { core::mem::zeroed() };
+
+/// Reads one field of [`CONFIG`]. The volatile read stops the compiler from
+/// folding in the all-zero initial value.
+macro_rules! cfg_field {
+    ($($path:ident).+) => {
+        unsafe { core::ptr::read_volatile(&crate::config::config().$($path).+) }
+    };
+}
+pub(crate) use cfg_field;
+
+#[inline(always)]
+pub fn config() -> &'static Config {
+    &CONFIG
+}

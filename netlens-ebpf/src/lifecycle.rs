@@ -1,0 +1,205 @@
+//! Connection lifecycle from `sock:inet_sock_set_state`: handshakes (active
+//! and passive), failed connects and closes.
+//!
+//! Passive handshake timing, tracepoints only: the kernel creates the child
+//! socket when the handshake's final ACK arrives, so the child's own state
+//! changes are microseconds apart and say nothing about the handshake. The
+//! start comes from the request socket instead:
+//! - no SYN-ACK retransmission: `tcp_check_req` has just fed the child the
+//!   RTT from the first SYN-ACK to this ACK (`tcp_synack_rtt_meas`, using
+//!   `req->snt_synack`), so `srtt_us >> 3` *is* that time, in µs;
+//! - retransmitted SYN-ACK: `tcp:tcp_retransmit_synack` hands us the request
+//!   socket, and `snt_synack` there is the first SYN-ACK's time; retransmit.rs
+//!   stores it by 4-tuple and the child picks it up here.
+//! Limits: the time from the SYN's arrival to the first SYN-ACK (the
+//! listener's own processing, normally microseconds) is not included, nor is
+//! a SYN the client retransmitted before this one arrived (the server never
+//! saw the lost one; the client's active handshake shows it). SYN cookies
+//! have no request socket that lives on: those handshakes show one RTT.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use netlens_common::{direction, kind, reason, tcp_state, Flow, RawEvent, TupleKey};
+
+use crate::{
+    config::cfg_field,
+    events::emit,
+    flows,
+    kernel::{field, member, sock_cgroup, sock_netns, tuple, Tuple},
+    retransmit::take_synack_start,
+};
+
+const IPPROTO_TCP: u16 = 6;
+const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+const EHOSTUNREACH: i32 = 113;
+const ENETUNREACH: i32 = 101;
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = on_set_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let protocol: u16 = field(ctx, cfg_field!(set_state.protocol))?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let old = field::<i32>(ctx, cfg_field!(set_state.oldstate))? as u8;
+    let new = field::<i32>(ctx, cfg_field!(set_state.newstate))? as u8;
+    // Most transitions (the FIN dance, listeners) need nothing from us:
+    // leave after two reads.
+    match (old, new) {
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) => active_open(ctx),
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(ctx),
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => passive_established(ctx),
+        (tcp_state::SYN_SENT, tcp_state::CLOSE) => connect_failed(ctx),
+        (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => Ok(()),
+        (_, tcp_state::CLOSE) => closed(ctx),
+        _ => Ok(()),
+    }
+}
+
+#[inline(always)]
+fn skaddr(ctx: &TracePointContext) -> Result<u64, i32> {
+    field(ctx, cfg_field!(set_state.skaddr))
+}
+
+/// connect(): runs in the calling process, so pid and comm are the opener's.
+#[inline(always)]
+fn active_open(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk = skaddr(ctx)?;
+    let flow = Flow {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        // SAFETY: plain helper calls without arguments.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        netns: sock_netns(sk),
+        direction: direction::ACTIVE,
+        _pad: [0; 7],
+    };
+    flows::insert(sk, &flow);
+    Ok(())
+}
+
+/// An event stamped with the flow's identity and the record's 4-tuple.
+#[inline(always)]
+fn flow_event(kind: u8, now: u64, tuple: &Tuple, flow: &Flow) -> RawEvent {
+    RawEvent {
+        ts_ns: now,
+        kind,
+        direction: flow.direction,
+        family: tuple.family,
+        sport: tuple.sport,
+        dport: tuple.dport,
+        saddr: tuple.saddr,
+        daddr: tuple.daddr,
+        pid: flow.pid,
+        comm: flow.comm,
+        netns: flow.netns,
+        cgroup: flow.cgroup,
+        ..RawEvent::default()
+    }
+}
+
+#[inline(always)]
+fn active_established(ctx: &TracePointContext) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sk = skaddr(ctx)?;
+    // No entry: the connect() began before netlens attached.
+    let Some(flow) = flows::get(sk) else { return Ok(()) };
+    let tuple = tuple(ctx, &cfg_field!(set_state.tuple))?;
+    let mut event = flow_event(kind::HANDSHAKE, now, &tuple, &flow);
+    event.duration_ns = now.saturating_sub(flow.start_ns);
+    emit(&event);
+    Ok(())
+}
+
+#[inline(always)]
+fn passive_established(ctx: &TracePointContext) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sk = skaddr(ctx)?;
+    let tuple = tuple(ctx, &cfg_field!(set_state.tuple))?;
+    let netns = sock_netns(sk);
+    let key = TupleKey {
+        saddr: tuple.saddr,
+        daddr: tuple.daddr,
+        netns,
+        sport: tuple.sport,
+        dport: tuple.dport,
+        family: tuple.family,
+        _pad: [0; 6],
+    };
+    let start_ns = match take_synack_start(&key) {
+        Some(first_synack_ns) => first_synack_ns,
+        None => {
+            let srtt_us: u32 = member(sk, cfg_field!(kernel.tcp_srtt_us)).unwrap_or(0);
+            now.saturating_sub((srtt_us as u64 >> 3) * 1000)
+        }
+    };
+    let flow = Flow {
+        start_ns,
+        cgroup: sock_cgroup(sk),
+        netns,
+        direction: direction::PASSIVE,
+        ..Flow::default()
+    };
+    flows::insert(sk, &flow);
+    let mut event = flow_event(kind::HANDSHAKE, now, &tuple, &flow);
+    event.duration_ns = now.saturating_sub(start_ns);
+    emit(&event);
+    Ok(())
+}
+
+/// SYN_SENT → CLOSE. `tcp_reset` and `tcp_write_err` set `sk_err` before
+/// `tcp_done` moves the socket to CLOSE, so it names the cause.
+#[inline(always)]
+fn connect_failed(ctx: &TracePointContext) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sk = skaddr(ctx)?;
+    let Some(flow) = flows::take(sk) else { return Ok(()) };
+    let tuple = tuple(ctx, &cfg_field!(set_state.tuple))?;
+    let sk_err: i32 = member(sk, cfg_field!(kernel.sock_sk_err)).unwrap_or(0);
+    let mut event = flow_event(kind::HANDSHAKE_FAILED, now, &tuple, &flow);
+    event.duration_ns = now.saturating_sub(flow.start_ns);
+    event.reason = match sk_err {
+        0 => reason::ABORTED,
+        ECONNREFUSED => reason::RESET,
+        ETIMEDOUT => reason::TIMEOUT,
+        EHOSTUNREACH | ENETUNREACH => reason::UNREACHABLE,
+        _ => reason::ERROR,
+    };
+    emit(&event);
+    Ok(())
+}
+
+/// Any other state → CLOSE: the connection is over; report what it did.
+#[inline(always)]
+fn closed(ctx: &TracePointContext) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sk = skaddr(ctx)?;
+    let tuple = tuple(ctx, &cfg_field!(set_state.tuple))?;
+    // A connection opened before netlens attached still reports its totals,
+    // with an unknown direction and lifetime.
+    let flow = flows::take(sk).unwrap_or_else(|| Flow {
+        netns: sock_netns(sk),
+        cgroup: sock_cgroup(sk),
+        ..Flow::default()
+    });
+    let mut event = flow_event(kind::CLOSE, now, &tuple, &flow);
+    if flow.start_ns != 0 {
+        event.duration_ns = now.saturating_sub(flow.start_ns);
+    }
+    event.bytes_sent = member(sk, cfg_field!(kernel.tcp_bytes_acked)).unwrap_or(0);
+    event.bytes_received = member(sk, cfg_field!(kernel.tcp_bytes_received)).unwrap_or(0);
+    event.segs = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
+    event.spurious_retransmits = member(sk, cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
+    emit(&event);
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! netlens's eBPF programs: TCP tracepoints only (no kprobes, no fentry), so
+//! they run on locked-down kernels too. Per-packet work stays here; only
+//! per-connection events cross to userspace through one ring buffer.
+#![no_std]
+#![no_main]
+
+mod config;
+mod events;
+mod flows;
+mod kernel;
+mod lifecycle;
+mod reset;
+mod retransmit;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach this.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

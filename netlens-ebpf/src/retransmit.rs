@@ -1,0 +1,127 @@
+//! Retransmissions: `tcp:tcp_retransmit_skb` (data and SYN) and
+//! `tcp:tcp_retransmit_synack` (the listener's SYN-ACK).
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
+    macros::{map, tracepoint},
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+use netlens_common::{direction, kind, RawEvent, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
+
+use crate::{
+    config::cfg_field,
+    events::emit,
+    flows,
+    kernel::{field, member, sock_cgroup, sock_netns, tuple},
+};
+
+/// First SYN-ACK time (ns) of pending passive opens whose SYN-ACK was
+/// retransmitted, by 4-tuple; lifecycle.rs takes it when the child socket
+/// is established. LRU: handshakes that never finish age out.
+#[map]
+static SYNACK_STARTS: LruHashMap<TupleKey, u64> =
+    LruHashMap::with_max_entries(SYNACK_TABLE_ENTRIES, 0);
+
+/// Removes and returns the first SYN-ACK time recorded for `key`.
+#[inline(always)]
+pub fn take_synack_start(key: &TupleKey) -> Option<u64> {
+    // SAFETY: the value is copied out before the entry is removed.
+    let start_ns = unsafe { SYNACK_STARTS.get(key).copied() }?;
+    let _ = SYNACK_STARTS.remove(key);
+    Some(start_ns)
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let _ = on_retransmit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+    // Since 6.10 the tracepoint also fires for failed attempts; the kernel
+    // counts only the successful ones (TcpRetransSegs), and so do we.
+    let err_offset = cfg_field!(retransmit.err);
+    if err_offset != FIELD_ABSENT && field::<i32>(ctx, err_offset)? != 0 {
+        return Ok(());
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sk: u64 = field(ctx, cfg_field!(retransmit.skaddr))?;
+    let skb: u64 = field(ctx, cfg_field!(retransmit.skbaddr))?;
+    let state = field::<i32>(ctx, cfg_field!(retransmit.state))? as u8;
+    let tuple = tuple(ctx, &cfg_field!(retransmit.tuple))?;
+    // One skb can carry several segments (GSO); the kernel counts segments:
+    // tcp_skb_pcount() = TCP_SKB_CB(skb)->tcp_gso_segs.
+    let segs_offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_gso_segs);
+    let segs = member::<u16>(skb, segs_offset).unwrap_or(1).max(1);
+    let flow = flows::get(sk).unwrap_or_else(|| netlens_common::Flow {
+        netns: sock_netns(sk),
+        cgroup: sock_cgroup(sk),
+        ..Default::default()
+    });
+    emit(&RawEvent {
+        ts_ns: now,
+        kind: kind::RETRANSMIT,
+        direction: flow.direction,
+        state,
+        segs: segs as u32,
+        family: tuple.family,
+        sport: tuple.sport,
+        dport: tuple.dport,
+        saddr: tuple.saddr,
+        daddr: tuple.daddr,
+        pid: flow.pid,
+        comm: flow.comm,
+        netns: flow.netns,
+        cgroup: flow.cgroup,
+        ..RawEvent::default()
+    });
+    Ok(())
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+    let _ = on_synack_retransmit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_synack_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let listener: u64 = field(ctx, cfg_field!(synack.skaddr))?;
+    let req: u64 = field(ctx, cfg_field!(synack.req))?;
+    let tuple = tuple(ctx, &cfg_field!(synack.tuple))?;
+    let netns = sock_netns(listener);
+    let key = TupleKey {
+        saddr: tuple.saddr,
+        daddr: tuple.daddr,
+        netns,
+        sport: tuple.sport,
+        dport: tuple.dport,
+        family: tuple.family,
+        _pad: [0; 6],
+    };
+    // snt_synack: the first SYN-ACK's tcp_clock_us(), the same monotonic
+    // clock as bpf_ktime_get_ns(). Keep the first one we see per handshake.
+    let snt_synack_us: u64 = member(req, cfg_field!(kernel.treq_snt_synack)).unwrap_or(0);
+    let first_ns = if snt_synack_us != 0 { snt_synack_us * 1000 } else { now };
+    let _ = SYNACK_STARTS.insert(&key, &first_ns, BPF_NOEXIST as u64);
+    emit(&RawEvent {
+        ts_ns: now,
+        kind: kind::SYNACK_RETRANSMIT,
+        direction: direction::PASSIVE,
+        state: netlens_common::tcp_state::SYN_RECV,
+        segs: 1,
+        family: tuple.family,
+        sport: tuple.sport,
+        dport: tuple.dport,
+        saddr: tuple.saddr,
+        daddr: tuple.daddr,
+        netns,
+        cgroup: sock_cgroup(listener),
+        ..RawEvent::default()
+    });
+    Ok(())
+}
