@@ -57,10 +57,12 @@ pub struct SynackFields {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SendResetFields {
+    pub skbaddr: u16,
     pub skaddr: u16,
     pub state: u16,
     pub saddr: u16,
     pub daddr: u16,
+    pub _pad: u16,
 }
 
 /// `tcp:tcp_receive_reset`.
@@ -96,19 +98,29 @@ pub struct KernelOffsets {
     pub tcp_srtt_us: u32,
     /// `struct tcp_sock` → `total_retrans` (u32, segments).
     pub tcp_total_retrans: u32,
-    /// `struct tcp_sock` → `bytes_acked` (u64).
-    pub tcp_bytes_acked: u32,
+    /// `struct tcp_sock` → `bytes_sent` (u64, payload incl. retransmissions).
+    pub tcp_bytes_sent: u32,
+    /// `struct tcp_sock` → `bytes_retrans` (u64, retransmitted payload).
+    pub tcp_bytes_retrans: u32,
     /// `struct tcp_sock` → `bytes_received` (u64).
     pub tcp_bytes_received: u32,
     /// `struct tcp_sock` → `dsack_dups` (u32, segments reported as duplicates).
     pub tcp_dsack_dups: u32,
+    /// `struct sock` → `__sk_common.skc_flags` (sk_flags, unsigned long).
+    pub sock_flags: u32,
+    /// Bit of SOCK_DONE in `sk_flags`: set by tcp_fin(), i.e. the peer's FIN
+    /// arrived (and took one sequence number into bytes_received).
+    pub sock_done_bit: u32,
+    /// `struct sk_buff` → `dev` (struct net_device *).
+    pub skb_dev: u32,
+    /// `struct net_device` → `nd_net.net` (struct net *).
+    pub netdev_net: u32,
     /// `struct tcp_request_sock` → `snt_synack` (u64, µs, tcp_clock_us()).
     pub treq_snt_synack: u32,
     /// `struct sk_buff` → `cb` (the TCP control block lives there).
     pub skb_cb: u32,
     /// `struct tcp_skb_cb` → `tcp_gso_segs` (u16).
     pub tcb_gso_segs: u32,
-    pub _pad: u32,
 }
 
 /// Everything the programs need to know about the running kernel.

@@ -44,9 +44,10 @@ pub struct RawEvent {
     /// `HANDSHAKE`: SYN (or first SYN-ACK) to ESTABLISHED; `HANDSHAKE_FAILED`:
     /// SYN to CLOSE; `CLOSE`: the connection's lifetime (0 if not seen open).
     pub duration_ns: u64,
-    /// `CLOSE`: bytes the peer acknowledged (tcp_sock.bytes_acked).
+    /// `CLOSE`: payload bytes sent, each counted once (retransmissions not
+    /// counted again).
     pub bytes_sent: u64,
-    /// `CLOSE`: bytes received in order (tcp_sock.bytes_received).
+    /// `CLOSE`: payload bytes received in order.
     pub bytes_received: u64,
     /// Local address: 4 bytes for IPv4 (rest zero), 16 for IPv6.
     pub saddr: [u8; 16],

@@ -85,3 +85,20 @@ pub fn sock_cgroup(sk: u64) -> u64 {
     }
     member(kn, cfg_field!(kernel.kernfs_node_id)).unwrap_or(0)
 }
+
+/// The network namespace of the device an skb arrived on, or 0.
+#[inline(always)]
+pub fn skb_netns(skb: u64) -> u32 {
+    if skb == 0 {
+        return 0;
+    }
+    let dev: u64 = member(skb, cfg_field!(kernel.skb_dev)).unwrap_or(0);
+    if dev == 0 {
+        return 0;
+    }
+    let net: u64 = member(dev, cfg_field!(kernel.netdev_net)).unwrap_or(0);
+    if net == 0 {
+        return 0;
+    }
+    member(net, cfg_field!(kernel.net_inum)).unwrap_or(0)
+}

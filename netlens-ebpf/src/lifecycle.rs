@@ -196,8 +196,17 @@ fn closed(ctx: &TracePointContext) -> Result<(), i32> {
     if flow.start_ns != 0 {
         event.duration_ns = now.saturating_sub(flow.start_ns);
     }
-    event.bytes_sent = member(sk, cfg_field!(kernel.tcp_bytes_acked)).unwrap_or(0);
-    event.bytes_received = member(sk, cfg_field!(kernel.tcp_bytes_received)).unwrap_or(0);
+    // Payload only: the kernel's byte counters also count SYN and FIN
+    // sequence numbers (bytes_acked, bytes_received), or retransmissions
+    // (bytes_sent). Sent = bytes_sent - bytes_retrans: each payload byte
+    // once. Received = bytes_received - 1 if the peer's FIN arrived.
+    let sent: u64 = member(sk, cfg_field!(kernel.tcp_bytes_sent)).unwrap_or(0);
+    let retrans: u64 = member(sk, cfg_field!(kernel.tcp_bytes_retrans)).unwrap_or(0);
+    event.bytes_sent = sent.saturating_sub(retrans);
+    let received: u64 = member(sk, cfg_field!(kernel.tcp_bytes_received)).unwrap_or(0);
+    let sk_flags: u64 = member(sk, cfg_field!(kernel.sock_flags)).unwrap_or(0);
+    let fin_received = (sk_flags >> (cfg_field!(kernel.sock_done_bit) & 63)) & 1;
+    event.bytes_received = received.saturating_sub(fin_received);
     event.segs = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
     event.spurious_retransmits = member(sk, cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
     emit(&event);

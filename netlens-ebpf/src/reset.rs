@@ -7,7 +7,7 @@ use crate::{
     config::cfg_field,
     events::emit,
     flows,
-    kernel::{field, sock_cgroup, sock_netns, tuple, Tuple},
+    kernel::{field, skb_netns, sock_cgroup, sock_netns, tuple, Tuple},
 };
 
 /// Identity of the socket behind a reset, from the flow table when we know
@@ -74,7 +74,14 @@ fn on_send_reset(ctx: &TracePointContext) -> Result<(), i32> {
         tuple.saddr = field(ctx, local + 8)?;
         tuple.daddr = field(ctx, remote + 8)?;
     }
-    emit(&reset_event(kind::RESET_SENT, state, &tuple, &identity(sk)));
+    let mut flow = identity(sk);
+    if sk == 0 {
+        // No socket (a SYN to a closed port): the namespace is the one of
+        // the device the offending packet arrived on.
+        let skb: u64 = field(ctx, cfg_field!(send_reset.skbaddr))?;
+        flow.netns = skb_netns(skb);
+    }
+    emit(&reset_event(kind::RESET_SENT, state, &tuple, &flow));
     Ok(())
 }
 

@@ -1,0 +1,103 @@
+//! Command-line interface.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::filter::Filter;
+
+#[derive(Parser, Debug)]
+#[command(name = "netlens", version, about = "eBPF TCP observability: handshakes, retransmits, resets and connection lifetimes, from the kernel")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print one line per connection event (handshake, retransmit, reset, close).
+    Trace(TraceArgs),
+    /// Check that this kernel and these privileges can run netlens.
+    Check,
+}
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+/// Filters shared by every command that shows connections.
+#[derive(Args, Debug, Default)]
+pub struct FilterArgs {
+    /// Only connections with this port at either end.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Only connections opened by this process.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Only connections opened by a process with this command name.
+    #[arg(long)]
+    pub comm: Option<String>,
+    /// Only connections in this network namespace (its inode number).
+    #[arg(long, value_name = "INODE")]
+    pub netns: Option<u32>,
+    /// Only IPv4.
+    #[arg(short = '4', conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6.
+    #[arg(short = '6')]
+    pub ipv6: bool,
+}
+
+impl FilterArgs {
+    pub fn to_filter(&self) -> Filter {
+        Filter {
+            port: self.port,
+            pid: self.pid,
+            comm: self.comm.clone(),
+            netns: self.netns,
+            family: match (self.ipv4, self.ipv6) {
+                (true, _) => Some(4),
+                (_, true) => Some(6),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("`{text}` must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_flags_parse() {
+        let cli = Cli::try_parse_from(["netlens", "trace", "--json", "--port", "8080", "-6", "--duration", "1.5"]).unwrap();
+        let Command::Trace(args) = cli.command else { panic!("not trace") };
+        assert!(args.json);
+        assert_eq!(args.duration, Some(Duration::from_millis(1500)));
+        assert_eq!(args.filter.to_filter(), Filter { port: Some(8080), family: Some(6), ..Filter::default() });
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(Cli::try_parse_from(["netlens", "trace", "--port", "70000"]).is_err());
+        assert!(Cli::try_parse_from(["netlens", "trace", "--duration", "0"]).is_err());
+        assert!(Cli::try_parse_from(["netlens", "trace", "-4", "-6"]).is_err());
+        assert!(Cli::try_parse_from(["netlens", "trace", "--bogus"]).is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! Decoding kernel records into typed connection events.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use netlens_common::{direction, kind, reason, tcp_state, RawEvent, AF_INET, AF_INET6};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Active,
+    Passive,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Active => "active",
+            Direction::Passive => "passive",
+        }
+    }
+    fn decode(raw: u8) -> Option<Self> {
+        match raw {
+            direction::ACTIVE => Some(Direction::Active),
+            direction::PASSIVE => Some(Direction::Passive),
+            _ => None,
+        }
+    }
+}
+
+/// Why a connect() failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailReason {
+    Reset,
+    Timeout,
+    Unreachable,
+    Aborted,
+    Error,
+}
+
+impl FailReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::Reset => "reset",
+            FailReason::Timeout => "timeout",
+            FailReason::Unreachable => "unreachable",
+            FailReason::Aborted => "aborted",
+            FailReason::Error => "error",
+        }
+    }
+    fn decode(raw: u8) -> Self {
+        match raw {
+            reason::RESET => FailReason::Reset,
+            reason::TIMEOUT => FailReason::Timeout,
+            reason::UNREACHABLE => FailReason::Unreachable,
+            reason::ABORTED => FailReason::Aborted,
+            _ => FailReason::Error,
+        }
+    }
+}
+
+/// What happened, with the values that belong to it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Detail {
+    Handshake { direction: Direction, handshake_ns: u64 },
+    HandshakeFailed { reason: FailReason, after_ns: u64 },
+    Retransmit { state: u8, segs: u32 },
+    SynackRetransmit,
+    ResetSent { state: u8 },
+    ResetReceived,
+    Close {
+        direction: Option<Direction>,
+        /// None when netlens did not see the connection open.
+        lifetime_ns: Option<u64>,
+        bytes_sent: u64,
+        bytes_received: u64,
+        retransmits: u32,
+        spurious_retransmits: u32,
+    },
+}
+
+impl Detail {
+    /// The `event` name used in every output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Detail::Handshake { .. } => "handshake",
+            Detail::HandshakeFailed { .. } => "handshake_failed",
+            Detail::Retransmit { .. } => "retransmit",
+            Detail::SynackRetransmit => "synack_retransmit",
+            Detail::ResetSent { .. } => "reset_sent",
+            Detail::ResetReceived => "reset_received",
+            Detail::Close { .. } => "close",
+        }
+    }
+}
+
+/// One connection event, decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// The local end.
+    pub local: SocketAddr,
+    /// The remote end.
+    pub remote: SocketAddr,
+    /// The process that opened the connection (active opens only).
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub netns: u32,
+    pub cgroup: u64,
+    pub detail: Detail,
+}
+
+impl ConnEvent {
+    /// 4 or 6.
+    pub fn family(&self) -> u8 {
+        if self.local.is_ipv4() { 4 } else { 6 }
+    }
+
+    /// Decodes a ring-buffer record; `None` for a record of unknown kind or
+    /// family (a newer kernel side than this userspace).
+    pub fn decode(raw: &RawEvent) -> Option<Self> {
+        let (local_ip, remote_ip) = match raw.family {
+            AF_INET => (ipv4(&raw.saddr), ipv4(&raw.daddr)),
+            AF_INET6 => (ipv6(&raw.saddr), ipv6(&raw.daddr)),
+            _ => return None,
+        };
+        let detail = match raw.kind {
+            kind::HANDSHAKE => Detail::Handshake {
+                direction: Direction::decode(raw.direction)?,
+                handshake_ns: raw.duration_ns,
+            },
+            kind::HANDSHAKE_FAILED => Detail::HandshakeFailed {
+                reason: FailReason::decode(raw.reason),
+                after_ns: raw.duration_ns,
+            },
+            kind::RETRANSMIT => Detail::Retransmit { state: raw.state, segs: raw.segs },
+            kind::SYNACK_RETRANSMIT => Detail::SynackRetransmit,
+            kind::RESET_SENT => Detail::ResetSent { state: raw.state },
+            kind::RESET_RECEIVED => Detail::ResetReceived,
+            kind::CLOSE => Detail::Close {
+                direction: Direction::decode(raw.direction),
+                lifetime_ns: (raw.duration_ns != 0).then_some(raw.duration_ns),
+                bytes_sent: raw.bytes_sent,
+                bytes_received: raw.bytes_received,
+                retransmits: raw.segs,
+                spurious_retransmits: raw.spurious_retransmits,
+            },
+            _ => return None,
+        };
+        let comm_len = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());
+        Some(Self {
+            ts_ns: raw.ts_ns,
+            local: SocketAddr::new(local_ip, raw.sport),
+            remote: SocketAddr::new(remote_ip, raw.dport),
+            pid: (raw.pid != 0).then_some(raw.pid),
+            comm: (comm_len > 0).then(|| String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned()),
+            netns: raw.netns,
+            cgroup: raw.cgroup,
+            detail,
+        })
+    }
+}
+
+fn ipv4(bytes: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+}
+
+fn ipv6(bytes: &[u8; 16]) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::from(*bytes))
+}
+
+/// The kernel's name for a TCP state.
+pub fn state_name(state: u8) -> &'static str {
+    tcp_state::name(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(kind: u8) -> RawEvent {
+        let mut raw = RawEvent { kind, family: AF_INET, sport: 8080, dport: 40000, ..Default::default() };
+        raw.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        raw.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        raw
+    }
+
+    #[test]
+    fn decodes_a_passive_handshake_without_process() {
+        let mut record = raw(kind::HANDSHAKE);
+        record.direction = direction::PASSIVE;
+        record.duration_ns = 1_500_000;
+        let event = ConnEvent::decode(&record).unwrap();
+        assert_eq!(event.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(event.remote, "127.0.0.2:40000".parse().unwrap());
+        assert_eq!(event.pid, None);
+        assert_eq!(event.comm, None);
+        assert_eq!(event.family(), 4);
+        assert_eq!(event.detail, Detail::Handshake { direction: Direction::Passive, handshake_ns: 1_500_000 });
+    }
+
+    #[test]
+    fn decodes_ipv6_and_comm() {
+        let mut record = raw(kind::RETRANSMIT);
+        record.family = AF_INET6;
+        record.saddr = Ipv6Addr::LOCALHOST.octets();
+        record.daddr = Ipv6Addr::LOCALHOST.octets();
+        record.comm[..4].copy_from_slice(b"curl");
+        record.pid = 42;
+        record.state = tcp_state::SYN_SENT;
+        record.segs = 1;
+        let event = ConnEvent::decode(&record).unwrap();
+        assert_eq!(event.family(), 6);
+        assert_eq!(event.comm.as_deref(), Some("curl"));
+        assert_eq!(event.pid, Some(42));
+        assert_eq!(event.detail, Detail::Retransmit { state: tcp_state::SYN_SENT, segs: 1 });
+    }
+
+    #[test]
+    fn close_without_open_has_no_lifetime_and_unknown_kind_is_dropped() {
+        let event = ConnEvent::decode(&raw(kind::CLOSE)).unwrap();
+        assert!(matches!(event.detail, Detail::Close { lifetime_ns: None, direction: None, .. }));
+        assert!(ConnEvent::decode(&raw(200)).is_none());
+        let mut bad_family = raw(kind::CLOSE);
+        bad_family.family = 99;
+        assert!(ConnEvent::decode(&bad_family).is_none());
+    }
+}

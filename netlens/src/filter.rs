@@ -1,0 +1,66 @@
+//! Which connections a view shows: `--port`, `--pid`, `--comm`, `--netns`,
+//! `-4`/`-6`, shared by every command.
+
+use crate::event::ConnEvent;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Either end's port.
+    pub port: Option<u16>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Network namespace inode (`ls -L -i /proc/PID/ns/net`).
+    pub netns: Option<u32>,
+    /// 4 or 6.
+    pub family: Option<u8>,
+}
+
+impl Filter {
+    pub fn matches(&self, event: &ConnEvent) -> bool {
+        self.port.is_none_or(|port| event.local.port() == port || event.remote.port() == port)
+            && self.pid.is_none_or(|pid| event.pid == Some(pid))
+            && self.comm.as_deref().is_none_or(|comm| event.comm.as_deref() == Some(comm))
+            && self.netns.is_none_or(|netns| event.netns == netns)
+            && self.family.is_none_or(|family| event.family() == family)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Detail, Direction};
+
+    fn event(local: &str, remote: &str, pid: Option<u32>, comm: Option<&str>) -> ConnEvent {
+        ConnEvent {
+            ts_ns: 1,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            pid,
+            comm: comm.map(str::to_string),
+            netns: 4026531840,
+            cgroup: 1,
+            detail: Detail::Handshake { direction: Direction::Active, handshake_ns: 1 },
+        }
+    }
+
+    #[test]
+    fn port_matches_either_end() {
+        let filter = Filter { port: Some(8080), ..Filter::default() };
+        assert!(filter.matches(&event("127.0.0.1:8080", "127.0.0.1:5000", None, None)));
+        assert!(filter.matches(&event("127.0.0.1:5000", "127.0.0.1:8080", None, None)));
+        assert!(!filter.matches(&event("127.0.0.1:5000", "127.0.0.1:5001", None, None)));
+    }
+
+    #[test]
+    fn pid_comm_netns_and_family_must_all_match() {
+        let e = event("[::1]:80", "[::1]:5000", Some(7), Some("curl"));
+        assert!(Filter::default().matches(&e));
+        assert!(Filter { pid: Some(7), comm: Some("curl".into()), family: Some(6), ..Default::default() }.matches(&e));
+        assert!(!Filter { pid: Some(8), ..Default::default() }.matches(&e));
+        assert!(!Filter { comm: Some("wget".into()), ..Default::default() }.matches(&e));
+        assert!(!Filter { family: Some(4), ..Default::default() }.matches(&e));
+        assert!(!Filter { netns: Some(1), ..Default::default() }.matches(&e));
+        // A passive connection has no pid: a pid filter excludes it.
+        assert!(!Filter { pid: Some(7), ..Default::default() }.matches(&event("127.0.0.1:80", "127.0.0.1:1", None, None)));
+    }
+}

@@ -1,0 +1,282 @@
+//! Kernel struct member offsets from the running kernel's BTF.
+//!
+//! A small reader of the BTF wire format (include/uapi/linux/btf.h) rather
+//! than a general BTF crate: those parse all ~150,000 vmlinux types into
+//! owned values up front (230 ms here, most of netlens's start-up), while we
+//! need some twenty members. This indexes the types in one pass over the
+//! bytes and decodes only what a lookup touches.
+
+use std::fs;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+const MAGIC: u16 = 0xeb9f;
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+/// Size of `struct btf_type`.
+const TYPE_HEADER: usize = 12;
+
+pub struct KernelBtf {
+    data: Vec<u8>,
+    strings: usize,
+    strings_len: usize,
+    /// Byte offset of each type's header; index = type id (0 is void).
+    types: Vec<usize>,
+}
+
+/// A decoded `struct btf_type` header.
+#[derive(Clone, Copy)]
+struct TypeHeader {
+    name_off: u32,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    size_or_type: u32,
+    /// Where the kind-specific data after the header starts.
+    body: usize,
+}
+
+impl KernelBtf {
+    pub fn load() -> Result<Self> {
+        let data = fs::read(VMLINUX).map_err(|err| {
+            anyhow!("cannot read kernel BTF at {VMLINUX} ({err}); netlens needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+        })?;
+        Self::parse(data).context("parsing kernel BTF")
+    }
+
+    pub fn parse(data: Vec<u8>) -> Result<Self> {
+        let u32_at = |at: usize| -> Result<u32> {
+            let bytes = data.get(at..at + 4).ok_or_else(|| anyhow!("truncated BTF header"))?;
+            Ok(u32::from_le_bytes(bytes.try_into()?))
+        };
+        if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
+            bail!("not little-endian BTF");
+        }
+        let header_len = u32_at(4)? as usize;
+        let types_start = header_len + u32_at(8)? as usize;
+        let types_end = types_start + u32_at(12)? as usize;
+        let strings = header_len + u32_at(16)? as usize;
+        let strings_len = u32_at(20)? as usize;
+        if types_end > data.len() || strings + strings_len > data.len() {
+            bail!("BTF sections run past the end of the data");
+        }
+        let mut btf = Self { data, strings, strings_len, types: vec![0] };
+        let mut at = types_start;
+        while at < types_end {
+            btf.types.push(at);
+            let header = btf.header_at(at)?;
+            at = header.body + btf.body_len(&header);
+        }
+        Ok(btf)
+    }
+
+    fn u32_at(&self, at: usize) -> Result<u32> {
+        let bytes = self.data.get(at..at + 4).ok_or_else(|| anyhow!("BTF read past the end"))?;
+        Ok(u32::from_le_bytes(bytes.try_into()?))
+    }
+
+    fn header_at(&self, at: usize) -> Result<TypeHeader> {
+        let info = self.u32_at(at + 4)?;
+        Ok(TypeHeader {
+            name_off: self.u32_at(at)?,
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 == 1,
+            size_or_type: self.u32_at(at + 8)?,
+            body: at + TYPE_HEADER,
+        })
+    }
+
+    /// Bytes of kind-specific data after a type's header.
+    fn body_len(&self, header: &TypeHeader) -> usize {
+        match header.kind {
+            KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+            KIND_ARRAY => 12,
+            KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * header.vlen,
+            KIND_ENUM | KIND_FUNC_PROTO => 8 * header.vlen,
+            _ => 0,
+        }
+    }
+
+    fn name(&self, offset: u32) -> &[u8] {
+        let start = self.strings + offset as usize;
+        let end = self.strings + self.strings_len;
+        let tail = self.data.get(start..end).unwrap_or(&[]);
+        &tail[..tail.iter().position(|&b| b == 0).unwrap_or(tail.len())]
+    }
+
+    fn header(&self, id: u32) -> Result<TypeHeader> {
+        let at = *self.types.get(id as usize).ok_or_else(|| anyhow!("BTF type id {id} out of range"))?;
+        self.header_at(at)
+    }
+
+    /// The first type of `kind` named `name` (for structs: one with members,
+    /// not a forward declaration).
+    fn find(&self, name: &str, kind: u32) -> Option<TypeHeader> {
+        (1..self.types.len()).find_map(|id| {
+            let header = self.header(id as u32).ok()?;
+            (header.kind == kind && header.vlen > 0 && self.name(header.name_off) == name.as_bytes())
+                .then_some(header)
+        })
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn strip(&self, mut id: u32) -> Result<TypeHeader> {
+        loop {
+            let header = self.header(id)?;
+            match header.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = header.size_or_type
+                }
+                _ => return Ok(header),
+            }
+        }
+    }
+
+    /// Finds member `name` of a struct or union, looking inside anonymous
+    /// members; returns its bit offset and its type, stripped.
+    fn find_member(&self, parent: &TypeHeader, name: &str) -> Result<Option<(u32, TypeHeader)>> {
+        if parent.kind != KIND_STRUCT && parent.kind != KIND_UNION {
+            return Ok(None);
+        }
+        for index in 0..parent.vlen {
+            let at = parent.body + 12 * index;
+            let member_name = self.name(self.u32_at(at)?);
+            let member_type = self.strip(self.u32_at(at + 4)?)?;
+            let raw_offset = self.u32_at(at + 8)?;
+            // With kind_flag set, the top 8 bits hold a bitfield's size.
+            let bit_offset = if parent.kind_flag { raw_offset & 0xff_ffff } else { raw_offset };
+            if member_name == name.as_bytes() {
+                return Ok(Some((bit_offset, member_type)));
+            }
+            if member_name.is_empty() {
+                if let Some((inner, found)) = self.find_member(&member_type, name)? {
+                    return Ok(Some((bit_offset + inner, found)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Byte offset of `path` ("a.b.c", members of members) inside `struct
+    /// name`. Anonymous structs and unions along the way are searched.
+    pub fn offset(&self, name: &str, path: &str) -> Result<u32> {
+        let mut current = self
+            .find(name, KIND_STRUCT)
+            .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))?;
+        let mut offset_bits = 0;
+        for part in path.split('.') {
+            let (member_bits, member_type) = self
+                .find_member(&current, part)?
+                .ok_or_else(|| anyhow!("kernel BTF: struct {name} has no member {path}"))?;
+            offset_bits += member_bits;
+            current = member_type;
+        }
+        if offset_bits % 8 != 0 {
+            bail!("kernel BTF: {name}.{path} is a bitfield");
+        }
+        Ok(offset_bits / 8)
+    }
+
+    /// Like [`Self::offset`], `None` when the kernel lacks the member.
+    pub fn optional_offset(&self, name: &str, path: &str) -> Option<u32> {
+        self.offset(name, path).ok()
+    }
+
+    /// The value of enumerator `member` of `enum name`.
+    pub fn enum_value(&self, name: &str, member: &str) -> Result<u32> {
+        let header = self.find(name, KIND_ENUM).ok_or_else(|| anyhow!("kernel BTF has no enum {name}"))?;
+        for index in 0..header.vlen {
+            let at = header.body + 8 * index;
+            if self.name(self.u32_at(at)?) == member.as_bytes() {
+                return self.u32_at(at + 4);
+            }
+        }
+        bail!("kernel BTF: enum {name} has no {member}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a BTF blob: `struct outer { int a; union { int b; struct inner
+    /// c; }; }` with `struct inner { int x; int y; }`, and `enum flags { F0,
+    /// F1 }`.
+    fn sample() -> Vec<u8> {
+        let strings = b"\0int\0outer\0a\0b\0c\0inner\0x\0y\0flags\0F0\0F1\0";
+        let name = |s: &str| -> u32 {
+            let needle = format!("\0{s}\0");
+            strings.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() as u32 + 1
+        };
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend_from_slice(&w.to_le_bytes()));
+        let info = |kind: u32, vlen: u32| (kind << 24) | vlen;
+        // 1: int (4 bytes)
+        push(&[name("int"), info(KIND_INT, 0), 4, 32]);
+        // 2: struct inner { int x @0; int y @32 }
+        push(&[name("inner"), info(KIND_STRUCT, 2), 8, name("x"), 1, 0, name("y"), 1, 32]);
+        // 3: anonymous union { int b; struct inner c; }
+        push(&[0, info(KIND_UNION, 2), 8, name("b"), 1, 0, name("c"), 2, 0]);
+        // 4: struct outer { int a @0; union @64 }
+        push(&[name("outer"), info(KIND_STRUCT, 2), 16, name("a"), 1, 0, 0, 3, 64]);
+        // 5: enum flags { F0 = 0, F1 = 1 }
+        push(&[name("flags"), info(KIND_ENUM, 2), 4, name("F0"), 0, name("F1"), 1]);
+        let mut blob = Vec::new();
+        for word in [0x0001_eb9fu32, 24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            blob.extend_from_slice(&word.to_le_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(strings);
+        blob
+    }
+
+    #[test]
+    fn resolves_nested_and_anonymous_members() {
+        let btf = KernelBtf::parse(sample()).unwrap();
+        assert_eq!(btf.offset("outer", "a").unwrap(), 0);
+        assert_eq!(btf.offset("outer", "b").unwrap(), 8);
+        assert_eq!(btf.offset("outer", "c.y").unwrap(), 12);
+        assert_eq!(btf.offset("inner", "y").unwrap(), 4);
+        assert_eq!(btf.enum_value("flags", "F1").unwrap(), 1);
+    }
+
+    #[test]
+    fn missing_things_are_errors_not_zero() {
+        let btf = KernelBtf::parse(sample()).unwrap();
+        assert!(btf.offset("outer", "z").is_err());
+        assert!(btf.offset("nosuch", "a").is_err());
+        assert_eq!(btf.optional_offset("outer", "c.z"), None);
+        assert!(btf.enum_value("flags", "F9").is_err());
+        assert!(KernelBtf::parse(vec![0; 8]).is_err());
+    }
+
+    #[test]
+    fn reads_this_kernels_tcp_sock_when_present() {
+        if !std::path::Path::new(VMLINUX).exists() {
+            return;
+        }
+        let btf = KernelBtf::load().unwrap();
+        // Offsets differ per kernel; they must exist and be distinct.
+        let srtt = btf.offset("tcp_sock", "srtt_us").unwrap();
+        let retrans = btf.offset("tcp_sock", "total_retrans").unwrap();
+        assert_ne!(srtt, retrans);
+        assert!(btf.offset("sock", "__sk_common.skc_net.net").is_ok());
+    }
+}

@@ -1,0 +1,5 @@
+//! What netlens needs from the running kernel, found at start-up.
+pub mod btf;
+pub mod offsets;
+pub mod probe;
+pub mod tracefs;

@@ -1,0 +1,104 @@
+//! Builds the [`Config`] handed to the eBPF programs: tracepoint record
+//! offsets from tracefs, kernel struct offsets from BTF. Nothing about the
+//! kernel's layout is hard-coded.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use netlens_common::{
+    Config, KernelOffsets, ReceiveResetFields, RetransmitFields, SendResetFields, SetStateFields,
+    SynackFields, TupleFields, FIELD_ABSENT,
+};
+
+use super::{btf::KernelBtf, tracefs::Format};
+
+fn tuple(format: &Format) -> Result<TupleFields> {
+    Ok(TupleFields {
+        family: format.offset("family", 2)?,
+        sport: format.offset("sport", 2)?,
+        dport: format.offset("dport", 2)?,
+        saddr: format.offset("saddr", 4)?,
+        daddr: format.offset("daddr", 4)?,
+        saddr_v6: format.offset("saddr_v6", 16)?,
+        daddr_v6: format.offset("daddr_v6", 16)?,
+        _pad: 0,
+    })
+}
+
+pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Config> {
+    let set_state = Format::read(tracefs, "sock", "inet_sock_set_state")?;
+    let retransmit = Format::read(tracefs, "tcp", "tcp_retransmit_skb")?;
+    let synack = Format::read(tracefs, "tcp", "tcp_retransmit_synack")?;
+    let send_reset = Format::read(tracefs, "tcp", "tcp_send_reset")?;
+    let receive_reset = Format::read(tracefs, "tcp", "tcp_receive_reset")?;
+    Ok(Config {
+        set_state: SetStateFields {
+            skaddr: set_state.offset("skaddr", 8)?,
+            oldstate: set_state.offset("oldstate", 4)?,
+            newstate: set_state.offset("newstate", 4)?,
+            protocol: set_state.offset("protocol", 2)?,
+            tuple: tuple(&set_state)?,
+        },
+        retransmit: RetransmitFields {
+            skbaddr: retransmit.offset("skbaddr", 8)?,
+            skaddr: retransmit.offset("skaddr", 8)?,
+            state: retransmit.offset("state", 4)?,
+            err: retransmit.optional_offset("err", 4)?.unwrap_or(FIELD_ABSENT),
+            tuple: tuple(&retransmit)?,
+        },
+        synack: SynackFields {
+            skaddr: synack.offset("skaddr", 8)?,
+            req: synack.offset("req", 8)?,
+            _pad: [0; 2],
+            tuple: tuple(&synack)?,
+        },
+        send_reset: SendResetFields {
+            skbaddr: send_reset.offset("skbaddr", 8)?,
+            skaddr: send_reset.offset("skaddr", 8)?,
+            state: send_reset.offset("state", 4)?,
+            saddr: send_reset.offset("saddr", 28)?,
+            daddr: send_reset.offset("daddr", 28)?,
+            _pad: 0,
+        },
+        receive_reset: ReceiveResetFields {
+            skaddr: receive_reset.offset("skaddr", 8)?,
+            _pad: [0; 3],
+            tuple: tuple(&receive_reset)?,
+        },
+        kernel: kernel_offsets(btf).context("resolving kernel struct offsets from BTF")?,
+    })
+}
+
+fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
+    // Socket cgroup data is optional (CONFIG_SOCK_CGROUP_DATA); without it,
+    // passive connections carry no cgroup.
+    let (sock_cgroup, cgroup_kn, kernfs_node_id) = match (
+        btf.optional_offset("sock", "sk_cgrp_data.cgroup"),
+        btf.optional_offset("cgroup", "kn"),
+        btf.optional_offset("kernfs_node", "id"),
+    ) {
+        (Some(a), Some(b), Some(c)) => (a, b, c),
+        _ => (0, 0, 0),
+    };
+    Ok(KernelOffsets {
+        sock_sk_err: btf.offset("sock", "sk_err")?,
+        sock_net: btf.offset("sock", "__sk_common.skc_net.net")?,
+        net_inum: btf.offset("net", "ns.inum")?,
+        sock_cgroup,
+        cgroup_kn,
+        kernfs_node_id,
+        tcp_srtt_us: btf.offset("tcp_sock", "srtt_us")?,
+        tcp_total_retrans: btf.offset("tcp_sock", "total_retrans")?,
+        tcp_bytes_sent: btf.offset("tcp_sock", "bytes_sent")?,
+        tcp_bytes_retrans: btf.offset("tcp_sock", "bytes_retrans")?,
+        tcp_bytes_received: btf.offset("tcp_sock", "bytes_received")?,
+        tcp_dsack_dups: btf.offset("tcp_sock", "dsack_dups")?,
+        sock_flags: btf.offset("sock", "__sk_common.skc_flags")?,
+        sock_done_bit: btf.enum_value("sock_flags", "SOCK_DONE")?,
+        skb_dev: btf.offset("sk_buff", "dev")?,
+        netdev_net: btf.offset("net_device", "nd_net.net")?,
+        treq_snt_synack: btf.offset("tcp_request_sock", "snt_synack")?,
+        skb_cb: btf.offset("sk_buff", "cb")?,
+        tcb_gso_segs: btf.offset("tcp_skb_cb", "tcp_gso_segs")?,
+    })
+}

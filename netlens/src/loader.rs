@@ -1,0 +1,144 @@
+//! Loads the embedded eBPF object, hands it the resolved offsets, attaches
+//! every program and exposes what the kernel side produces: the event ring
+//! buffer and the counters. Views never touch maps; they get plain values.
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use netlens_common::{counter, Config, Flow};
+
+use crate::kernel::{btf::KernelBtf, offsets, probe, tracefs};
+
+/// The eBPF object, built by build.rs and embedded: one file to deploy.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlens"));
+
+/// A tracepoint netlens attaches to, and the program that handles it.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub tracepoint: &'static str,
+}
+
+pub const HOOKS: &[Hook] = &[
+    Hook { program: "inet_sock_set_state", category: "sock", tracepoint: "inet_sock_set_state" },
+    Hook { program: "tcp_retransmit_skb", category: "tcp", tracepoint: "tcp_retransmit_skb" },
+    Hook { program: "tcp_retransmit_synack", category: "tcp", tracepoint: "tcp_retransmit_synack" },
+    Hook { program: "tcp_send_reset", category: "tcp", tracepoint: "tcp_send_reset" },
+    Hook { program: "tcp_receive_reset", category: "tcp", tracepoint: "tcp_receive_reset" },
+];
+
+/// Resolves this kernel's offsets (tracefs + BTF).
+pub fn resolve_config() -> Result<(PathBuf, Config)> {
+    let tracefs = tracefs::ensure_mounted()?;
+    let btf = KernelBtf::load()?;
+    let config = offsets::resolve(&tracefs, &btf)?;
+    Ok((tracefs, config))
+}
+
+/// Parses the object and fills in `CONFIG`; nothing is loaded yet.
+pub fn open(config: &Config) -> Result<Ebpf> {
+    open_with(EbpfLoader::new(), config)
+}
+
+fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config) -> Result<Ebpf> {
+    raise_memlock();
+    loader
+        .override_global("CONFIG", config, true)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object")
+}
+
+/// Loads and attaches one hook's program.
+pub fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("the kernel rejected program {}", hook.program))?;
+    program
+        .attach(hook.category, hook.tracepoint)
+        .with_context(|| format!("attaching to tracepoint {}:{}", hook.category, hook.tracepoint))?;
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer; failure is harmless on
+    // kernels that account BPF memory to the cgroup instead.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// The attached programs. Dropping this detaches them all.
+pub struct Probes {
+    ebpf: Ebpf,
+    /// How long loading and attaching took.
+    pub attach_time: std::time::Duration,
+}
+
+/// Counters the kernel side keeps, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Events dropped because the ring buffer was full.
+    pub events_lost: u64,
+    /// Flows the LRU flow table pushed out to make room.
+    pub flow_evictions: u64,
+    /// Flows tracked right now.
+    pub flows_live: u64,
+}
+
+impl Probes {
+    /// Checks privileges, resolves offsets, loads and attaches everything.
+    pub fn attach_all() -> Result<Self> {
+        let started = Instant::now();
+        if let Some(problem) = probe::preflight() {
+            return Err(anyhow!(problem));
+        }
+        // aya parses the kernel's BTF when its loader is created (~25 ms);
+        // do that while we resolve our own offsets.
+        let loader = std::thread::spawn(EbpfLoader::new);
+        let (_tracefs, config) = resolve_config()?;
+        let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
+        let mut ebpf = open_with(loader, &config)?;
+        for hook in HOOKS {
+            attach(&mut ebpf, hook)?;
+        }
+        Ok(Self { ebpf, attach_time: started.elapsed() })
+    }
+
+    pub fn program_count(&self) -> usize {
+        HOOKS.len()
+    }
+
+    /// The event ring buffer; can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("EVENTS map missing"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters> {
+        let per_cpu: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
+        let sum = |index: u32| -> Result<u64> {
+            Ok(per_cpu.get(&index, 0)?.iter().copied().fold(0u64, u64::wrapping_add))
+        };
+        let flows: BpfHashMap<&MapData, u64, Flow> =
+            BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
+        let flows_live = flows.keys().filter(Result::is_ok).count() as u64;
+        let inserted = sum(counter::FLOW_INSERTS)?;
+        let removed = sum(counter::FLOW_REMOVES)?;
+        Ok(KernelCounters {
+            events_lost: sum(counter::EVENTS_LOST)?,
+            flow_evictions: inserted.saturating_sub(removed).saturating_sub(flows_live),
+            flows_live,
+        })
+    }
+}

@@ -1,0 +1,79 @@
+//! The event source every long-running command reads: attaches the
+//! programs, then drains the ring buffer into typed [`ConnEvent`]s.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use netlens_common::RawEvent;
+use tokio::{io::unix::AsyncFd, time::Interval};
+
+use crate::{
+    event::ConnEvent,
+    loader::{KernelCounters, Probes},
+};
+
+/// The kernel wakes us only once 64 KiB are pending (see events.rs in
+/// netlens-ebpf); below that we drain on this timer, so an event is never
+/// more than this late.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
+pub struct EventSource {
+    probes: Probes,
+    ring: AsyncFd<RingBuf<MapData>>,
+    tick: Interval,
+    /// Records this userspace could not decode (newer kernel side).
+    pub undecodable: u64,
+}
+
+impl EventSource {
+    /// Attaches everything and announces it on stderr, like bpftrace's
+    /// "Attaching N probes".
+    pub fn start() -> Result<Self> {
+        let mut probes = Probes::attach_all()?;
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so
+        // the fd stays open for as long as it is registered.
+        let ring = unsafe { AsyncFd::register(probes.take_events()?) }
+            .map_err(|err| anyhow::anyhow!("watching the event ring buffer: {}", std::io::Error::from(err)))?;
+        eprintln!(
+            "netlens: attached {} programs in {:.1} ms",
+            probes.program_count(),
+            probes.attach_time.as_secs_f64() * 1e3
+        );
+        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Self { probes, ring, tick, undecodable: 0 })
+    }
+
+    /// Waits until events may be pending: a wake-up from the kernel or the
+    /// drain timer.
+    pub async fn ready(&mut self) -> Result<()> {
+        tokio::select! {
+            guard = self.ring.readable_mut() => guard?.clear_ready(),
+            _ = self.tick.tick() => {}
+        }
+        Ok(())
+    }
+
+    /// Hands every pending event to `sink`.
+    pub fn drain(&mut self, mut sink: impl FnMut(ConnEvent)) {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<RawEvent>() {
+                self.undecodable += 1;
+                continue;
+            }
+            // SAFETY: RawEvent is plain old data and the slice is long
+            // enough; read_unaligned copes with any alignment.
+            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) };
+            match ConnEvent::decode(&raw) {
+                Some(event) => sink(event),
+                None => self.undecodable += 1,
+            }
+        }
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters> {
+        self.probes.counters()
+    }
+}
