@@ -27,7 +27,7 @@ pub struct TraceArgs {
     #[arg(long)]
     pub json: bool,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
     pub duration: Option<Duration>,
     #[command(flatten)]
     pub filter: FilterArgs,

@@ -1,1 +1,133 @@
-fn main(){}
+//! `cargo xtask`: build, run, test and benchmark netlens.
+
+mod bench;
+mod setup;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing, then build netlens (release, eBPF embedded).
+    Build,
+    /// Build, then run `netlens ARGS` as root (default: `netlens trace`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the unit tests and the privileged integration tests.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks against a run without netlens: `churn`.
+    Bench {
+        #[arg(default_value = "churn")]
+        which: String,
+        /// Pairs of runs (without, with netlens).
+        #[arg(long, default_value_t = 3)]
+        pairs: u32,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    match run_task(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    match task {
+        Task::Build => build(false).map(|_| ()),
+        Task::Run { args } => {
+            let binary = build(false)?;
+            let args = if args.is_empty() { vec!["trace".to_string()] } else { args };
+            let mut command = setup::privileged(binary.to_str().context("non-UTF-8 path")?);
+            run(command.args(&args))
+        }
+        Task::Test { args } => {
+            let binary = build(true)?;
+            let toolchain = setup::ensure(true)?;
+            let mut command = cargo();
+            toolchain.apply(&mut command);
+            command
+                .args(["test", "--release", "--workspace", "--exclude", "netlens-ebpf", "--"])
+                .args(&args)
+                .env("NETLENS_BIN", &binary);
+            // The integration tests load eBPF programs: they need root.
+            if !is_root() {
+                bail!("the integration tests need root: run `sudo -E cargo xtask test`");
+            }
+            run(&mut command)
+        }
+        Task::Bench { which, pairs, seconds } => {
+            let binary = build(true)?;
+            match which.as_str() {
+                "churn" => bench::churn(&binary, pairs, seconds),
+                other => bail!("unknown benchmark `{other}`; available: churn"),
+            }
+        }
+    }
+}
+
+/// Installs what is missing and builds; returns the netlens binary.
+fn build(with_test_tools: bool) -> Result<PathBuf> {
+    let toolchain = setup::ensure(with_test_tools)?;
+    let mut command = cargo();
+    toolchain.apply(&mut command);
+    run(command.args(["build", "--release", "-p", "netlens", "-p", "netlens-tests", "--bins"]))?;
+    Ok(workspace_root().join("target/release/netlens"))
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command.status().with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{:?} failed ({status})", command.get_program());
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout.
+pub fn capture(command: &mut Command) -> Result<String> {
+    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!("{command:?} failed ({})", output.status);
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}

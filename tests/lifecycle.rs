@@ -1,0 +1,121 @@
+//! Connection lifecycle against the kernel's own truth: handshakes counted
+//! and timed against the client's connect(), closes with exact byte counts,
+//! refused connects. Needs root; each test runs in its own namespace.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use anyhow::Result;
+use netlens_tests::{traffic::{clients, Server}, Netlens, Netns};
+use serde_json::Value;
+
+fn port_of(event: &Value, key: &str) -> u16 {
+    event[key].as_u64().unwrap_or(0) as u16
+}
+
+/// 200 connections: exactly 200 active and 200 passive handshakes, each
+/// active one no longer than the client's own connect() time (+1 ms).
+fn handshakes_match_connect_time(server: &str) -> Result<()> {
+    let netns = Netns::new()?;
+    let addr: SocketAddr = server.parse()?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let _server = Server::start(&netns, addr, 0)?;
+    let conns = clients(&netns, addr, 200, 4, 100)?;
+    netns.wait_closed(std::time::Duration::from_secs(20))?;
+    let traced = netlens.stop()?;
+
+    let on_port = |e: &&Value| port_of(e, "dport") == addr.port() || port_of(e, "sport") == addr.port();
+    let active: HashMap<u16, f64> = traced
+        .named("handshake")
+        .filter(on_port)
+        .filter(|e| e["direction"] == "active")
+        .map(|e| (port_of(e, "sport"), e["handshake_us"].as_f64().unwrap_or(f64::MAX)))
+        .collect();
+    let passive = traced.named("handshake").filter(on_port).filter(|e| e["direction"] == "passive").count();
+    assert_eq!(active.len(), 200, "active handshakes");
+    assert_eq!(passive, 200, "passive handshakes");
+    let family = if addr.is_ipv4() { 4 } else { 6 };
+    assert!(traced.named("handshake").all(|e| e["family"] == family));
+    for conn in &conns {
+        let handshake_us = active.get(&conn.local_port).copied();
+        let handshake_us = handshake_us.unwrap_or_else(|| panic!("no handshake for port {}", conn.local_port));
+        assert!(
+            handshake_us <= conn.connect_us + 1000.0,
+            "port {}: handshake {handshake_us} µs > connect() {} µs + 1 ms",
+            conn.local_port,
+            conn.connect_us
+        );
+        assert!(handshake_us > 0.0);
+    }
+    // Active opens carry the opener's pid and comm (this test process).
+    let pid = std::process::id();
+    assert!(traced.named("handshake").filter(|e| e["direction"] == "active").all(|e| e["pid"] == pid));
+    Ok(())
+}
+
+#[test]
+fn ipv4_handshakes_match_connect_time() -> Result<()> {
+    handshakes_match_connect_time("127.0.0.1:8080")
+}
+
+#[test]
+fn ipv6_handshakes_match_connect_time() -> Result<()> {
+    handshakes_match_connect_time("[::1]:8080")
+}
+
+/// `close` events: the server's bytes_received equals what each client
+/// sent, and the client's bytes_received what the server replied.
+#[test]
+fn close_reports_exact_bytes() -> Result<()> {
+    let netns = Netns::new()?;
+    let addr: SocketAddr = "127.0.0.1:8081".parse()?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let server = Server::start(&netns, addr, 4321)?;
+    let conns = clients(&netns, addr, 20, 2, 1_000_003)?;
+    netns.wait_closed(std::time::Duration::from_secs(20))?;
+    let traced = netlens.stop()?;
+
+    let closes: Vec<&Value> = traced.named("close").collect();
+    let received_by_server = server.received.lock().unwrap().clone();
+    for conn in &conns {
+        assert_eq!(received_by_server.get(&conn.local_port), Some(&conn.sent));
+        let passive = closes
+            .iter()
+            .find(|e| e["direction"] == "passive" && port_of(e, "dport") == conn.local_port)
+            .unwrap_or_else(|| panic!("no passive close for client port {}", conn.local_port));
+        assert_eq!(passive["bytes_received"], conn.sent, "server side bytes_received");
+        assert_eq!(passive["bytes_sent"], 4321, "server side bytes_sent");
+        let active = closes
+            .iter()
+            .find(|e| e["direction"] == "active" && port_of(e, "sport") == conn.local_port)
+            .unwrap_or_else(|| panic!("no active close for port {}", conn.local_port));
+        assert_eq!(active["bytes_sent"], conn.sent);
+        assert_eq!(active["bytes_received"], conn.received);
+        assert!(active["lifetime_us"].as_f64().unwrap_or(0.0) > 0.0);
+    }
+    Ok(())
+}
+
+/// A connect to a port nobody listens on: the client gets a reset and a
+/// failed handshake with reason `reset`; the kernel sent that reset.
+#[test]
+fn refused_connect_reports_reset() -> Result<()> {
+    let netns = Netns::new()?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let refused = netns
+        .spawn(|| std::net::TcpStream::connect("127.0.0.1:9").map(|_| ()).unwrap_err().kind())
+        .join()
+        .unwrap()?;
+    assert_eq!(refused, std::io::ErrorKind::ConnectionRefused);
+    let traced = netlens.stop()?;
+
+    let failed: Vec<&Value> = traced.named("handshake_failed").collect();
+    assert_eq!(failed.len(), 1, "{:?}", traced.events);
+    assert_eq!(failed[0]["reason"], "reset");
+    assert_eq!(failed[0]["dport"], 9);
+    assert_eq!(failed[0]["pid"], std::process::id());
+    assert_eq!(traced.named("reset_received").count(), 1);
+    let sent: Vec<&Value> = traced.named("reset_sent").collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["sport"], 9, "the reset comes from the closed port's end");
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Retransmissions against the kernel's counters (nstat, in the test's own
+//! namespace), with loss injected by nftables in the prerouting hook (a
+//! drop in output would return EPERM to the sender instead of losing the
+//! packet). Needs root.
+
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
+
+use anyhow::Result;
+use netlens_tests::{traffic::{clients, Server}, Netlens, Netns};
+use serde_json::Value;
+
+/// An nftables ruleset that drops what `rule` matches in prerouting.
+fn loss_rule(rule: &str) -> String {
+    format!("table inet loss {{\n chain pre {{\n  type filter hook prerouting priority 0;\n  {rule}\n }}\n}}\n")
+}
+
+fn port_of(event: &Value, key: &str) -> u16 {
+    event[key].as_u64().unwrap_or(0) as u16
+}
+
+fn delta(before: &std::collections::HashMap<String, u64>, after: &std::collections::HashMap<String, u64>, key: &str) -> u64 {
+    after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0)
+}
+
+/// 30 % of SYNs dropped: SYN_SENT retransmits equal TcpExtTCPSynRetrans;
+/// every connection whose SYN was retransmitted took ≥ 1 s (the initial
+/// RTO) to establish, the others stayed fast.
+#[test]
+fn syn_loss_shows_in_handshake_time() -> Result<()> {
+    let netns = Netns::new()?;
+    let addr: SocketAddr = "127.0.0.1:8082".parse()?;
+    netns.nft(&loss_rule("tcp dport 8082 tcp flags & (syn | ack) == syn numgen random mod 1000 < 300 drop"))?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let _server = Server::start(&netns, addr, 0)?;
+    let before = netns.nstat()?;
+    let conns = clients(&netns, addr, 60, 20, 10)?;
+    netns.wait_closed(Duration::from_secs(30))?;
+    let after = netns.nstat()?;
+    let traced = netlens.stop()?;
+
+    let syn_retransmits: Vec<&Value> = traced.named("retransmit").filter(|e| e["state"] == "SYN_SENT").collect();
+    let syn_retrans = delta(&before, &after, "TcpExtTCPSynRetrans");
+    assert!(syn_retrans > 0, "30 % SYN loss over 60 connects retransmitted nothing");
+    assert_eq!(syn_retransmits.len() as u64, syn_retrans, "SYN_SENT retransmits vs TcpExtTCPSynRetrans");
+    let retried: HashSet<u16> = syn_retransmits.iter().map(|e| port_of(e, "sport")).collect();
+    let mut slow = 0;
+    for e in traced.named("handshake").filter(|e| e["direction"] == "active") {
+        let handshake_us = e["handshake_us"].as_f64().unwrap_or(0.0);
+        if retried.contains(&port_of(e, "sport")) {
+            assert!(handshake_us >= 1_000_000.0, "retransmitted SYN but handshake {handshake_us} µs");
+            slow += 1;
+        } else {
+            assert!(handshake_us < 100_000.0, "no SYN retransmit but handshake {handshake_us} µs");
+        }
+    }
+    assert_eq!(slow, retried.len());
+    eprintln!("syn loss: {} SYN_SENT retransmits, nstat TcpExtTCPSynRetrans {syn_retrans}, {slow} of {} handshakes >= 1 s", syn_retransmits.len(), conns.len());
+    assert_eq!(traced.named("handshake").filter(|e| e["direction"] == "active").count(), conns.len());
+    Ok(())
+}
+
+/// 1 in 3 SYN-ACKs dropped: synack_retransmit events equal the kernel's
+/// count, and the passive handshake time includes the retransmission delay.
+#[test]
+fn synack_loss_shows_in_passive_handshake_time() -> Result<()> {
+    let netns = Netns::new()?;
+    let addr: SocketAddr = "127.0.0.1:8083".parse()?;
+    netns.nft(&loss_rule("tcp sport 8083 tcp flags & (syn | ack) == syn | ack numgen inc mod 3 == 0 drop"))?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let _server = Server::start(&netns, addr, 0)?;
+    let before = netns.nstat()?;
+    let conns = clients(&netns, addr, 30, 10, 10)?;
+    netns.wait_closed(Duration::from_secs(30))?;
+    let after = netns.nstat()?;
+    let traced = netlens.stop()?;
+
+    // TcpExtTCPSynRetrans counts the client's SYN retransmits and the
+    // server's SYN-ACK retransmits together.
+    let syn_sent = traced.named("retransmit").filter(|e| e["state"] == "SYN_SENT").count() as u64;
+    let synacks: Vec<&Value> = traced.named("synack_retransmit").collect();
+    assert!(!synacks.is_empty(), "dropping every third SYN-ACK retransmitted none");
+    assert_eq!(synacks.len() as u64 + syn_sent, delta(&before, &after, "TcpExtTCPSynRetrans"));
+    eprintln!(
+        "synack loss: {} synack_retransmit + {syn_sent} SYN retransmits, nstat TcpExtTCPSynRetrans {}",
+        synacks.len(),
+        delta(&before, &after, "TcpExtTCPSynRetrans")
+    );
+    let delayed: HashSet<u16> = synacks.iter().map(|e| port_of(e, "dport")).collect();
+    let passive: Vec<&Value> = traced.named("handshake").filter(|e| e["direction"] == "passive").collect();
+    assert_eq!(passive.len(), conns.len());
+    for e in &passive {
+        let handshake_us = e["handshake_us"].as_f64().unwrap_or(0.0);
+        if delayed.contains(&port_of(e, "dport")) {
+            assert!(handshake_us >= 900_000.0, "SYN-ACK retransmitted but passive handshake {handshake_us} µs");
+        } else {
+            assert!(handshake_us < 100_000.0, "passive handshake {handshake_us} µs without SYN-ACK loss");
+        }
+    }
+    Ok(())
+}
+
+/// Bulk transfers with 2 % data loss: retransmitted segments, per event and
+/// per closed connection, equal TcpRetransSegs exactly; spurious ones equal
+/// TcpExtTCPDSACKRecvSegs; bytes received equal bytes sent.
+#[test]
+fn data_loss_matches_kernel_counters_exactly() -> Result<()> {
+    let netns = Netns::new()?;
+    let addr: SocketAddr = "127.0.0.1:8084".parse()?;
+    netns.nft(&loss_rule("tcp dport 8084 tcp flags & syn == 0 numgen random mod 1000 < 20 drop"))?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let server = Server::start(&netns, addr, 0)?;
+    let before = netns.nstat()?;
+    let conns = clients(&netns, addr, 8, 4, 4 << 20)?;
+    netns.wait_closed(Duration::from_secs(60))?;
+    let after = netns.nstat()?;
+    let traced = netlens.stop()?;
+
+    let retrans_segs = delta(&before, &after, "TcpRetransSegs");
+    assert!(retrans_segs > 0, "2 % loss over 32 MB retransmitted nothing");
+    let traced_segs: u64 = traced.named("retransmit").map(|e| e["segs"].as_u64().unwrap_or(0)).sum();
+    let synack_segs = traced.named("synack_retransmit").count() as u64;
+    assert_eq!(traced_segs + synack_segs, retrans_segs, "retransmit segs vs TcpRetransSegs");
+    let closes: Vec<&Value> = traced.named("close").collect();
+    assert_eq!(closes.len(), 2 * conns.len());
+    let closed_retrans: u64 = closes.iter().map(|e| e["retransmits"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(closed_retrans, retrans_segs, "close retransmits vs TcpRetransSegs");
+    let spurious: u64 = closes.iter().map(|e| e["spurious_retransmits"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(spurious, delta(&before, &after, "TcpExtTCPDSACKRecvSegs"), "spurious vs DSACKRecvSegs");
+    eprintln!(
+        "data loss: retransmit segs {traced_segs}, close retransmits {closed_retrans}, nstat TcpRetransSegs {retrans_segs}; spurious {spurious}, nstat TcpExtTCPDSACKRecvSegs {}",
+        delta(&before, &after, "TcpExtTCPDSACKRecvSegs")
+    );
+    let received = server.received.lock().unwrap().clone();
+    for conn in &conns {
+        let close = closes
+            .iter()
+            .find(|e| e["direction"] == "passive" && port_of(e, "dport") == conn.local_port)
+            .unwrap_or_else(|| panic!("no server close for port {}", conn.local_port));
+        assert_eq!(close["bytes_received"], conn.sent);
+        assert_eq!(received.get(&conn.local_port), Some(&conn.sent));
+    }
+    assert!(traced.stderr.iter().all(|l| !l.contains("lost")), "{:?}", traced.stderr);
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! Load generator for `cargo xtask bench`: runs a workload in its own
+//! private network namespace and prints its rate.
+//!
+//! `netlens-load churn SECONDS`: open/close connections as fast as possible;
+//! prints `netns=INODE` first (so a tracer can attach to it), then
+//! `connections=N seconds=S rate=R`.
+
+use std::{io::Write, net::SocketAddr, time::{Duration, Instant}};
+
+use anyhow::{bail, Context as _, Result};
+use netlens_tests::{traffic, Netns};
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("netlens-load: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(workload), Some(seconds)) = (args.get(1), args.get(2)) else {
+        bail!("usage: netlens-load churn SECONDS");
+    };
+    let seconds: f64 = seconds.parse().context("SECONDS must be a number")?;
+    let netns = Netns::new()?;
+    netns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
+    println!("netns={}", netns.inode()?);
+    std::io::stdout().flush()?;
+    match workload.as_str() {
+        "churn" => {
+            let addr: SocketAddr = "127.0.0.1:7070".parse()?;
+            traffic::churn_server(&netns, addr)?;
+            // Give a tracer that attaches after reading netns= a moment.
+            std::thread::sleep(Duration::from_millis(200));
+            let started = Instant::now();
+            let count = traffic::churn(&netns, addr, Duration::from_secs_f64(seconds), 2)?;
+            let elapsed = started.elapsed().as_secs_f64();
+            println!("connections={count} seconds={elapsed:.2} rate={:.0}", count as f64 / elapsed);
+        }
+        other => bail!("unknown workload `{other}`"),
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! A running `netlens trace --json`, and what it printed.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+/// The netlens binary under test: `NETLENS_BIN` (set by `cargo xtask
+/// test`), else the release build in this workspace.
+pub fn binary() -> PathBuf {
+    std::env::var_os("NETLENS_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/netlens")
+    })
+}
+
+pub struct Netlens {
+    child: Child,
+    stdout: Option<thread::JoinHandle<Vec<String>>>,
+    stderr: Option<thread::JoinHandle<Vec<String>>>,
+}
+
+/// What one netlens run printed.
+pub struct Traced {
+    pub events: Vec<Value>,
+    pub stderr: Vec<String>,
+}
+
+impl Traced {
+    /// Events named `name`.
+    pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.events.iter().filter(move |e| e["event"] == name)
+    }
+}
+
+impl Netlens {
+    /// Starts `netlens ARGS` and waits (bounded) for `netlens: attached`.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let binary = binary();
+        if !binary.exists() {
+            bail!("{} not built: run the tests through `cargo xtask test`", binary.display());
+        }
+        let mut child = Command::new(&binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (attached_tx, attached_rx) = mpsc::channel();
+        let stderr = thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("netlens: attached") {
+                    let _ = attached_tx.send(());
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        let stdout = thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect());
+        let mut netlens = Self { child, stdout: Some(stdout), stderr: Some(stderr) };
+        if attached_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = netlens.child.kill();
+            let stderr = netlens.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+            bail!("netlens did not attach within 30 s: {}", stderr.join(" | "));
+        }
+        Ok(netlens)
+    }
+
+    /// `netlens trace --json --netns INODE`.
+    pub fn trace_netns(inode: u32) -> Result<Self> {
+        Self::start(&["trace", "--json", "--netns", &inode.to_string()])
+    }
+
+    /// Stops it with SIGINT (it must exit 0 within 10 s) and returns what
+    /// it printed.
+    pub fn stop(mut self) -> Result<Traced> {
+        // Let the 20 ms drain timer pick up the last events first.
+        thread::sleep(Duration::from_millis(100));
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let mut waited = Duration::ZERO;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if waited > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                bail!("netlens did not exit within 10 s of SIGINT");
+            }
+            thread::sleep(Duration::from_millis(20));
+            waited += Duration::from_millis(20);
+        };
+        let lines = self.stdout.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        if !status.success() {
+            bail!("netlens exited with {status}: {}", stderr.join(" | "));
+        }
+        let events = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not a JSON line: {l}")))
+            .collect::<Result<Vec<Value>>>()?;
+        Ok(Traced { events, stderr })
+    }
+}
+
+impl Drop for Netlens {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,113 @@
+//! Private network namespaces with a realistic loopback.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// A network namespace made for one test, deleted on drop (with its
+/// nftables rules and sockets).
+pub struct Netns {
+    pub name: String,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Netns {
+    /// Creates the namespace: `lo` up at MTU 1500 with TSO/GSO/GRO off, so
+    /// segments are real-sized and one drop loses one segment.
+    pub fn new() -> Result<Self> {
+        let name = format!("nlt{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        sh(Command::new("ip").args(["netns", "add", &name]))?;
+        let netns = Self { name };
+        netns.exec(&["ip", "link", "set", "lo", "up", "mtu", "1500"])?;
+        netns.exec(&["ethtool", "-K", "lo", "tso", "off", "gso", "off", "gro", "off"])?;
+        Ok(netns)
+    }
+
+    /// The namespace's inode number, as netlens reports it (`netns`).
+    pub fn inode(&self) -> Result<u32> {
+        let meta = std::fs::metadata(format!("/run/netns/{}", self.name))?;
+        Ok(meta.ino() as u32)
+    }
+
+    /// Runs a command inside the namespace; returns its stdout.
+    pub fn exec(&self, argv: &[&str]) -> Result<String> {
+        sh(Command::new("ip").args(["netns", "exec", &self.name]).args(argv))
+    }
+
+    /// Loads an nftables ruleset (text) into the namespace.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        let path = std::env::temp_dir().join(format!("{}.nft", self.name));
+        std::fs::write(&path, ruleset)?;
+        let result = self.exec(&["nft", "-f", path.to_str().unwrap_or_default()]);
+        let _ = std::fs::remove_file(&path);
+        result.map(|_| ())
+    }
+
+    /// Absolute SNMP/netstat counters of the namespace, from `nstat`.
+    pub fn nstat(&self) -> Result<HashMap<String, u64>> {
+        let text = self.exec(&["nstat", "-asz", "--json"])?;
+        let json: serde_json::Value = serde_json::from_str(&text).context("parsing nstat --json")?;
+        let kernel = json["kernel"].as_object().context("nstat: no `kernel` object")?;
+        Ok(kernel.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()?))).collect())
+    }
+
+    /// Runs `work` on a thread that lives in this namespace, so every socket
+    /// it opens is inside.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<Result<T>> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: valid fd; setns affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(work())
+        })
+    }
+
+    /// Waits (bounded) until no TCP socket but listeners and TIME-WAIT is
+    /// left: every connection has reached CLOSE and reported it.
+    pub fn wait_closed(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let sockets = self.exec(&["ss", "-tanH"])?;
+            let open: Vec<&str> = sockets
+                .lines()
+                .filter(|l| !l.starts_with("LISTEN") && !l.starts_with("TIME-WAIT"))
+                .collect();
+            if open.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} sockets still open after {limit:?}: {:?}", open.len(), open.first());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn sh(command: &mut Command) -> Result<String> {
+    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}

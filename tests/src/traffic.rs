@@ -1,0 +1,185 @@
+//! Real TCP traffic inside a namespace: a sink server and clients that
+//! time their own connect().
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::Netns;
+
+/// Longest any server keeps running, whatever the test does.
+const SERVER_LIFETIME: Duration = Duration::from_secs(300);
+
+/// A server that reads each connection to EOF, answers with `reply` bytes
+/// and closes; it records how many bytes each client port sent.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    pub received: Arc<Mutex<HashMap<u16, u64>>>,
+    handle: Option<thread::JoinHandle<Result<Result<()>>>>,
+}
+
+impl Server {
+    pub fn start(netns: &Netns, addr: SocketAddr, reply: usize) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(Mutex::new(HashMap::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_flag, counts) = (stop.clone(), received.clone());
+        let handle = netns.spawn(move || -> Result<()> {
+            let listener = TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            let _ = ready_tx.send(());
+            let started = Instant::now();
+            while !stop_flag.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        let counts = counts.clone();
+                        thread::spawn(move || serve(stream, peer, reply, counts));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_micros(200))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
+        Ok(Self { addr, stop, received, handle: Some(handle) })
+    }
+}
+
+fn serve(mut stream: TcpStream, peer: SocketAddr, reply: usize, counts: Arc<Mutex<HashMap<u16, u64>>>) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    if reply > 0 {
+        let _ = stream.write_all(&vec![b'r'; reply]);
+    }
+    counts.lock().map(|mut c| c.insert(peer.port(), total)).ok();
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// What one client connection saw.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    pub local_port: u16,
+    /// How long connect() took, measured by the client itself.
+    pub connect_us: f64,
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Opens `count` connections over `threads` threads; each sends `send`
+/// bytes, half-closes, reads the reply to EOF and closes.
+pub fn clients(netns: &Netns, addr: SocketAddr, count: usize, threads: usize, send: usize) -> Result<Vec<Conn>> {
+    let per_thread = count.div_ceil(threads);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let n = per_thread.min(count.saturating_sub(t * per_thread));
+            netns.spawn(move || (0..n).map(|_| client(addr, send)).collect::<Result<Vec<Conn>>>())
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(count);
+    for handle in handles {
+        let result = handle.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        conns.extend(result??);
+    }
+    Ok(conns)
+}
+
+fn client(addr: SocketAddr, send: usize) -> Result<Conn> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).context("connect")?;
+    let connect_us = started.elapsed().as_secs_f64() * 1e6;
+    let local_port = stream.local_addr()?.port();
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let payload = vec![b'x'; send.min(1 << 20)];
+    let mut sent = 0;
+    while sent < send {
+        let chunk = (send - sent).min(payload.len());
+        stream.write_all(&payload[..chunk])?;
+        sent += chunk;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut received = 0u64;
+    let mut buffer = [0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buffer)? {
+            0 => break,
+            n => received += n as u64,
+        }
+    }
+    Ok(Conn { local_port, connect_us, sent: sent as u64, received })
+}
+
+/// A minimal server for churn: accepts, waits for the client's EOF and
+/// closes, inline on one thread (no thread per connection to skew the
+/// rate). It lives until the process exits.
+pub fn churn_server(netns: &Netns, addr: SocketAddr) -> Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    netns.spawn(move || -> Result<()> {
+        let listener = TcpListener::bind(addr)?;
+        let _ = ready_tx.send(());
+        let mut buffer = [0u8; 16];
+        for stream in listener.incoming() {
+            let mut stream = stream?;
+            while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {}
+        }
+        Ok(())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("churn server did not start")?;
+    Ok(())
+}
+
+/// Opens and closes connections as fast as `threads` clients can for
+/// `duration`; returns how many completed.
+pub fn churn(netns: &Netns, addr: SocketAddr, duration: Duration, threads: usize) -> Result<u64> {
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            netns.spawn(move || -> Result<u64> {
+                let started = Instant::now();
+                let mut done = 0;
+                let mut buffer = [0u8; 16];
+                while started.elapsed() < duration {
+                    let mut stream = TcpStream::connect(addr)?;
+                    // The server closes first after reading our EOF.
+                    stream.shutdown(Shutdown::Write)?;
+                    while stream.read(&mut buffer)? > 0 {}
+                    done += 1;
+                }
+                Ok(done)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for handle in handles {
+        total += handle.join().map_err(|_| anyhow::anyhow!("churn thread panicked"))???;
+    }
+    Ok(total)
+}
