@@ -89,8 +89,11 @@ pub struct Flow {
     pub comm: [u8; 16],
     pub pid: u32,
     pub netns: u32,
+    /// `tcp_sock.total_retrans` when we last looked: each retransmit event
+    /// reports how far the kernel's own count moved since.
+    pub total_retrans: u32,
     pub direction: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
 }
 
 /// Key of the SYN-ACK start table: the 4-tuple of a pending passive open as

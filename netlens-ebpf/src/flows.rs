@@ -31,6 +31,20 @@ pub fn get(sk: u64) -> Option<Flow> {
     unsafe { FLOWS.get(sk).copied() }
 }
 
+/// Records the socket's new `total_retrans`; returns by how much it grew
+/// since the last call (or the flow's start), `None` for an unknown flow.
+#[inline(always)]
+pub fn advance_retrans(sk: u64, total_retrans: u32) -> Option<u32> {
+    let flow = FLOWS.get_ptr_mut(sk)?;
+    // SAFETY: a valid map value; retransmissions of one socket run under its
+    // lock, so no other program writes this field concurrently.
+    unsafe {
+        let grown = total_retrans.wrapping_sub((*flow).total_retrans);
+        (*flow).total_retrans = total_retrans;
+        Some(grown)
+    }
+}
+
 /// Stops tracking `sk`, returning what was known about it.
 #[inline(always)]
 pub fn take(sk: u64) -> Option<Flow> {

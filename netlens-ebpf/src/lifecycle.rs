@@ -81,8 +81,9 @@ fn active_open(ctx: &TracePointContext) -> Result<(), i32> {
         comm: bpf_get_current_comm().unwrap_or_default(),
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         netns: sock_netns(sk),
+        total_retrans: 0,
         direction: direction::ACTIVE,
-        _pad: [0; 7],
+        _pad: [0; 3],
     };
     flows::insert(sk, &flow);
     Ok(())
@@ -147,6 +148,8 @@ fn passive_established(ctx: &TracePointContext) -> Result<(), i32> {
         start_ns,
         cgroup: sock_cgroup(sk),
         netns,
+        // The child starts with the SYN-ACK retransmissions in its total.
+        total_retrans: member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0),
         direction: direction::PASSIVE,
         ..Flow::default()
     };

@@ -41,21 +41,32 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
-    // Since 6.10 the tracepoint also fires for failed attempts; the kernel
-    // counts only the successful ones (TcpRetransSegs), and so do we.
-    let err_offset = cfg_field!(retransmit.err);
-    if err_offset != FIELD_ABSENT && field::<i32>(ctx, err_offset)? != 0 {
-        return Ok(());
-    }
     let now = unsafe { bpf_ktime_get_ns() };
     let sk: u64 = field(ctx, cfg_field!(retransmit.skaddr))?;
-    let skb: u64 = field(ctx, cfg_field!(retransmit.skbaddr))?;
+    // Count segments exactly as the kernel does (TcpRetransSegs and
+    // tcp_sock.total_retrans move together). Since 6.10 the tracepoint
+    // also fires for failed attempts, and the kernel counts a failure when
+    // it happened after the counters moved (in the transmit itself) but not
+    // when it happened before (-EBUSY, -EAGAIN, ...). The err value cannot
+    // tell those apart; the socket's own total can: report how far it moved.
+    let total_retrans: u32 = member(sk, cfg_field!(kernel.tcp_total_retrans))?;
+    let segs = match flows::advance_retrans(sk, total_retrans) {
+        Some(0) => return Ok(()),
+        Some(grown) => grown,
+        // A connection from before we attached: the skb's segment count
+        // (tcp_skb_pcount), for attempts that did not fail.
+        None => {
+            let err_offset = cfg_field!(retransmit.err);
+            if err_offset != FIELD_ABSENT && field::<i32>(ctx, err_offset)? != 0 {
+                return Ok(());
+            }
+            let skb: u64 = field(ctx, cfg_field!(retransmit.skbaddr))?;
+            let segs_offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_gso_segs);
+            member::<u16>(skb, segs_offset).unwrap_or(1).max(1) as u32
+        }
+    };
     let state = field::<i32>(ctx, cfg_field!(retransmit.state))? as u8;
     let tuple = tuple(ctx, &cfg_field!(retransmit.tuple))?;
-    // One skb can carry several segments (GSO); the kernel counts segments:
-    // tcp_skb_pcount() = TCP_SKB_CB(skb)->tcp_gso_segs.
-    let segs_offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_gso_segs);
-    let segs = member::<u16>(skb, segs_offset).unwrap_or(1).max(1);
     let flow = flows::get(sk).unwrap_or_else(|| netlens_common::Flow {
         netns: sock_netns(sk),
         cgroup: sock_cgroup(sk),
@@ -66,7 +77,7 @@ fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
         kind: kind::RETRANSMIT,
         direction: flow.direction,
         state,
-        segs: segs as u32,
+        segs,
         family: tuple.family,
         sport: tuple.sport,
         dport: tuple.dport,

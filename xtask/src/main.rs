@@ -71,14 +71,14 @@ fn run_task(task: Task) -> Result<()> {
             let mut command = cargo();
             toolchain.apply(&mut command);
             command
-                .args(["test", "--release", "--workspace", "--exclude", "netlens-ebpf", "--"])
+                .args(["test", "--release", "--workspace", "--exclude", "netlens-ebpf", "--lib", "--bins", "--tests", "--"])
                 .args(&args)
                 .env("NETLENS_BIN", &binary);
             // The integration tests load eBPF programs: they need root.
             if !is_root() {
                 bail!("the integration tests need root: run `sudo -E cargo xtask test`");
             }
-            run(&mut command)
+            run_tests(&mut command)
         }
         Task::Bench { which, pairs, seconds } => {
             let binary = build(true)?;
@@ -119,6 +119,34 @@ pub fn run(command: &mut Command) -> Result<()> {
     let status = command.status().with_context(|| format!("running {command:?}"))?;
     if !status.success() {
         bail!("{:?} failed ({status})", command.get_program());
+    }
+    Ok(())
+}
+
+/// Runs cargo test, passing its output through, and closes with one
+/// summary line over every test binary.
+fn run_tests(command: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn().context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                result.split(';').find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }
