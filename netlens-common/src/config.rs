@@ -28,6 +28,9 @@ pub struct SetStateFields {
     pub newstate: u16,
     pub protocol: u16,
     pub tuple: TupleFields,
+    /// Record length: the programs copy this many bytes in one read.
+    pub len: u16,
+    pub _pad: u16,
 }
 
 /// `tcp:tcp_retransmit_skb`.
@@ -41,6 +44,8 @@ pub struct RetransmitFields {
     /// successful retransmissions (before 6.10).
     pub err: u16,
     pub tuple: TupleFields,
+    pub len: u16,
+    pub _pad: u16,
 }
 
 /// `tcp:tcp_retransmit_synack`.
@@ -49,7 +54,8 @@ pub struct RetransmitFields {
 pub struct SynackFields {
     pub skaddr: u16,
     pub req: u16,
-    pub _pad: [u16; 2],
+    pub len: u16,
+    pub _pad: u16,
     pub tuple: TupleFields,
 }
 
@@ -62,7 +68,7 @@ pub struct SendResetFields {
     pub state: u16,
     pub saddr: u16,
     pub daddr: u16,
-    pub _pad: u16,
+    pub len: u16,
 }
 
 /// `tcp:tcp_receive_reset`.
@@ -70,7 +76,8 @@ pub struct SendResetFields {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReceiveResetFields {
     pub skaddr: u16,
-    pub _pad: [u16; 3],
+    pub len: u16,
+    pub _pad: [u16; 2],
     pub tuple: TupleFields,
 }
 

@@ -66,5 +66,8 @@ pub mod counter {
 pub const FLOW_TABLE_ENTRIES: u32 = 65_536;
 /// Capacity of the SYN-ACK start table (an LRU hash keyed by 4-tuple).
 pub const SYNACK_TABLE_ENTRIES: u32 = 8_192;
+/// The longest tracepoint record the programs copy (one read per event).
+pub const RECORD_MAX: usize = 144;
+
 /// Size of the event ring buffer in bytes (a power of two, page aligned).
 pub const RING_BYTES: u32 = 8 << 20;

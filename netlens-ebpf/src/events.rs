@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use netlens_common::{counter, RawEvent, RING_BYTES};
+use netlens_common::{counter, Flow, RawEvent, RING_BYTES};
+
+use crate::kernel::Tuple;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -28,15 +30,43 @@ pub fn count(index: u32, delta: u64) {
     }
 }
 
-/// Sends one event, or counts it as lost when the ring buffer is full.
+/// Sends one event, built by `fill` in place in the ring buffer (zeroed
+/// first; no copy on the 512-byte stack), or counts it as lost when the
+/// ring buffer is full.
 #[inline(always)]
-pub fn emit(event: &RawEvent) {
+pub fn emit(fill: impl FnOnce(&mut RawEvent)) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(counter::EVENTS_LOST, 1);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: the reserved slot holds one RawEvent; zeroing makes every
+    // field valid before `fill` sees it.
+    unsafe {
+        core::ptr::write_bytes(event, 0, 1);
+        fill(&mut *event);
+    }
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    if EVENTS.output::<RawEvent>(event, flags as u64).is_err() {
-        count(counter::EVENTS_LOST, 1);
-    }
+    entry.submit(flags as u64);
+}
+
+/// Stamps an event with its kind, time, 4-tuple and the flow's identity.
+#[inline(always)]
+pub fn stamp(event: &mut RawEvent, kind: u8, now: u64, tuple: &Tuple, flow: &Flow) {
+    event.ts_ns = now;
+    event.kind = kind;
+    event.direction = flow.direction;
+    event.family = tuple.family;
+    event.sport = tuple.sport;
+    event.dport = tuple.dport;
+    event.saddr = tuple.saddr;
+    event.daddr = tuple.daddr;
+    event.pid = flow.pid;
+    event.comm = flow.comm;
+    event.netns = flow.netns;
+    event.cgroup = flow.cgroup;
 }

@@ -1,20 +1,77 @@
 //! Small, checked reads of tracepoint records and kernel structs.
 //!
-//! Every read goes through `bpf_probe_read_kernel`, which fails cleanly on a
-//! bad address instead of faulting, so a wrong offset costs a missing field,
-//! never a crash. Offsets come from [`crate::config`].
+//! A tracepoint record is copied to the stack in one `bpf_probe_read_kernel`
+//! and its fields picked from the copy: one helper call per event instead
+//! of one per field. Kernel struct members are read one by one through the
+//! same helper, which fails cleanly on a bad address: a wrong offset costs a
+//! missing field, never a crash. Offsets come from [`crate::config`].
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TracePointContext};
-use netlens_common::{TupleFields, AF_INET};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, generated},
+    macros::map,
+    maps::PerCpuArray,
+    programs::TracePointContext,
+    EbpfContext,
+};
+use netlens_common::{TupleFields, AF_INET, RECORD_MAX};
 
 use crate::config::cfg_field;
 
-/// Reads the tracepoint record field at `offset` (from its format file).
-#[inline(always)]
-pub fn field<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_kernel validates the address; the record is at
-    // least as long as the format file says.
-    unsafe { ctx.read_at::<T>(offset as usize) }
+/// A copy of one tracepoint record.
+#[repr(C, align(8))]
+pub struct Record {
+    bytes: [u8; RECORD_MAX],
+}
+
+/// Which scratch slot a program copies its record into. One per program:
+/// a program never nests in itself (the kernel's recursion guard), but a
+/// softirq can run another one on the same CPU in the middle of it.
+pub mod slot {
+    pub const SET_STATE: u32 = 0;
+    pub const RETRANSMIT: u32 = 1;
+    pub const SYNACK: u32 = 2;
+    pub const SEND_RESET: u32 = 3;
+    pub const RECEIVE_RESET: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// Per-CPU scratch space for records: the 512-byte BPF stack has no room
+/// for a record next to an event under construction.
+#[map]
+static RECORDS: PerCpuArray<Record> = PerCpuArray::with_max_entries(slot::COUNT, 0);
+
+impl Record {
+    /// Copies the first `len` bytes (the record length from its format
+    /// file) of the tracepoint record into this CPU's `slot`.
+    #[inline(always)]
+    pub fn read(ctx: &TracePointContext, len: u16, slot: u32) -> Result<&'static Self, i32> {
+        let record = RECORDS.get_ptr_mut(slot).ok_or(-1)?;
+        // SAFETY: a per-CPU map value, used only by this program on this CPU.
+        let record = unsafe { &mut *record };
+        let len = (len as u32).min(RECORD_MAX as u32);
+        // SAFETY: the destination holds RECORD_MAX >= len bytes; the helper
+        // validates the source.
+        let ret = unsafe {
+            generated::bpf_probe_read_kernel(record.bytes.as_mut_ptr() as *mut c_void, len, ctx.as_ptr() as *const c_void)
+        };
+        if ret < 0 {
+            return Err(ret as i32);
+        }
+        Ok(&*record)
+    }
+
+    /// The field at `offset`.
+    #[inline(always)]
+    pub fn get<T: Copy>(&self, offset: u16) -> Result<T, i32> {
+        let at = offset as usize;
+        if at + size_of::<T>() > RECORD_MAX {
+            return Err(-1);
+        }
+        // SAFETY: in bounds (checked above); read_unaligned for any offset.
+        Ok(unsafe { core::ptr::read_unaligned(self.bytes.as_ptr().add(at) as *const T) })
+    }
 }
 
 /// Reads the kernel struct member at `base + offset` (offset from BTF).
@@ -37,21 +94,21 @@ pub struct Tuple {
 
 /// Reads the 4-tuple fields that most `tcp:*` and `sock:*` records share.
 #[inline(always)]
-pub fn tuple(ctx: &TracePointContext, fields: &TupleFields) -> Result<Tuple, i32> {
+pub fn tuple(record: &Record, fields: &TupleFields) -> Result<Tuple, i32> {
     let mut tuple = Tuple {
-        family: field(ctx, fields.family)?,
-        sport: field(ctx, fields.sport)?,
-        dport: field(ctx, fields.dport)?,
+        family: record.get(fields.family)?,
+        sport: record.get(fields.sport)?,
+        dport: record.get(fields.dport)?,
         ..Tuple::default()
     };
     if tuple.family == AF_INET {
-        let saddr: [u8; 4] = field(ctx, fields.saddr)?;
-        let daddr: [u8; 4] = field(ctx, fields.daddr)?;
+        let saddr: [u8; 4] = record.get(fields.saddr)?;
+        let daddr: [u8; 4] = record.get(fields.daddr)?;
         tuple.saddr[..4].copy_from_slice(&saddr);
         tuple.daddr[..4].copy_from_slice(&daddr);
     } else {
-        tuple.saddr = field(ctx, fields.saddr_v6)?;
-        tuple.daddr = field(ctx, fields.daddr_v6)?;
+        tuple.saddr = record.get(fields.saddr_v6)?;
+        tuple.daddr = record.get(fields.daddr_v6)?;
     }
     Ok(tuple)
 }

@@ -22,13 +22,13 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use netlens_common::{direction, kind, reason, tcp_state, Flow, RawEvent, TupleKey};
+use netlens_common::{direction, kind, reason, tcp_state, Flow, TupleKey};
 
 use crate::{
     config::cfg_field,
-    events::emit,
+    events::{emit, stamp},
     flows,
-    kernel::{field, member, sock_cgroup, sock_netns, tuple, Tuple},
+    kernel::{member, slot, sock_cgroup, sock_netns, tuple, Record},
     retransmit::take_synack_start,
 };
 
@@ -40,40 +40,40 @@ const ENETUNREACH: i32 = 101;
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = on_set_state(&ctx);
+    let _ = Record::read(&ctx, cfg_field!(set_state.len), slot::SET_STATE).and_then(|record| on_set_state(&record));
     0
 }
 
 #[inline(always)]
-fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let protocol: u16 = field(ctx, cfg_field!(set_state.protocol))?;
+fn on_set_state(record: &Record) -> Result<(), i32> {
+    let protocol: u16 = record.get(cfg_field!(set_state.protocol))?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let old = field::<i32>(ctx, cfg_field!(set_state.oldstate))? as u8;
-    let new = field::<i32>(ctx, cfg_field!(set_state.newstate))? as u8;
+    let old = record.get::<i32>(cfg_field!(set_state.oldstate))? as u8;
+    let new = record.get::<i32>(cfg_field!(set_state.newstate))? as u8;
     // Most transitions (the FIN dance, listeners) need nothing from us:
     // leave after two reads.
     match (old, new) {
-        (tcp_state::CLOSE, tcp_state::SYN_SENT) => active_open(ctx),
-        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(ctx),
-        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => passive_established(ctx),
-        (tcp_state::SYN_SENT, tcp_state::CLOSE) => connect_failed(ctx),
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) => active_open(record),
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(record),
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => passive_established(record),
+        (tcp_state::SYN_SENT, tcp_state::CLOSE) => connect_failed(record),
         (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => Ok(()),
-        (_, tcp_state::CLOSE) => closed(ctx),
+        (_, tcp_state::CLOSE) => closed(record),
         _ => Ok(()),
     }
 }
 
 #[inline(always)]
-fn skaddr(ctx: &TracePointContext) -> Result<u64, i32> {
-    field(ctx, cfg_field!(set_state.skaddr))
+fn skaddr(record: &Record) -> Result<u64, i32> {
+    record.get(cfg_field!(set_state.skaddr))
 }
 
 /// connect(): runs in the calling process, so pid and comm are the opener's.
 #[inline(always)]
-fn active_open(ctx: &TracePointContext) -> Result<(), i32> {
-    let sk = skaddr(ctx)?;
+fn active_open(record: &Record) -> Result<(), i32> {
+    let sk = skaddr(record)?;
     let flow = Flow {
         start_ns: unsafe { bpf_ktime_get_ns() },
         // SAFETY: plain helper calls without arguments.
@@ -89,44 +89,25 @@ fn active_open(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// An event stamped with the flow's identity and the record's 4-tuple.
 #[inline(always)]
-fn flow_event(kind: u8, now: u64, tuple: &Tuple, flow: &Flow) -> RawEvent {
-    RawEvent {
-        ts_ns: now,
-        kind,
-        direction: flow.direction,
-        family: tuple.family,
-        sport: tuple.sport,
-        dport: tuple.dport,
-        saddr: tuple.saddr,
-        daddr: tuple.daddr,
-        pid: flow.pid,
-        comm: flow.comm,
-        netns: flow.netns,
-        cgroup: flow.cgroup,
-        ..RawEvent::default()
-    }
-}
-
-#[inline(always)]
-fn active_established(ctx: &TracePointContext) -> Result<(), i32> {
+fn active_established(record: &Record) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk = skaddr(ctx)?;
+    let sk = skaddr(record)?;
     // No entry: the connect() began before netlens attached.
     let Some(flow) = flows::get(sk) else { return Ok(()) };
-    let tuple = tuple(ctx, &cfg_field!(set_state.tuple))?;
-    let mut event = flow_event(kind::HANDSHAKE, now, &tuple, &flow);
-    event.duration_ns = now.saturating_sub(flow.start_ns);
-    emit(&event);
+    let tuple = tuple(record, &cfg_field!(set_state.tuple))?;
+    emit(|event| {
+        stamp(event, kind::HANDSHAKE, now, &tuple, &flow);
+        event.duration_ns = now.saturating_sub(flow.start_ns);
+    });
     Ok(())
 }
 
 #[inline(always)]
-fn passive_established(ctx: &TracePointContext) -> Result<(), i32> {
+fn passive_established(record: &Record) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk = skaddr(ctx)?;
-    let tuple = tuple(ctx, &cfg_field!(set_state.tuple))?;
+    let sk = skaddr(record)?;
+    let tuple = tuple(record, &cfg_field!(set_state.tuple))?;
     let netns = sock_netns(sk);
     let key = TupleKey {
         saddr: tuple.saddr,
@@ -154,40 +135,42 @@ fn passive_established(ctx: &TracePointContext) -> Result<(), i32> {
         ..Flow::default()
     };
     flows::insert(sk, &flow);
-    let mut event = flow_event(kind::HANDSHAKE, now, &tuple, &flow);
-    event.duration_ns = now.saturating_sub(start_ns);
-    emit(&event);
+    emit(|event| {
+        stamp(event, kind::HANDSHAKE, now, &tuple, &flow);
+        event.duration_ns = now.saturating_sub(start_ns);
+    });
     Ok(())
 }
 
 /// SYN_SENT → CLOSE. `tcp_reset` and `tcp_write_err` set `sk_err` before
 /// `tcp_done` moves the socket to CLOSE, so it names the cause.
 #[inline(always)]
-fn connect_failed(ctx: &TracePointContext) -> Result<(), i32> {
+fn connect_failed(record: &Record) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk = skaddr(ctx)?;
+    let sk = skaddr(record)?;
     let Some(flow) = flows::take(sk) else { return Ok(()) };
-    let tuple = tuple(ctx, &cfg_field!(set_state.tuple))?;
+    let tuple = tuple(record, &cfg_field!(set_state.tuple))?;
     let sk_err: i32 = member(sk, cfg_field!(kernel.sock_sk_err)).unwrap_or(0);
-    let mut event = flow_event(kind::HANDSHAKE_FAILED, now, &tuple, &flow);
-    event.duration_ns = now.saturating_sub(flow.start_ns);
-    event.reason = match sk_err {
-        0 => reason::ABORTED,
-        ECONNREFUSED => reason::RESET,
-        ETIMEDOUT => reason::TIMEOUT,
-        EHOSTUNREACH | ENETUNREACH => reason::UNREACHABLE,
-        _ => reason::ERROR,
-    };
-    emit(&event);
+    emit(|event| {
+        stamp(event, kind::HANDSHAKE_FAILED, now, &tuple, &flow);
+        event.duration_ns = now.saturating_sub(flow.start_ns);
+        event.reason = match sk_err {
+            0 => reason::ABORTED,
+            ECONNREFUSED => reason::RESET,
+            ETIMEDOUT => reason::TIMEOUT,
+            EHOSTUNREACH | ENETUNREACH => reason::UNREACHABLE,
+            _ => reason::ERROR,
+        };
+    });
     Ok(())
 }
 
 /// Any other state → CLOSE: the connection is over; report what it did.
 #[inline(always)]
-fn closed(ctx: &TracePointContext) -> Result<(), i32> {
+fn closed(record: &Record) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk = skaddr(ctx)?;
-    let tuple = tuple(ctx, &cfg_field!(set_state.tuple))?;
+    let sk = skaddr(record)?;
+    let tuple = tuple(record, &cfg_field!(set_state.tuple))?;
     // A connection opened before netlens attached still reports its totals,
     // with an unknown direction and lifetime.
     let flow = flows::take(sk).unwrap_or_else(|| Flow {
@@ -195,23 +178,25 @@ fn closed(ctx: &TracePointContext) -> Result<(), i32> {
         cgroup: sock_cgroup(sk),
         ..Flow::default()
     });
-    let mut event = flow_event(kind::CLOSE, now, &tuple, &flow);
-    if flow.start_ns != 0 {
-        event.duration_ns = now.saturating_sub(flow.start_ns);
-    }
+    let lifetime_ns = if flow.start_ns != 0 { now.saturating_sub(flow.start_ns) } else { 0 };
     // Payload only: the kernel's byte counters also count SYN and FIN
     // sequence numbers (bytes_acked, bytes_received), or retransmissions
     // (bytes_sent). Sent = bytes_sent - bytes_retrans: each payload byte
     // once. Received = bytes_received - 1 if the peer's FIN arrived.
     let sent: u64 = member(sk, cfg_field!(kernel.tcp_bytes_sent)).unwrap_or(0);
     let retrans: u64 = member(sk, cfg_field!(kernel.tcp_bytes_retrans)).unwrap_or(0);
-    event.bytes_sent = sent.saturating_sub(retrans);
     let received: u64 = member(sk, cfg_field!(kernel.tcp_bytes_received)).unwrap_or(0);
     let sk_flags: u64 = member(sk, cfg_field!(kernel.sock_flags)).unwrap_or(0);
     let fin_received = (sk_flags >> (cfg_field!(kernel.sock_done_bit) & 63)) & 1;
-    event.bytes_received = received.saturating_sub(fin_received);
-    event.segs = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
-    event.spurious_retransmits = member(sk, cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
-    emit(&event);
+    let total_retrans: u32 = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
+    let dsack_dups: u32 = member(sk, cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
+    emit(|event| {
+        stamp(event, kind::CLOSE, now, &tuple, &flow);
+        event.duration_ns = lifetime_ns;
+        event.bytes_sent = sent.saturating_sub(retrans);
+        event.bytes_received = received.saturating_sub(fin_received);
+        event.segs = total_retrans;
+        event.spurious_retransmits = dsack_dups;
+    });
     Ok(())
 }

@@ -8,13 +8,13 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
-use netlens_common::{direction, kind, RawEvent, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
+use netlens_common::{direction, kind, tcp_state, Flow, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
-    events::emit,
+    events::{emit, stamp},
     flows,
-    kernel::{field, member, sock_cgroup, sock_netns, tuple},
+    kernel::{slot, Record, member, sock_cgroup, sock_netns, tuple},
 };
 
 /// First SYN-ACK time (ns) of pending passive opens whose SYN-ACK was
@@ -35,14 +35,14 @@ pub fn take_synack_start(key: &TupleKey) -> Option<u64> {
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let _ = on_retransmit(&ctx);
+    let _ = Record::read(&ctx, cfg_field!(retransmit.len), slot::RETRANSMIT).and_then(|record| on_retransmit(&record));
     0
 }
 
 #[inline(always)]
-fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+fn on_retransmit(record: &Record) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk: u64 = field(ctx, cfg_field!(retransmit.skaddr))?;
+    let sk: u64 = record.get(cfg_field!(retransmit.skaddr))?;
     // Count segments exactly as the kernel does (TcpRetransSegs and
     // tcp_sock.total_retrans move together). Since 6.10 the tracepoint
     // also fires for failed attempts, and the kernel counts a failure when
@@ -57,53 +57,41 @@ fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
         // (tcp_skb_pcount), for attempts that did not fail.
         None => {
             let err_offset = cfg_field!(retransmit.err);
-            if err_offset != FIELD_ABSENT && field::<i32>(ctx, err_offset)? != 0 {
+            if err_offset != FIELD_ABSENT && record.get::<i32>(err_offset)? != 0 {
                 return Ok(());
             }
-            let skb: u64 = field(ctx, cfg_field!(retransmit.skbaddr))?;
+            let skb: u64 = record.get(cfg_field!(retransmit.skbaddr))?;
             let segs_offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_gso_segs);
             member::<u16>(skb, segs_offset).unwrap_or(1).max(1) as u32
         }
     };
-    let state = field::<i32>(ctx, cfg_field!(retransmit.state))? as u8;
-    let tuple = tuple(ctx, &cfg_field!(retransmit.tuple))?;
-    let flow = flows::get(sk).unwrap_or_else(|| netlens_common::Flow {
+    let state = record.get::<i32>(cfg_field!(retransmit.state))? as u8;
+    let tuple = tuple(record, &cfg_field!(retransmit.tuple))?;
+    let flow = flows::get(sk).unwrap_or_else(|| Flow {
         netns: sock_netns(sk),
         cgroup: sock_cgroup(sk),
         ..Default::default()
     });
-    emit(&RawEvent {
-        ts_ns: now,
-        kind: kind::RETRANSMIT,
-        direction: flow.direction,
-        state,
-        segs,
-        family: tuple.family,
-        sport: tuple.sport,
-        dport: tuple.dport,
-        saddr: tuple.saddr,
-        daddr: tuple.daddr,
-        pid: flow.pid,
-        comm: flow.comm,
-        netns: flow.netns,
-        cgroup: flow.cgroup,
-        ..RawEvent::default()
+    emit(|event| {
+        stamp(event, kind::RETRANSMIT, now, &tuple, &flow);
+        event.state = state;
+        event.segs = segs;
     });
     Ok(())
 }
 
 #[tracepoint]
 pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
-    let _ = on_synack_retransmit(&ctx);
+    let _ = Record::read(&ctx, cfg_field!(synack.len), slot::SYNACK).and_then(|record| on_synack_retransmit(&record));
     0
 }
 
 #[inline(always)]
-fn on_synack_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let listener: u64 = field(ctx, cfg_field!(synack.skaddr))?;
-    let req: u64 = field(ctx, cfg_field!(synack.req))?;
-    let tuple = tuple(ctx, &cfg_field!(synack.tuple))?;
+    let listener: u64 = record.get(cfg_field!(synack.skaddr))?;
+    let req: u64 = record.get(cfg_field!(synack.req))?;
+    let tuple = tuple(record, &cfg_field!(synack.tuple))?;
     let netns = sock_netns(listener);
     let key = TupleKey {
         saddr: tuple.saddr,
@@ -119,20 +107,11 @@ fn on_synack_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let snt_synack_us: u64 = member(req, cfg_field!(kernel.treq_snt_synack)).unwrap_or(0);
     let first_ns = if snt_synack_us != 0 { snt_synack_us * 1000 } else { now };
     let _ = SYNACK_STARTS.insert(&key, &first_ns, BPF_NOEXIST as u64);
-    emit(&RawEvent {
-        ts_ns: now,
-        kind: kind::SYNACK_RETRANSMIT,
-        direction: direction::PASSIVE,
-        state: netlens_common::tcp_state::SYN_RECV,
-        segs: 1,
-        family: tuple.family,
-        sport: tuple.sport,
-        dport: tuple.dport,
-        saddr: tuple.saddr,
-        daddr: tuple.daddr,
-        netns,
-        cgroup: sock_cgroup(listener),
-        ..RawEvent::default()
+    let listener_flow = Flow { netns, cgroup: sock_cgroup(listener), direction: direction::PASSIVE, ..Flow::default() };
+    emit(|event| {
+        stamp(event, kind::SYNACK_RETRANSMIT, now, &tuple, &listener_flow);
+        event.state = tcp_state::SYN_RECV;
+        event.segs = 1;
     });
     Ok(())
 }

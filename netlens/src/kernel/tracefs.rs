@@ -96,6 +96,17 @@ impl Format {
         Ok(field.offset)
     }
 
+    /// Bytes from the record's start to the end of its last field; the
+    /// programs copy the record in one read of at most
+    /// `netlens_common::RECORD_MAX` bytes.
+    pub fn record_len(&self) -> Result<u16> {
+        let len = self.fields.values().map(|f| f.offset + f.size).max().unwrap_or(0);
+        if len as usize > netlens_common::RECORD_MAX {
+            bail!("tracepoint {} has a {len}-byte record, more than the {} netlens reads", self.event, netlens_common::RECORD_MAX);
+        }
+        Ok(len)
+    }
+
     /// The offset of `name` if this kernel's record has it.
     pub fn optional_offset(&self, name: &str, size: u16) -> Result<Option<u16>> {
         match self.fields.contains_key(name) {
@@ -128,6 +139,7 @@ print fmt: \"family=%s\"";
         assert_eq!(format.offset("saddr_v6", 16).unwrap(), 40);
         assert_eq!(format.offset("reason", 4).unwrap(), 28);
         assert_eq!(format.optional_offset("err", 4).unwrap(), None);
+        assert_eq!(format.record_len().unwrap(), 56);
     }
 
     #[test]
