@@ -19,20 +19,6 @@ pub struct TupleFields {
     pub _pad: u16,
 }
 
-/// `sock:inet_sock_set_state`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SetStateFields {
-    pub skaddr: u16,
-    pub oldstate: u16,
-    pub newstate: u16,
-    pub protocol: u16,
-    pub tuple: TupleFields,
-    /// Record length: the programs copy this many bytes in one read.
-    pub len: u16,
-    pub _pad: u16,
-}
-
 /// `tcp:tcp_retransmit_skb`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,10 +70,42 @@ pub struct ReceiveResetFields {
 /// Marks an optional field the running kernel does not have.
 pub const FIELD_ABSENT: u16 = u16::MAX;
 
+/// Where a socket's endpoints live in `struct sock` (its `sock_common`
+/// head), resolved from BTF. The raw `inet_sock_set_state` program copies
+/// the first `len` bytes in one read and picks these out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockTupleOffsets {
+    /// `skc_family` (u16).
+    pub family: u16,
+    /// `skc_family` is followed by the ports: the local one is read from
+    /// `inet_sock.inet_sport` instead (see `KernelOffsets::inet_sport`).
+    pub _num: u16,
+    /// `skc_dport`: remote port, network byte order (u16).
+    pub dport: u16,
+    /// `skc_rcv_saddr`: local IPv4 address.
+    pub rcv_saddr: u16,
+    /// `skc_daddr`: remote IPv4 address.
+    pub daddr: u16,
+    /// `skc_v6_rcv_saddr`: local IPv6 address.
+    pub v6_rcv_saddr: u16,
+    /// `skc_v6_daddr`: remote IPv6 address.
+    pub v6_daddr: u16,
+    /// Bytes to copy: the end of the last of these fields.
+    pub len: u16,
+}
+
 /// Kernel struct member offsets, in bytes, resolved from BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
+    pub sock_tuple: SockTupleOffsets,
+    /// `struct sock` → `sk_protocol` (u16).
+    pub sock_protocol: u32,
+    /// `struct inet_sock` → `inet_sport`: local port, network byte order.
+    /// Not `skc_num`: tcp_set_state() releases the port (zeroing skc_num)
+    /// before it announces CLOSE.
+    pub inet_sport: u32,
     /// `struct sock` → `sk_err` (int).
     pub sock_sk_err: u32,
     /// `struct sock` → `__sk_common.skc_net.net` (struct net *).
@@ -134,7 +152,6 @@ pub struct KernelOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    pub set_state: SetStateFields,
     pub retransmit: RetransmitFields,
     pub synack: SynackFields,
     pub send_reset: SendResetFields,

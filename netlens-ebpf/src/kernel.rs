@@ -47,6 +47,12 @@ impl Record {
     /// file) of the tracepoint record into this CPU's `slot`.
     #[inline(always)]
     pub fn read(ctx: &TracePointContext, len: u16, slot: u32) -> Result<&'static Self, i32> {
+        Self::copy(ctx.as_ptr() as u64, len, slot)
+    }
+
+    /// Copies `len` bytes of kernel memory at `src` into this CPU's `slot`.
+    #[inline(always)]
+    pub fn copy(src: u64, len: u16, slot: u32) -> Result<&'static Self, i32> {
         let record = RECORDS.get_ptr_mut(slot).ok_or(-1)?;
         // SAFETY: a per-CPU map value, used only by this program on this CPU.
         let record = unsafe { &mut *record };
@@ -54,7 +60,7 @@ impl Record {
         // SAFETY: the destination holds RECORD_MAX >= len bytes; the helper
         // validates the source.
         let ret = unsafe {
-            generated::bpf_probe_read_kernel(record.bytes.as_mut_ptr() as *mut c_void, len, ctx.as_ptr() as *const c_void)
+            generated::bpf_probe_read_kernel(record.bytes.as_mut_ptr() as *mut c_void, len, src as *const c_void)
         };
         if ret < 0 {
             return Err(ret as i32);
@@ -109,6 +115,29 @@ pub fn tuple(record: &Record, fields: &TupleFields) -> Result<Tuple, i32> {
     } else {
         tuple.saddr = record.get(fields.saddr_v6)?;
         tuple.daddr = record.get(fields.daddr_v6)?;
+    }
+    Ok(tuple)
+}
+
+/// A socket's endpoints, from its `sock_common` head (one copy).
+#[inline(always)]
+pub fn sock_tuple(sk: u64) -> Result<Tuple, i32> {
+    let offsets = cfg_field!(kernel.sock_tuple);
+    let head = Record::copy(sk, offsets.len, slot::SET_STATE)?;
+    let mut tuple = Tuple {
+        family: head.get(offsets.family)?,
+        sport: u16::from_be(member(sk, cfg_field!(kernel.inet_sport))?),
+        dport: u16::from_be(head.get(offsets.dport)?),
+        ..Tuple::default()
+    };
+    if tuple.family == AF_INET {
+        let saddr: [u8; 4] = head.get(offsets.rcv_saddr)?;
+        let daddr: [u8; 4] = head.get(offsets.daddr)?;
+        tuple.saddr[..4].copy_from_slice(&saddr);
+        tuple.daddr[..4].copy_from_slice(&daddr);
+    } else {
+        tuple.saddr = head.get(offsets.v6_rcv_saddr)?;
+        tuple.daddr = head.get(offsets.v6_daddr)?;
     }
     Ok(tuple)
 }

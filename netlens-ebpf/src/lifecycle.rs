@@ -19,8 +19,8 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
 use netlens_common::{direction, kind, reason, tcp_state, Flow, TupleKey};
 
@@ -28,7 +28,7 @@ use crate::{
     config::cfg_field,
     events::{emit, stamp},
     flows,
-    kernel::{member, slot, sock_cgroup, sock_netns, tuple, Record},
+    kernel::{member, sock_cgroup, sock_netns, sock_tuple},
     retransmit::take_synack_start,
 };
 
@@ -38,42 +38,38 @@ const ETIMEDOUT: i32 = 110;
 const EHOSTUNREACH: i32 = 113;
 const ENETUNREACH: i32 = 101;
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = Record::read(&ctx, cfg_field!(set_state.len), slot::SET_STATE).and_then(|record| on_set_state(&record));
-    0
-}
-
-#[inline(always)]
-fn on_set_state(record: &Record) -> Result<(), i32> {
-    let protocol: u16 = record.get(cfg_field!(set_state.protocol))?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
+/// A raw tracepoint: every TCP state change of every socket passes here, so
+/// we take the arguments (sk, oldstate, newstate) as they are instead of
+/// having the kernel format a record, and leave at once on the transitions
+/// we do not need (the FIN dance, listeners).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let old = ctx.arg::<i32>(1) as u8;
+    let new = ctx.arg::<i32>(2) as u8;
+    let wanted = match (old, new) {
+        (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => false,
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) | (_, tcp_state::ESTABLISHED) | (_, tcp_state::CLOSE) => true,
+        _ => false,
+    };
+    // SCTP and MPTCP sockets pass the same tracepoint: only TCP goes on.
+    if !wanted || member::<u16>(sk, cfg_field!(kernel.sock_protocol)) != Ok(IPPROTO_TCP) {
+        return 0;
     }
-    let old = record.get::<i32>(cfg_field!(set_state.oldstate))? as u8;
-    let new = record.get::<i32>(cfg_field!(set_state.newstate))? as u8;
-    // Most transitions (the FIN dance, listeners) need nothing from us:
-    // leave after two reads.
-    match (old, new) {
-        (tcp_state::CLOSE, tcp_state::SYN_SENT) => active_open(record),
-        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(record),
-        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => passive_established(record),
-        (tcp_state::SYN_SENT, tcp_state::CLOSE) => connect_failed(record),
-        (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => Ok(()),
-        (_, tcp_state::CLOSE) => closed(record),
+    let _ = match (old, new) {
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) => active_open(sk),
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(sk),
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => passive_established(sk),
+        (tcp_state::SYN_SENT, tcp_state::CLOSE) => connect_failed(sk),
+        (_, tcp_state::CLOSE) => closed(sk),
         _ => Ok(()),
-    }
-}
-
-#[inline(always)]
-fn skaddr(record: &Record) -> Result<u64, i32> {
-    record.get(cfg_field!(set_state.skaddr))
+    };
+    0
 }
 
 /// connect(): runs in the calling process, so pid and comm are the opener's.
 #[inline(always)]
-fn active_open(record: &Record) -> Result<(), i32> {
-    let sk = skaddr(record)?;
+fn active_open(sk: u64) -> Result<(), i32> {
     let flow = Flow {
         start_ns: unsafe { bpf_ktime_get_ns() },
         // SAFETY: plain helper calls without arguments.
@@ -90,12 +86,11 @@ fn active_open(record: &Record) -> Result<(), i32> {
 }
 
 #[inline(always)]
-fn active_established(record: &Record) -> Result<(), i32> {
+fn active_established(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk = skaddr(record)?;
     // No entry: the connect() began before netlens attached.
     let Some(flow) = flows::get(sk) else { return Ok(()) };
-    let tuple = tuple(record, &cfg_field!(set_state.tuple))?;
+    let tuple = sock_tuple(sk)?;
     emit(|event| {
         stamp(event, kind::HANDSHAKE, now, &tuple, &flow);
         event.duration_ns = now.saturating_sub(flow.start_ns);
@@ -104,10 +99,9 @@ fn active_established(record: &Record) -> Result<(), i32> {
 }
 
 #[inline(always)]
-fn passive_established(record: &Record) -> Result<(), i32> {
+fn passive_established(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk = skaddr(record)?;
-    let tuple = tuple(record, &cfg_field!(set_state.tuple))?;
+    let tuple = sock_tuple(sk)?;
     let netns = sock_netns(sk);
     let key = TupleKey {
         saddr: tuple.saddr,
@@ -145,11 +139,10 @@ fn passive_established(record: &Record) -> Result<(), i32> {
 /// SYN_SENT → CLOSE. `tcp_reset` and `tcp_write_err` set `sk_err` before
 /// `tcp_done` moves the socket to CLOSE, so it names the cause.
 #[inline(always)]
-fn connect_failed(record: &Record) -> Result<(), i32> {
+fn connect_failed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk = skaddr(record)?;
     let Some(flow) = flows::take(sk) else { return Ok(()) };
-    let tuple = tuple(record, &cfg_field!(set_state.tuple))?;
+    let tuple = sock_tuple(sk)?;
     let sk_err: i32 = member(sk, cfg_field!(kernel.sock_sk_err)).unwrap_or(0);
     emit(|event| {
         stamp(event, kind::HANDSHAKE_FAILED, now, &tuple, &flow);
@@ -167,10 +160,9 @@ fn connect_failed(record: &Record) -> Result<(), i32> {
 
 /// Any other state → CLOSE: the connection is over; report what it did.
 #[inline(always)]
-fn closed(record: &Record) -> Result<(), i32> {
+fn closed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk = skaddr(record)?;
-    let tuple = tuple(record, &cfg_field!(set_state.tuple))?;
+    let tuple = sock_tuple(sk)?;
     // A connection opened before netlens attached still reports its totals,
     // with an unknown direction and lifetime.
     let flow = flows::take(sk).unwrap_or_else(|| Flow {

@@ -1,8 +1,6 @@
 //! `netlens check`: can netlens run here? Every fact it depends on, and each
 //! hook loaded and attached for real, as a table.
 
-use aya::programs::TracePoint;
-
 use crate::{
     kernel::{btf::VMLINUX, probe},
     loader::{self, HOOKS},
@@ -83,24 +81,16 @@ pub fn run() -> bool {
     ready
 }
 
-/// Loads and attaches one program, then detaches it again.
+/// Loads and attaches one program (the attachment is released with the
+/// object when `check` ends).
 fn hook_status(ebpf: &mut aya::Ebpf, hook: &loader::Hook) -> (bool, String) {
-    let Some(program) = ebpf.program_mut(hook.program) else {
-        return (false, "program missing from the eBPF object".into());
+    let kind = match hook.attach {
+        loader::Attach::Record => "tracepoint",
+        loader::Attach::Raw => "raw tracepoint",
     };
-    let program: &mut TracePoint = match program.try_into() {
-        Ok(p) => p,
-        Err(err) => return (false, err.to_string()),
-    };
-    if let Err(err) = program.load() {
-        return (false, format!("present; load failed: {err}"));
-    }
-    match program.attach(hook.category, hook.tracepoint) {
-        Ok(link) => {
-            let _ = program.detach(link);
-            (true, "present, loads, attaches".into())
-        }
-        Err(err) => (false, format!("present, loads; attach failed: {err}")),
+    match loader::attach(ebpf, hook) {
+        Ok(()) => (true, format!("present, loads, attaches ({kind})")),
+        Err(loader::HookError::Load(err)) => (false, format!("present; load failed: {err:#}")),
+        Err(loader::HookError::Attach(err)) => (false, format!("present, loads; attach failed: {err:#}")),
     }
 }
-

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Instant};
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use netlens_common::{counter, Config, Flow};
@@ -17,20 +17,38 @@ use crate::kernel::{btf::KernelBtf, offsets, probe, tracefs};
 /// The eBPF object, built by build.rs and embedded: one file to deploy.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlens"));
 
+/// How a program attaches to its tracepoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// A classic tracepoint: the kernel formats a record (layout from its
+    /// tracefs `format` file). For rare events.
+    Record,
+    /// A raw tracepoint: the tracepoint's arguments as they are, no record.
+    /// For hot events, where formatting a record would cost every call.
+    Raw,
+}
+
 /// A tracepoint netlens attaches to, and the program that handles it.
 #[derive(Clone, Copy, Debug)]
 pub struct Hook {
     pub program: &'static str,
     pub category: &'static str,
     pub tracepoint: &'static str,
+    pub attach: Attach,
+}
+
+impl Hook {
+    const fn new(program: &'static str, category: &'static str, attach: Attach) -> Self {
+        Self { program, category, tracepoint: program, attach }
+    }
 }
 
 pub const HOOKS: &[Hook] = &[
-    Hook { program: "inet_sock_set_state", category: "sock", tracepoint: "inet_sock_set_state" },
-    Hook { program: "tcp_retransmit_skb", category: "tcp", tracepoint: "tcp_retransmit_skb" },
-    Hook { program: "tcp_retransmit_synack", category: "tcp", tracepoint: "tcp_retransmit_synack" },
-    Hook { program: "tcp_send_reset", category: "tcp", tracepoint: "tcp_send_reset" },
-    Hook { program: "tcp_receive_reset", category: "tcp", tracepoint: "tcp_receive_reset" },
+    Hook::new("inet_sock_set_state", "sock", Attach::Raw),
+    Hook::new("tcp_retransmit_skb", "tcp", Attach::Record),
+    Hook::new("tcp_retransmit_synack", "tcp", Attach::Record),
+    Hook::new("tcp_send_reset", "tcp", Attach::Record),
+    Hook::new("tcp_receive_reset", "tcp", Attach::Record),
 ];
 
 /// Resolves this kernel's offsets (tracefs + BTF).
@@ -54,20 +72,45 @@ fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config) -> Result<Ebpf>
         .context("loading the eBPF object")
 }
 
+/// Why a hook could not be set up.
+#[derive(Debug)]
+pub enum HookError {
+    Load(anyhow::Error),
+    Attach(anyhow::Error),
+}
+
 /// Loads and attaches one hook's program.
-pub fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
-    let program: &mut TracePoint = ebpf
+pub fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
+    let program = ebpf
         .program_mut(hook.program)
-        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?
-        .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("the kernel rejected program {}", hook.program))?;
-    program
-        .attach(hook.category, hook.tracepoint)
-        .with_context(|| format!("attaching to tracepoint {}:{}", hook.category, hook.tracepoint))?;
+        .ok_or_else(|| HookError::Load(anyhow!("program {} missing from the eBPF object", hook.program)))?;
+    let load = |err: aya::programs::ProgramError| HookError::Load(anyhow::Error::new(err));
+    let attach = |err: aya::programs::ProgramError| HookError::Attach(anyhow::Error::new(err));
+    match hook.attach {
+        Attach::Record => {
+            let program: &mut TracePoint = program.try_into().map_err(load)?;
+            program.load().map_err(load)?;
+            program.attach(hook.category, hook.tracepoint).map_err(attach)?;
+        }
+        Attach::Raw => {
+            let program: &mut RawTracePoint = program.try_into().map_err(load)?;
+            program.load().map_err(load)?;
+            program.attach(hook.tracepoint).map_err(attach)?;
+        }
+    }
     Ok(())
 }
+
+impl std::fmt::Display for HookError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HookError::Load(err) => write!(f, "the kernel rejected the program: {err:#}"),
+            HookError::Attach(err) => write!(f, "attaching failed: {err:#}"),
+        }
+    }
+}
+
+impl std::error::Error for HookError {}
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock() {
@@ -109,7 +152,7 @@ impl Probes {
         let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
         let mut ebpf = open_with(loader, &config)?;
         for hook in HOOKS {
-            attach(&mut ebpf, hook)?;
+            attach(&mut ebpf, hook).map_err(|err| anyhow!("{}:{}: {err}", hook.category, hook.tracepoint))?;
         }
         Ok(Self { ebpf, attach_time: started.elapsed() })
     }

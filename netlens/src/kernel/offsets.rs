@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use netlens_common::{
-    Config, KernelOffsets, ReceiveResetFields, RetransmitFields, SendResetFields, SetStateFields,
-    SynackFields, TupleFields, FIELD_ABSENT,
+    Config, KernelOffsets, ReceiveResetFields, RetransmitFields, SendResetFields, SockTupleOffsets,
+    SynackFields, TupleFields, FIELD_ABSENT, RECORD_MAX,
 };
 
 use super::{btf::KernelBtf, tracefs::Format};
@@ -26,21 +26,11 @@ fn tuple(format: &Format) -> Result<TupleFields> {
 }
 
 pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Config> {
-    let set_state = Format::read(tracefs, "sock", "inet_sock_set_state")?;
     let retransmit = Format::read(tracefs, "tcp", "tcp_retransmit_skb")?;
     let synack = Format::read(tracefs, "tcp", "tcp_retransmit_synack")?;
     let send_reset = Format::read(tracefs, "tcp", "tcp_send_reset")?;
     let receive_reset = Format::read(tracefs, "tcp", "tcp_receive_reset")?;
     Ok(Config {
-        set_state: SetStateFields {
-            skaddr: set_state.offset("skaddr", 8)?,
-            oldstate: set_state.offset("oldstate", 4)?,
-            newstate: set_state.offset("newstate", 4)?,
-            protocol: set_state.offset("protocol", 2)?,
-            tuple: tuple(&set_state)?,
-            len: set_state.record_len()?,
-            _pad: 0,
-        },
         retransmit: RetransmitFields {
             skbaddr: retransmit.offset("skbaddr", 8)?,
             skaddr: retransmit.offset("skaddr", 8)?,
@@ -87,6 +77,9 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         _ => (0, 0, 0),
     };
     Ok(KernelOffsets {
+        sock_tuple: sock_tuple(btf)?,
+        sock_protocol: btf.offset("sock", "sk_protocol")?,
+        inet_sport: btf.offset("inet_sock", "inet_sport")?,
         sock_sk_err: btf.offset("sock", "sk_err")?,
         sock_net: btf.offset("sock", "__sk_common.skc_net.net")?,
         net_inum: btf.offset("net", "ns.inum")?,
@@ -106,5 +99,34 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         treq_snt_synack: btf.offset("tcp_request_sock", "snt_synack")?,
         skb_cb: btf.offset("sk_buff", "cb")?,
         tcb_gso_segs: btf.offset("tcp_skb_cb", "tcp_gso_segs")?,
+    })
+}
+
+fn sock_tuple(btf: &KernelBtf) -> Result<SockTupleOffsets> {
+    let at = |member: &str, size: u32| -> Result<(u16, u32)> {
+        let offset = btf.offset("sock", &format!("__sk_common.{member}"))?;
+        Ok((offset as u16, offset + size))
+    };
+    let fields = [
+        at("skc_family", 2)?,
+        at("skc_dport", 2)?,
+        at("skc_rcv_saddr", 4)?,
+        at("skc_daddr", 4)?,
+        at("skc_v6_rcv_saddr", 16)?,
+        at("skc_v6_daddr", 16)?,
+    ];
+    let len = fields.iter().map(|(_, end)| *end).max().unwrap_or(0);
+    if len as usize > RECORD_MAX {
+        anyhow::bail!("struct sock_common's endpoints span {len} bytes, more than the {RECORD_MAX} netlens copies");
+    }
+    Ok(SockTupleOffsets {
+        family: fields[0].0,
+        _num: 0,
+        dport: fields[1].0,
+        rcv_saddr: fields[2].0,
+        daddr: fields[3].0,
+        v6_rcv_saddr: fields[4].0,
+        v6_daddr: fields[5].0,
+        len: len as u16,
     })
 }
