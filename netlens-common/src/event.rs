@@ -86,6 +86,16 @@ pub struct Flow {
     /// SYN-ACK for passive ones.
     pub start_ns: u64,
     pub cgroup: u64,
+    /// The endpoints, known once established (an active open has no local
+    /// port before connect() picks one); kept so that later events need no
+    /// reads from the socket.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// 0 until the endpoints are known.
+    pub family: u16,
+    pub _pad_tuple: u16,
     pub comm: [u8; 16],
     pub pid: u32,
     pub netns: u32,

@@ -6,10 +6,14 @@
 //! count), so we count inserts and removals per CPU; userspace derives
 //! evictions as inserts - removals - entries still in the table.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
 use netlens_common::{counter, Flow, FLOW_TABLE_ENTRIES};
 
-use crate::events::count;
+use crate::{events::count, kernel::Tuple};
 
 #[map]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_ENTRIES, 0);
@@ -45,12 +49,40 @@ pub fn advance_retrans(sk: u64, total_retrans: u32) -> Option<u32> {
     }
 }
 
-/// Stops tracking `sk`, returning what was known about it.
+/// Remembers the endpoints of a tracked flow.
 #[inline(always)]
-pub fn take(sk: u64) -> Option<Flow> {
-    let flow = get(sk)?;
+pub fn set_tuple(sk: u64, tuple: &Tuple) {
+    if let Some(flow) = FLOWS.get_ptr_mut(sk) {
+        // SAFETY: a valid map value; state changes of one socket run under
+        // its lock, so no other program writes it concurrently.
+        tuple.store(unsafe { &mut *flow });
+    }
+}
+
+/// The tracked flow of `sk`, in place (no copy on the small BPF stack). It
+/// stays valid for the rest of the program, even after [`remove`].
+#[inline(always)]
+pub fn lookup(sk: u64) -> Option<&'static Flow> {
+    // SAFETY: map values live until the program ends (RCU).
+    FLOWS.get_ptr(sk).map(|flow| unsafe { &*flow })
+}
+
+/// Stops tracking `sk`.
+#[inline(always)]
+pub fn remove(sk: u64) {
     if FLOWS.remove(sk).is_ok() {
         count(counter::FLOW_REMOVES, 1);
     }
-    Some(flow)
+}
+
+/// Per-CPU room for a flow that is not in the table (a connection from
+/// before netlens attached). Only the lifecycle program uses it, and a
+/// program never nests in itself.
+#[map]
+static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Flow> {
+    // SAFETY: this CPU's slot, used by one program at a time.
+    SCRATCH.get_ptr_mut(0).map(|flow| unsafe { &mut *flow })
 }

@@ -98,6 +98,30 @@ pub struct Tuple {
     pub daddr: [u8; 16],
 }
 
+impl Tuple {
+    /// The endpoints a flow remembered, if it has them.
+    #[inline(always)]
+    pub fn of(flow: &netlens_common::Flow) -> Option<Self> {
+        (flow.family != 0).then_some(Self {
+            family: flow.family,
+            sport: flow.sport,
+            dport: flow.dport,
+            saddr: flow.saddr,
+            daddr: flow.daddr,
+        })
+    }
+
+    /// Stores the endpoints in a flow.
+    #[inline(always)]
+    pub fn store(&self, flow: &mut netlens_common::Flow) {
+        flow.family = self.family;
+        flow.sport = self.sport;
+        flow.dport = self.dport;
+        flow.saddr = self.saddr;
+        flow.daddr = self.daddr;
+    }
+}
+
 /// Reads the 4-tuple fields that most `tcp:*` and `sock:*` records share.
 #[inline(always)]
 pub fn tuple(record: &Record, fields: &TupleFields) -> Result<Tuple, i32> {

@@ -28,7 +28,7 @@ use crate::{
     config::cfg_field,
     events::{emit, stamp},
     flows,
-    kernel::{member, sock_cgroup, sock_netns, sock_tuple},
+    kernel::{member, sock_cgroup, sock_netns, sock_tuple, Tuple},
     retransmit::take_synack_start,
 };
 
@@ -47,19 +47,14 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let old = ctx.arg::<i32>(1) as u8;
     let new = ctx.arg::<i32>(2) as u8;
-    let wanted = match (old, new) {
-        (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => false,
-        (tcp_state::CLOSE, tcp_state::SYN_SENT) | (_, tcp_state::ESTABLISHED) | (_, tcp_state::CLOSE) => true,
-        _ => false,
-    };
-    // SCTP and MPTCP sockets pass the same tracepoint: only TCP goes on.
-    if !wanted || member::<u16>(sk, cfg_field!(kernel.sock_protocol)) != Ok(IPPROTO_TCP) {
-        return 0;
-    }
+    // Sockets we track are TCP; the others are checked where they first
+    // appear. Each handler is its own BPF function (inline(never)), so each
+    // gets the 512-byte stack to itself.
     let _ = match (old, new) {
-        (tcp_state::CLOSE, tcp_state::SYN_SENT) => active_open(sk),
+        (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => Ok(()),
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) if is_tcp(sk) => active_open(sk),
         (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(sk),
-        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => passive_established(sk),
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) if is_tcp(sk) => passive_established(sk),
         (tcp_state::SYN_SENT, tcp_state::CLOSE) => connect_failed(sk),
         (_, tcp_state::CLOSE) => closed(sk),
         _ => Ok(()),
@@ -67,8 +62,14 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// connect(): runs in the calling process, so pid and comm are the opener's.
+/// SCTP and MPTCP sockets pass the same tracepoint: only TCP goes on.
 #[inline(always)]
+fn is_tcp(sk: u64) -> bool {
+    member::<u16>(sk, cfg_field!(kernel.sock_protocol)) == Ok(IPPROTO_TCP)
+}
+
+/// connect(): runs in the calling process, so pid and comm are the opener's.
+#[inline(never)]
 fn active_open(sk: u64) -> Result<(), i32> {
     let flow = Flow {
         start_ns: unsafe { bpf_ktime_get_ns() },
@@ -77,20 +78,20 @@ fn active_open(sk: u64) -> Result<(), i32> {
         comm: bpf_get_current_comm().unwrap_or_default(),
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         netns: sock_netns(sk),
-        total_retrans: 0,
         direction: direction::ACTIVE,
-        _pad: [0; 3],
+        ..Flow::default()
     };
     flows::insert(sk, &flow);
     Ok(())
 }
 
-#[inline(always)]
+#[inline(never)]
 fn active_established(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // No entry: the connect() began before netlens attached.
     let Some(flow) = flows::get(sk) else { return Ok(()) };
     let tuple = sock_tuple(sk)?;
+    flows::set_tuple(sk, &tuple);
     emit(|event| {
         stamp(event, kind::HANDSHAKE, now, &tuple, &flow);
         event.duration_ns = now.saturating_sub(flow.start_ns);
@@ -98,7 +99,7 @@ fn active_established(sk: u64) -> Result<(), i32> {
     Ok(())
 }
 
-#[inline(always)]
+#[inline(never)]
 fn passive_established(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let tuple = sock_tuple(sk)?;
@@ -119,7 +120,7 @@ fn passive_established(sk: u64) -> Result<(), i32> {
             now.saturating_sub((srtt_us as u64 >> 3) * 1000)
         }
     };
-    let flow = Flow {
+    let mut flow = Flow {
         start_ns,
         cgroup: sock_cgroup(sk),
         netns,
@@ -128,6 +129,7 @@ fn passive_established(sk: u64) -> Result<(), i32> {
         direction: direction::PASSIVE,
         ..Flow::default()
     };
+    tuple.store(&mut flow);
     flows::insert(sk, &flow);
     emit(|event| {
         stamp(event, kind::HANDSHAKE, now, &tuple, &flow);
@@ -138,14 +140,15 @@ fn passive_established(sk: u64) -> Result<(), i32> {
 
 /// SYN_SENT → CLOSE. `tcp_reset` and `tcp_write_err` set `sk_err` before
 /// `tcp_done` moves the socket to CLOSE, so it names the cause.
-#[inline(always)]
+#[inline(never)]
 fn connect_failed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(flow) = flows::take(sk) else { return Ok(()) };
-    let tuple = sock_tuple(sk)?;
+    let Some(flow) = flows::lookup(sk) else { return Ok(()) };
+    flows::remove(sk);
+    let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
     let sk_err: i32 = member(sk, cfg_field!(kernel.sock_sk_err)).unwrap_or(0);
     emit(|event| {
-        stamp(event, kind::HANDSHAKE_FAILED, now, &tuple, &flow);
+        stamp(event, kind::HANDSHAKE_FAILED, now, &tuple, flow);
         event.duration_ns = now.saturating_sub(flow.start_ns);
         event.reason = match sk_err {
             0 => reason::ABORTED,
@@ -159,17 +162,24 @@ fn connect_failed(sk: u64) -> Result<(), i32> {
 }
 
 /// Any other state → CLOSE: the connection is over; report what it did.
-#[inline(always)]
+#[inline(never)]
 fn closed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let tuple = sock_tuple(sk)?;
-    // A connection opened before netlens attached still reports its totals,
-    // with an unknown direction and lifetime.
-    let flow = flows::take(sk).unwrap_or_else(|| Flow {
-        netns: sock_netns(sk),
-        cgroup: sock_cgroup(sk),
-        ..Flow::default()
-    });
+    // A TCP connection opened before netlens attached still reports its
+    // totals, with an unknown direction and lifetime.
+    let flow: &Flow = match flows::lookup(sk) {
+        Some(flow) => {
+            flows::remove(sk);
+            flow
+        }
+        None if is_tcp(sk) => {
+            let unknown = flows::scratch().ok_or(-1)?;
+            *unknown = Flow { netns: sock_netns(sk), cgroup: sock_cgroup(sk), ..Flow::default() };
+            unknown
+        }
+        None => return Ok(()),
+    };
+    let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
     let lifetime_ns = if flow.start_ns != 0 { now.saturating_sub(flow.start_ns) } else { 0 };
     // Payload only: the kernel's byte counters also count SYN and FIN
     // sequence numbers (bytes_acked, bytes_received), or retransmissions
@@ -183,7 +193,7 @@ fn closed(sk: u64) -> Result<(), i32> {
     let total_retrans: u32 = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
     let dsack_dups: u32 = member(sk, cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
     emit(|event| {
-        stamp(event, kind::CLOSE, now, &tuple, &flow);
+        stamp(event, kind::CLOSE, now, &tuple, flow);
         event.duration_ns = lifetime_ns;
         event.bytes_sent = sent.saturating_sub(retrans);
         event.bytes_received = received.saturating_sub(fin_received);

@@ -4,6 +4,7 @@ pub mod check;
 pub mod cli;
 pub mod event;
 pub mod filter;
+pub mod jsonl;
 pub mod kernel;
 pub mod loader;
 pub mod source;

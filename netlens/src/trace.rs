@@ -6,12 +6,12 @@ use std::{
 };
 
 use anyhow::Result;
-use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     event::{state_name, ConnEvent, Detail},
     filter::Filter,
+    jsonl,
     source::EventSource,
 };
 
@@ -50,7 +50,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
         source.drain(|event| {
             if write_error.is_none() && options.filter.matches(&event) {
                 let written = if options.json {
-                    write_json(&mut out, &event)
+                    jsonl::write(&mut out, &event)
                 } else {
                     writeln!(out, "{}", text_line(&event, &clock))
                 };
@@ -94,106 +94,6 @@ fn report_lost(source: &EventSource, reported: u64) -> u64 {
         }
         _ => reported,
     }
-}
-
-/// One JSON line. Field names are part of netlens's interface.
-#[derive(Serialize)]
-struct JsonEvent<'a> {
-    ts_ns: u64,
-    event: &'static str,
-    family: u8,
-    saddr: String,
-    sport: u16,
-    daddr: String,
-    dport: u16,
-    pid: Option<u32>,
-    comm: Option<&'a str>,
-    netns: u32,
-    cgroup: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    direction: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    handshake_us: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    after_us: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    segs: Option<u32>,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    close: Option<JsonClose>,
-}
-
-#[derive(Serialize)]
-struct JsonClose {
-    direction: Option<&'static str>,
-    lifetime_us: Option<f64>,
-    bytes_sent: u64,
-    bytes_received: u64,
-    retransmits: u32,
-    spurious_retransmits: u32,
-}
-
-/// Nanoseconds as microseconds, keeping sub-µs precision.
-fn micros(ns: u64) -> f64 {
-    ns as f64 / 1000.0
-}
-
-fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
-    let mut json = JsonEvent {
-        ts_ns: event.ts_ns,
-        event: event.detail.name(),
-        family: event.family(),
-        saddr: event.local.ip().to_string(),
-        sport: event.local.port(),
-        daddr: event.remote.ip().to_string(),
-        dport: event.remote.port(),
-        pid: event.pid,
-        comm: event.comm.as_deref(),
-        netns: event.netns,
-        cgroup: event.cgroup,
-        direction: None,
-        handshake_us: None,
-        reason: None,
-        after_us: None,
-        state: None,
-        segs: None,
-        close: None,
-    };
-    match &event.detail {
-        Detail::Handshake { direction, handshake_ns } => {
-            json.direction = Some(direction.as_str());
-            json.handshake_us = Some(micros(*handshake_ns));
-        }
-        Detail::HandshakeFailed { reason, after_ns } => {
-            json.reason = Some(reason.as_str());
-            json.after_us = Some(micros(*after_ns));
-        }
-        Detail::Retransmit { state, segs } => {
-            json.state = Some(state_name(*state));
-            json.segs = Some(*segs);
-        }
-        Detail::ResetSent { state } if *state != 0 => json.state = Some(state_name(*state)),
-        Detail::SynackRetransmit | Detail::ResetSent { .. } | Detail::ResetReceived => {}
-        Detail::Close { direction, lifetime_ns, bytes_sent, bytes_received, retransmits, spurious_retransmits } => {
-            json.close = Some(JsonClose {
-                direction: direction.map(|d| d.as_str()),
-                lifetime_us: lifetime_ns.map(micros),
-                bytes_sent: *bytes_sent,
-                bytes_received: *bytes_received,
-                retransmits: *retransmits,
-                spurious_retransmits: *spurious_retransmits,
-            });
-        }
-    }
-    json
-}
-
-fn write_json(out: &mut impl Write, event: &ConnEvent) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, &to_json(event))?;
-    out.write_all(b"\n")
 }
 
 fn text_header() -> String {
@@ -274,7 +174,7 @@ impl WallClock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Direction, FailReason};
+    use crate::event::FailReason;
 
     fn event(detail: Detail) -> ConnEvent {
         ConnEvent {
@@ -290,47 +190,9 @@ mod tests {
     }
 
     #[test]
-    fn json_has_the_documented_fields() {
-        let line = serde_json::to_value(to_json(&event(Detail::Handshake {
-            direction: Direction::Passive,
-            handshake_ns: 1_234_567,
-        })))
-        .unwrap();
-        assert_eq!(line["event"], "handshake");
-        assert_eq!(line["family"], 6);
-        assert_eq!(line["saddr"], "::1");
-        assert_eq!(line["sport"], 8080);
-        assert_eq!(line["dport"], 40000);
-        assert_eq!(line["direction"], "passive");
-        assert_eq!(line["handshake_us"], 1234.567);
-        assert!(line["pid"].is_null() && line["comm"].is_null());
-        assert_eq!(line["netns"], 7);
-        assert_eq!(line["cgroup"], 9);
-        assert!(line.get("reason").is_none());
-    }
-
-    #[test]
-    fn close_json_carries_totals_and_null_lifetime_when_unknown() {
-        let line = serde_json::to_value(to_json(&event(Detail::Close {
-            direction: None,
-            lifetime_ns: None,
-            bytes_sent: 10,
-            bytes_received: 20,
-            retransmits: 3,
-            spurious_retransmits: 1,
-        })))
-        .unwrap();
-        assert_eq!(line["event"], "close");
-        assert!(line["direction"].is_null() && line["lifetime_us"].is_null());
-        assert_eq!(line["bytes_received"], 20);
-        assert_eq!(line["retransmits"], 3);
-        assert_eq!(line["spurious_retransmits"], 1);
-    }
-
-    #[test]
     fn failed_handshake_names_its_reason() {
         let e = event(Detail::HandshakeFailed { reason: FailReason::Timeout, after_ns: 3_000_000_000 });
-        let line = serde_json::to_value(to_json(&e)).unwrap();
+        let line = crate::jsonl::to_value(&e);
         assert_eq!(line["reason"], "timeout");
         assert!(text_line(&e, &WallClock::now()).contains("timeout after 3.000s"));
     }

@@ -1,0 +1,203 @@
+//! `--json` output: one JSON object per line. The field names are part of
+//! netlens's interface (documented in README.md); scripts and tests outside
+//! this repository read them.
+
+use std::{
+    io::{self, Write},
+    net::IpAddr,
+};
+
+use serde::{Serialize, Serializer};
+
+use crate::event::{state_name, ConnEvent, Detail};
+
+/// An address serialized as text without allocating a String per event.
+struct IpText(IpAddr);
+
+impl Serialize for IpText {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut buffer = [0u8; 48];
+        let mut cursor = io::Cursor::new(&mut buffer[..]);
+        // An IPv6 address is at most 45 characters: this cannot fail.
+        let _ = write!(cursor, "{}", self.0);
+        let len = cursor.position() as usize;
+        serializer.serialize_str(std::str::from_utf8(&buffer[..len]).unwrap_or(""))
+    }
+}
+
+/// Fields that exist only for some events are skipped elsewhere; `close`
+/// always carries `direction` and `lifetime_us`, `null` when unknown (hence
+/// the nested options).
+#[derive(Serialize)]
+struct JsonEvent<'a> {
+    ts_ns: u64,
+    event: &'static str,
+    family: u8,
+    saddr: IpText,
+    sport: u16,
+    daddr: IpText,
+    dport: u16,
+    pid: Option<u32>,
+    comm: Option<&'a str>,
+    netns: u32,
+    cgroup: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    direction: Option<Option<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handshake_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    after_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segs: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lifetime_us: Option<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_sent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_received: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retransmits: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spurious_retransmits: Option<u32>,
+}
+
+/// Nanoseconds as microseconds, keeping sub-µs precision.
+fn micros(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
+    let mut json = JsonEvent {
+        ts_ns: event.ts_ns,
+        event: event.detail.name(),
+        family: event.family(),
+        saddr: IpText(event.local.ip()),
+        sport: event.local.port(),
+        daddr: IpText(event.remote.ip()),
+        dport: event.remote.port(),
+        pid: event.pid,
+        comm: event.comm.as_deref(),
+        netns: event.netns,
+        cgroup: event.cgroup,
+        direction: None,
+        handshake_us: None,
+        reason: None,
+        after_us: None,
+        state: None,
+        segs: None,
+        lifetime_us: None,
+        bytes_sent: None,
+        bytes_received: None,
+        retransmits: None,
+        spurious_retransmits: None,
+    };
+    match &event.detail {
+        Detail::Handshake { direction, handshake_ns } => {
+            json.direction = Some(Some(direction.as_str()));
+            json.handshake_us = Some(micros(*handshake_ns));
+        }
+        Detail::HandshakeFailed { reason, after_ns } => {
+            json.reason = Some(reason.as_str());
+            json.after_us = Some(micros(*after_ns));
+        }
+        Detail::Retransmit { state, segs } => {
+            json.state = Some(state_name(*state));
+            json.segs = Some(*segs);
+        }
+        Detail::ResetSent { state } if *state != 0 => json.state = Some(state_name(*state)),
+        Detail::SynackRetransmit | Detail::ResetSent { .. } | Detail::ResetReceived => {}
+        Detail::Close { direction, lifetime_ns, bytes_sent, bytes_received, retransmits, spurious_retransmits } => {
+            json.direction = Some(direction.map(|d| d.as_str()));
+            json.lifetime_us = Some(lifetime_ns.map(micros));
+            json.bytes_sent = Some(*bytes_sent);
+            json.bytes_received = Some(*bytes_received);
+            json.retransmits = Some(*retransmits);
+            json.spurious_retransmits = Some(*spurious_retransmits);
+        }
+    }
+    json
+}
+
+/// Writes one event as a JSON line.
+pub fn write(out: &mut impl Write, event: &ConnEvent) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, &to_json(event))?;
+    out.write_all(b"\n")
+}
+
+/// The event as a JSON value (tests, and views that embed events).
+pub fn to_value(event: &ConnEvent) -> serde_json::Value {
+    serde_json::to_value(to_json(event)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Direction;
+
+    fn event(detail: Detail) -> ConnEvent {
+        ConnEvent {
+            ts_ns: 5,
+            local: "[::1]:8080".parse().unwrap(),
+            remote: "[::1]:40000".parse().unwrap(),
+            pid: None,
+            comm: None,
+            netns: 7,
+            cgroup: 9,
+            detail,
+        }
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let line = to_value(&event(Detail::Handshake {
+            direction: Direction::Passive,
+            handshake_ns: 1_234_567,
+        }));
+        assert_eq!(line["event"], "handshake");
+        assert_eq!(line["family"], 6);
+        assert_eq!(line["saddr"], "::1");
+        assert_eq!(line["sport"], 8080);
+        assert_eq!(line["dport"], 40000);
+        assert_eq!(line["direction"], "passive");
+        assert_eq!(line["handshake_us"], 1234.567);
+        assert!(line["pid"].is_null() && line["comm"].is_null());
+        assert_eq!(line["netns"], 7);
+        assert_eq!(line["cgroup"], 9);
+        assert!(line.get("reason").is_none());
+    }
+
+    #[test]
+    fn close_json_carries_totals_and_null_lifetime_when_unknown() {
+        let line = to_value(&event(Detail::Close {
+            direction: None,
+            lifetime_ns: None,
+            bytes_sent: 10,
+            bytes_received: 20,
+            retransmits: 3,
+            spurious_retransmits: 1,
+        }));
+        assert_eq!(line["event"], "close");
+        assert!(line["direction"].is_null() && line["lifetime_us"].is_null());
+        assert_eq!(line["bytes_received"], 20);
+        assert_eq!(line["retransmits"], 3);
+        assert_eq!(line["spurious_retransmits"], 1);
+    }
+
+
+    #[test]
+    fn lines_are_newline_terminated_json() {
+        let mut out = Vec::new();
+        write(&mut out, &event(Detail::ResetReceived)).unwrap();
+        write(&mut out, &event(Detail::SynackRetransmit)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        for line in text.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(value["daddr"], "::1");
+        }
+    }
+}
