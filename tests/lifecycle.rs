@@ -31,13 +31,17 @@ fn handshakes_match_connect_time(server: &str) -> Result<()> {
         .map(|e| (port_of(e, "sport"), e["handshake_us"].as_f64().unwrap_or(f64::MAX)))
         .collect();
     let passive = traced.named("handshake").filter(on_port).filter(|e| e["direction"] == "passive").count();
-    assert_eq!(active.len(), 200, "active handshakes");
-    assert_eq!(passive, 200, "passive handshakes");
+    // Exact, unless netlens itself reported missed events.
+    let slack = traced.unaccounted() as usize;
+    assert!(active.len() <= 200 && 200 - active.len() <= slack, "active handshakes: {} (missed {slack})", active.len());
+    assert!(passive <= 200 && 200 - passive <= slack, "passive handshakes: {passive} (missed {slack})");
     let family = if addr.is_ipv4() { 4 } else { 6 };
     assert!(traced.named("handshake").all(|e| e["family"] == family));
     for conn in &conns {
-        let handshake_us = active.get(&conn.local_port).copied();
-        let handshake_us = handshake_us.unwrap_or_else(|| panic!("no handshake for port {}", conn.local_port));
+        let Some(&handshake_us) = active.get(&conn.local_port) else {
+            assert!(slack > 0, "no handshake for port {}", conn.local_port);
+            continue;
+        };
         assert!(
             handshake_us <= conn.connect_us + 1000.0,
             "port {}: handshake {handshake_us} µs > connect() {} µs + 1 ms",
@@ -75,19 +79,22 @@ fn close_reports_exact_bytes() -> Result<()> {
     let traced = netlens.stop()?;
 
     let closes: Vec<&Value> = traced.named("close").collect();
+    let slack = traced.unaccounted();
     let received_by_server = server.received.lock().unwrap().clone();
     for conn in &conns {
         assert_eq!(received_by_server.get(&conn.local_port), Some(&conn.sent));
-        let passive = closes
-            .iter()
-            .find(|e| e["direction"] == "passive" && port_of(e, "dport") == conn.local_port)
-            .unwrap_or_else(|| panic!("no passive close for client port {}", conn.local_port));
+        let passive = closes.iter().find(|e| e["direction"] == "passive" && port_of(e, "dport") == conn.local_port);
+        let Some(passive) = passive else {
+            assert!(slack > 0, "no passive close for client port {}", conn.local_port);
+            continue;
+        };
         assert_eq!(passive["bytes_received"], conn.sent, "server side bytes_received");
         assert_eq!(passive["bytes_sent"], 4321, "server side bytes_sent");
-        let active = closes
-            .iter()
-            .find(|e| e["direction"] == "active" && port_of(e, "sport") == conn.local_port)
-            .unwrap_or_else(|| panic!("no active close for port {}", conn.local_port));
+        let active = closes.iter().find(|e| e["direction"] == "active" && port_of(e, "sport") == conn.local_port);
+        let Some(active) = active else {
+            assert!(slack > 0, "no active close for port {}", conn.local_port);
+            continue;
+        };
         assert_eq!(active["bytes_sent"], conn.sent);
         assert_eq!(active["bytes_received"], conn.received);
         assert!(active["lifetime_us"].as_f64().unwrap_or(0.0) > 0.0);

@@ -2,7 +2,7 @@
 //! every program and exposes what the kernel side produces: the event ring
 //! buffer and the counters. Views never touch maps; they get plain values.
 
-use std::{path::PathBuf, time::Instant};
+use std::{os::fd::AsFd, path::PathBuf, time::Instant};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
@@ -12,7 +12,12 @@ use aya::{
 };
 use netlens_common::{counter, Config, Flow};
 
-use crate::kernel::{btf::KernelBtf, offsets, probe, tracefs};
+use crate::kernel::{
+    btf::KernelBtf,
+    offsets, probe,
+    progstats::{self, ProgramStats},
+    tracefs,
+};
 
 /// The eBPF object, built by build.rs and embedded: one file to deploy.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlens"));
@@ -132,6 +137,9 @@ pub struct Probes {
 pub struct KernelCounters {
     /// Events dropped because the ring buffer was full.
     pub events_lost: u64,
+    /// Hook firings the kernel skipped because the program was already
+    /// running on that CPU (see [`progstats::ProgramStats`]).
+    pub events_missed: u64,
     /// Flows the LRU flow table pushed out to make room.
     pub flow_evictions: u64,
     /// Flows tracked right now.
@@ -167,6 +175,17 @@ impl Probes {
         Ok(RingBuf::try_from(map)?)
     }
 
+    /// The kernel's statistics for each attached program, by program name.
+    pub fn program_stats(&self) -> Vec<(&'static str, ProgramStats)> {
+        HOOKS
+            .iter()
+            .filter_map(|hook| {
+                let fd = self.ebpf.program(hook.program)?.fd().ok()?;
+                Some((hook.program, progstats::read(fd.as_fd()).ok()?))
+            })
+            .collect()
+    }
+
     pub fn counters(&self) -> Result<KernelCounters> {
         let per_cpu: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
@@ -178,8 +197,10 @@ impl Probes {
         let flows_live = flows.keys().filter(Result::is_ok).count() as u64;
         let inserted = sum(counter::FLOW_INSERTS)?;
         let removed = sum(counter::FLOW_REMOVES)?;
+        let events_missed = self.program_stats().iter().map(|(_, stats)| stats.recursion_misses).sum();
         Ok(KernelCounters {
             events_lost: sum(counter::EVENTS_LOST)?,
+            events_missed,
             flow_evictions: inserted.saturating_sub(removed).saturating_sub(flows_live),
             flows_live,
         })

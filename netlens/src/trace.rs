@@ -32,7 +32,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(options.duration.unwrap_or(Duration::MAX));
     tokio::pin!(deadline);
-    let mut lost_reported = 0;
+    let mut reported = Reported::default();
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
     let mut write_error = None;
     loop {
@@ -42,7 +42,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
             _ = sigterm.recv() => true,
             _ = &mut deadline, if options.duration.is_some() => true,
             _ = lost_check.tick() => {
-                lost_reported = report_lost(&source, lost_reported);
+                report_losses(&source, &mut reported);
                 false
             }
         };
@@ -74,25 +74,34 @@ pub async fn run(options: TraceOptions) -> Result<()> {
             break;
         }
     }
-    report_lost(&source, lost_reported);
+    report_losses(&source, &mut reported);
     if source.undecodable > 0 {
         eprintln!("netlens: {} events could not be decoded (kernel side newer than this netlens?)", source.undecodable);
     }
     Ok(())
 }
 
-/// Says on stderr when the ring buffer overflowed since the last report:
-/// lost events are never hidden.
-fn report_lost(source: &EventSource, reported: u64) -> u64 {
-    match source.counters() {
-        Ok(counters) if counters.events_lost > reported => {
-            eprintln!(
-                "netlens: {} events lost so far: the ring buffer was full (reader too slow)",
-                counters.events_lost
-            );
-            counters.events_lost
-        }
-        _ => reported,
+/// What has been said on stderr about losses so far.
+#[derive(Default)]
+struct Reported {
+    lost: u64,
+    missed: u64,
+}
+
+/// Says on stderr when events were lost since the last report: lost events
+/// are never hidden.
+fn report_losses(source: &EventSource, reported: &mut Reported) {
+    let Ok(counters) = source.counters() else { return };
+    if counters.events_lost > reported.lost {
+        eprintln!("netlens: {} events lost so far: the ring buffer was full (reader too slow)", counters.events_lost);
+        reported.lost = counters.events_lost;
+    }
+    if counters.events_missed > reported.missed {
+        eprintln!(
+            "netlens: {} events missed so far: the kernel skipped a program already running on that CPU",
+            counters.events_missed
+        );
+        reported.missed = counters.events_missed;
     }
 }
 

@@ -33,6 +33,22 @@ pub struct Traced {
 }
 
 impl Traced {
+    /// Events netlens said it missed (the kernel skipped a program already
+    /// running on that CPU) or lost (ring buffer full), from its stderr.
+    /// Tests that compare exact counts allow this much difference, and
+    /// only when netlens itself reported it.
+    pub fn unaccounted(&self) -> u64 {
+        let said = |what: &str| {
+            self.stderr
+                .iter()
+                .filter(|l| l.contains(what))
+                .filter_map(|l| l.strip_prefix("netlens: ")?.split(' ').next()?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0)
+        };
+        said("events missed") + said("events lost")
+    }
+
     /// Events named `name`.
     pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
         self.events.iter().filter(move |e| e["event"] == name)

@@ -2,4 +2,5 @@
 pub mod btf;
 pub mod offsets;
 pub mod probe;
+pub mod progstats;
 pub mod tracefs;
