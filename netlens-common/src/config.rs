@@ -67,6 +67,39 @@ pub struct ReceiveResetFields {
     pub tuple: TupleFields,
 }
 
+/// `tcp:tcp_cong_state_set`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CongStateFields {
+    pub skaddr: u16,
+    pub cong_state: u16,
+    pub len: u16,
+    pub _pad: u16,
+}
+
+/// The `tcp_sock` members the per-packet program needs, copied in one read
+/// of `len` bytes from `start`; each field is relative to `start`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeOffsets {
+    pub start: u32,
+    pub len: u16,
+    /// `snd_wnd` (u32): the window the peer advertised.
+    pub snd_wnd: u16,
+    /// `snd_cwnd` (u32), `snd_ssthresh` (u32).
+    pub snd_cwnd: u16,
+    pub snd_ssthresh: u16,
+    /// `rtt_min.s[0].v` (u32, µs).
+    pub min_rtt: u16,
+    /// `out_of_order_queue.rb_node` (pointer; NULL when empty).
+    pub ooo_queue: u16,
+    /// `rcv_nxt` (u32), `srtt_us` (u32, << 3), `rcv_wnd` (u32).
+    pub rcv_nxt: u16,
+    pub srtt_us: u16,
+    pub rcv_wnd: u16,
+    pub _pad: u16,
+}
+
 /// Marks an optional field the running kernel does not have.
 pub const FIELD_ABSENT: u16 = u16::MAX;
 
@@ -146,12 +179,20 @@ pub struct KernelOffsets {
     pub skb_cb: u32,
     /// `struct tcp_skb_cb` → `tcp_gso_segs` (u16).
     pub tcb_gso_segs: u32,
+    /// `struct tcp_skb_cb` → `seq` (u32); `end_seq` follows it.
+    pub tcb_seq: u32,
+    /// `struct inet_connection_sock` → `icsk_ca_ops` (pointer).
+    pub icsk_ca_ops: u32,
+    /// `struct tcp_congestion_ops` → `name` (char[16]).
+    pub ca_ops_name: u32,
 }
 
 /// Everything the programs need to know about the running kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
+    pub probe: ProbeOffsets,
+    pub cong_state: CongStateFields,
     pub retransmit: RetransmitFields,
     pub synack: SynackFields,
     pub send_reset: SendResetFields,

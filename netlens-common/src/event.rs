@@ -9,7 +9,30 @@ pub mod kind {
     pub const RESET_SENT: u8 = 5;
     pub const RESET_RECEIVED: u8 = 6;
     pub const CLOSE: u8 = 7;
+    pub const HOL_STALL: u8 = 8;
+    pub const ZERO_WINDOW: u8 = 9;
+    pub const SLOW_START_EXIT: u8 = 10;
 }
+
+/// Which end's window was zero in a `ZERO_WINDOW` event.
+pub mod side {
+    /// The peer advertised zero: our sender waits on a slow reader there.
+    pub const PEER: u8 = 1;
+    /// We advertised zero: our own application is not reading.
+    pub const LOCAL: u8 = 2;
+}
+
+/// Linux congestion-avoidance states (`enum tcp_ca_state`).
+pub mod ca_state {
+    pub const OPEN: u8 = 0;
+    pub const DISORDER: u8 = 1;
+    pub const CWR: u8 = 2;
+    pub const RECOVERY: u8 = 3;
+    pub const LOSS: u8 = 4;
+}
+
+/// `slow_start_exit_ns` of a connection that never left slow start.
+pub const NEVER: u64 = u64::MAX;
 
 /// Which end opened the connection.
 pub mod direction {
@@ -71,9 +94,49 @@ pub struct RawEvent {
     pub direction: u8,
     /// TCP state at the event (`RETRANSMIT`, `RESET_*`).
     pub state: u8,
-    /// `HANDSHAKE_FAILED`: one of [`reason`].
+    /// `HANDSHAKE_FAILED`: one of [`reason`]; `ZERO_WINDOW`: one of [`side`].
     pub reason: u8,
     pub _pad: [u8; 6],
+    /// Transport dynamics: `CLOSE` carries all of these; `HOL_STALL` carries
+    /// `bytes_held` and `ooo_segments` (its duration in `duration_ns`);
+    /// `SLOW_START_EXIT` carries `cwnd` (time since established in
+    /// `duration_ns`).
+    pub transport: Transport,
+}
+
+/// A connection's transport dynamics, kept per flow and reported at close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transport {
+    /// Time from established to leaving slow start, or [`NEVER`].
+    pub slow_start_exit_ns: u64,
+    /// Total time in head-of-line stalls.
+    pub hol_stall_ns: u64,
+    /// Total time either side advertised a zero window.
+    pub zero_window_ns: u64,
+    /// Total time in Recovery, Loss (RTO) and CWR.
+    pub recovery_ns: u64,
+    pub loss_ns: u64,
+    pub cwr_ns: u64,
+    /// Congestion window in segments: the latest / the largest seen
+    /// (`SLOW_START_EXIT`: at the exit).
+    pub cwnd: u32,
+    pub max_cwnd: u32,
+    pub ssthresh: u32,
+    /// Smoothed and minimum RTT, µs.
+    pub srtt_us: u32,
+    pub min_rtt_us: u32,
+    pub recovery_episodes: u32,
+    pub loss_episodes: u32,
+    pub cwr_episodes: u32,
+    pub hol_stalls: u32,
+    /// Segments received beyond rcv_nxt (queued out of order).
+    pub ooo_segments: u32,
+    /// `HOL_STALL`: highest out-of-order end minus rcv_nxt at the start.
+    pub bytes_held: u32,
+    pub _pad: u32,
+    /// The congestion control algorithm's name ("cubic", "bbr", ...).
+    pub congestion: [u8; 16],
 }
 
 /// Per-connection state kept in the kernel's flow table, keyed by socket
@@ -96,6 +159,25 @@ pub struct Flow {
     /// 0 until the endpoints are known.
     pub family: u16,
     pub _pad_tuple: u16,
+    /// When the connection became established (0: not yet).
+    pub established_ns: u64,
+    /// When the last segment arrived (tcp_probe): a zero window seen on this
+    /// segment was advertised by the previous one.
+    pub last_rx_ns: u64,
+    /// Head-of-line stall in progress: its start (0: none), rcv_nxt then,
+    /// the highest out-of-order end seen, and the segments queued meanwhile.
+    pub hol_start_ns: u64,
+    pub hol_rcv_nxt: u32,
+    pub hol_max_end: u32,
+    pub hol_ooo_segments: u32,
+    /// Congestion state in force and since when.
+    pub ca_state: u8,
+    pub _pad_ca: [u8; 3],
+    pub ca_since_ns: u64,
+    /// Zero-window episodes in progress (0: none).
+    pub peer_zero_since_ns: u64,
+    pub local_zero_since_ns: u64,
+    pub transport: Transport,
     pub comm: [u8; 16],
     pub pid: u32,
     pub netns: u32,

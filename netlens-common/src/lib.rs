@@ -59,15 +59,19 @@ pub mod counter {
     /// Entries removed because their connection ended. Inserts - removals -
     /// live entries = entries the LRU evicted.
     pub const FLOW_REMOVES: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// `sock:sock_rcvqueue_full`: segments dropped because a socket's
+    /// receive queue was full.
+    pub const RCVQUEUE_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Capacity of the in-kernel flow table (an LRU hash keyed by socket).
 pub const FLOW_TABLE_ENTRIES: u32 = 65_536;
 /// Capacity of the SYN-ACK start table (an LRU hash keyed by 4-tuple).
 pub const SYNACK_TABLE_ENTRIES: u32 = 8_192;
-/// The longest tracepoint record the programs copy (one read per event).
-pub const RECORD_MAX: usize = 144;
+/// The longest block the programs copy in one read: a tracepoint record,
+/// a socket's head or the per-packet window of `tcp_sock`.
+pub const RECORD_MAX: usize = 512;
 
 /// Size of the event ring buffer in bytes (a power of two, page aligned).
 pub const RING_BYTES: u32 = 8 << 20;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use netlens_common::{counter, Flow, RawEvent, RING_BYTES};
+use netlens_common::{counter, Flow, RawEvent, Transport, RING_BYTES};
 
 use crate::kernel::Tuple;
 
@@ -63,6 +63,7 @@ pub fn stamp(event: &mut RawEvent, kind: u8, now: u64, tuple: &Tuple, flow: &Flo
     event.state = 0;
     event.reason = 0;
     event._pad = [0; 6];
+    event.transport = Transport::default();
     event.ts_ns = now;
     event.kind = kind;
     event.direction = flow.direction;

@@ -13,7 +13,10 @@ use aya_ebpf::{
 };
 use netlens_common::{counter, Flow, FLOW_TABLE_ENTRIES};
 
-use crate::{events::count, kernel::Tuple};
+use crate::{
+    events::count,
+    kernel::{slot, sock_cgroup, sock_netns},
+};
 
 #[map]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_ENTRIES, 0);
@@ -29,12 +32,6 @@ pub fn insert(sk: u64, flow: &Flow) {
     }
 }
 
-#[inline(always)]
-pub fn get(sk: u64) -> Option<Flow> {
-    // SAFETY: the value is copied out before any other map operation.
-    unsafe { FLOWS.get(sk).copied() }
-}
-
 /// Records the socket's new `total_retrans`; returns by how much it grew
 /// since the last call (or the flow's start), `None` for an unknown flow.
 #[inline(always)]
@@ -46,16 +43,6 @@ pub fn advance_retrans(sk: u64, total_retrans: u32) -> Option<u32> {
         let grown = total_retrans.wrapping_sub((*flow).total_retrans);
         (*flow).total_retrans = total_retrans;
         Some(grown)
-    }
-}
-
-/// Remembers the endpoints of a tracked flow.
-#[inline(always)]
-pub fn set_tuple(sk: u64, tuple: &Tuple) {
-    if let Some(flow) = FLOWS.get_ptr_mut(sk) {
-        // SAFETY: a valid map value; state changes of one socket run under
-        // its lock, so no other program writes it concurrently.
-        tuple.store(unsafe { &mut *flow });
     }
 }
 
@@ -75,14 +62,40 @@ pub fn remove(sk: u64) {
     }
 }
 
-/// Per-CPU room for a flow that is not in the table (a connection from
-/// before netlens attached). Only the lifecycle program uses it, and a
-/// program never nests in itself.
-#[map]
-static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
-
+/// The tracked flow of `sk`, in place, for updates.
 #[inline(always)]
-pub fn scratch() -> Option<&'static mut Flow> {
-    // SAFETY: this CPU's slot, used by one program at a time.
-    SCRATCH.get_ptr_mut(0).map(|flow| unsafe { &mut *flow })
+pub fn lookup_mut(sk: u64) -> Option<&'static mut Flow> {
+    // SAFETY: map values live until the program ends (RCU); one socket's
+    // segments and state changes are handled under its lock, so no other
+    // program writes this flow at the same time.
+    FLOWS.get_ptr_mut(sk).map(|flow| unsafe { &mut *flow })
+}
+
+/// Per-CPU room for a flow that is not in the table (a connection from
+/// before netlens attached): too big for the BPF stack. One slot per
+/// program (see `kernel::slot`): a program never nests in itself.
+#[map]
+static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(slot::COUNT, 0);
+
+/// The tracked flow of `sk`, or a stand-in that knows only its namespace
+/// and cgroup (in this program's scratch slot).
+#[inline(always)]
+pub fn known_or_unknown(sk: u64, slot: u32) -> Option<&'static Flow> {
+    if let Some(flow) = lookup(sk) {
+        return Some(flow);
+    }
+    unknown(sk, slot).map(|flow| &*flow)
+}
+
+/// A stand-in flow for a socket we do not track, in scratch `slot`.
+#[inline(always)]
+pub fn unknown(sk: u64, slot: u32) -> Option<&'static mut Flow> {
+    // SAFETY: this CPU's slot for this program.
+    let flow = unsafe { &mut *SCRATCH.get_ptr_mut(slot)? };
+    *flow = Flow::default();
+    if sk != 0 {
+        flow.netns = sock_netns(sk);
+        flow.cgroup = sock_cgroup(sk);
+    }
+    Some(flow)
 }

@@ -34,7 +34,9 @@ pub mod slot {
     pub const SYNACK: u32 = 2;
     pub const SEND_RESET: u32 = 3;
     pub const RECEIVE_RESET: u32 = 4;
-    pub const COUNT: u32 = 5;
+    pub const PROBE: u32 = 5;
+    pub const CONG_STATE: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Per-CPU scratch space for records: the 512-byte BPF stack has no room

@@ -27,8 +27,8 @@ use netlens_common::{direction, kind, reason, tcp_state, Flow, TupleKey};
 use crate::{
     config::cfg_field,
     events::{emit, stamp},
-    flows,
-    kernel::{member, sock_cgroup, sock_netns, sock_tuple, Tuple},
+    dynamics, flows,
+    kernel::{member, slot, sock_netns, sock_tuple, Tuple},
     retransmit::take_synack_start,
 };
 
@@ -89,11 +89,12 @@ fn active_open(sk: u64) -> Result<(), i32> {
 fn active_established(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // No entry: the connect() began before netlens attached.
-    let Some(flow) = flows::get(sk) else { return Ok(()) };
+    let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
     let tuple = sock_tuple(sk)?;
-    flows::set_tuple(sk, &tuple);
+    tuple.store(flow);
+    dynamics::established(flow, now);
     emit(|event| {
-        stamp(event, kind::HANDSHAKE, now, &tuple, &flow);
+        stamp(event, kind::HANDSHAKE, now, &tuple, flow);
         event.duration_ns = now.saturating_sub(flow.start_ns);
     });
     Ok(())
@@ -103,11 +104,13 @@ fn active_established(sk: u64) -> Result<(), i32> {
 fn passive_established(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let tuple = sock_tuple(sk)?;
-    let netns = sock_netns(sk);
+    // Built in per-CPU scratch (a flow is too big for the BPF stack), with
+    // the socket's namespace and cgroup, then copied into the table.
+    let flow = flows::unknown(sk, slot::SET_STATE).ok_or(-1)?;
     let key = TupleKey {
         saddr: tuple.saddr,
         daddr: tuple.daddr,
-        netns,
+        netns: flow.netns,
         sport: tuple.sport,
         dport: tuple.dport,
         family: tuple.family,
@@ -120,19 +123,15 @@ fn passive_established(sk: u64) -> Result<(), i32> {
             now.saturating_sub((srtt_us as u64 >> 3) * 1000)
         }
     };
-    let mut flow = Flow {
-        start_ns,
-        cgroup: sock_cgroup(sk),
-        netns,
-        // The child starts with the SYN-ACK retransmissions in its total.
-        total_retrans: member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0),
-        direction: direction::PASSIVE,
-        ..Flow::default()
-    };
-    tuple.store(&mut flow);
-    flows::insert(sk, &flow);
+    flow.start_ns = start_ns;
+    // The child starts with the SYN-ACK retransmissions in its total.
+    flow.total_retrans = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
+    flow.direction = direction::PASSIVE;
+    tuple.store(flow);
+    dynamics::established(flow, now);
+    flows::insert(sk, flow);
     emit(|event| {
-        stamp(event, kind::HANDSHAKE, now, &tuple, &flow);
+        stamp(event, kind::HANDSHAKE, now, &tuple, flow);
         event.duration_ns = now.saturating_sub(start_ns);
     });
     Ok(())
@@ -172,15 +171,12 @@ fn closed(sk: u64) -> Result<(), i32> {
             flows::remove(sk);
             flow
         }
-        None if is_tcp(sk) => {
-            let unknown = flows::scratch().ok_or(-1)?;
-            *unknown = Flow { netns: sock_netns(sk), cgroup: sock_cgroup(sk), ..Flow::default() };
-            unknown
-        }
+        None if is_tcp(sk) => flows::unknown(sk, slot::SET_STATE).ok_or(-1)?,
         None => return Ok(()),
     };
     let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
     let lifetime_ns = if flow.start_ns != 0 { now.saturating_sub(flow.start_ns) } else { 0 };
+    let transport = dynamics::at_close(sk, flow, now);
     // Payload only: the kernel's byte counters also count SYN and FIN
     // sequence numbers (bytes_acked, bytes_received), or retransmissions
     // (bytes_sent). Sent = bytes_sent - bytes_retrans: each payload byte
@@ -199,6 +195,7 @@ fn closed(sk: u64) -> Result<(), i32> {
         event.bytes_received = received.saturating_sub(fin_received);
         event.segs = total_retrans;
         event.spurious_retransmits = dsack_dups;
+        event.transport = transport;
     });
     Ok(())
 }

@@ -5,10 +5,13 @@
 #![no_main]
 
 mod config;
+mod congestion;
+mod dynamics;
 mod events;
 mod flows;
 mod kernel;
 mod lifecycle;
+mod probe;
 mod reset;
 mod retransmit;
 

@@ -1,28 +1,14 @@
 //! Resets: `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use netlens_common::{kind, Flow, AF_INET};
+use netlens_common::{kind, AF_INET};
 
 use crate::{
     config::cfg_field,
     events::{emit, stamp},
     flows,
-    kernel::{slot, Record, skb_netns, sock_cgroup, sock_netns, tuple, Tuple},
+    kernel::{skb_netns, slot, tuple, Record, Tuple},
 };
-
-/// Identity of the socket behind a reset, from the flow table when we know
-/// the connection, else from the socket itself (if there is one).
-#[inline(always)]
-fn identity(sk: u64) -> Flow {
-    if sk == 0 {
-        return Flow::default();
-    }
-    flows::get(sk).unwrap_or_else(|| Flow {
-        netns: sock_netns(sk),
-        cgroup: sock_cgroup(sk),
-        ..Flow::default()
-    })
-}
 
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
@@ -54,15 +40,21 @@ fn on_send_reset(record: &Record) -> Result<(), i32> {
         tuple.saddr = record.get(local + 8)?;
         tuple.daddr = record.get(remote + 8)?;
     }
-    let mut flow = identity(sk);
-    if sk == 0 {
-        // No socket (a SYN to a closed port): the namespace is the one of
-        // the device the offending packet arrived on.
-        let skb: u64 = record.get(cfg_field!(send_reset.skbaddr))?;
-        flow.netns = skb_netns(skb);
-    }
+    let flow = match flows::lookup(sk) {
+        Some(flow) => flow,
+        None => {
+            let unknown = flows::unknown(sk, slot::SEND_RESET).ok_or(-1)?;
+            if sk == 0 {
+                // No socket (a SYN to a closed port): the namespace is the
+                // one of the device the offending packet arrived on.
+                let skb: u64 = record.get(cfg_field!(send_reset.skbaddr))?;
+                unknown.netns = skb_netns(skb);
+            }
+            unknown
+        }
+    };
     emit(|event| {
-        stamp(event, kind::RESET_SENT, unsafe { bpf_ktime_get_ns() }, &tuple, &flow);
+        stamp(event, kind::RESET_SENT, unsafe { bpf_ktime_get_ns() }, &tuple, flow);
         event.state = state;
     });
     Ok(())
@@ -80,7 +72,7 @@ fn on_receive_reset(record: &Record) -> Result<(), i32> {
     let tuple = tuple(record, &cfg_field!(receive_reset.tuple))?;
     // The tracepoint has no state field; the socket's state is in
     // sock_common, but the lifecycle events already say it.
-    let flow = identity(sk);
-    emit(|event| stamp(event, kind::RESET_RECEIVED, unsafe { bpf_ktime_get_ns() }, &tuple, &flow));
+    let flow = flows::known_or_unknown(sk, slot::RECEIVE_RESET).ok_or(-1)?;
+    emit(|event| stamp(event, kind::RESET_RECEIVED, unsafe { bpf_ktime_get_ns() }, &tuple, flow));
     Ok(())
 }

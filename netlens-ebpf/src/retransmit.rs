@@ -8,13 +8,13 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
-use netlens_common::{direction, kind, tcp_state, Flow, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
+use netlens_common::{direction, kind, tcp_state, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
     events::{emit, stamp},
     flows,
-    kernel::{slot, Record, member, sock_cgroup, sock_netns, tuple},
+    kernel::{member, slot, sock_netns, tuple, Record},
 };
 
 /// First SYN-ACK time (ns) of pending passive opens whose SYN-ACK was
@@ -67,13 +67,9 @@ fn on_retransmit(record: &Record) -> Result<(), i32> {
     };
     let state = record.get::<i32>(cfg_field!(retransmit.state))? as u8;
     let tuple = tuple(record, &cfg_field!(retransmit.tuple))?;
-    let flow = flows::get(sk).unwrap_or_else(|| Flow {
-        netns: sock_netns(sk),
-        cgroup: sock_cgroup(sk),
-        ..Default::default()
-    });
+    let flow = flows::known_or_unknown(sk, slot::RETRANSMIT).ok_or(-1)?;
     emit(|event| {
-        stamp(event, kind::RETRANSMIT, now, &tuple, &flow);
+        stamp(event, kind::RETRANSMIT, now, &tuple, flow);
         event.state = state;
         event.segs = segs;
     });
@@ -107,9 +103,10 @@ fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
     let snt_synack_us: u64 = member(req, cfg_field!(kernel.treq_snt_synack)).unwrap_or(0);
     let first_ns = if snt_synack_us != 0 { snt_synack_us * 1000 } else { now };
     let _ = SYNACK_STARTS.insert(&key, &first_ns, BPF_NOEXIST as u64);
-    let listener_flow = Flow { netns, cgroup: sock_cgroup(listener), direction: direction::PASSIVE, ..Flow::default() };
+    let listener_flow = flows::unknown(listener, slot::SYNACK).ok_or(-1)?;
+    listener_flow.direction = direction::PASSIVE;
     emit(|event| {
-        stamp(event, kind::SYNACK_RETRANSMIT, now, &tuple, &listener_flow);
+        stamp(event, kind::SYNACK_RETRANSMIT, now, &tuple, listener_flow);
         event.state = tcp_state::SYN_RECV;
         event.segs = 1;
     });

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use netlens_common::{direction, kind, reason, tcp_state, RawEvent, AF_INET, AF_INET6};
+use netlens_common::{direction, kind, reason, side, tcp_state, RawEvent, AF_INET, AF_INET6, NEVER};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -66,6 +66,20 @@ pub enum Detail {
     SynackRetransmit,
     ResetSent { state: u8 },
     ResetReceived,
+    HolStall {
+        stall_ns: u64,
+        bytes_held: u32,
+        ooo_segments: u32,
+    },
+    ZeroWindow {
+        side: WindowSide,
+        stall_ns: u64,
+    },
+    SlowStartExit {
+        /// Time since the connection was established.
+        after_ns: u64,
+        cwnd: u32,
+    },
     Close {
         direction: Option<Direction>,
         /// None when netlens did not see the connection open.
@@ -74,7 +88,70 @@ pub enum Detail {
         bytes_received: u64,
         retransmits: u32,
         spurious_retransmits: u32,
+        transport: Dynamics,
     },
+}
+
+/// Which end advertised a zero window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WindowSide {
+    /// The peer: our sender waits on a slow reader there.
+    Peer,
+    /// Us: our own application is not reading.
+    Local,
+}
+
+impl WindowSide {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowSide::Peer => "peer",
+            WindowSide::Local => "local",
+        }
+    }
+}
+
+/// A connection's transport dynamics, as reported at close.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dynamics {
+    pub congestion: String,
+    pub cwnd: u32,
+    pub max_cwnd: u32,
+    /// None: still in slow start at close.
+    pub slow_start_exit_ns: Option<u64>,
+    pub srtt_us: u32,
+    pub min_rtt_us: u32,
+    pub recovery_episodes: u32,
+    pub recovery_ns: u64,
+    pub loss_episodes: u32,
+    pub loss_ns: u64,
+    pub cwr_episodes: u32,
+    pub hol_stalls: u32,
+    pub hol_stall_ns: u64,
+    pub ooo_segments: u32,
+    pub zero_window_ns: u64,
+}
+
+impl Dynamics {
+    fn decode(raw: &netlens_common::Transport) -> Self {
+        let name_len = raw.congestion.iter().position(|&b| b == 0).unwrap_or(raw.congestion.len());
+        Self {
+            congestion: String::from_utf8_lossy(&raw.congestion[..name_len]).into_owned(),
+            cwnd: raw.cwnd,
+            max_cwnd: raw.max_cwnd,
+            slow_start_exit_ns: (raw.slow_start_exit_ns != NEVER).then_some(raw.slow_start_exit_ns),
+            srtt_us: raw.srtt_us,
+            min_rtt_us: raw.min_rtt_us,
+            recovery_episodes: raw.recovery_episodes,
+            recovery_ns: raw.recovery_ns,
+            loss_episodes: raw.loss_episodes,
+            loss_ns: raw.loss_ns,
+            cwr_episodes: raw.cwr_episodes,
+            hol_stalls: raw.hol_stalls,
+            hol_stall_ns: raw.hol_stall_ns,
+            ooo_segments: raw.ooo_segments,
+            zero_window_ns: raw.zero_window_ns,
+        }
+    }
 }
 
 impl Detail {
@@ -87,6 +164,9 @@ impl Detail {
             Detail::SynackRetransmit => "synack_retransmit",
             Detail::ResetSent { .. } => "reset_sent",
             Detail::ResetReceived => "reset_received",
+            Detail::HolStall { .. } => "hol_stall",
+            Detail::ZeroWindow { .. } => "zero_window",
+            Detail::SlowStartExit { .. } => "slow_start_exit",
             Detail::Close { .. } => "close",
         }
     }
@@ -143,7 +223,22 @@ impl ConnEvent {
                 bytes_received: raw.bytes_received,
                 retransmits: raw.segs,
                 spurious_retransmits: raw.spurious_retransmits,
+                transport: Dynamics::decode(&raw.transport),
             },
+            kind::HOL_STALL => Detail::HolStall {
+                stall_ns: raw.duration_ns,
+                bytes_held: raw.transport.bytes_held,
+                ooo_segments: raw.transport.ooo_segments,
+            },
+            kind::ZERO_WINDOW => Detail::ZeroWindow {
+                side: match raw.reason {
+                    side::PEER => WindowSide::Peer,
+                    side::LOCAL => WindowSide::Local,
+                    _ => return None,
+                },
+                stall_ns: raw.duration_ns,
+            },
+            kind::SLOW_START_EXIT => Detail::SlowStartExit { after_ns: raw.duration_ns, cwnd: raw.transport.cwnd },
             _ => return None,
         };
         let comm_len = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());

@@ -63,6 +63,42 @@ struct JsonEvent<'a> {
     retransmits: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     spurious_retransmits: Option<u32>,
+    // hol_stall, zero_window
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_held: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    side: Option<&'static str>,
+    // slow_start_exit, close
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cwnd: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    congestion: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_cwnd: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slow_start_exit_us: Option<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    srtt_us: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_rtt_us: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery_episodes: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_episodes: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hol_stalls: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hol_stall_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ooo_segments: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zero_window_us: Option<f64>,
 }
 
 /// Nanoseconds as microseconds, keeping sub-µs precision.
@@ -94,6 +130,23 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
         bytes_received: None,
         retransmits: None,
         spurious_retransmits: None,
+        stall_us: None,
+        bytes_held: None,
+        side: None,
+        cwnd: None,
+        congestion: None,
+        max_cwnd: None,
+        slow_start_exit_us: None,
+        srtt_us: None,
+        min_rtt_us: None,
+        recovery_episodes: None,
+        recovery_us: None,
+        loss_episodes: None,
+        loss_us: None,
+        hol_stalls: None,
+        hol_stall_us: None,
+        ooo_segments: None,
+        zero_window_us: None,
     };
     match &event.detail {
         Detail::Handshake { direction, handshake_ns } => {
@@ -110,13 +163,48 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
         }
         Detail::ResetSent { state } if *state != 0 => json.state = Some(state_name(*state)),
         Detail::SynackRetransmit | Detail::ResetSent { .. } | Detail::ResetReceived => {}
-        Detail::Close { direction, lifetime_ns, bytes_sent, bytes_received, retransmits, spurious_retransmits } => {
+        Detail::HolStall { stall_ns, bytes_held, ooo_segments } => {
+            json.stall_us = Some(micros(*stall_ns));
+            json.bytes_held = Some(*bytes_held);
+            json.ooo_segments = Some(*ooo_segments);
+        }
+        Detail::ZeroWindow { side, stall_ns } => {
+            json.side = Some(side.as_str());
+            json.stall_us = Some(micros(*stall_ns));
+        }
+        Detail::SlowStartExit { after_ns, cwnd } => {
+            json.after_us = Some(micros(*after_ns));
+            json.cwnd = Some(*cwnd);
+        }
+        Detail::Close {
+            direction,
+            lifetime_ns,
+            bytes_sent,
+            bytes_received,
+            retransmits,
+            spurious_retransmits,
+            transport,
+        } => {
             json.direction = Some(direction.map(|d| d.as_str()));
             json.lifetime_us = Some(lifetime_ns.map(micros));
             json.bytes_sent = Some(*bytes_sent);
             json.bytes_received = Some(*bytes_received);
             json.retransmits = Some(*retransmits);
             json.spurious_retransmits = Some(*spurious_retransmits);
+            json.congestion = (!transport.congestion.is_empty()).then_some(transport.congestion.as_str());
+            json.cwnd = Some(transport.cwnd);
+            json.max_cwnd = Some(transport.max_cwnd);
+            json.slow_start_exit_us = Some(transport.slow_start_exit_ns.map(micros));
+            json.srtt_us = Some(transport.srtt_us);
+            json.min_rtt_us = Some(transport.min_rtt_us);
+            json.recovery_episodes = Some(transport.recovery_episodes);
+            json.recovery_us = Some(micros(transport.recovery_ns));
+            json.loss_episodes = Some(transport.loss_episodes);
+            json.loss_us = Some(micros(transport.loss_ns));
+            json.hol_stalls = Some(transport.hol_stalls);
+            json.hol_stall_us = Some(micros(transport.hol_stall_ns));
+            json.ooo_segments = Some(transport.ooo_segments);
+            json.zero_window_us = Some(micros(transport.zero_window_ns));
         }
     }
     json
@@ -179,12 +267,17 @@ mod tests {
             bytes_received: 20,
             retransmits: 3,
             spurious_retransmits: 1,
+            transport: crate::event::Dynamics { congestion: "bbr".into(), max_cwnd: 40, ..Default::default() },
         }));
         assert_eq!(line["event"], "close");
         assert!(line["direction"].is_null() && line["lifetime_us"].is_null());
         assert_eq!(line["bytes_received"], 20);
         assert_eq!(line["retransmits"], 3);
         assert_eq!(line["spurious_retransmits"], 1);
+        assert_eq!(line["congestion"], "bbr");
+        assert_eq!(line["max_cwnd"], 40);
+        // Still in slow start at close: null, not absent.
+        assert!(line["slow_start_exit_us"].is_null() && line.get("slow_start_exit_us").is_some());
     }
 
 

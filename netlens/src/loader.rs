@@ -54,6 +54,10 @@ pub const HOOKS: &[Hook] = &[
     Hook::new("tcp_retransmit_synack", "tcp", Attach::Record),
     Hook::new("tcp_send_reset", "tcp", Attach::Record),
     Hook::new("tcp_receive_reset", "tcp", Attach::Record),
+    Hook::new("tcp_probe", "tcp", Attach::Raw),
+    Hook::new("sk_data_ready", "sock", Attach::Raw),
+    Hook::new("tcp_cong_state_set", "tcp", Attach::Record),
+    Hook::new("sock_rcvqueue_full", "sock", Attach::Record),
 ];
 
 /// Resolves this kernel's offsets (tracefs + BTF).
@@ -144,6 +148,8 @@ pub struct KernelCounters {
     pub flow_evictions: u64,
     /// Flows tracked right now.
     pub flows_live: u64,
+    /// Segments the kernel dropped because a receive queue was full.
+    pub rcvqueue_full: u64,
 }
 
 impl Probes {
@@ -201,6 +207,7 @@ impl Probes {
         Ok(KernelCounters {
             events_lost: sum(counter::EVENTS_LOST)?,
             events_missed,
+            rcvqueue_full: sum(counter::RCVQUEUE_FULL)?,
             flow_evictions: inserted.saturating_sub(removed).saturating_sub(flows_live),
             flows_live,
         })

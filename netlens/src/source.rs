@@ -76,4 +76,8 @@ impl EventSource {
     pub fn counters(&self) -> Result<KernelCounters> {
         self.probes.counters()
     }
+
+    pub fn program_stats(&self) -> Vec<(&'static str, crate::kernel::progstats::ProgramStats)> {
+        self.probes.program_stats()
+    }
 }

@@ -75,10 +75,30 @@ pub async fn run(options: TraceOptions) -> Result<()> {
         }
     }
     report_losses(&source, &mut reported);
+    report_costs(&source);
     if source.undecodable > 0 {
         eprintln!("netlens: {} events could not be decoded (kernel side newer than this netlens?)", source.undecodable);
     }
     Ok(())
+}
+
+/// At exit: what the kernel dropped for full receive queues, and, when
+/// `kernel.bpf_stats_enabled` is on, what each program cost per run.
+fn report_costs(source: &EventSource) {
+    if let Ok(counters) = source.counters() {
+        if counters.rcvqueue_full > 0 {
+            eprintln!("netlens: {} segments dropped on full receive queues (sock_rcvqueue_full)", counters.rcvqueue_full);
+        }
+    }
+    for (program, stats) in source.program_stats() {
+        if stats.run_count > 0 && stats.run_time_ns > 0 {
+            eprintln!(
+                "netlens: program {program}: {} runs, {:.0} ns/run",
+                stats.run_count,
+                stats.run_time_ns as f64 / stats.run_count as f64
+            );
+        }
+    }
 }
 
 /// What has been said on stderr about losses so far.
@@ -124,11 +144,30 @@ fn text_line(event: &ConnEvent, clock: &WallClock) -> String {
         Detail::SynackRetransmit => String::new(),
         Detail::ResetSent { state } if *state != 0 => state_name(*state).to_string(),
         Detail::ResetSent { .. } | Detail::ResetReceived => String::new(),
-        Detail::Close { direction, lifetime_ns, bytes_sent, bytes_received, retransmits, spurious_retransmits } => {
+        Detail::HolStall { stall_ns, bytes_held, ooo_segments } => {
+            format!("{} held={bytes_held}B ooo_segs={ooo_segments}", human_duration(*stall_ns))
+        }
+        Detail::ZeroWindow { side, stall_ns } => format!("{} {}", side.as_str(), human_duration(*stall_ns)),
+        Detail::SlowStartExit { after_ns, cwnd } => format!("after {} cwnd={cwnd}", human_duration(*after_ns)),
+        Detail::Close {
+            direction,
+            lifetime_ns,
+            bytes_sent,
+            bytes_received,
+            retransmits,
+            spurious_retransmits,
+            transport,
+        } => {
             format!(
-                "{} lifetime={} sent={bytes_sent} received={bytes_received} retrans={retransmits} spurious={spurious_retransmits}",
+                "{} lifetime={} sent={bytes_sent} received={bytes_received} retrans={retransmits} spurious={spurious_retransmits} {} max_cwnd={} ss_exit={} srtt={}µs hol={}x/{}",
                 direction.map_or("-", |d| d.as_str()),
                 lifetime_ns.map_or("-".to_string(), human_duration),
+                if transport.congestion.is_empty() { "-" } else { &transport.congestion },
+                transport.max_cwnd,
+                transport.slow_start_exit_ns.map_or("never".to_string(), human_duration),
+                transport.srtt_us,
+                transport.hol_stalls,
+                human_duration(transport.hol_stall_ns),
             )
         }
     };

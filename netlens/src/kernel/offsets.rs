@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use netlens_common::{
-    Config, KernelOffsets, ReceiveResetFields, RetransmitFields, SendResetFields, SockTupleOffsets,
+    CongStateFields, Config, KernelOffsets, ProbeOffsets, ReceiveResetFields, RetransmitFields, SendResetFields, SockTupleOffsets,
     SynackFields, TupleFields, FIELD_ABSENT, RECORD_MAX,
 };
 
@@ -30,7 +30,15 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Config> {
     let synack = Format::read(tracefs, "tcp", "tcp_retransmit_synack")?;
     let send_reset = Format::read(tracefs, "tcp", "tcp_send_reset")?;
     let receive_reset = Format::read(tracefs, "tcp", "tcp_receive_reset")?;
+    let cong_state = Format::read(tracefs, "tcp", "tcp_cong_state_set")?;
     Ok(Config {
+        probe: probe_offsets(btf).context("resolving tcp_sock members for tcp_probe")?,
+        cong_state: CongStateFields {
+            skaddr: cong_state.offset("skaddr", 8)?,
+            cong_state: cong_state.offset("cong_state", 1)?,
+            len: cong_state.record_len()?,
+            _pad: 0,
+        },
         retransmit: RetransmitFields {
             skbaddr: retransmit.offset("skbaddr", 8)?,
             skaddr: retransmit.offset("skaddr", 8)?,
@@ -99,6 +107,9 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         treq_snt_synack: btf.offset("tcp_request_sock", "snt_synack")?,
         skb_cb: btf.offset("sk_buff", "cb")?,
         tcb_gso_segs: btf.offset("tcp_skb_cb", "tcp_gso_segs")?,
+        tcb_seq: tcb_seq(btf)?,
+        icsk_ca_ops: btf.offset("inet_connection_sock", "icsk_ca_ops")?,
+        ca_ops_name: btf.offset("tcp_congestion_ops", "name")?,
     })
 }
 
@@ -128,5 +139,55 @@ fn sock_tuple(btf: &KernelBtf) -> Result<SockTupleOffsets> {
         v6_rcv_saddr: fields[4].0,
         v6_daddr: fields[5].0,
         len: len as u16,
+    })
+}
+
+/// `seq` and `end_seq` must be adjacent: the per-packet program reads both
+/// in one u64.
+fn tcb_seq(btf: &KernelBtf) -> Result<u32> {
+    let seq = btf.offset("tcp_skb_cb", "seq")?;
+    if btf.offset("tcp_skb_cb", "end_seq")? != seq + 4 {
+        anyhow::bail!("struct tcp_skb_cb: end_seq does not follow seq");
+    }
+    Ok(seq)
+}
+
+/// The window of `tcp_sock` the per-packet program copies: from the first
+/// to the end of the last member it reads.
+fn probe_offsets(btf: &KernelBtf) -> Result<ProbeOffsets> {
+    let members = [
+        ("snd_wnd", 4),
+        ("snd_cwnd", 4),
+        ("snd_ssthresh", 4),
+        // struct minmax: s[0] is the current minimum, {u32 t; u32 v}.
+        ("rtt_min", 8),
+        ("out_of_order_queue", 8),
+        ("rcv_nxt", 4),
+        ("srtt_us", 4),
+        ("rcv_wnd", 4),
+    ];
+    let mut offsets = [0u32; 8];
+    for (slot, (name, _)) in offsets.iter_mut().zip(members) {
+        *slot = btf.offset("tcp_sock", name)?;
+    }
+    let start = *offsets.iter().min().unwrap_or(&0);
+    let end = offsets.iter().zip(members).map(|(o, (_, size))| o + size).max().unwrap_or(0);
+    let len = end - start;
+    if len as usize > RECORD_MAX {
+        anyhow::bail!("tcp_sock's per-packet members span {len} bytes, more than the {RECORD_MAX} netlens copies");
+    }
+    let rel = |i: usize| (offsets[i] - start) as u16;
+    Ok(ProbeOffsets {
+        start,
+        len: len as u16,
+        snd_wnd: rel(0),
+        snd_cwnd: rel(1),
+        snd_ssthresh: rel(2),
+        min_rtt: rel(3) + 4,
+        ooo_queue: rel(4),
+        rcv_nxt: rel(5),
+        srtt_us: rel(6),
+        rcv_wnd: rel(7),
+        _pad: 0,
     })
 }

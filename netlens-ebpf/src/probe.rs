@@ -1,0 +1,130 @@
+//! Per-packet work, in the kernel: `tcp:tcp_probe` runs for every segment
+//! an established socket receives. It updates the flow's congestion window
+//! and RTTs (on the sender, from ACKs), its zero-window episodes, and its
+//! head-of-line stalls (on the receiver). Only episode events leave.
+//!
+//! Head-of-line stall, receiver side. tcp_probe fires before the segment
+//! is processed, so `rcv_nxt` is the next byte the application can read and
+//! `TCP_SKB_CB(skb)->seq` where this segment starts. A segment starting
+//! after `rcv_nxt` is exactly one the kernel queues out of order (it counts
+//! it in TcpExtTCPOFOQueue): data received but undeliverable. The first one
+//! starts a stall; the stall ends when `rcv_nxt` passes the highest
+//! out-of-order end seen, checked on `sock:sk_data_ready` (raw), which the
+//! kernel calls right after it moved in-order data, the drained queue
+//! included, to the application.
+//! Limits: a stall that began before netlens attached starts at the first
+//! out-of-order segment we see; one still open at close is not reported as
+//! a `hol_stall` (its segments are in the close's `ooo_segments`); segments
+//! beyond the receive window, which the kernel drops, are counted anyway.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
+use netlens_common::{kind, Flow, NEVER};
+
+use crate::{
+    config::cfg_field,
+    dynamics::{exit_slow_start, zero_windows},
+    events::{emit, stamp},
+    flows,
+    kernel::{member, slot, Record, Tuple},
+};
+
+/// `a` comes after `b` in sequence space (the kernel's after()).
+#[inline(always)]
+fn after(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) < 0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_probe")]
+pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    // Connections we do not track (opened before we attached) cost one
+    // lookup and nothing else.
+    if let Some(flow) = flows::lookup_mut(sk) {
+        let _ = on_segment(flow, sk, skb);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_segment(flow: &mut Flow, sk: u64, skb: u64) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let probe = cfg_field!(probe);
+    // Two reads per segment: the tcp_sock members we need, in one copy, and
+    // the segment's seq/end_seq from its control block.
+    let tp = Record::copy(sk + probe.start as u64, probe.len, slot::PROBE)?;
+    let seqs: u64 = member(skb, cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq))?;
+    let (seq, end_seq) = (seqs as u32, (seqs >> 32) as u32);
+
+    // Sender side: the window and RTTs as of this ACK.
+    let cwnd: u32 = tp.get(probe.snd_cwnd)?;
+    let ssthresh: u32 = tp.get(probe.snd_ssthresh)?;
+    let transport = &mut flow.transport;
+    transport.cwnd = cwnd;
+    transport.max_cwnd = transport.max_cwnd.max(cwnd);
+    transport.ssthresh = ssthresh;
+    transport.srtt_us = tp.get::<u32>(probe.srtt_us)? >> 3;
+    transport.min_rtt_us = tp.get(probe.min_rtt)?;
+    // BBR keeps ssthresh infinite: it leaves slow start on loss only.
+    if cwnd >= ssthresh && transport.slow_start_exit_ns == NEVER {
+        exit_slow_start(flow, now, cwnd);
+    }
+
+    zero_windows(flow, tp.get(probe.snd_wnd)?, tp.get(probe.rcv_wnd)?, now);
+    flow.last_rx_ns = now;
+
+    // Receiver side: data beyond rcv_nxt is held out of order.
+    let rcv_nxt: u32 = tp.get(probe.rcv_nxt)?;
+    if end_seq != seq && after(seq, rcv_nxt) {
+        flow.transport.ooo_segments += 1;
+        if flow.hol_start_ns == 0 {
+            flow.hol_start_ns = now;
+            flow.hol_rcv_nxt = rcv_nxt;
+            flow.hol_max_end = end_seq;
+            flow.hol_ooo_segments = 1;
+        } else {
+            flow.hol_ooo_segments += 1;
+            if after(end_seq, flow.hol_max_end) {
+                flow.hol_max_end = end_seq;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// In-order data (the drained out-of-order queue included) was handed to
+/// the application: a stall whose held data is now readable is over.
+#[raw_tracepoint(tracepoint = "sk_data_ready")]
+pub fn sk_data_ready(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(flow) = flows::lookup_mut(sk) {
+        if flow.hol_start_ns != 0 {
+            let _ = end_stall_if_drained(flow, sk);
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn end_stall_if_drained(flow: &mut Flow, sk: u64) -> Result<(), i32> {
+    let probe = cfg_field!(probe);
+    let rcv_nxt: u32 = member(sk, probe.start + probe.rcv_nxt as u32)?;
+    if after(flow.hol_max_end, rcv_nxt) {
+        return Ok(());
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let stall_ns = now.saturating_sub(flow.hol_start_ns);
+    let bytes_held = flow.hol_max_end.wrapping_sub(flow.hol_rcv_nxt);
+    let ooo_segments = flow.hol_ooo_segments;
+    flow.hol_start_ns = 0;
+    flow.transport.hol_stalls += 1;
+    flow.transport.hol_stall_ns += stall_ns;
+    let Some(tuple) = Tuple::of(flow) else { return Ok(()) };
+    emit(|event| {
+        stamp(event, kind::HOL_STALL, now, &tuple, flow);
+        event.duration_ns = stall_ns;
+        event.transport.bytes_held = bytes_held;
+        event.transport.ooo_segments = ooo_segments;
+    });
+    Ok(())
+}
