@@ -4,6 +4,7 @@
 //! Everything here cleans up after itself (namespaces on drop, netlens on
 //! drop) and every loop is bounded.
 
+pub mod bulk;
 pub mod netlens;
 pub mod netns;
 pub mod traffic;

@@ -1,0 +1,207 @@
+//! Transport dynamics against the kernel's own counters and the
+//! applications' own measurements: head-of-line stalls, zero windows, slow
+//! start and congestion episodes. Needs root; each test runs in its own
+//! namespace, loss injected by nftables in prerouting.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use anyhow::Result;
+use netlens_tests::{bulk::Bulk, Netlens, Netns, Traced};
+use serde_json::Value;
+
+fn num(event: &Value, key: &str) -> f64 {
+    event[key].as_f64().unwrap_or(0.0)
+}
+
+fn ofo_queue(counters: &HashMap<String, u64>) -> u64 {
+    counters.get("TcpExtTCPOFOQueue").copied().unwrap_or(0)
+}
+
+/// The receiver's close event (the server's end of the client's port).
+fn receiver_close(traced: &Traced, client_port: u16) -> &Value {
+    traced
+        .named("close")
+        .find(|e| e["direction"] == "passive" && e["dport"] == client_port)
+        .unwrap_or_else(|| panic!("no receiver close for client port {client_port}"))
+}
+
+fn sender_close(traced: &Traced, client_port: u16) -> &Value {
+    traced
+        .named("close")
+        .find(|e| e["direction"] == "active" && e["sport"] == client_port)
+        .unwrap_or_else(|| panic!("no sender close for port {client_port}"))
+}
+
+fn loss_rule(rule: &str) -> String {
+    format!("table inet loss {{\n chain pre {{\n  type filter hook prerouting priority 0;\n  {rule}\n }}\n}}\n")
+}
+
+/// Runs `bulk` in a fresh namespace under netlens; returns what netlens
+/// printed, the transfer and the OFO-queue delta.
+fn traced_transfer(port: u16, bulk: Bulk, nft: Option<&str>) -> Result<(Traced, netlens_tests::bulk::Transfer, u64)> {
+    let netns = Netns::new()?;
+    if let Some(rule) = nft {
+        netns.nft(&loss_rule(rule))?;
+    }
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let before = netns.nstat()?;
+    let transfer = bulk.run(&netns, addr)?;
+    netns.wait_closed(Duration::from_secs(30))?;
+    let after = netns.nstat()?;
+    let traced = netlens.stop()?;
+    assert_eq!(transfer.received, bulk.bytes as u64);
+    Ok((traced, transfer, ofo_queue(&after) - ofo_queue(&before)))
+}
+
+/// No loss, both ends on one CPU: nothing arrives out of order, so no
+/// stall, and the kernel agrees (TcpExtTCPOFOQueue did not move).
+#[test]
+fn pinned_lossless_transfer_has_no_stalls() -> Result<()> {
+    let bulk = Bulk { bytes: 32 << 20, cpu: Some(0), ..Bulk::default() };
+    let (traced, transfer, ofo) = traced_transfer(8090, bulk, None)?;
+    assert_eq!(ofo, 0, "TcpExtTCPOFOQueue moved on a pinned lossless transfer");
+    assert_eq!(traced.named("hol_stall").count(), 0);
+    let close = receiver_close(&traced, transfer.client_port);
+    assert_eq!(close["ooo_segments"], 0);
+    assert_eq!(close["hol_stalls"], 0);
+    Ok(())
+}
+
+/// No loss, ends free to run on both CPUs: loopback may reorder between
+/// CPUs (real, brief head-of-line blocking). Whatever happens, netlens's
+/// out-of-order count equals the kernel's.
+#[test]
+fn unpinned_ooo_segments_match_kernel() -> Result<()> {
+    let bulk = Bulk { bytes: 32 << 20, ..Bulk::default() };
+    let (traced, transfer, ofo) = traced_transfer(8091, bulk, None)?;
+    let close = receiver_close(&traced, transfer.client_port);
+    let slack = traced.unaccounted();
+    let counted = close["ooo_segments"].as_u64().unwrap_or(0);
+    assert!(counted <= ofo && ofo - counted <= slack, "ooo_segments {counted} vs TcpExtTCPOFOQueue {ofo}");
+    let in_stalls: u64 = traced.named("hol_stall").map(|e| e["ooo_segments"].as_u64().unwrap_or(0)).sum();
+    assert!(in_stalls <= counted);
+    eprintln!("unpinned: {ofo} OFO segments, {} stalls", traced.named("hol_stall").count());
+    Ok(())
+}
+
+/// 2 % random loss on data toward the receiver: stalls appear, and the
+/// segments they held add up to the kernel's OFO-queue count (within 1 %).
+#[test]
+fn data_loss_causes_hol_stalls() -> Result<()> {
+    let bulk = Bulk { bytes: 16 << 20, ..Bulk::default() };
+    let rule = "tcp dport 8092 tcp flags & syn == 0 numgen random mod 1000 < 20 drop";
+    let (traced, transfer, ofo) = traced_transfer(8092, bulk, Some(rule))?;
+    let stalls: Vec<&Value> = traced.named("hol_stall").collect();
+    assert!(!stalls.is_empty(), "2 % loss but no hol_stall");
+    let held: u64 = stalls.iter().map(|e| e["ooo_segments"].as_u64().unwrap_or(0)).sum();
+    assert!(ofo > 0);
+    let off = (held as f64 - ofo as f64).abs() / ofo as f64;
+    assert!(off <= 0.01, "stalls held {held} segments, TcpExtTCPOFOQueue {ofo}");
+    for stall in &stalls {
+        assert!(num(stall, "stall_us") > 0.0);
+        assert!(num(stall, "bytes_held") > 0.0);
+        assert_eq!(stall["dport"], transfer.client_port, "stall reported on the receiver's end");
+    }
+    let close = receiver_close(&traced, transfer.client_port);
+    assert_eq!(close["hol_stalls"].as_u64(), Some(stalls.len() as u64));
+    eprintln!("2% loss: {} stalls holding {held} segments; TcpExtTCPOFOQueue {ofo}", stalls.len());
+    Ok(())
+}
+
+/// Exactly one data segment dropped: the client sends 20 segments, pauses,
+/// then sends 60 more, the first of which (the 21st data segment) nftables
+/// drops. Both ends on one CPU. Exactly one stall, as long as the receiving
+/// application waited for the data behind the hole: from the second
+/// burst's write to the read that got past the hole.
+#[test]
+fn one_drop_is_one_stall_as_long_as_the_application_waited() -> Result<()> {
+    let mss = 1448; // MTU 1500 - IP - TCP - timestamps
+    let bulk = Bulk {
+        bytes: 80 * mss,
+        cpu: Some(1),
+        first_burst: 20 * mss,
+        burst_gap: Duration::from_millis(50),
+        ..Bulk::default()
+    };
+    let rule = "tcp dport 8093 ip length > 1000 numgen inc mod 1000000 == 20 drop";
+    let (traced, transfer, _) = traced_transfer(8093, bulk, Some(rule))?;
+    let stalls: Vec<&Value> = traced.named("hol_stall").collect();
+    assert_eq!(stalls.len(), 1, "{stalls:?}");
+    let hole = 20 * mss as u64;
+    let after = transfer.reads.iter().find(|(_, total)| *total > hole).map(|(t, _)| *t);
+    let Some(after) = after else { panic!("stall {stalls:?} reads {:?}", transfer.reads) };
+    let waited_us = (after - transfer.second_burst_at).as_secs_f64() * 1e6;
+    let stall_us = num(stalls[0], "stall_us");
+    let tolerance = (waited_us * 0.10).max(2000.0);
+    assert!(
+        (stall_us - waited_us).abs() <= tolerance,
+        "stall {stall_us} µs, application waited {waited_us} µs"
+    );
+    assert!(num(stalls[0], "bytes_held") >= mss as f64);
+    assert!(transfer.reads.iter().any(|(_, total)| *total == hole), "the application never waited at the hole");
+    eprintln!("one drop: stall {stall_us:.0} µs, application waited {waited_us:.0} µs");
+    Ok(())
+}
+
+/// The receiver stops reading for 1 s while the sender writes more than
+/// the buffers hold: a zero-window episode on each side, about 1 s long.
+#[test]
+fn slow_reader_shows_zero_window_on_both_sides() -> Result<()> {
+    let bulk = Bulk { bytes: 64 << 20, reader_pause: Duration::from_secs(1), ..Bulk::default() };
+    let (traced, transfer, _) = traced_transfer(8094, bulk, None)?;
+    let windows: Vec<&Value> = traced.named("zero_window").collect();
+    let longest = |side: &str, port_key: &str| {
+        windows
+            .iter()
+            .filter(|e| e["side"] == side && e[port_key] == transfer.client_port)
+            .map(|e| num(e, "stall_us"))
+            .fold(0.0, f64::max)
+    };
+    // The sender is blocked by the peer; the receiver advertised zero.
+    let peer = longest("peer", "sport");
+    let local = longest("local", "dport");
+    // The reader pauses 1 s. The window does not drop to zero at once: it
+    // shrinks over a few of the receiver's delayed-ACK rounds (40 ms each;
+    // ~130 ms measured here) before the receiver advertises zero, and the
+    // episode is the time it advertised zero. On the late end, the window
+    // update may wait for the zero-window probe timer (200 ms minimum RTO).
+    for (side, stall_us) in [("peer", peer), ("local", local)] {
+        assert!(
+            (750_000.0..=1_300_000.0).contains(&stall_us),
+            "{side} zero window {stall_us} µs; events {windows:?}"
+        );
+    }
+    assert!(num(sender_close(&traced, transfer.client_port), "zero_window_us") >= peer);
+    eprintln!("slow reader: peer zero window {peer:.0} µs, local {local:.0} µs");
+    Ok(())
+}
+
+/// A short exchange never leaves slow start; a long lossy one does, with
+/// recovery episodes; for cubic and for BBR, which the close event names.
+#[test]
+fn slow_start_exit_for_cubic_and_bbr() -> Result<()> {
+    for (port, congestion) in [(8095u16, "cubic"), (8096, "bbr")] {
+        let short = Bulk { bytes: 10_000, congestion: Some(congestion), ..Bulk::default() };
+        let (traced, transfer, _) = traced_transfer(port, short, None)?;
+        let close = sender_close(&traced, transfer.client_port);
+        assert_eq!(close["congestion"], congestion);
+        assert!(close["slow_start_exit_us"].is_null(), "{congestion}: 10 KB left slow start: {close}");
+        assert_eq!(traced.named("slow_start_exit").count(), 0);
+
+        let long = Bulk { bytes: 50 << 20, congestion: Some(congestion), ..Bulk::default() };
+        let rule = format!("tcp dport {port} tcp flags & syn == 0 numgen random mod 1000 < 10 drop");
+        let (traced, transfer, _) = traced_transfer(port, long, Some(&rule))?;
+        let close = sender_close(&traced, transfer.client_port);
+        assert_eq!(close["congestion"], congestion);
+        let exit_us = num(close, "slow_start_exit_us");
+        assert!(exit_us > 0.0, "{congestion}: 50 MB with 1 % loss never left slow start: {close}");
+        assert!(close["recovery_episodes"].as_u64().unwrap_or(0) > 0, "{congestion}: {close}");
+        assert!(num(close, "max_cwnd") >= 10.0 && num(close, "srtt_us") > 0.0 && num(close, "min_rtt_us") > 0.0);
+        let exits: Vec<&Value> = traced.named("slow_start_exit").filter(|e| e["sport"] == transfer.client_port).collect();
+        assert_eq!(exits.len(), 1);
+        assert_eq!(num(exits[0], "after_us"), exit_us);
+        eprintln!("{congestion}: left slow start after {exit_us:.0} µs at cwnd {}", exits[0]["cwnd"]);
+    }
+    Ok(())
+}
