@@ -183,3 +183,40 @@ pub fn churn(netns: &Netns, addr: SocketAddr, duration: Duration, threads: usize
     }
     Ok(total)
 }
+
+/// Sends as much as it can for `duration` over one connection, sender on
+/// CPU 0 and receiver on CPU 1 (loopback otherwise varies 2x run to run
+/// with scheduling); returns bytes received and seconds taken.
+pub fn timed_bulk(netns: &Netns, addr: SocketAddr, duration: Duration) -> Result<(u64, f64)> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = netns.spawn(move || -> Result<u64> {
+        crate::bulk::pin(1)?;
+        let listener = TcpListener::bind(addr)?;
+        let _ = ready_tx.send(());
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            match stream.read(&mut buffer)? {
+                0 => return Ok(total),
+                n => total += n as u64,
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("bulk server did not start")?;
+    let started = Instant::now();
+    netns
+        .spawn(move || -> Result<()> {
+            crate::bulk::pin(0)?;
+            let mut stream = TcpStream::connect(addr)?;
+            let chunk = vec![b'z'; 256 * 1024];
+            while started.elapsed() < duration {
+                stream.write_all(&chunk)?;
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("bulk client panicked"))???;
+    let received = server.join().map_err(|_| anyhow::anyhow!("bulk server panicked"))???;
+    Ok((received, started.elapsed().as_secs_f64()))
+}

@@ -44,9 +44,44 @@ pub fn churn(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask bench bulk`: a pinned bulk loopback transfer, alternating
+/// no netlens and every program attached; with kernel.bpf_stats_enabled on
+/// during the traced runs for each program's cost per run.
+pub fn bulk(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
+    let load = workspace_root().join("target/release/netlens-load");
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut costs: Vec<String> = Vec::new();
+    for pair in 1..=pairs {
+        let base = run_workload(&load, "bulk", seconds)?;
+        println!("pair {pair}: without netlens {base:>7.2} Gbit/s");
+        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling kernel.bpf_stats_enabled")?;
+        let (tracer, _) = start_tracer(netlens)?;
+        let traced = run_workload(&load, "bulk", seconds);
+        let stderr = stop_tracer(tracer);
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+        let (traced, stderr) = (traced?, stderr?);
+        println!("pair {pair}: with netlens    {traced:>7.2} Gbit/s");
+        costs = stderr.into_iter().filter(|l| l.starts_with("netlens: program ")).collect();
+        without.push(base);
+        with.push(traced);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!("bulk: without {:.2} Gbit/s, with {:.2} Gbit/s, ratio {:.3} (goal >= 0.97)", mean(&without), mean(&with), mean(&with) / mean(&without));
+    println!("bulk: cost per run in the last traced run (kernel BPF stats; goal tcp_probe <= 100 ns):");
+    for line in costs {
+        println!("  {}", line.trim_start_matches("netlens: program "));
+    }
+    Ok(())
+}
+
 /// Runs `netlens-load churn SECONDS`; returns connections per second.
 fn run_load(load: &Path, seconds: u32) -> Result<f64> {
-    let output = Command::new(load).args(["churn", &seconds.to_string()]).output().context("running netlens-load")?;
+    run_workload(load, "churn", seconds)
+}
+
+/// Runs `netlens-load WORKLOAD SECONDS`; returns the rate it printed.
+fn run_workload(load: &Path, workload: &str, seconds: u32) -> Result<f64> {
+    let output = Command::new(load).args([workload, &seconds.to_string()]).output().context("running netlens-load")?;
     if !output.status.success() {
         bail!("netlens-load failed: {}", String::from_utf8_lossy(&output.stderr));
     }

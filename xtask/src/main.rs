@@ -33,7 +33,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against a run without netlens: `churn`.
+    /// Benchmarks against a run without netlens: `churn`, `bulk`.
     Bench {
         #[arg(default_value = "churn")]
         which: String,
@@ -84,7 +84,8 @@ fn run_task(task: Task) -> Result<()> {
             let binary = build(true)?;
             match which.as_str() {
                 "churn" => bench::churn(&binary, pairs, seconds),
-                other => bail!("unknown benchmark `{other}`; available: churn"),
+                "bulk" => bench::bulk(&binary, pairs, seconds),
+                other => bail!("unknown benchmark `{other}`; available: churn, bulk"),
             }
         }
     }

@@ -4,6 +4,8 @@
 //! `netlens-load churn SECONDS`: open/close connections as fast as possible;
 //! prints `netns=INODE` first (so a tracer can attach to it), then
 //! `connections=N seconds=S rate=R`.
+//! `netlens-load bulk SECONDS`: one bulk transfer, sender pinned to CPU 0
+//! and receiver to CPU 1; prints `bytes=N seconds=S rate=GBIT_PER_S`.
 
 use std::{io::Write, net::SocketAddr, time::{Duration, Instant}};
 
@@ -37,6 +39,11 @@ fn run() -> Result<()> {
             let count = traffic::churn(&netns, addr, Duration::from_secs_f64(seconds), 2)?;
             let elapsed = started.elapsed().as_secs_f64();
             println!("connections={count} seconds={elapsed:.2} rate={:.0}", count as f64 / elapsed);
+        }
+        "bulk" => {
+            let addr: SocketAddr = "127.0.0.1:7071".parse()?;
+            let (bytes, elapsed) = traffic::timed_bulk(&netns, addr, Duration::from_secs_f64(seconds))?;
+            println!("bytes={bytes} seconds={elapsed:.2} rate={:.3}", bytes as f64 * 8.0 / elapsed / 1e9);
         }
         other => bail!("unknown workload `{other}`"),
     }
