@@ -268,6 +268,21 @@ pub fn state_name(state: u8) -> &'static str {
     tcp_state::name(state)
 }
 
+/// An IPv6 loopback event with no process, for view tests.
+#[cfg(test)]
+pub fn sample(detail: Detail) -> ConnEvent {
+    ConnEvent {
+        ts_ns: 5,
+        local: "[::1]:8080".parse().unwrap(),
+        remote: "[::1]:40000".parse().unwrap(),
+        pid: None,
+        comm: None,
+        netns: 7,
+        cgroup: 9,
+        detail,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -224,20 +224,8 @@ pub fn to_value(event: &ConnEvent) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Direction;
+    use crate::event::{sample as event, Direction};
 
-    fn event(detail: Detail) -> ConnEvent {
-        ConnEvent {
-            ts_ns: 5,
-            local: "[::1]:8080".parse().unwrap(),
-            remote: "[::1]:40000".parse().unwrap(),
-            pid: None,
-            comm: None,
-            netns: 7,
-            cgroup: 9,
-            detail,
-        }
-    }
 
     #[test]
     fn json_has_the_documented_fields() {

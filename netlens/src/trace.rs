@@ -222,20 +222,8 @@ impl WallClock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::FailReason;
+    use crate::event::{sample as event, FailReason};
 
-    fn event(detail: Detail) -> ConnEvent {
-        ConnEvent {
-            ts_ns: 5,
-            local: "[::1]:8080".parse().unwrap(),
-            remote: "[::1]:40000".parse().unwrap(),
-            pid: None,
-            comm: None,
-            netns: 7,
-            cgroup: 9,
-            detail,
-        }
-    }
 
     #[test]
     fn failed_handshake_names_its_reason() {
