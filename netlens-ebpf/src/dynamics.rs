@@ -37,16 +37,24 @@ pub fn exit_slow_start(flow: &mut Flow, now: u64, cwnd: u32) {
     });
 }
 
+/// Adds the time a flow has spent in its current congestion state so far.
+#[inline(always)]
+fn add_ca_time(flow: &Flow, transport: &mut Transport, now: u64) {
+    let spent = now.saturating_sub(flow.ca_since_ns);
+    match flow.ca_state {
+        ca_state::RECOVERY => transport.recovery_ns += spent,
+        ca_state::LOSS => transport.loss_ns += spent,
+        ca_state::CWR => transport.cwr_ns += spent,
+        _ => {}
+    }
+}
+
 /// Adds the time spent in the congestion state now ending.
 #[inline(always)]
 pub fn end_ca_episode(flow: &mut Flow, now: u64) {
-    let spent = now.saturating_sub(flow.ca_since_ns);
-    match flow.ca_state {
-        ca_state::RECOVERY => flow.transport.recovery_ns += spent,
-        ca_state::LOSS => flow.transport.loss_ns += spent,
-        ca_state::CWR => flow.transport.cwr_ns += spent,
-        _ => {}
-    }
+    let mut transport = flow.transport;
+    add_ca_time(flow, &mut transport, now);
+    flow.transport = transport;
 }
 
 /// Ends a zero-window episode of `which` side that began at `since`.
@@ -70,13 +78,7 @@ pub fn at_close(sk: u64, flow: &Flow, now: u64) -> Transport {
     if flow.established_ns == 0 {
         return transport;
     }
-    let spent = now.saturating_sub(flow.ca_since_ns);
-    match flow.ca_state {
-        ca_state::RECOVERY => transport.recovery_ns += spent,
-        ca_state::LOSS => transport.loss_ns += spent,
-        ca_state::CWR => transport.cwr_ns += spent,
-        _ => {}
-    }
+    add_ca_time(flow, &mut transport, now);
     for since in [flow.peer_zero_since_ns, flow.local_zero_since_ns] {
         if since != 0 {
             transport.zero_window_ns += now.saturating_sub(since);

@@ -136,6 +136,15 @@ pub struct Probes {
     pub attach_time: std::time::Duration,
 }
 
+/// The flow table right now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTable {
+    /// Flows tracked right now.
+    pub live: u64,
+    /// Flows the LRU pushed out to make room.
+    pub evictions: u64,
+}
+
 /// Counters the kernel side keeps, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
@@ -144,10 +153,6 @@ pub struct KernelCounters {
     /// Hook firings the kernel skipped because the program was already
     /// running on that CPU (see [`progstats::ProgramStats`]).
     pub events_missed: u64,
-    /// Flows the LRU flow table pushed out to make room.
-    pub flow_evictions: u64,
-    /// Flows tracked right now.
-    pub flows_live: u64,
     /// Segments the kernel dropped because a receive queue was full.
     pub rcvqueue_full: u64,
 }
@@ -192,24 +197,30 @@ impl Probes {
             .collect()
     }
 
-    pub fn counters(&self) -> Result<KernelCounters> {
+    /// One per-CPU counter (`netlens_common::counter`), summed over CPUs.
+    fn counter(&self, index: u32) -> Result<u64> {
         let per_cpu: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
-        let sum = |index: u32| -> Result<u64> {
-            Ok(per_cpu.get(&index, 0)?.iter().copied().fold(0u64, u64::wrapping_add))
-        };
-        let flows: BpfHashMap<&MapData, u64, Flow> =
-            BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
-        let flows_live = flows.keys().filter(Result::is_ok).count() as u64;
-        let inserted = sum(counter::FLOW_INSERTS)?;
-        let removed = sum(counter::FLOW_REMOVES)?;
+        Ok(per_cpu.get(&index, 0)?.iter().copied().fold(0u64, u64::wrapping_add))
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters> {
         let events_missed = self.program_stats().iter().map(|(_, stats)| stats.recursion_misses).sum();
         Ok(KernelCounters {
-            events_lost: sum(counter::EVENTS_LOST)?,
+            events_lost: self.counter(counter::EVENTS_LOST)?,
             events_missed,
-            rcvqueue_full: sum(counter::RCVQUEUE_FULL)?,
-            flow_evictions: inserted.saturating_sub(removed).saturating_sub(flows_live),
-            flows_live,
+            rcvqueue_full: self.counter(counter::RCVQUEUE_FULL)?,
         })
+    }
+
+    /// The flow table's occupancy and evictions. Walks every key (up to
+    /// FLOW_TABLE_ENTRIES syscalls): for occasional use, not per second.
+    pub fn flow_table(&self) -> Result<FlowTable> {
+        let flows: BpfHashMap<&MapData, u64, Flow> =
+            BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
+        let live = flows.keys().filter(Result::is_ok).count() as u64;
+        let inserted = self.counter(counter::FLOW_INSERTS)?;
+        let removed = self.counter(counter::FLOW_REMOVES)?;
+        Ok(FlowTable { live, evictions: inserted.saturating_sub(removed).saturating_sub(live) })
     }
 }

@@ -77,6 +77,10 @@ impl EventSource {
         self.probes.counters()
     }
 
+    pub fn flow_table(&self) -> Result<crate::loader::FlowTable> {
+        self.probes.flow_table()
+    }
+
     pub fn program_stats(&self) -> Vec<(&'static str, crate::kernel::progstats::ProgramStats)> {
         self.probes.program_stats()
     }

@@ -82,12 +82,18 @@ pub async fn run(options: TraceOptions) -> Result<()> {
     Ok(())
 }
 
-/// At exit: what the kernel dropped for full receive queues, and, when
+/// At exit: what the kernel dropped for full receive queues, flow-table
+/// evictions, and, when
 /// `kernel.bpf_stats_enabled` is on, what each program cost per run.
 fn report_costs(source: &EventSource) {
     if let Ok(counters) = source.counters() {
         if counters.rcvqueue_full > 0 {
             eprintln!("netlens: {} segments dropped on full receive queues (sock_rcvqueue_full)", counters.rcvqueue_full);
+        }
+    }
+    if let Ok(table) = source.flow_table() {
+        if table.evictions > 0 {
+            eprintln!("netlens: the flow table evicted {} connections (their close events lack lifetime and direction)", table.evictions);
         }
     }
     for (program, stats) in source.program_stats() {
