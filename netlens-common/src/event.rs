@@ -208,4 +208,5 @@ mod pod {
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for crate::histogram::PacketHistograms {}
 }

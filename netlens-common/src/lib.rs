@@ -7,9 +7,11 @@
 
 pub mod config;
 pub mod event;
+pub mod histogram;
 
 pub use config::*;
 pub use event::*;
+pub use histogram::*;
 
 /// Linux TCP states (include/net/tcp_states.h).
 pub mod tcp_state {

@@ -17,8 +17,13 @@
 //! a `hol_stall` (its segments are in the close's `ooo_segments`); segments
 //! beyond the receive window, which the kernel drops, are counted anyway.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
-use netlens_common::{kind, Flow, NEVER};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{map, raw_tracepoint},
+    maps::PerCpuArray,
+    programs::RawTracePointContext,
+};
+use netlens_common::{kind, log2_bucket, Flow, PacketHistograms, NEVER};
 
 use crate::{
     config::cfg_field,
@@ -32,6 +37,24 @@ use crate::{
 #[inline(always)]
 fn after(a: u32, b: u32) -> bool {
     (b.wrapping_sub(a) as i32) < 0
+}
+
+/// Per-segment srtt and cwnd distributions (one slot, per CPU: no atomics).
+#[map]
+static PACKET_HISTOGRAMS: PerCpuArray<PacketHistograms> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn count_segment(srtt_us: u32, cwnd: u32) {
+    if let Some(histograms) = PACKET_HISTOGRAMS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; nothing else writes it while we run.
+        let histograms = unsafe { &mut *histograms };
+        if let Some(bucket) = histograms.srtt_us.get_mut(log2_bucket(srtt_us)) {
+            *bucket += 1;
+        }
+        if let Some(bucket) = histograms.cwnd.get_mut(log2_bucket(cwnd)) {
+            *bucket += 1;
+        }
+    }
 }
 
 #[raw_tracepoint(tracepoint = "tcp_probe")]
@@ -65,6 +88,7 @@ fn on_segment(flow: &mut Flow, sk: u64, skb: u64) -> Result<(), i32> {
     transport.ssthresh = ssthresh;
     transport.srtt_us = tp.get::<u32>(probe.srtt_us)? >> 3;
     transport.min_rtt_us = tp.get(probe.min_rtt)?;
+    count_segment(transport.srtt_us, cwnd);
     // BBR keeps ssthresh infinite: it leaves slow start on loss only.
     if cwnd >= ssthresh && transport.slow_start_exit_ns == NEVER {
         exit_slow_start(flow, now, cwnd);

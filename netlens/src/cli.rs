@@ -17,8 +17,53 @@ pub struct Cli {
 pub enum Command {
     /// Print one line per connection event (handshake, retransmit, reset, close).
     Trace(TraceArgs),
+    /// Serve Prometheus metrics (handshakes, retransmits, stalls, sockets) over HTTP.
+    Daemon(DaemonArgs),
     /// Check that this kernel and these privileges can run netlens.
     Check,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Address to serve /metrics and /healthz on [default: 127.0.0.1:9977]. A
+    /// non-loopback address exposes the metrics to other hosts.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// TOML file with the same settings (flags win over it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// The endpoint dimension of per-endpoint metrics [default: auto].
+    #[arg(long, value_enum)]
+    pub by: Option<crate::aggregate::endpoint::EndpointBy>,
+    /// Endpoints with their own series; the rest is summed under `other` [default: 50].
+    #[arg(long, value_name = "N")]
+    pub top_k: Option<usize>,
+    /// Seconds between socket censuses (TIME_WAIT, ephemeral ports) [default: 5].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    pub census_interval: Option<f64>,
+    /// Seconds an endpoint may stay idle before its series is folded into `other` [default: 60].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    pub endpoint_epoch: Option<f64>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+impl DaemonArgs {
+    /// The settings, validated: flags over the file over defaults.
+    pub fn resolve(&self) -> anyhow::Result<crate::daemon::config::DaemonConfig> {
+        use crate::daemon::config::FileConfig;
+        let file = match &self.config {
+            Some(path) => FileConfig::read(path)?,
+            None => FileConfig::default(),
+        };
+        file.merge(FileConfig {
+            listen: self.listen.clone(),
+            by: self.by,
+            top_k: self.top_k,
+            census_interval: self.census_interval,
+            endpoint_epoch: self.endpoint_epoch,
+        })
+    }
 }
 
 #[derive(Args, Debug)]

@@ -186,6 +186,8 @@ pub struct ConnEvent {
     pub comm: Option<String>,
     pub netns: u32,
     pub cgroup: u64,
+    /// Who opened the connection, when netlens saw it open.
+    pub direction: Option<Direction>,
     pub detail: Detail,
 }
 
@@ -250,6 +252,7 @@ impl ConnEvent {
             comm: (comm_len > 0).then(|| String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned()),
             netns: raw.netns,
             cgroup: raw.cgroup,
+            direction: Direction::decode(raw.direction),
             detail,
         })
     }
@@ -279,6 +282,7 @@ pub fn sample(detail: Detail) -> ConnEvent {
         comm: None,
         netns: 7,
         cgroup: 9,
+        direction: None,
         detail,
     }
 }

@@ -1,6 +1,10 @@
 //! netlens: eBPF TCP observability. The pipeline is
-//! loader (kernel side) → source (typed events) → views (trace, check).
+//! loader (kernel side) → source (typed events) → aggregate → views (trace,
+//! top, daemon metrics, check).
+pub mod aggregate;
+pub mod census;
 pub mod check;
+pub mod daemon;
 pub mod cli;
 pub mod event;
 pub mod filter;
@@ -8,4 +12,5 @@ pub mod jsonl;
 pub mod kernel;
 pub mod loader;
 pub mod source;
+pub mod top;
 pub mod trace;

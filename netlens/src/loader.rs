@@ -10,7 +10,7 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use netlens_common::{counter, Config, Flow};
+use netlens_common::{counter, Config, Flow, PacketHistograms, LOG2_BUCKETS};
 
 use crate::kernel::{
     btf::KernelBtf,
@@ -211,6 +211,21 @@ impl Probes {
             events_missed,
             rcvqueue_full: self.counter(counter::RCVQUEUE_FULL)?,
         })
+    }
+
+    /// The per-segment log2 histograms, summed over CPUs.
+    pub fn packet_histograms(&self) -> Result<PacketHistograms> {
+        let per_cpu: PerCpuArray<&MapData, PacketHistograms> = PerCpuArray::try_from(
+            self.ebpf.map("PACKET_HISTOGRAMS").ok_or_else(|| anyhow!("PACKET_HISTOGRAMS map missing"))?,
+        )?;
+        let mut total = PacketHistograms::default();
+        for cpu in per_cpu.get(&0, 0)?.iter() {
+            for bucket in 0..LOG2_BUCKETS {
+                total.srtt_us[bucket] += cpu.srtt_us[bucket];
+                total.cwnd[bucket] += cpu.cwnd[bucket];
+            }
+        }
+        Ok(total)
     }
 
     /// The flow table's occupancy and evictions. Walks every key (up to

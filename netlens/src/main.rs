@@ -51,5 +51,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Daemon(args) => {
+            // Settings first: a bad file or flag is reported before any
+            // privilege or kernel check.
+            let config = args.resolve()?;
+            if let Some(problem) = probe::preflight() {
+                anyhow::bail!(problem);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(netlens::daemon::run(config, args.filter.to_filter()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

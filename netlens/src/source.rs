@@ -81,6 +81,10 @@ impl EventSource {
         self.probes.flow_table()
     }
 
+    pub fn packet_histograms(&self) -> Result<netlens_common::PacketHistograms> {
+        self.probes.packet_histograms()
+    }
+
     pub fn program_stats(&self) -> Vec<(&'static str, crate::kernel::progstats::ProgramStats)> {
         self.probes.program_stats()
     }

@@ -5,6 +5,7 @@
 //! drop) and every loop is bounded.
 
 pub mod bulk;
+pub mod exposition;
 pub mod netlens;
 pub mod netns;
 pub mod traffic;

@@ -58,11 +58,25 @@ impl Traced {
 impl Netlens {
     /// Starts `netlens ARGS` and waits (bounded) for `netlens: attached`.
     pub fn start(args: &[&str]) -> Result<Self> {
+        Self::start_in(None, args)
+    }
+
+    /// Starts `netlens ARGS`, inside network namespace `netns` when given
+    /// (`ip netns exec` execs it: the child's pid is netlens's).
+    pub fn start_in(netns: Option<&str>, args: &[&str]) -> Result<Self> {
         let binary = binary();
         if !binary.exists() {
             bail!("{} not built: run the tests through `cargo xtask test`", binary.display());
         }
-        let mut child = Command::new(&binary)
+        let mut command = match netns {
+            Some(name) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", name]).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -99,23 +113,29 @@ impl Netlens {
 
     /// Stops it with SIGINT (it must exit 0 within 10 s) and returns what
     /// it printed.
-    pub fn stop(mut self) -> Result<Traced> {
+    pub fn stop(self) -> Result<Traced> {
         // Let the 20 ms drain timer pick up the last events first.
         thread::sleep(Duration::from_millis(100));
+        self.stop_with(libc::SIGINT).map(|(traced, _)| traced)
+    }
+
+    /// Sends `signal`; returns what it printed and how long it took to exit
+    /// (it must exit 0 within 10 s).
+    pub fn stop_with(mut self, signal: i32) -> Result<(Traced, Duration)> {
+        let sent = std::time::Instant::now();
         // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let mut waited = Duration::ZERO;
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
                 break status;
             }
-            if waited > Duration::from_secs(10) {
+            if sent.elapsed() > Duration::from_secs(10) {
                 let _ = self.child.kill();
-                bail!("netlens did not exit within 10 s of SIGINT");
+                bail!("netlens did not exit within 10 s of signal {signal}");
             }
-            thread::sleep(Duration::from_millis(20));
-            waited += Duration::from_millis(20);
+            thread::sleep(Duration::from_millis(5));
         };
+        let exited_after = sent.elapsed();
         let lines = self.stdout.take().and_then(|h| h.join().ok()).unwrap_or_default();
         let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
         if !status.success() {
@@ -125,7 +145,7 @@ impl Netlens {
             .iter()
             .map(|l| serde_json::from_str(l).with_context(|| format!("not a JSON line: {l}")))
             .collect::<Result<Vec<Value>>>()?;
-        Ok(Traced { events, stderr })
+        Ok((Traced { events, stderr }, exited_after))
     }
 }
 
