@@ -134,3 +134,97 @@ fn stop_tracer(mut child: Child) -> Result<Vec<String>> {
     let lines = STDERR.with(|cell| cell.borrow_mut().take().map(|rx| rx.try_iter().collect()).unwrap_or_default());
     Ok(lines)
 }
+
+/// `cargo xtask bench daemon`: `netlens daemon` under sustained churn while
+/// scraped every second; its RSS at start and end, its CPU per 10,000
+/// connections, and the churn ratio against a run without netlens.
+pub fn daemon(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
+    let load = workspace_root().join("target/release/netlens-load");
+    const LISTEN: &str = "127.0.0.1:9979";
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for pair in 1..=pairs {
+        let base = run_load(&load, seconds)?;
+        println!("pair {pair}: without netlens {base:>8.0} conn/s");
+        let mut daemon = Command::new(netlens)
+            .args(["daemon", "--listen", LISTEN])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting netlens daemon")?;
+        let pid = daemon.id();
+        let stderr = BufReader::new(daemon.stderr.take().context("stderr")?);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).context("the daemon did not start")?;
+            if line.starts_with("netlens: serving") {
+                break;
+            }
+        }
+        let (rss_start, cpu_start) = (rss_kib(pid)?, cpu_seconds(pid)?);
+        let scraping = Instant::now();
+        let scraper = thread::spawn(move || {
+            let mut scrapes = 0u32;
+            let mut bytes = 0usize;
+            while scraping.elapsed() < Duration::from_secs(u64::from(seconds) + 1) {
+                if let Ok(output) = Command::new("curl").args(["-sf", &format!("http://{LISTEN}/metrics")]).output() {
+                    scrapes += u32::from(output.status.success());
+                    bytes = output.stdout.len();
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+            (scrapes, bytes)
+        });
+        let output = Command::new(&load).args(["churn", &seconds.to_string()]).output().context("running netlens-load")?;
+        let (rss_end, cpu_end) = (rss_kib(pid)?, cpu_seconds(pid)?);
+        let (scrapes, exposition_bytes) = scraper.join().map_err(|_| anyhow::anyhow!("scraper panicked"))?;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        daemon.wait()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let field = |name: &str| -> Option<f64> { stdout.split_whitespace().find_map(|w| w.strip_prefix(name)?.parse().ok()) };
+        let (connections, rate) = (field("connections=").context("no count")?, field("rate=").context("no rate")?);
+        let per_10k = |cpu: (f64, f64)| cpu.0 / connections * 10_000.0;
+        let (user, system) = ((cpu_end.0 - cpu_start.0), (cpu_end.1 - cpu_start.1));
+        println!("pair {pair}: with netlens    {rate:>8.0} conn/s ({connections:.0} connections, {scrapes} scrapes of {exposition_bytes} bytes)");
+        println!(
+            "pair {pair}: daemon RSS {:.1} MiB at start, {:.1} MiB at end ({:+.1} %); CPU {:.3} s user + {:.3} s system = {:.4} user-s per 10,000 connections (goal <= 0.05)",
+            rss_start as f64 / 1024.0,
+            rss_end as f64 / 1024.0,
+            (rss_end as f64 / rss_start as f64 - 1.0) * 100.0,
+            user,
+            system,
+            per_10k((user, system)),
+        );
+        without.push(base);
+        with.push(rate);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!("daemon: churn without {:.0} conn/s, with {:.0} conn/s, ratio {:.3} (goal >= 0.97)", mean(&without), mean(&with), mean(&with) / mean(&without));
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// (user, system) CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised comm; utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').context("bad stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let parse = |i: usize| -> Result<f64> { Ok(fields.get(i).context("short stat")?.parse::<f64>()? / ticks) };
+    Ok((parse(11)?, parse(12)?))
+}

@@ -33,16 +33,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against a run without netlens: `churn`, `bulk`.
+    /// Benchmarks against a run without netlens: `churn`, `bulk`, `daemon`.
     Bench {
         #[arg(default_value = "churn")]
         which: String,
-        /// Pairs of runs (without, with netlens).
-        #[arg(long, default_value_t = 3)]
-        pairs: u32,
-        /// Seconds per run.
-        #[arg(long, default_value_t = 5)]
-        seconds: u32,
+        /// Pairs of runs (without, with netlens) [default: 3; daemon 1].
+        #[arg(long)]
+        pairs: Option<u32>,
+        /// Seconds per run [default: 5; daemon 30].
+        #[arg(long)]
+        seconds: Option<u32>,
     },
 }
 
@@ -83,9 +83,10 @@ fn run_task(task: Task) -> Result<()> {
         Task::Bench { which, pairs, seconds } => {
             let binary = build(true)?;
             match which.as_str() {
-                "churn" => bench::churn(&binary, pairs, seconds),
-                "bulk" => bench::bulk(&binary, pairs, seconds),
-                other => bail!("unknown benchmark `{other}`; available: churn, bulk"),
+                "churn" => bench::churn(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
+                "bulk" => bench::bulk(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
+                "daemon" => bench::daemon(&binary, pairs.unwrap_or(1), seconds.unwrap_or(30)),
+                other => bail!("unknown benchmark `{other}`; available: churn, bulk, daemon"),
             }
         }
     }

@@ -4,7 +4,7 @@
 //!   else Debian's rustc-web + rust-web-src, linked into rustup as
 //!   `netlens-bpf` and driven with RUSTC_BOOTSTRAP=1 (for -Z build-std);
 //! - bpf-linker, built against the LLVM major version that toolchain uses;
-//! - the tools the tests drive (nftables, iproute2, ethtool).
+//! - the tools the tests drive (nftables, iproute2, ethtool, promtool).
 
 use std::{
     path::Path,
@@ -44,6 +44,8 @@ pub fn ensure(with_test_tools: bool) -> Result<EbpfToolchain> {
     let mut tools = vec![("nft", "nftables"), ("ip", "iproute2"), ("nstat", "iproute2"), ("ss", "iproute2")];
     if with_test_tools {
         tools.push(("ethtool", "ethtool"));
+        // tests/deploy.rs checks deploy/prometheus with promtool.
+        tools.push(("promtool", "prometheus"));
     }
     for (binary, package) in tools {
         if which(binary) {

@@ -1,0 +1,97 @@
+//! The host-wide summary lines, as labelled fields so the TUI can style
+//! labels and values separately and batch text can print them plainly.
+
+use super::columns::{bad_above, warn_if_positive, HANDSHAKE_P99_BAD_US, HOL_P99_BAD_US};
+use super::format::{self, NONE};
+use super::model::{Header, Quantiles};
+use super::table::Severity;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Field {
+    pub label: &'static str,
+    pub value: String,
+    pub severity: Severity,
+}
+
+/// One summary line: a bold topic ("Conns") and its fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeaderLine {
+    pub topic: &'static str,
+    pub fields: Vec<Field>,
+}
+
+fn field(label: &'static str, value: String) -> Field {
+    Field { label, value, severity: Severity::Normal }
+}
+
+fn flagged(label: &'static str, value: String, severity: Severity) -> Field {
+    Field { label, value, severity }
+}
+
+fn handshake_fields(fields: &mut Vec<Field>, side: &'static str, q: Quantiles) {
+    fields.push(field(side, format::micros_opt(q.p50_us)));
+    fields.push(flagged("p99", format::micros_opt(q.p99_us), bad_above(q.p99_us, HANDSHAKE_P99_BAD_US)));
+}
+
+pub fn header_lines(h: &Header) -> Vec<HeaderLine> {
+    let lost_severity = if h.events_lost > 0 { Severity::Bad } else { Severity::Normal };
+    let mut handshake = Vec::new();
+    handshake_fields(&mut handshake, "active p50", h.handshake_active);
+    handshake_fields(&mut handshake, "passive p50", h.handshake_passive);
+    vec![
+        HeaderLine {
+            topic: "Conns",
+            fields: vec![
+                field("opened", format!("{}/s", format::rate(h.opened_per_s))),
+                field("closed", format!("{}/s", format::rate(h.closed_per_s))),
+                field("TIME_WAIT", h.time_wait.map_or_else(|| NONE.to_string(), |n| n.to_string())),
+                // netlens's own blind spot: if this is non-zero, every rate
+                // on screen is an undercount.
+                flagged("lost events", h.events_lost.to_string(), lost_severity),
+            ],
+        },
+        HeaderLine { topic: "Handshake", fields: handshake },
+        HeaderLine {
+            topic: "Stalls",
+            fields: vec![
+                flagged(
+                    "retrans",
+                    format!("{}/s", format::rate(h.retransmits_per_s)),
+                    warn_if_positive(h.retransmits_per_s),
+                ),
+                field("HOL", format!("{}/s", format::rate(h.hol_stalls_per_s))),
+                flagged("p99", format::micros_opt(h.hol_stall_p99_us), bad_above(h.hol_stall_p99_us, HOL_P99_BAD_US)),
+                flagged(
+                    "zero-window",
+                    format!("{}/s", format::rate(h.zero_window_stalls_per_s)),
+                    warn_if_positive(h.zero_window_stalls_per_s),
+                ),
+            ],
+        },
+    ]
+}
+
+/// Width of the topic column so the fields of all lines start aligned.
+pub const TOPIC_WIDTH: usize = 10;
+
+/// A header line as plain text, wrapped onto indented continuation lines so
+/// no line exceeds `width` (0 = unlimited).
+pub fn plain_lines(line: &HeaderLine, width: usize) -> Vec<String> {
+    let mut out = vec![format!("{:<TOPIC_WIDTH$}", line.topic)];
+    let mut first_on_line = true;
+    for f in &line.fields {
+        let piece = format!("{} {}", f.label, f.value);
+        let sep = if first_on_line { "" } else { "  " };
+        let current = out.len() - 1;
+        let fits = width == 0 || out[current].chars().count() + sep.len() + piece.chars().count() <= width;
+        if fits || first_on_line {
+            out[current].push_str(sep);
+            out[current].push_str(&piece);
+        } else {
+            out.push(format!("{:<TOPIC_WIDTH$}{piece}", ""));
+        }
+        first_on_line = false;
+    }
+    out.iter_mut().for_each(|l| *l = l.trim_end().to_string());
+    out
+}

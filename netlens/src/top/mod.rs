@@ -1,0 +1,16 @@
+//! `netlens top`: a live, top-like view of the transport layer.
+pub mod model;
+
+pub mod app;
+pub mod batch;
+pub mod columns;
+mod detail;
+pub mod format;
+pub mod header;
+mod popup;
+pub mod render;
+pub mod table;
+pub mod terminal;
+pub mod view;
+#[cfg(test)]
+mod tui_tests;

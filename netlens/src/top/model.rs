@@ -1,0 +1,105 @@
+//! What `top` shows: plain values the aggregator fills in once per refresh.
+//! The TUI and batch output render these; they never see events or maps.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+/// p50 and p99 of a distribution, in microseconds; `None` without samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Quantiles {
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+}
+
+/// One bar of a distribution drawn in the detail pane: samples at or below
+/// `le_us` (and above the previous bar's bound).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Bar {
+    pub le_us: u64,
+    pub count: u64,
+}
+
+/// The host-wide line at the top of the screen, rates over the last refresh.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Header {
+    pub opened_per_s: f64,
+    pub closed_per_s: f64,
+    pub handshake_active: Quantiles,
+    pub handshake_passive: Quantiles,
+    pub retransmits_per_s: f64,
+    pub hol_stalls_per_s: f64,
+    pub hol_stall_p99_us: Option<f64>,
+    pub zero_window_stalls_per_s: f64,
+    /// From the socket census; `None` when it could not be taken.
+    pub time_wait: Option<u64>,
+    /// Ring-buffer drops plus kernel-skipped runs since start.
+    pub events_lost: u64,
+}
+
+/// Remote endpoints (clients' view) or local listening ports (servers').
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointKind {
+    Remote,
+    Listener,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EndpointRow {
+    /// `10.0.0.7:443` for a remote endpoint, `*:8080` for a listener.
+    pub endpoint: String,
+    pub kind: EndpointKind,
+    /// Connections opened since netlens started.
+    pub connections: u64,
+    pub conn_per_s: f64,
+    /// Share of closed connections that lived under 1 s, 0–100.
+    pub short_lived_pct: f64,
+    pub handshake: Quantiles,
+    pub retransmits_per_s: f64,
+    /// `None` until segment counts are known (first close).
+    pub retransmits_per_1k_segs: Option<f64>,
+    pub hol_stall_p99_us: Option<f64>,
+    pub hol_stall_total_us: u64,
+    pub zero_window_total_us: u64,
+    /// For the detail pane.
+    pub handshake_bars: Vec<Bar>,
+    pub hol_stall_bars: Vec<Bar>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConnectionRow {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub age_us: u64,
+    /// `ESTABLISHED`, `SYN_SENT`, … as `ss` spells them.
+    pub state: String,
+    pub srtt_us: u32,
+    pub cwnd: u32,
+    pub retransmits: u32,
+    pub hol_stall_us: u64,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub comm: String,
+    pub connections: u64,
+    pub conn_per_s: f64,
+    pub handshake: Quantiles,
+    pub retransmits_per_s: f64,
+    pub hol_stall_total_us: u64,
+}
+
+/// Everything one frame shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub header: Header,
+    pub endpoints: Vec<EndpointRow>,
+    pub connections: Vec<ConnectionRow>,
+    pub processes: Vec<ProcessRow>,
+}
