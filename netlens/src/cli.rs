@@ -17,10 +17,55 @@ pub struct Cli {
 pub enum Command {
     /// Print one line per connection event (handshake, retransmit, reset, close).
     Trace(TraceArgs),
+    /// Live, top-like view of endpoints, connections and processes.
+    Top(TopArgs),
     /// Serve Prometheus metrics (handshakes, retransmits, stalls, sockets) over HTTP.
     Daemon(DaemonArgs),
     /// Check that this kernel and these privileges can run netlens.
     Check,
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Seconds between refreshes.
+    #[arg(short = 'd', long = "delay", value_name = "SECS", default_value = "1", value_parser = parse_duration, allow_negative_numbers = true)]
+    pub delay: Duration,
+    /// Print plain-text snapshots instead of the full-screen view (like `top -b`).
+    #[arg(short = 'b', long)]
+    pub batch: bool,
+    /// Stop after N snapshots (batch mode).
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub iterations: Option<u64>,
+    /// Print each snapshot as one JSON object per line (implies --batch).
+    #[arg(long)]
+    pub json: bool,
+    /// The view to start in.
+    #[arg(long, value_parser = ["endpoints", "connections", "processes"], default_value = "endpoints")]
+    pub view: String,
+    /// Column to sort the view by (its title, e.g. "HS P99").
+    #[arg(long, value_name = "COLUMN")]
+    pub sort: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+impl TopArgs {
+    pub fn resolve(&self) -> anyhow::Result<crate::top::run::TopOptions> {
+        use crate::top::view::{View, ViewSettings};
+        let mut settings = ViewSettings::default();
+        settings.view = View::from_name(&self.view).ok_or_else(|| anyhow::anyhow!("unknown view `{}`", self.view))?;
+        if let Some(column) = &self.sort {
+            settings.sort_by_title(column).map_err(|err| anyhow::anyhow!("--sort: {err}"))?;
+        }
+        Ok(crate::top::run::TopOptions {
+            delay: self.delay,
+            batch: self.batch,
+            json: self.json,
+            iterations: self.iterations,
+            settings,
+            filter: self.filter.to_filter(),
+        })
+    }
 }
 
 #[derive(Args, Debug)]

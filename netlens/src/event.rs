@@ -17,7 +17,7 @@ impl Direction {
             Direction::Passive => "passive",
         }
     }
-    fn decode(raw: u8) -> Option<Self> {
+    pub fn decode(raw: u8) -> Option<Self> {
         match raw {
             direction::ACTIVE => Some(Direction::Active),
             direction::PASSIVE => Some(Direction::Passive),
@@ -200,11 +200,7 @@ impl ConnEvent {
     /// Decodes a ring-buffer record; `None` for a record of unknown kind or
     /// family (a newer kernel side than this userspace).
     pub fn decode(raw: &RawEvent) -> Option<Self> {
-        let (local_ip, remote_ip) = match raw.family {
-            AF_INET => (ipv4(&raw.saddr), ipv4(&raw.daddr)),
-            AF_INET6 => (ipv6(&raw.saddr), ipv6(&raw.daddr)),
-            _ => return None,
-        };
+        let (local_ip, remote_ip) = addresses(raw.family, &raw.saddr, &raw.daddr)?;
         let detail = match raw.kind {
             kind::HANDSHAKE => Detail::Handshake {
                 direction: Direction::decode(raw.direction)?,
@@ -255,6 +251,16 @@ impl ConnEvent {
             direction: Direction::decode(raw.direction),
             detail,
         })
+    }
+}
+
+/// The local and remote addresses of a kernel record; `None` for a family
+/// other than IPv4/IPv6 (or endpoints not known yet).
+pub fn addresses(family: u16, local: &[u8; 16], remote: &[u8; 16]) -> Option<(IpAddr, IpAddr)> {
+    match family {
+        AF_INET => Some((ipv4(local), ipv4(remote))),
+        AF_INET6 => Some((ipv6(local), ipv6(remote))),
+        _ => None,
     }
 }
 

@@ -1,6 +1,8 @@
 //! Which connections a view shows: `--port`, `--pid`, `--comm`, `--netns`,
 //! `-4`/`-6`, shared by every command.
 
+use std::net::SocketAddr;
+
 use crate::event::ConnEvent;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -17,11 +19,24 @@ pub struct Filter {
 
 impl Filter {
     pub fn matches(&self, event: &ConnEvent) -> bool {
-        self.port.is_none_or(|port| event.local.port() == port || event.remote.port() == port)
-            && self.pid.is_none_or(|pid| event.pid == Some(pid))
-            && self.comm.as_deref().is_none_or(|comm| event.comm.as_deref() == Some(comm))
-            && self.netns.is_none_or(|netns| event.netns == netns)
-            && self.family.is_none_or(|family| event.family() == family)
+        self.matches_connection(&event.local, &event.remote, event.pid, event.comm.as_deref(), event.netns)
+    }
+
+    /// The same test on a connection's parts (a live flow, not an event).
+    pub fn matches_connection(
+        &self,
+        local: &SocketAddr,
+        remote: &SocketAddr,
+        pid: Option<u32>,
+        comm: Option<&str>,
+        netns: u32,
+    ) -> bool {
+        let family = if local.is_ipv4() { 4 } else { 6 };
+        self.port.is_none_or(|port| local.port() == port || remote.port() == port)
+            && self.pid.is_none_or(|wanted| pid == Some(wanted))
+            && self.comm.as_deref().is_none_or(|wanted| comm == Some(wanted))
+            && self.netns.is_none_or(|wanted| netns == wanted)
+            && self.family.is_none_or(|wanted| family == wanted)
     }
 }
 

@@ -145,6 +145,45 @@ pub struct FlowTable {
     pub evictions: u64,
 }
 
+/// One live connection from the kernel's flow table, as plain values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveFlow {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub netns: u32,
+    pub direction: Option<crate::event::Direction>,
+    /// CLOCK_MONOTONIC ns when the handshake started / completed (0: not yet).
+    pub start_ns: u64,
+    pub established_ns: u64,
+    pub srtt_us: u32,
+    pub cwnd: u32,
+    pub retransmits: u32,
+    pub hol_stall_ns: u64,
+}
+
+impl LiveFlow {
+    fn from_flow(flow: &Flow) -> Option<Self> {
+        let (local_ip, remote_ip) = crate::event::addresses(flow.family, &flow.saddr, &flow.daddr)?;
+        let comm_len = flow.comm.iter().position(|&b| b == 0).unwrap_or(flow.comm.len());
+        Some(Self {
+            local: std::net::SocketAddr::new(local_ip, flow.sport),
+            remote: std::net::SocketAddr::new(remote_ip, flow.dport),
+            pid: (flow.pid != 0).then_some(flow.pid),
+            comm: (comm_len > 0).then(|| String::from_utf8_lossy(&flow.comm[..comm_len]).into_owned()),
+            netns: flow.netns,
+            direction: crate::event::Direction::decode(flow.direction),
+            start_ns: flow.start_ns,
+            established_ns: flow.established_ns,
+            srtt_us: flow.transport.srtt_us,
+            cwnd: flow.transport.cwnd,
+            retransmits: flow.total_retrans,
+            hol_stall_ns: flow.transport.hol_stall_ns,
+        })
+    }
+}
+
 /// Counters the kernel side keeps, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
@@ -211,6 +250,15 @@ impl Probes {
             events_missed,
             rcvqueue_full: self.counter(counter::RCVQUEUE_FULL)?,
         })
+    }
+
+    /// Up to `limit` connections from the flow table (those whose endpoints
+    /// are known). Two syscalls per entry: for a view's refresh, not a hot
+    /// path.
+    pub fn live_flows(&self, limit: usize) -> Result<Vec<LiveFlow>> {
+        let flows: BpfHashMap<&MapData, u64, Flow> =
+            BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
+        Ok(flows.iter().filter_map(Result::ok).filter_map(|(_, flow)| LiveFlow::from_flow(&flow)).take(limit).collect())
     }
 
     /// The per-segment log2 histograms, summed over CPUs.

@@ -51,6 +51,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Top(args) => {
+            let options = args.resolve()?;
+            if let Some(problem) = probe::preflight() {
+                anyhow::bail!(problem);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(netlens::top::run::run(options))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Daemon(args) => {
             // Settings first: a bad file or flag is reported before any
             // privilege or kernel check.

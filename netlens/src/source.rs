@@ -81,6 +81,10 @@ impl EventSource {
         self.probes.flow_table()
     }
 
+    pub fn live_flows(&self, limit: usize) -> Result<Vec<crate::loader::LiveFlow>> {
+        self.probes.live_flows(limit)
+    }
+
     pub fn packet_histograms(&self) -> Result<netlens_common::PacketHistograms> {
         self.probes.packet_histograms()
     }
@@ -88,4 +92,12 @@ impl EventSource {
     pub fn program_stats(&self) -> Vec<(&'static str, crate::kernel::progstats::ProgramStats)> {
         self.probes.program_stats()
     }
+}
+
+/// CLOCK_MONOTONIC, the clock of event timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

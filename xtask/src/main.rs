@@ -61,7 +61,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Build => build(false).map(|_| ()),
         Task::Run { args } => {
             let binary = build(false)?;
-            let args = if args.is_empty() { vec!["trace".to_string()] } else { args };
+            let args = if args.is_empty() { vec!["top".to_string()] } else { args };
             let mut command = setup::privileged(binary.to_str().context("non-UTF-8 path")?);
             run(command.args(&args))
         }

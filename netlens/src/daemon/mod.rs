@@ -17,7 +17,12 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{aggregate::Aggregator, census::Census, filter::Filter, source::EventSource};
+use crate::{
+    aggregate::Aggregator,
+    census::Census,
+    filter::Filter,
+    source::{monotonic_ns, EventSource},
+};
 use config::DaemonConfig;
 
 /// The flow-table walk (for evictions) reads every key: not every scrape.
@@ -122,12 +127,4 @@ impl CensusCache {
 
 fn bpf_stats_enabled() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|text| text.trim() == "1")
-}
-
-/// CLOCK_MONOTONIC, the clock of event timestamps.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

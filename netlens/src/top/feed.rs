@@ -1,0 +1,233 @@
+//! Turns the event stream into the [`Snapshot`] each refresh shows: the
+//! aggregator's cumulative statistics, differenced against the previous
+//! refresh for per-second rates, plus live flows and the socket census.
+
+use std::{collections::HashMap, time::Instant};
+
+use hdrhistogram::Histogram;
+
+use super::model::{
+    Bar, ConnectionRow, EndpointKind, EndpointRow, Header, ProcessRow, Quantiles, Snapshot,
+};
+use crate::{
+    aggregate::{buckets::Buckets, endpoint::EndpointBy, stats::ConnStats, topk::TopK, Aggregator},
+    event::{ConnEvent, Direction},
+    loader::LiveFlow,
+};
+
+/// Endpoints and processes top keeps (the rest is not shown).
+const TRACKED: usize = 500;
+
+/// What a refresh needs besides the events.
+pub struct Extras {
+    pub flows: Vec<LiveFlow>,
+    pub time_wait: Option<u64>,
+    pub events_lost: u64,
+    pub now_ns: u64,
+}
+
+/// Cumulative values at the previous refresh, for rates.
+#[derive(Clone, Copy, Default)]
+struct Totals {
+    opened: u64,
+    closed: u64,
+    retransmits: u64,
+    hol_stalls: u64,
+    zero_windows: u64,
+}
+
+impl Totals {
+    fn of(stats: &ConnStats) -> Self {
+        Self {
+            opened: stats.opened_total(),
+            closed: stats.closed.iter().sum(),
+            retransmits: stats.retransmits_total(),
+            hol_stalls: stats.hol_stalls(),
+            zero_windows: stats.zero_windows(),
+        }
+    }
+}
+
+pub struct Feed {
+    aggregator: Aggregator,
+    processes: TopK<(u32, String), ConnStats>,
+    previous: HashMap<String, Totals>,
+    previous_processes: HashMap<(u32, String), Totals>,
+    previous_host: Totals,
+    last_refresh: Instant,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn quantiles(histogram: &Option<Box<Histogram<u64>>>) -> Quantiles {
+    match histogram {
+        Some(histogram) if !histogram.is_empty() => Quantiles {
+            p50_us: Some(histogram.value_at_quantile(0.5) as f64),
+            p99_us: Some(histogram.value_at_quantile(0.99) as f64),
+        },
+        _ => Quantiles::default(),
+    }
+}
+
+fn p99_us(histogram: &Option<Box<Histogram<u64>>>) -> Option<f64> {
+    quantiles(histogram).p99_us
+}
+
+fn bars(buckets: &[&Buckets]) -> Vec<Bar> {
+    let Some(first) = buckets.first() else { return Vec::new() };
+    first
+        .bounds
+        .iter()
+        .enumerate()
+        .map(|(slot, bound)| Bar {
+            le_us: (bound * 1e6).round() as u64,
+            count: buckets.iter().map(|b| b.counts[slot]).sum(),
+        })
+        .collect()
+}
+
+fn rate(now: u64, before: u64, seconds: f64) -> f64 {
+    now.saturating_sub(before) as f64 / seconds
+}
+
+impl Feed {
+    pub fn new() -> Self {
+        Self {
+            aggregator: Aggregator::new(EndpointBy::Auto, TRACKED),
+            processes: TopK::new(TRACKED),
+            previous: HashMap::new(),
+            previous_processes: HashMap::new(),
+            previous_host: Totals::default(),
+            last_refresh: Instant::now(),
+        }
+    }
+
+    pub fn record(&mut self, event: &ConnEvent) {
+        self.aggregator.record(event);
+        if let (Some(pid), Some(comm)) = (event.pid, &event.comm) {
+            let weight = u64::from(matches!(event.detail, crate::event::Detail::Handshake { .. }));
+            if let Some(stats) = self.processes.get_or_admit(&(pid, comm.clone()), weight) {
+                stats.record(event);
+            }
+        }
+    }
+
+    /// The frame for now; rates are over the time since the last call.
+    pub fn snapshot(&mut self, extras: Extras) -> Snapshot {
+        let seconds = self.last_refresh.elapsed().as_secs_f64().max(0.001);
+        self.last_refresh = Instant::now();
+        let host = Totals::of(&self.aggregator.host);
+        let before = std::mem::replace(&mut self.previous_host, host);
+        let window = |recent: &crate::aggregate::recent::Recent| {
+            let window = recent.window(extras.now_ns, &[0.5, 0.99]);
+            (window.count > 0).then(|| (window.quantiles[0].1 * 1e6, window.quantiles[1].1 * 1e6))
+        };
+        let handshake = |slot: usize| {
+            window(&self.aggregator.recent_handshake[slot])
+                .map_or(Quantiles::default(), |(p50, p99)| Quantiles { p50_us: Some(p50), p99_us: Some(p99) })
+        };
+        let header = Header {
+            opened_per_s: rate(host.opened, before.opened, seconds),
+            closed_per_s: rate(host.closed, before.closed, seconds),
+            handshake_active: handshake(0),
+            handshake_passive: handshake(1),
+            retransmits_per_s: rate(host.retransmits, before.retransmits, seconds),
+            hol_stalls_per_s: rate(host.hol_stalls, before.hol_stalls, seconds),
+            hol_stall_p99_us: window(&self.aggregator.recent_hol_stall).map(|(_, p99)| p99),
+            zero_window_stalls_per_s: rate(host.zero_windows, before.zero_windows, seconds),
+            time_wait: extras.time_wait,
+            events_lost: extras.events_lost,
+        };
+
+        let mut previous = HashMap::with_capacity(self.aggregator.endpoints.len());
+        let endpoints = self
+            .aggregator
+            .endpoints
+            .iter()
+            .map(|(key, stats)| {
+                let name = key.to_string();
+                let now = Totals::of(stats);
+                let before = self.previous.get(&name).copied().unwrap_or_default();
+                previous.insert(name.clone(), now);
+                EndpointRow {
+                    kind: if key.is_listener() { EndpointKind::Listener } else { EndpointKind::Remote },
+                    endpoint: name,
+                    connections: now.opened,
+                    conn_per_s: rate(now.opened, before.opened, seconds),
+                    short_lived_pct: if stats.closed_with_lifetime > 0 {
+                        stats.short_lived as f64 * 100.0 / stats.closed_with_lifetime as f64
+                    } else {
+                        0.0
+                    },
+                    handshake: quantiles(&stats.handshake_us),
+                    retransmits_per_s: rate(now.retransmits, before.retransmits, seconds),
+                    retransmits_per_1k_segs: None,
+                    hol_stall_p99_us: p99_us(&stats.hol_stall_us),
+                    hol_stall_total_us: stats.hol_stall_ns / 1_000,
+                    zero_window_total_us: stats.zero_window_ns / 1_000,
+                    handshake_bars: bars(&[&stats.handshake[0], &stats.handshake[1]]),
+                    hol_stall_bars: bars(&[&stats.hol_stall]),
+                }
+            })
+            .collect();
+        self.previous = previous;
+
+        let mut previous_processes = HashMap::with_capacity(self.processes.len());
+        let processes = self
+            .processes
+            .iter()
+            .map(|(key, stats)| {
+                let now = Totals::of(stats);
+                let before = self.previous_processes.get(key).copied().unwrap_or_default();
+                previous_processes.insert(key.clone(), now);
+                ProcessRow {
+                    pid: key.0,
+                    comm: key.1.clone(),
+                    connections: now.opened,
+                    conn_per_s: rate(now.opened, before.opened, seconds),
+                    handshake: quantiles(&stats.handshake_us),
+                    retransmits_per_s: rate(now.retransmits, before.retransmits, seconds),
+                    hol_stall_total_us: stats.hol_stall_ns / 1_000,
+                }
+            })
+            .collect();
+        self.previous_processes = previous_processes;
+
+        let connections = extras
+            .flows
+            .iter()
+            .map(|flow| ConnectionRow {
+                local: flow.local,
+                remote: flow.remote,
+                pid: flow.pid,
+                comm: flow.comm.clone(),
+                age_us: extras.now_ns.saturating_sub(flow.start_ns) / 1_000,
+                state: match (flow.established_ns, flow.direction) {
+                    (0, Some(Direction::Active)) => "SYN_SENT",
+                    (0, _) => "SYN_RECV",
+                    _ => "ESTABLISHED",
+                }
+                .to_string(),
+                srtt_us: flow.srtt_us,
+                cwnd: flow.cwnd,
+                retransmits: flow.retransmits,
+                hol_stall_us: flow.hol_stall_ns / 1_000,
+                bytes_sent: None,
+                bytes_received: None,
+            })
+            .collect();
+
+        Snapshot { header, endpoints, connections, processes }
+    }
+
+    /// Ends an epoch of the endpoint and process tables: idle rows leave,
+    /// busy newcomers get their slots.
+    pub fn end_epoch(&mut self) {
+        self.aggregator.end_epoch();
+        self.processes.end_epoch();
+    }
+}

@@ -1,0 +1,174 @@
+//! The run loops of `netlens top`: the full-screen TUI, and batch mode
+//! (`--batch`), which prints snapshots like `top -b`.
+
+use std::{
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use crossterm::event::{Event, KeyEventKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use super::{
+    app::{App, Control},
+    batch,
+    feed::{Extras, Feed},
+    terminal::{self, TerminalGuard},
+    view::ViewSettings,
+};
+use crate::{census::Census, filter::Filter, source::{monotonic_ns, EventSource}};
+
+/// Live connections shown at most (the flow table can hold 65,536).
+const MAX_CONNECTIONS: usize = 2_000;
+/// The TIME_WAIT census is retaken at most this often.
+const CENSUS_INTERVAL: Duration = Duration::from_secs(2);
+/// Endpoints idle this long give their row to a busier one.
+const EPOCH: Duration = Duration::from_secs(30);
+
+pub struct TopOptions {
+    pub delay: Duration,
+    pub batch: bool,
+    pub json: bool,
+    pub iterations: Option<u64>,
+    pub settings: ViewSettings,
+    pub filter: Filter,
+}
+
+/// The kernel side plus the feed: one refresh's worth of work.
+struct Collector {
+    source: EventSource,
+    feed: Feed,
+    filter: Filter,
+    census: Option<(Instant, Option<u64>)>,
+    last_epoch: Instant,
+}
+
+impl Collector {
+    fn drain(&mut self) {
+        let (feed, filter) = (&mut self.feed, &self.filter);
+        self.source.drain(|event| {
+            if filter.matches(&event) {
+                feed.record(&event);
+            }
+        });
+    }
+
+    fn snapshot(&mut self) -> super::model::Snapshot {
+        self.drain();
+        if self.last_epoch.elapsed() >= EPOCH {
+            self.feed.end_epoch();
+            self.last_epoch = Instant::now();
+        }
+        let stale = self.census.as_ref().is_none_or(|(taken, _)| taken.elapsed() >= CENSUS_INTERVAL);
+        if stale {
+            self.census = Some((Instant::now(), Census::take().ok().map(|census| census.count("time_wait"))));
+        }
+        let filter = &self.filter;
+        let flows = self
+            .source
+            .live_flows(MAX_CONNECTIONS)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|flow| flow.established_ns != 0 || flow.local.port() != 0)
+            .filter(|flow| filter.matches_connection(&flow.local, &flow.remote, flow.pid, flow.comm.as_deref(), flow.netns))
+            .collect();
+        let counters = self.source.counters().unwrap_or_default();
+        self.feed.snapshot(Extras {
+            flows,
+            time_wait: self.census.as_ref().and_then(|(_, count)| *count),
+            events_lost: counters.events_lost + counters.events_missed,
+            now_ns: monotonic_ns(),
+        })
+    }
+}
+
+pub async fn run(options: TopOptions) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let source = EventSource::start()?;
+    let mut collector = Collector {
+        source,
+        feed: Feed::new(),
+        filter: options.filter.clone(),
+        census: None,
+        last_epoch: Instant::now(),
+    };
+    if options.batch || options.json {
+        return run_batch(&mut collector, &options, &mut sigterm, &mut sigint).await;
+    }
+
+    terminal::install_panic_hook();
+    let mut screen = TerminalGuard::new()?;
+    let mut app = App::new(options.settings);
+    // Keys come from a blocking reader thread; it ends with the process.
+    let (keys_tx, mut keys) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        while let Ok(event) = crossterm::event::read() {
+            if keys_tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    // The first frame at once (empty rates), then every `delay`.
+    app.update(collector.snapshot());
+    screen.draw(|frame| app.draw(frame))?;
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + options.delay, options.delay);
+    loop {
+        tokio::select! {
+            ready = collector.source.ready() => { ready?; collector.drain(); continue; }
+            _ = refresh.tick() => app.update(collector.snapshot()),
+            Some(event) = keys.recv() => match event {
+                Event::Key(key) if key.kind != KeyEventKind::Release => {
+                    if app.handle_key(key) == Control::Quit {
+                        break;
+                    }
+                }
+                Event::Resize(..) => {}
+                _ => continue,
+            },
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        screen.draw(|frame| app.draw(frame))?;
+    }
+    drop(screen);
+    Ok(())
+}
+
+async fn run_batch(
+    collector: &mut Collector,
+    options: &TopOptions,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + options.delay, options.delay);
+    let mut printed = 0u64;
+    while options.iterations.is_none_or(|limit| printed < limit) {
+        tokio::select! {
+            ready = collector.source.ready() => { ready?; collector.drain(); continue; }
+            _ = refresh.tick() => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        let snapshot = collector.snapshot();
+        let text = if options.json {
+            batch::batch_json(&options.settings, &snapshot) + "\n"
+        } else {
+            // A blank line between snapshots, as top -b does.
+            let separator = if printed > 0 { "\n" } else { "" };
+            format!("{separator}{}", batch::batch_text(&options.settings, &snapshot, 0))
+        };
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(err) => return Err(err.into()),
+        }
+        printed += 1;
+    }
+    Ok(())
+}
