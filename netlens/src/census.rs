@@ -284,7 +284,7 @@ impl SockDiag {
                             return match leading_i32(message.payload()) {
                                 Some(errno) if errno < 0 => Err(fail(format!(
                                     "kernel ended the dump with: {}",
-                                    io::Error::from_raw_os_error(-errno)
+                                    io::Error::from_raw_os_error(errno.saturating_neg())
                                 ))),
                                 _ => Ok(()),
                             };

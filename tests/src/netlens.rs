@@ -119,6 +119,22 @@ impl Netlens {
         self.stop_with(libc::SIGINT).map(|(traced, _)| traced)
     }
 
+    /// Waits (bounded) for it to exit on its own (`top -n N`); it must exit 0.
+    pub fn wait_exit(mut self, limit: Duration) -> Result<Traced> {
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                bail!("netlens did not exit within {limit:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        self.collect(status)
+    }
+
     /// Sends `signal`; returns what it printed and how long it took to exit
     /// (it must exit 0 within 10 s).
     pub fn stop_with(mut self, signal: i32) -> Result<(Traced, Duration)> {
@@ -136,6 +152,11 @@ impl Netlens {
             thread::sleep(Duration::from_millis(5));
         };
         let exited_after = sent.elapsed();
+        Ok((self.collect(status)?, exited_after))
+    }
+
+    /// What it printed, once it has exited with `status`.
+    fn collect(&mut self, status: std::process::ExitStatus) -> Result<Traced> {
         let lines = self.stdout.take().and_then(|h| h.join().ok()).unwrap_or_default();
         let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
         if !status.success() {
@@ -145,7 +166,7 @@ impl Netlens {
             .iter()
             .map(|l| serde_json::from_str(l).with_context(|| format!("not a JSON line: {l}")))
             .collect::<Result<Vec<Value>>>()?;
-        Ok((Traced { events, stderr }, exited_after))
+        Ok(Traced { events, stderr })
     }
 }
 

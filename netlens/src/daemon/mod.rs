@@ -49,6 +49,7 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
     eprintln!("netlens: serving http://{}/metrics", config.listen);
 
     let mut aggregator = Aggregator::new(config.by, config.top_k);
+    let process = prometheus::process_collector::ProcessCollector::for_self();
     let mut census = CensusCache::new(config.census_interval);
     let mut evictions = (0u64, Instant::now() - FLOW_TABLE_INTERVAL);
     let mut epoch = tokio::time::interval_at(tokio::time::Instant::now() + config.endpoint_epoch, config.endpoint_epoch);
@@ -73,7 +74,11 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
                     top_k: config.top_k,
                     now_ns: monotonic_ns(),
                 };
-                let text = prometheus::TextEncoder::new().encode_to_string(&metrics::families(&inputs));
+                let mut families = metrics::families(&inputs);
+                // process_cpu_seconds_total, process_resident_memory_bytes, …:
+                // what netlens itself costs, named as every exporter names it.
+                families.extend(prometheus::core::Collector::collect(&process));
+                let text = prometheus::TextEncoder::new().encode_to_string(&families);
                 let _ = reply.send(text.unwrap_or_else(|err| {
                     eprintln!("netlens: encoding the metrics failed: {err}");
                     String::new()
