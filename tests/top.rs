@@ -150,6 +150,7 @@ fn live_view_in_a_real_terminal() -> Result<()> {
         let rows = rows(s);
         cell(&rows, "*:8096", 9).is_some_and(|p99| p99 != "-")
             && cell(&rows, "127.0.0.1:8096", 7).is_some_and(|r| r != "0.0")
+            && cell(&rows, "127.0.0.1:8096", 8).is_some_and(|per_1k| per_1k != "-" && per_1k != "0.0")
             && cell(&rows, "127.0.0.1:8097", 2).is_some()
     })?;
     stop.store(true, Ordering::Relaxed);

@@ -156,6 +156,8 @@ pub struct KernelOffsets {
     pub tcp_srtt_us: u32,
     /// `struct tcp_sock` → `total_retrans` (u32, segments).
     pub tcp_total_retrans: u32,
+    /// `struct tcp_sock` → `segs_out` (u32, segments sent, retransmissions included).
+    pub tcp_segs_out: u32,
     /// `struct tcp_sock` → `bytes_sent` (u64, payload incl. retransmissions).
     pub tcp_bytes_sent: u32,
     /// `struct tcp_sock` → `bytes_retrans` (u64, retransmitted payload).

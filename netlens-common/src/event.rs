@@ -134,7 +134,9 @@ pub struct Transport {
     pub ooo_segments: u32,
     /// `HOL_STALL`: highest out-of-order end minus rcv_nxt at the start.
     pub bytes_held: u32,
-    pub _pad: u32,
+    /// Segments sent (`tcp_sock.segs_out`), at close: the denominator of
+    /// retransmits per 1,000 segments.
+    pub segs_out: u32,
     /// The congestion control algorithm's name ("cubic", "bbr", ...).
     pub congestion: [u8; 16],
 }

@@ -188,6 +188,7 @@ fn closed(sk: u64) -> Result<(), i32> {
     let fin_received = (sk_flags >> (cfg_field!(kernel.sock_done_bit) & 63)) & 1;
     let total_retrans: u32 = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
     let dsack_dups: u32 = member(sk, cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
+    let segs_out: u32 = member(sk, cfg_field!(kernel.tcp_segs_out)).unwrap_or(0);
     emit(|event| {
         stamp(event, kind::CLOSE, now, &tuple, flow);
         event.duration_ns = lifetime_ns;
@@ -196,6 +197,7 @@ fn closed(sk: u64) -> Result<(), i32> {
         event.segs = total_retrans;
         event.spurious_retransmits = dsack_dups;
         event.transport = transport;
+        event.transport.segs_out = segs_out;
     });
     Ok(())
 }

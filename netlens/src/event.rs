@@ -129,6 +129,8 @@ pub struct Dynamics {
     pub hol_stall_ns: u64,
     pub ooo_segments: u32,
     pub zero_window_ns: u64,
+    /// Segments sent, retransmissions included.
+    pub segs_out: u32,
 }
 
 impl Dynamics {
@@ -150,6 +152,7 @@ impl Dynamics {
             hol_stall_ns: raw.hol_stall_ns,
             ooo_segments: raw.ooo_segments,
             zero_window_ns: raw.zero_window_ns,
+            segs_out: raw.segs_out,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::workspace_root;
+use crate::{capture, workspace_root};
 
 /// `cargo xtask bench churn`: connection churn in a private namespace,
 /// alternating no netlens and `netlens trace --json > /dev/null`.
@@ -227,4 +227,47 @@ fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let parse = |i: usize| -> Result<f64> { Ok(fields.get(i).context("short stat")?.parse::<f64>()? / ticks) };
     Ok((parse(11)?, parse(12)?))
+}
+
+/// `cargo xtask bench top`: `netlens top` in a real terminal (tmux): time
+/// from start to the first full frame, then its own CPU while connections
+/// churn as fast as the machine allows.
+pub fn top(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
+    let load = workspace_root().join("target/release/netlens-load");
+    let tmux = |args: &[&str]| capture(Command::new("tmux").args(args));
+    for run in 1..=pairs {
+        let session = format!("netlens-bench-{}-{run}", std::process::id());
+        let started = Instant::now();
+        tmux(&["new-session", "-d", "-s", &session, "-x", "200", "-y", "50", &format!("exec {} top -d 1", netlens.display())])?;
+        let first_frame = loop {
+            let screen = tmux(&["capture-pane", "-p", "-t", &session]).unwrap_or_default();
+            if screen.contains("ENDPOINT") && screen.contains("Quit") {
+                break started.elapsed();
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = tmux(&["kill-session", "-t", &session]);
+                bail!("no frame within 30 s:\n{screen}");
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        let pid: u32 = tmux(&["display-message", "-p", "-t", &session, "#{pane_pid}"])?.trim().parse().context("pane pid")?;
+        let cpu_before = cpu_seconds(pid)?;
+        let churn_started = Instant::now();
+        let rate = run_load(&load, seconds);
+        let cpu_after = cpu_seconds(pid);
+        let elapsed = churn_started.elapsed().as_secs_f64();
+        let _ = tmux(&["send-keys", "-t", &session, "q"]);
+        thread::sleep(Duration::from_millis(200));
+        let _ = tmux(&["kill-session", "-t", &session]);
+        let (rate, cpu_after) = (rate?, cpu_after?);
+        let (user, system) = (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1);
+        println!(
+            "run {run}: first full frame after {:.0} ms (goal <= 300 ms); under {rate:.0} conn/s churn top used {:.2} % of one core ({:.2} % user, {:.2} % system; goal <= 2 %)",
+            first_frame.as_secs_f64() * 1e3,
+            (user + system) / elapsed * 100.0,
+            user / elapsed * 100.0,
+            system / elapsed * 100.0,
+        );
+    }
+    Ok(())
 }

@@ -33,7 +33,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against a run without netlens: `churn`, `bulk`, `daemon`.
+    /// Benchmarks against a run without netlens: `churn`, `bulk`, `daemon`, `top`.
     Bench {
         #[arg(default_value = "churn")]
         which: String,
@@ -86,7 +86,8 @@ fn run_task(task: Task) -> Result<()> {
                 "churn" => bench::churn(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
                 "bulk" => bench::bulk(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
                 "daemon" => bench::daemon(&binary, pairs.unwrap_or(1), seconds.unwrap_or(30)),
-                other => bail!("unknown benchmark `{other}`; available: churn, bulk, daemon"),
+                "top" => bench::top(&binary, pairs.unwrap_or(3), seconds.unwrap_or(10)),
+                other => bail!("unknown benchmark `{other}`; available: churn, bulk, daemon, top"),
             }
         }
     }

@@ -4,7 +4,7 @@
 //!   else Debian's rustc-web + rust-web-src, linked into rustup as
 //!   `netlens-bpf` and driven with RUSTC_BOOTSTRAP=1 (for -Z build-std);
 //! - bpf-linker, built against the LLVM major version that toolchain uses;
-//! - the tools the tests drive (nftables, iproute2, ethtool, promtool).
+//! - the tools the tests drive (nftables, iproute2, ethtool, promtool, curl, tmux).
 
 use std::{
     path::Path,
@@ -46,6 +46,9 @@ pub fn ensure(with_test_tools: bool) -> Result<EbpfToolchain> {
         tools.push(("ethtool", "ethtool"));
         // tests/deploy.rs checks deploy/prometheus with promtool.
         tools.push(("promtool", "prometheus"));
+        // tests/daemon.rs scrapes with curl; tests/top.rs drives a terminal.
+        tools.push(("curl", "curl"));
+        tools.push(("tmux", "tmux"));
     }
     for (binary, package) in tools {
         if which(binary) {

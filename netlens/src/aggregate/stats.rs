@@ -61,6 +61,8 @@ pub struct ConnStats {
     pub zero_window_ns: u64,
     pub srtt: Buckets,
     pub slow_start_exits: u64,
+    /// Segments sent by closed connections (retransmits per 1,000).
+    pub segs_out: u64,
     /// Closed while still in slow start.
     pub closed_in_slow_start: u64,
     /// For exact quantiles (top's p50/p99); not subtracted into "other".
@@ -87,6 +89,7 @@ impl Default for ConnStats {
             zero_window_ns: 0,
             srtt: Buckets::new(SRTT_SECONDS),
             slow_start_exits: 0,
+            segs_out: 0,
             closed_in_slow_start: 0,
             handshake_us: None,
             hol_stall_us: None,
@@ -135,6 +138,7 @@ impl ConnStats {
                     self.closed_with_lifetime += 1;
                     self.short_lived += u64::from(*lifetime_ns < SHORT_LIVED_NS);
                 }
+                self.segs_out += u64::from(transport.segs_out);
                 if transport.srtt_us > 0 {
                     self.srtt.observe(f64::from(transport.srtt_us) / 1e6);
                 }
@@ -176,6 +180,7 @@ impl ConnStats {
         self.zero_window_ns = self.zero_window_ns.saturating_sub(part.zero_window_ns);
         self.srtt.subtract(&part.srtt);
         self.slow_start_exits = self.slow_start_exits.saturating_sub(part.slow_start_exits);
+        self.segs_out = self.segs_out.saturating_sub(part.segs_out);
         self.closed_in_slow_start = self.closed_in_slow_start.saturating_sub(part.closed_in_slow_start);
         self.handshake_us = None;
         self.hol_stall_us = None;

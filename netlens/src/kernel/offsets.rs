@@ -96,6 +96,7 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         kernfs_node_id,
         tcp_srtt_us: btf.offset("tcp_sock", "srtt_us")?,
         tcp_total_retrans: btf.offset("tcp_sock", "total_retrans")?,
+        tcp_segs_out: btf.offset("tcp_sock", "segs_out")?,
         tcp_bytes_sent: btf.offset("tcp_sock", "bytes_sent")?,
         tcp_bytes_retrans: btf.offset("tcp_sock", "bytes_retrans")?,
         tcp_bytes_received: btf.offset("tcp_sock", "bytes_received")?,

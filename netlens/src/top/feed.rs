@@ -50,9 +50,11 @@ impl Totals {
 
 pub struct Feed {
     aggregator: Aggregator,
-    processes: TopK<(u32, String), ConnStats>,
+    /// By pid: the command name is kept with the statistics (no key
+    /// allocation per event).
+    processes: TopK<u32, (String, ConnStats)>,
     previous: HashMap<String, Totals>,
-    previous_processes: HashMap<(u32, String), Totals>,
+    previous_processes: HashMap<u32, Totals>,
     previous_host: Totals,
     last_refresh: Instant,
 }
@@ -110,7 +112,10 @@ impl Feed {
         self.aggregator.record(event);
         if let (Some(pid), Some(comm)) = (event.pid, &event.comm) {
             let weight = u64::from(matches!(event.detail, crate::event::Detail::Handshake { .. }));
-            if let Some(stats) = self.processes.get_or_admit(&(pid, comm.clone()), weight) {
+            if let Some((name, stats)) = self.processes.get_or_admit(&pid, weight) {
+                if name != comm {
+                    name.clone_from(comm);
+                }
                 stats.record(event);
             }
         }
@@ -165,7 +170,10 @@ impl Feed {
                     },
                     handshake: quantiles(&stats.handshake_us),
                     retransmits_per_s: rate(now.retransmits, before.retransmits, seconds),
-                    retransmits_per_1k_segs: None,
+                    // Data retransmits against segments of closed connections: both
+                    // cumulative, known from the first close.
+                    retransmits_per_1k_segs: (stats.segs_out > 0)
+                        .then(|| stats.retransmits[0] as f64 * 1_000.0 / stats.segs_out as f64),
                     hol_stall_p99_us: p99_us(&stats.hol_stall_us),
                     hol_stall_total_us: stats.hol_stall_ns / 1_000,
                     zero_window_total_us: stats.zero_window_ns / 1_000,
@@ -180,13 +188,13 @@ impl Feed {
         let processes = self
             .processes
             .iter()
-            .map(|(key, stats)| {
+            .map(|(pid, (comm, stats))| {
                 let now = Totals::of(stats);
-                let before = self.previous_processes.get(key).copied().unwrap_or_default();
-                previous_processes.insert(key.clone(), now);
+                let before = self.previous_processes.get(pid).copied().unwrap_or_default();
+                previous_processes.insert(*pid, now);
                 ProcessRow {
-                    pid: key.0,
-                    comm: key.1.clone(),
+                    pid: *pid,
+                    comm: comm.clone(),
                     connections: now.opened,
                     conn_per_s: rate(now.opened, before.opened, seconds),
                     handshake: quantiles(&stats.handshake_us),

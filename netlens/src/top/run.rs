@@ -25,7 +25,7 @@ use crate::{census::Census, filter::Filter, source::{monotonic_ns, EventSource}}
 /// Live connections shown at most (the flow table can hold 65,536).
 const MAX_CONNECTIONS: usize = 2_000;
 /// The TIME_WAIT census is retaken at most this often.
-const CENSUS_INTERVAL: Duration = Duration::from_secs(2);
+const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
 /// Endpoints idle this long give their row to a busier one.
 const EPOCH: Duration = Duration::from_secs(30);
 
