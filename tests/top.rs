@@ -161,12 +161,16 @@ fn live_view_in_a_real_terminal() -> Result<()> {
     assert_eq!(cell(&shown, "127.0.0.1:8097", 7), Some("0.0"), "clean endpoint retransmits");
     assert_eq!(cell(&shown, "*:8097", 9), Some("-"), "clean listener HOL p99");
 
-    // `r` reverses the sort: the row order changes.
+    // `<` three times: sort by ENDPOINT (distinct values), ascending;
+    // then `r` reverses it.
     let order = |screen: &str| rows(screen).iter().map(|r| r[0].clone()).collect::<Vec<_>>();
-    let before = order(&tmux.screen()?);
+    tmux.send(&["<", "<", "<"])?;
+    let ascending = order(&tmux.wait_for(Duration::from_secs(5), |s| s.contains("ENDPOINT▲"))?);
     tmux.send(&["r"])?;
-    let after = tmux.wait_for(Duration::from_secs(5), |s| s.contains('▲'))?;
-    assert_ne!(order(&after), before, "reversing did not change the order");
+    let descending = order(&tmux.wait_for(Duration::from_secs(5), |s| s.contains("ENDPOINT▼"))?);
+    assert_eq!(ascending.len(), 4, "{ascending:?}");
+    assert_eq!(descending, ascending.iter().rev().cloned().collect::<Vec<_>>());
+    assert_ne!(descending, ascending);
 
     // `q`: the shell is back, out of the alternate screen, cursor visible.
     tmux.send(&["q"])?;
