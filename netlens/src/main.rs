@@ -37,39 +37,30 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Settings are validated first: a bad flag or file is reported before
+    // any privilege or kernel check.
     match cli.command {
         Command::Check => Ok(if netlens::check::run() { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
-        Command::Trace(args) => {
-            if let Some(problem) = probe::preflight() {
-                anyhow::bail!(problem);
-            }
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(trace::run(TraceOptions {
-                json: args.json,
-                duration: args.duration,
-                filter: args.filter.to_filter(),
-            }))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Top(args) => {
-            let options = args.resolve()?;
-            if let Some(problem) = probe::preflight() {
-                anyhow::bail!(problem);
-            }
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(netlens::top::run::run(options))?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Trace(args) => attached(trace::run(TraceOptions {
+            json: args.json,
+            duration: args.duration,
+            filter: args.filter.to_filter(),
+        })),
+        Command::Top(args) => attached(netlens::top::run::run(args.resolve()?)),
         Command::Daemon(args) => {
-            // Settings first: a bad file or flag is reported before any
-            // privilege or kernel check.
             let config = args.resolve()?;
-            if let Some(problem) = probe::preflight() {
-                anyhow::bail!(problem);
-            }
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(netlens::daemon::run(config, args.filter.to_filter()))?;
-            Ok(ExitCode::SUCCESS)
+            attached(netlens::daemon::run(config, args.filter.to_filter()))
         }
     }
+}
+
+/// Runs a command that attaches the programs: the preflight check first
+/// (one clear line when privileges or the kernel fall short), then the
+/// command on a single-threaded runtime.
+fn attached(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<ExitCode> {
+    if let Some(problem) = probe::preflight() {
+        anyhow::bail!(problem);
+    }
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(command)?;
+    Ok(ExitCode::SUCCESS)
 }
