@@ -143,7 +143,15 @@ fn passive_established(sk: u64) -> Result<(), i32> {
 fn connect_failed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(flow) = flows::lookup(sk) else { return Ok(()) };
+    let reported = report_connect_failure(sk, flow, now);
+    // Only after the report: a removed LRU entry can be handed to another
+    // CPU's insert at once, and `flow` would then read a new connection.
     flows::remove(sk);
+    reported
+}
+
+#[inline(always)]
+fn report_connect_failure(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
     let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
     let sk_err: i32 = member(sk, cfg_field!(kernel.sock_sk_err)).unwrap_or(0);
     emit(|event| {
@@ -166,14 +174,20 @@ fn closed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // A TCP connection opened before netlens attached still reports its
     // totals, with an unknown direction and lifetime.
-    let flow: &Flow = match flows::lookup(sk) {
+    match flows::lookup(sk) {
         Some(flow) => {
+            let reported = report_close(sk, flow, now);
+            // After the report: see connect_failed().
             flows::remove(sk);
-            flow
+            reported
         }
-        None if is_tcp(sk) => flows::unknown(sk, slot::SET_STATE).ok_or(-1)?,
-        None => return Ok(()),
-    };
+        None if is_tcp(sk) => report_close(sk, flows::unknown(sk, slot::SET_STATE).ok_or(-1)?, now),
+        None => Ok(()),
+    }
+}
+
+#[inline(always)]
+fn report_close(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
     let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
     let lifetime_ns = if flow.start_ns != 0 { now.saturating_sub(flow.start_ns) } else { 0 };
     let transport = dynamics::at_close(sk, flow, now);
