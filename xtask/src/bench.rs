@@ -171,18 +171,23 @@ pub fn daemon(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         let scraper = thread::spawn(move || {
             let mut scrapes = 0u32;
             let mut bytes = 0usize;
+            // RSS after each scrape: shows whether memory levels off.
+            let mut rss_trace = Vec::new();
             while scraping.elapsed() < Duration::from_secs(u64::from(seconds) + 1) {
                 if let Ok(output) = Command::new("curl").args(["-sf", &format!("http://{LISTEN}/metrics")]).output() {
                     scrapes += u32::from(output.status.success());
                     bytes = output.stdout.len();
                 }
+                rss_trace.push(rss_kib(pid).unwrap_or(0));
                 thread::sleep(Duration::from_secs(1));
             }
-            (scrapes, bytes)
+            (scrapes, bytes, rss_trace)
         });
         let output = Command::new(&load).args(["churn", &seconds.to_string()]).output().context("running netlens-load")?;
         let (rss_end, cpu_end) = (rss_kib(pid)?, cpu_seconds(pid)?);
-        let (scrapes, exposition_bytes) = scraper.join().map_err(|_| anyhow::anyhow!("scraper panicked"))?;
+        let (scrapes, exposition_bytes, rss_trace) = scraper.join().map_err(|_| anyhow::anyhow!("scraper panicked"))?;
+        let every_5s: Vec<String> = rss_trace.iter().step_by(5).map(|kib| format!("{:.1}", *kib as f64 / 1024.0)).collect();
+        println!("pair {pair}: daemon RSS every 5 s (MiB): {}", every_5s.join(", "));
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         daemon.wait()?;
