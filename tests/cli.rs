@@ -4,18 +4,22 @@ use std::process::Command;
 
 use netlens_tests::netlens::binary;
 
+/// The netlens command, run as nobody without capabilities if `as_nobody`.
+fn command(args: &[&str], as_nobody: bool) -> Command {
+    let mut command = if as_nobody {
+        let mut setpriv = Command::new("setpriv");
+        setpriv.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]).arg(binary());
+        setpriv
+    } else {
+        Command::new(binary())
+    };
+    command.args(args);
+    command
+}
+
 /// Runs netlens; returns (exit code, stdout, stderr).
 fn netlens(args: &[&str], as_nobody: bool) -> (i32, String, String) {
-    let output = if as_nobody {
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-            .arg(binary())
-            .args(args)
-            .output()
-    } else {
-        Command::new(binary()).args(args).output()
-    }
-    .expect("running netlens");
+    let output = command(args, as_nobody).output().expect("running netlens");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -24,13 +28,7 @@ fn netlens(args: &[&str], as_nobody: bool) -> (i32, String, String) {
 }
 
 fn assert_one_line_error(args: &[&str], as_nobody: bool, mentions: &str) {
-    let (code, stdout, stderr) = netlens(args, as_nobody);
-    assert_ne!(code, 0, "{args:?} succeeded");
-    assert!(stdout.is_empty(), "{args:?} printed to stdout: {stdout}");
-    assert_eq!(stderr.lines().count(), 1, "{args:?} printed more than one line: {stderr}");
-    assert!(stderr.starts_with("netlens: "), "{stderr}");
-    assert!(stderr.contains(mentions), "{args:?}: `{stderr}` does not mention `{mentions}`");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
+    netlens_tests::netlens::assert_one_line_error(command(args, as_nobody), mentions);
 }
 
 #[test]

@@ -5,10 +5,7 @@
 use std::{
     net::SocketAddr,
     process::Command,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -130,31 +127,29 @@ fn live_view_in_a_real_terminal() -> Result<()> {
     netlens_tests::bulk::pin(0)?;
     let _servers = (Server::start(&netns, lossy, 10)?, Server::start(&netns, clean, 10)?);
 
-    // Keep both endpoints busy while we look: bulk transfers, bounded.
-    let stop = Arc::new(AtomicBool::new(false));
-    let workload = {
-        let stop = stop.clone();
-        let netns_name = netns.name.clone();
-        thread::spawn(move || -> Result<()> {
-            let netns = Netns { name: netns_name };
+    // Keep both endpoints busy while we look: bulk transfers, bounded. A
+    // scoped thread borrows the namespace this test owns.
+    let stop = AtomicBool::new(false);
+    let screen = thread::scope(|scope| -> Result<String> {
+        let workload = scope.spawn(|| -> Result<()> {
             let started = Instant::now();
             while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
                 clients(&netns, lossy, 4, 4, 512 * 1024)?;
                 clients(&netns, clean, 4, 4, 512 * 1024)?;
             }
-            std::mem::forget(netns); // the test owns the namespace
             Ok(())
-        })
-    };
-    let screen = tmux.wait_for(Duration::from_secs(20), |s| {
-        let rows = rows(s);
-        cell(&rows, "*:8096", 9).is_some_and(|p99| p99 != "-")
-            && cell(&rows, "127.0.0.1:8096", 7).is_some_and(|r| r != "0.0")
-            && cell(&rows, "127.0.0.1:8096", 8).is_some_and(|per_1k| per_1k != "-" && per_1k != "0.0")
-            && cell(&rows, "127.0.0.1:8097", 2).is_some()
+        });
+        let screen = tmux.wait_for(Duration::from_secs(20), |s| {
+            let rows = rows(s);
+            cell(&rows, "*:8096", 9).is_some_and(|p99| p99 != "-")
+                && cell(&rows, "127.0.0.1:8096", 7).is_some_and(|r| r != "0.0")
+                && cell(&rows, "127.0.0.1:8096", 8).is_some_and(|per_1k| per_1k != "-" && per_1k != "0.0")
+                && cell(&rows, "127.0.0.1:8097", 2).is_some()
+        });
+        stop.store(true, Ordering::Relaxed);
+        workload.join().map_err(|_| anyhow::anyhow!("workload panicked"))??;
+        screen
     })?;
-    stop.store(true, Ordering::Relaxed);
-    workload.join().map_err(|_| anyhow::anyhow!("workload panicked"))??;
     eprintln!("{screen}");
     let shown = rows(&screen);
     // The clean endpoint: no retransmits, no stalls.

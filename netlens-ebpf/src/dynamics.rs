@@ -99,6 +99,23 @@ pub fn at_close(sk: u64, flow: &Flow, now: u64) -> Transport {
     transport
 }
 
+/// One side's zero-window episode, given that side's window now: starts it
+/// at `seen_ns` when the window is zero, and returns its start when a
+/// nonzero window ends it.
+#[inline(always)]
+fn track_zero(window: u32, since_ns: &mut u64, seen_ns: u64) -> Option<u64> {
+    if window == 0 {
+        if *since_ns == 0 {
+            *since_ns = seen_ns;
+        }
+        None
+    } else if *since_ns != 0 {
+        Some(core::mem::take(since_ns))
+    } else {
+        None
+    }
+}
+
 /// Zero-window bookkeeping for one arriving segment. `snd_wnd` and
 /// `rcv_wnd` are as they were before this segment was processed, so a
 /// change seen now happened on the previous segment (`flow.last_rx_ns`).
@@ -110,24 +127,12 @@ pub fn zero_windows(flow: &mut Flow, snd_wnd: u32, rcv_wnd: u32, now: u64) {
     }
     // The peer advertised zero on the previous segment; it reopened the
     // window on the previous segment too.
-    if snd_wnd == 0 {
-        if flow.peer_zero_since_ns == 0 {
-            flow.peer_zero_since_ns = previous;
-        }
-    } else if flow.peer_zero_since_ns != 0 {
-        let since = flow.peer_zero_since_ns;
-        flow.peer_zero_since_ns = 0;
+    if let Some(since) = track_zero(snd_wnd, &mut flow.peer_zero_since_ns, previous) {
         end_zero_window(flow, side::PEER, since, previous);
     }
     // We advertised zero in our answer to the previous segment; we learn
     // that it reopened when the peer sends again (about one RTT late).
-    if rcv_wnd == 0 {
-        if flow.local_zero_since_ns == 0 {
-            flow.local_zero_since_ns = previous;
-        }
-    } else if flow.local_zero_since_ns != 0 {
-        let since = flow.local_zero_since_ns;
-        flow.local_zero_since_ns = 0;
+    if let Some(since) = track_zero(rcv_wnd, &mut flow.local_zero_since_ns, previous) {
         end_zero_window(flow, side::LOCAL, since, now);
     }
 }

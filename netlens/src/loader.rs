@@ -243,8 +243,10 @@ impl Probes {
         Ok(per_cpu.get(&index, 0)?.iter().copied().fold(0u64, u64::wrapping_add))
     }
 
-    pub fn counters(&self) -> Result<KernelCounters> {
-        let events_missed = self.program_stats().iter().map(|(_, stats)| stats.recursion_misses).sum();
+    /// The counters; `programs` is [`Self::program_stats`], read by the
+    /// caller (the kernel-skipped count is their recursion misses).
+    pub fn counters(&self, programs: &[(&'static str, ProgramStats)]) -> Result<KernelCounters> {
+        let events_missed = programs.iter().map(|(_, stats)| stats.recursion_misses).sum();
         Ok(KernelCounters {
             events_lost: self.counter(counter::EVENTS_LOST)?,
             events_missed,

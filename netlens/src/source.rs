@@ -10,6 +10,8 @@ use tokio::{io::unix::AsyncFd, time::Interval};
 
 use crate::{
     event::ConnEvent,
+    kernel::progstats::ProgramStats,
+    filter::Filter,
     loader::{KernelCounters, Probes},
 };
 
@@ -55,8 +57,8 @@ impl EventSource {
         Ok(())
     }
 
-    /// Hands every pending event to `sink`.
-    pub fn drain(&mut self, mut sink: impl FnMut(ConnEvent)) {
+    /// Hands every pending event that `filter` matches to `sink`.
+    pub fn drain(&mut self, filter: &Filter, mut sink: impl FnMut(ConnEvent)) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
             if item.len() < size_of::<RawEvent>() {
@@ -67,14 +69,21 @@ impl EventSource {
             // enough; read_unaligned copes with any alignment.
             let raw = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) };
             match ConnEvent::decode(&raw) {
-                Some(event) => sink(event),
+                Some(event) if filter.matches(&event) => sink(event),
+                Some(_) => {}
                 None => self.undecodable += 1,
             }
         }
     }
 
     pub fn counters(&self) -> Result<KernelCounters> {
-        self.probes.counters()
+        self.probes.counters(&self.probes.program_stats())
+    }
+
+    /// The counters, with `programs` already read for other uses (one read
+    /// of each program's kernel statistics, not two).
+    pub fn counters_given(&self, programs: &[(&'static str, ProgramStats)]) -> Result<KernelCounters> {
+        self.probes.counters(programs)
     }
 
     pub fn flow_table(&self) -> Result<crate::loader::FlowTable> {
@@ -89,7 +98,7 @@ impl EventSource {
         self.probes.packet_histograms()
     }
 
-    pub fn program_stats(&self) -> Vec<(&'static str, crate::kernel::progstats::ProgramStats)> {
+    pub fn program_stats(&self) -> Vec<(&'static str, ProgramStats)> {
         self.probes.program_stats()
     }
 }

@@ -47,8 +47,8 @@ pub async fn run(options: TraceOptions) -> Result<()> {
             }
         };
         // Drain after a stop signal too: what was seen gets printed.
-        source.drain(|event| {
-            if write_error.is_none() && options.filter.matches(&event) {
+        source.drain(&options.filter, |event| {
+            if write_error.is_none() {
                 let written = if options.json {
                     jsonl::write(&mut out, &event)
                 } else {

@@ -176,3 +176,20 @@ impl Drop for Netlens {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `command` (a netlens invocation, however wrapped) and asserts what a
+/// user must see when something is wrong: a non-zero exit, nothing on
+/// stdout, one `netlens: ` line on stderr that mentions `mentions`, no
+/// panic or backtrace.
+pub fn assert_one_line_error(mut command: Command, mentions: &str) {
+    let shown = format!("{command:?}");
+    let output = command.output().expect("running netlens");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{shown} succeeded");
+    assert!(stdout.is_empty(), "{shown} printed to stdout: {stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{shown} printed more than one line: {stderr}");
+    assert!(stderr.starts_with("netlens: "), "{stderr}");
+    assert!(stderr.contains(mentions), "{shown}: `{stderr}` does not mention `{mentions}`");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
+}

@@ -27,7 +27,7 @@ pub fn churn(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         println!("pair {pair}: without netlens {base:>8.0} conn/s");
         let (tracer, attached) = start_tracer(netlens)?;
         let traced = run_load(&load, seconds)?;
-        let stderr = stop_tracer(tracer)?;
+        let stderr = stop_netlens(tracer)?;
         lost += stderr
             .iter()
             .filter_map(|l| l.strip_prefix("netlens: ")?.split(' ').next()?.parse::<u64>().ok())
@@ -57,7 +57,7 @@ pub fn bulk(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling kernel.bpf_stats_enabled")?;
         let (tracer, _) = start_tracer(netlens)?;
         let traced = run_workload(&load, "bulk", seconds);
-        let stderr = stop_tracer(tracer);
+        let stderr = stop_netlens(tracer);
         let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
         let (traced, stderr) = (traced?, stderr?);
         println!("pair {pair}: with netlens    {traced:>7.2} Gbit/s");
@@ -96,9 +96,16 @@ fn run_workload(load: &Path, workload: &str, seconds: u32) -> Result<f64> {
 /// Starts `netlens trace --json > /dev/null`; returns it and the time from
 /// spawn to its `netlens: attached` line.
 fn start_tracer(netlens: &Path) -> Result<(Child, Duration)> {
+    start_netlens(netlens, &["trace", "--json"], "netlens: attached")
+}
+
+/// Starts `netlens ARGS` with stdout to /dev/null; returns it once stderr
+/// shows a line starting with `ready`, and how long that took. Later stderr
+/// lines are kept for [`stop_netlens`].
+fn start_netlens(netlens: &Path, args: &[&str], ready: &str) -> Result<(Child, Duration)> {
     let started = Instant::now();
     let mut child = Command::new(netlens)
-        .args(["trace", "--json"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -110,21 +117,29 @@ fn start_tracer(netlens: &Path) -> Result<(Child, Duration)> {
             let _ = tx.send(line);
         }
     });
-    let first = rx.recv_timeout(Duration::from_secs(30)).context("netlens did not attach")?;
-    let attached = started.elapsed();
-    if !first.starts_with("netlens: attached") {
-        bail!("netlens: {first}");
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .with_context(|| format!("netlens {} did not start", args.join(" ")))?;
+        if line.starts_with(ready) {
+            break;
+        }
+        if !line.starts_with("netlens: attached") {
+            bail!("{line}");
+        }
     }
-    // Keep the receiver alive inside a thread so later lines are collected.
+    let ready_after = started.elapsed();
+    // Keep the receiver so later lines are collected.
     STDERR.with(|cell| *cell.borrow_mut() = Some(rx));
-    Ok((child, attached))
+    Ok((child, ready_after))
 }
 
 thread_local! {
     static STDERR: std::cell::RefCell<Option<mpsc::Receiver<String>>> = const { std::cell::RefCell::new(None) };
 }
 
-fn stop_tracer(mut child: Child) -> Result<Vec<String>> {
+fn stop_netlens(mut child: Child) -> Result<Vec<String>> {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait()?;
@@ -145,27 +160,8 @@ pub fn daemon(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
     for pair in 1..=pairs {
         let base = run_load(&load, seconds)?;
         println!("pair {pair}: without netlens {base:>8.0} conn/s");
-        let mut daemon = Command::new(netlens)
-            .args(["daemon", "--listen", LISTEN])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting netlens daemon")?;
+        let (daemon, _) = start_netlens(netlens, &["daemon", "--listen", LISTEN], "netlens: serving")?;
         let pid = daemon.id();
-        let stderr = BufReader::new(daemon.stderr.take().context("stderr")?);
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).context("the daemon did not start")?;
-            if line.starts_with("netlens: serving") {
-                break;
-            }
-        }
         let (rss_start, cpu_start) = (rss_kib(pid)?, cpu_seconds(pid)?);
         let scraping = Instant::now();
         let scraper = thread::spawn(move || {
@@ -188,9 +184,7 @@ pub fn daemon(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         let (scrapes, exposition_bytes, rss_trace) = scraper.join().map_err(|_| anyhow::anyhow!("scraper panicked"))?;
         let every_5s: Vec<String> = rss_trace.iter().step_by(5).map(|kib| format!("{:.1}", *kib as f64 / 1024.0)).collect();
         println!("pair {pair}: daemon RSS every 5 s (MiB): {}", every_5s.join(", "));
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        daemon.wait()?;
+        stop_netlens(daemon)?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let field = |name: &str| -> Option<f64> { stdout.split_whitespace().find_map(|w| w.strip_prefix(name)?.parse().ok()) };
         let (connections, rate) = (field("connections=").context("no count")?, field("rate=").context("no rate")?);

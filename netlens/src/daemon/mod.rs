@@ -11,6 +11,7 @@ pub mod metrics;
 
 use std::time::{Duration, Instant};
 
+
 use anyhow::{Context as _, Result};
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -19,7 +20,7 @@ use tokio::{
 
 use crate::{
     aggregate::Aggregator,
-    census::Census,
+    census::CensusCache,
     filter::Filter,
     source::{monotonic_ns, EventSource},
 };
@@ -49,51 +50,22 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
     eprintln!("netlens: serving http://{}/metrics", config.listen);
 
     let mut aggregator = Aggregator::new(config.by, config.top_k);
-    let process = prometheus::process_collector::ProcessCollector::for_self();
-    let mut census = CensusCache::new(config.census_interval);
-    let mut evictions = (0u64, Instant::now() - FLOW_TABLE_INTERVAL);
+    let mut exporter = Exporter::new(&config);
     let mut epoch = tokio::time::interval_at(tokio::time::Instant::now() + config.endpoint_epoch, config.endpoint_epoch);
     loop {
-        tokio::select! {
-            ready = source.ready() => ready?,
-            Some(reply) = scrape_requests.recv() => {
-                // What the kernel sent up to now is in the scrape.
-                source.drain(|event| if filter.matches(&event) { aggregator.record(&event) });
-                if evictions.1.elapsed() >= FLOW_TABLE_INTERVAL {
-                    evictions = (source.flow_table().map(|table| table.evictions).unwrap_or(evictions.0), Instant::now());
-                }
-                let programs = source.program_stats();
-                let inputs = metrics::Inputs {
-                    aggregator: &aggregator,
-                    census: census.get(),
-                    counters: source.counters().unwrap_or_default(),
-                    flow_table_evictions: evictions.0,
-                    programs: &programs,
-                    bpf_stats_enabled: bpf_stats_enabled(),
-                    packets: source.packet_histograms().ok(),
-                    top_k: config.top_k,
-                    now_ns: monotonic_ns(),
-                };
-                let mut families = metrics::families(&inputs);
-                // process_cpu_seconds_total, process_resident_memory_bytes, …:
-                // what netlens itself costs, named as every exporter names it.
-                families.extend(prometheus::core::Collector::collect(&process));
-                let text = prometheus::TextEncoder::new().encode_to_string(&families);
-                let _ = reply.send(text.unwrap_or_else(|err| {
-                    eprintln!("netlens: encoding the metrics failed: {err}");
-                    String::new()
-                }));
-                continue;
-            }
-            _ = epoch.tick() => aggregator.end_epoch(),
+        let scrape = tokio::select! {
+            ready = source.ready() => { ready?; None }
+            Some(reply) = scrape_requests.recv() => Some(reply),
+            _ = epoch.tick() => { aggregator.end_epoch(); None }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+        };
+        // Whatever woke us, take what the kernel sent so far: a scrape
+        // includes everything up to its arrival.
+        source.drain(&filter, |event| aggregator.record(&event));
+        if let Some(reply) = scrape {
+            let _ = reply.send(exporter.render(&source, &aggregator));
         }
-        source.drain(|event| {
-            if filter.matches(&event) {
-                aggregator.record(&event);
-            }
-        });
     }
     // Stop serving, then detach (dropping the source detaches every program).
     server.abort();
@@ -102,31 +74,58 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
     Ok(())
 }
 
-/// The last socket census, retaken when older than the interval.
-struct CensusCache {
-    interval: Duration,
-    last: Option<(Instant, Census)>,
-    warned: bool,
+/// What a scrape needs besides the aggregator: the census, the flow-table
+/// evictions (a walk of every key, so at most every FLOW_TABLE_INTERVAL) and
+/// the process's own metrics.
+struct Exporter {
+    census: CensusCache,
+    evictions: u64,
+    evictions_read: Option<Instant>,
+    process: prometheus::process_collector::ProcessCollector,
+    top_k: usize,
 }
 
-impl CensusCache {
-    fn new(interval: Duration) -> Self {
-        Self { interval, last: None, warned: false }
+impl Exporter {
+    fn new(config: &DaemonConfig) -> Self {
+        Self {
+            census: CensusCache::new(config.census_interval),
+            evictions: 0,
+            evictions_read: None,
+            process: prometheus::process_collector::ProcessCollector::for_self(),
+            top_k: config.top_k,
+        }
     }
 
-    fn get(&mut self) -> Option<&Census> {
-        let stale = self.last.as_ref().is_none_or(|(taken, _)| taken.elapsed() >= self.interval);
-        if stale {
-            match Census::take() {
-                Ok(census) => self.last = Some((Instant::now(), census)),
-                Err(err) if !self.warned => {
-                    eprintln!("netlens: {err:#}; socket gauges are left out");
-                    self.warned = true;
-                }
-                Err(_) => {}
-            }
+    /// The text exposition of everything, now.
+    fn render(&mut self, source: &EventSource, aggregator: &Aggregator) -> String {
+        if self.evictions_read.is_none_or(|read| read.elapsed() >= FLOW_TABLE_INTERVAL) {
+            self.evictions = source.flow_table().map_or(self.evictions, |table| table.evictions);
+            self.evictions_read = Some(Instant::now());
         }
-        self.last.as_ref().map(|(_, census)| census)
+        self.census.refresh();
+        if let Some(failure) = self.census.take_failure() {
+            eprintln!("netlens: {failure}; socket gauges are left out");
+        }
+        let programs = source.program_stats();
+        let inputs = metrics::Inputs {
+            aggregator,
+            census: self.census.latest(),
+            counters: source.counters_given(&programs).unwrap_or_default(),
+            flow_table_evictions: self.evictions,
+            programs: &programs,
+            bpf_stats_enabled: bpf_stats_enabled(),
+            packets: source.packet_histograms().ok(),
+            top_k: self.top_k,
+            now_ns: monotonic_ns(),
+        };
+        let mut families = metrics::families(&inputs);
+        // process_cpu_seconds_total, process_resident_memory_bytes, …: what
+        // netlens itself costs, named as every exporter names it.
+        families.extend(prometheus::core::Collector::collect(&self.process));
+        prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_else(|err| {
+            eprintln!("netlens: encoding the metrics failed: {err}");
+            String::new()
+        })
     }
 }
 

@@ -20,7 +20,7 @@ use super::{
     terminal::{self, TerminalGuard},
     view::ViewSettings,
 };
-use crate::{census::Census, filter::Filter, source::{monotonic_ns, EventSource}};
+use crate::{census::CensusCache, filter::Filter, source::{monotonic_ns, EventSource}};
 
 /// Live connections shown at most (the flow table can hold 65,536).
 const MAX_CONNECTIONS: usize = 2_000;
@@ -43,18 +43,14 @@ struct Collector {
     source: EventSource,
     feed: Feed,
     filter: Filter,
-    census: Option<(Instant, Option<u64>)>,
+    census: CensusCache,
     last_epoch: Instant,
 }
 
 impl Collector {
     fn drain(&mut self) {
-        let (feed, filter) = (&mut self.feed, &self.filter);
-        self.source.drain(|event| {
-            if filter.matches(&event) {
-                feed.record(&event);
-            }
-        });
+        let feed = &mut self.feed;
+        self.source.drain(&self.filter, |event| feed.record(&event));
     }
 
     fn snapshot(&mut self) -> super::model::Snapshot {
@@ -63,10 +59,9 @@ impl Collector {
             self.feed.end_epoch();
             self.last_epoch = Instant::now();
         }
-        let stale = self.census.as_ref().is_none_or(|(taken, _)| taken.elapsed() >= CENSUS_INTERVAL);
-        if stale {
-            self.census = Some((Instant::now(), Census::take().ok().map(|census| census.count("time_wait"))));
-        }
+        self.census.refresh();
+        // A failed census shows as "-"; top cannot print over its screen.
+        let _ = self.census.take_failure();
         let filter = &self.filter;
         let flows = self
             .source
@@ -79,7 +74,7 @@ impl Collector {
         let counters = self.source.counters().unwrap_or_default();
         self.feed.snapshot(Extras {
             flows,
-            time_wait: self.census.as_ref().and_then(|(_, count)| *count),
+            time_wait: self.census.latest().map(|census| census.count("time_wait")),
             events_lost: counters.events_lost + counters.events_missed,
             now_ns: monotonic_ns(),
         })
@@ -94,7 +89,7 @@ pub async fn run(options: TopOptions) -> Result<()> {
         source,
         feed: Feed::new(),
         filter: options.filter.clone(),
-        census: None,
+        census: CensusCache::new(CENSUS_INTERVAL),
         last_epoch: Instant::now(),
     };
     if options.batch || options.json {

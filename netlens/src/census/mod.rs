@@ -15,23 +15,20 @@
 //! thread. It asks for no extensions (no `tcp_info`): we need only state and
 //! addresses, and it runs every few seconds in the daemon, so it stays cheap.
 
+mod cache;
+mod sockdiag;
+
 use std::{
     collections::HashMap,
-    io,
     net::{IpAddr, SocketAddr},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, Parseable as _, NLMSG_DONE, NLMSG_ERROR,
-    NLM_F_DUMP, NLM_F_REQUEST,
-};
-use netlink_packet_sock_diag::{
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
-    SockDiagMessage, SOCK_DIAG_BY_FAMILY,
-};
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
+use netlens_common::tcp_state::LISTEN as TCP_LISTEN;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
+
+pub use cache::CensusCache;
+use sockdiag::SockDiag;
 
 /// The sysctl holding the range `connect()` picks local ports from. Under
 /// /proc/sys/net, so it is the calling thread's network namespace, like the dump.
@@ -54,15 +51,7 @@ const TCP_STATE_NAMES: [&str; 12] = [
     "new_syn_recv",
 ];
 
-const TCP_LISTEN: u8 = 10;
-const TCP_NEW_SYN_RECV: u8 = 12;
 
-/// Receive buffer for the dump. The kernel fills dump datagrams of at most
-/// ~32 KiB; twice that leaves room, and a truncated datagram is detected anyway.
-const RECEIVE_BUFFER_LEN: usize = 64 * 1024;
-
-/// Netlink messages inside a datagram start on 4-byte boundaries.
-const NLMSG_ALIGN: usize = 4;
 
 /// A snapshot of the TCP sockets of this network namespace.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -212,151 +201,6 @@ impl Tally {
     }
 }
 
-/// A NETLINK_SOCK_DIAG socket plus the buffer its dumps are read into.
-struct SockDiag {
-    socket: Socket,
-    receive_buffer: Vec<u8>,
-}
-
-impl SockDiag {
-    fn open() -> Result<Self> {
-        let socket = Socket::new(NETLINK_SOCK_DIAG).context(
-            "socket census: cannot open a NETLINK_SOCK_DIAG socket; \
-             is the kernel built with CONFIG_INET_DIAG?",
-        )?;
-        // Connected to the kernel (port 0), the socket refuses datagrams from
-        // other processes, so every reply we read is the kernel's. The kernel
-        // autobinds our end on connect.
-        socket.connect(&netlink_sys::SocketAddr::new(0, 0)).context(
-            "socket census: cannot connect the NETLINK_SOCK_DIAG socket to the kernel; \
-             is netlink restricted here (seccomp, LSM)?",
-        )?;
-        Ok(Self { socket, receive_buffer: vec![0; RECEIVE_BUFFER_LEN] })
-    }
-
-    /// Dumps every TCP socket of `family`, calling `on_socket` for each. Reads
-    /// the multi-part reply until NLMSG_DONE.
-    fn dump_tcp(
-        &mut self,
-        family: u8,
-        sequence: u32,
-        mut on_socket: impl FnMut(&InetResponseHeader),
-    ) -> Result<()> {
-        let family_name = if family == AF_INET { "IPv4" } else { "IPv6" };
-        let fail = |what: String| {
-            anyhow!(
-                "socket census: netlink sock_diag dump of {family_name} TCP sockets failed: \
-                 {what}; is CONFIG_INET_DIAG (tcp_diag) enabled?"
-            )
-        };
-
-        let request = dump_request(family, sequence);
-        self.socket.send(&request, 0).map_err(|e| fail(format!("send: {e}")))?;
-
-        loop {
-            let received = receive_datagram(&self.socket, &mut self.receive_buffer)
-                .map_err(|e| fail(format!("receive: {e}")))?;
-            if received > self.receive_buffer.len() {
-                return Err(fail(format!(
-                    "a {received}-byte reply did not fit the {}-byte buffer",
-                    self.receive_buffer.len()
-                )));
-            }
-
-            let mut rest = &self.receive_buffer[..received];
-            while !rest.is_empty() {
-                // new_checked guarantees header <= length <= rest.len(), so
-                // payload() below cannot go out of bounds.
-                let message = NetlinkBuffer::new_checked(rest)
-                    .map_err(|e| fail(format!("malformed reply: {e}")))?;
-                let length = message.length() as usize;
-
-                if message.sequence_number() == sequence {
-                    match message.message_type() {
-                        SOCK_DIAG_BY_FAMILY => {
-                            let socket = InetResponseHeader::parse(message.payload())
-                                .map_err(|e| fail(format!("malformed socket record: {e}")))?;
-                            on_socket(&socket);
-                        }
-                        NLMSG_DONE => {
-                            // The payload of a dump's DONE is the dump's
-                            // return value: negative errno if it broke off.
-                            return match leading_i32(message.payload()) {
-                                Some(errno) if errno < 0 => Err(fail(format!(
-                                    "kernel ended the dump with: {}",
-                                    io::Error::from_raw_os_error(errno.saturating_neg())
-                                ))),
-                                _ => Ok(()),
-                            };
-                        }
-                        NLMSG_ERROR => match leading_i32(message.payload()) {
-                            // 0 is an acknowledgement, not an error.
-                            Some(0) => {}
-                            Some(errno) => {
-                                return Err(fail(format!(
-                                    "kernel refused the dump: {}",
-                                    io::Error::from_raw_os_error(errno.saturating_neg())
-                                )))
-                            }
-                            None => return Err(fail("truncated error reply".to_owned())),
-                        },
-                        // NLMSG_NOOP and anything else carry no socket.
-                        _ => {}
-                    }
-                }
-
-                let aligned_length = length.next_multiple_of(NLMSG_ALIGN);
-                rest = rest.get(aligned_length..).unwrap_or_default();
-            }
-        }
-    }
-}
-
-/// The serialized SOCK_DIAG_BY_FAMILY dump request: TCP, every state, no
-/// extensions.
-fn dump_request(family: u8, sequence: u32) -> Vec<u8> {
-    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
-    // StateFlags::all() stops at TCP_CLOSING; ask for TCP_NEW_SYN_RECV too.
-    // (Not TCP_BOUND_INACTIVE, 13: bound-but-unused sockets are not connections.)
-    let states = StateFlags::from_bits_retain(StateFlags::all().bits() | 1 << TCP_NEW_SYN_RECV);
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = sequence;
-    let mut message = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states,
-            socket_id,
-        })
-        .into(),
-    );
-    message.finalize();
-    let mut bytes = vec![0; message.buffer_len()];
-    message.serialize(&mut bytes);
-    bytes
-}
-
-/// Receives one datagram into `buffer`, retrying when a signal interrupts.
-/// With MSG_TRUNC the result is the datagram's full length, which exceeds
-/// `buffer.len()` if it was cut short.
-fn receive_datagram(socket: &Socket, buffer: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match socket.recv(&mut &mut buffer[..], libc::MSG_TRUNC) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            result => return result,
-        }
-    }
-}
-
-/// The native-endian i32 at the start of a NLMSG_DONE / NLMSG_ERROR payload.
-fn leading_i32(payload: &[u8]) -> Option<i32> {
-    let bytes = payload.get(..4)?.try_into().ok()?;
-    Some(i32::from_ne_bytes(bytes))
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -366,6 +210,8 @@ mod tests {
         sync::Mutex,
         time::{Duration, Instant},
     };
+
+    use netlens_common::tcp_state::NEW_SYN_RECV as TCP_NEW_SYN_RECV;
 
     use super::*;
 
@@ -480,23 +326,6 @@ mod tests {
     fn port_range_matches_this_host() {
         let (low, high) = read_port_range().unwrap();
         assert!(low <= high);
-    }
-
-    #[test]
-    fn dump_request_asks_for_all_states_and_no_extensions() {
-        let bytes = dump_request(AF_INET6, 7);
-        // nlmsghdr (16) + inet_diag_req_v2 (56)
-        assert_eq!(bytes.len(), 72);
-        let message = NetlinkBuffer::new_checked(&bytes[..]).unwrap();
-        assert_eq!(message.message_type(), SOCK_DIAG_BY_FAMILY);
-        assert_eq!(message.flags(), NLM_F_REQUEST | NLM_F_DUMP);
-        assert_eq!(message.sequence_number(), 7);
-        let payload = message.payload();
-        assert_eq!(payload[0], AF_INET6);
-        assert_eq!(payload[1], IPPROTO_TCP);
-        assert_eq!(payload[2], 0, "no INET_DIAG extensions");
-        let states = u32::from_ne_bytes(payload[4..8].try_into().unwrap());
-        assert_eq!(states, 0b1_1111_1111_1110, "TCP states 1..=12");
     }
 
     /// Connects to `listener`, returning both ends of each connection.
