@@ -1,6 +1,10 @@
 //! `cargo xtask`: build, run, test and benchmark netlens.
 
 mod bench;
+mod bounded;
+mod guest;
+mod kernels;
+mod matrix;
 mod setup;
 
 use std::{
@@ -29,6 +33,11 @@ enum Task {
     },
     /// Build, then run the unit tests and the privileged integration tests.
     Test {
+        /// Kernel(s) to test on: `host` (the default: natively), `5.10`, `6.1`,
+        /// `6.12` (Debian's kernels booted under QEMU), or `all`; any
+        /// `--kernel` ends with a feature matrix (see README, "Kernel matrix").
+        #[arg(long, value_name = "KERNEL")]
+        kernel: Option<String>,
         /// Extra arguments for the test binaries (e.g. a test name).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -65,20 +74,11 @@ fn run_task(task: Task) -> Result<()> {
             let mut command = setup::privileged(binary.to_str().context("non-UTF-8 path")?);
             run(command.args(&args))
         }
-        Task::Test { args } => {
-            let binary = build(true)?;
-            let toolchain = setup::ensure(true)?;
-            let mut command = cargo();
-            toolchain.apply(&mut command);
-            command
-                .args(["test", "--release", "--workspace", "--exclude", "netlens-ebpf", "--lib", "--bins", "--tests", "--"])
-                .args(&args)
-                .env("NETLENS_BIN", &binary);
-            // The integration tests load eBPF programs: they need root.
-            if !is_root() {
-                bail!("the integration tests need root: run `sudo -E cargo xtask test`");
-            }
-            run_tests(&mut command)
+        Task::Test { kernel: None, args } => test_host(&args)?.verdict(),
+        Task::Test { kernel: Some(kernel), args } => {
+            // Refuse a bad name before building anything.
+            let selection = matrix::Selection::parse(&kernel)?;
+            matrix::run(&selection, &args)
         }
         Task::Bench { which, pairs, seconds } => {
             let binary = build(true)?;
@@ -91,6 +91,23 @@ fn run_task(task: Task) -> Result<()> {
             }
         }
     }
+}
+
+/// The full host suite, natively: unit tests and every integration test.
+fn test_host(args: &[String]) -> Result<TestCounts> {
+    let binary = build(true)?;
+    let toolchain = setup::ensure(true)?;
+    let mut command = cargo();
+    toolchain.apply(&mut command);
+    command
+        .args(["test", "--release", "--workspace", "--exclude", "netlens-ebpf", "--lib", "--bins", "--tests", "--"])
+        .args(args)
+        .env("NETLENS_BIN", &binary);
+    // The integration tests load eBPF programs: they need root.
+    if !is_root() {
+        bail!("the integration tests need root: run `sudo -E cargo xtask test`");
+    }
+    run_tests(&mut command)
 }
 
 /// Installs what is missing and builds; returns the netlens binary.
@@ -128,30 +145,66 @@ pub fn run(command: &mut Command) -> Result<()> {
 
 /// Runs cargo test, passing its output through, and closes with one
 /// summary line over every test binary.
-fn run_tests(command: &mut Command) -> Result<()> {
+fn run_tests(command: &mut Command) -> Result<TestCounts> {
     use std::io::{BufRead, BufReader};
     let mut child = command.stdout(std::process::Stdio::piped()).spawn().context("running cargo test")?;
-    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut counts = TestCounts::default();
     let stdout = child.stdout.take().context("cargo test stdout")?;
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            let count = |word: &str| -> u64 {
-                result.split(';').find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok()).unwrap_or(0)
-            };
-            passed += count("passed");
-            failed += count("failed");
-        }
+        counts.add_line(&line);
     }
     let status = child.wait()?;
-    println!("{passed} passed, {failed} failed");
-    if !status.success() || failed > 0 {
-        bail!("tests failed ({status})");
+    counts.all_exited_ok = status.success();
+    println!("{} passed, {} failed", counts.passed, counts.failed);
+    Ok(counts)
+}
+
+/// What libtest reported, summed over test binaries.
+#[derive(Clone, Copy, Debug)]
+pub struct TestCounts {
+    pub passed: u64,
+    pub failed: u64,
+    /// Every test process exited 0 (one that crashed prints no result line).
+    pub all_exited_ok: bool,
+}
+
+impl Default for TestCounts {
+    fn default() -> Self {
+        Self { passed: 0, failed: 0, all_exited_ok: true }
     }
-    if passed == 0 {
-        bail!("no test ran");
+}
+
+impl TestCounts {
+    /// Adds the counts of a libtest `test result: ...` line; other lines are ignored.
+    pub fn add_line(&mut self, line: &str) {
+        let Some(result) = line.trim_start().strip_prefix("test result: ") else {
+            return;
+        };
+        let count = |word: &str| -> u64 {
+            result.split(';').find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+        };
+        self.passed += count("passed");
+        self.failed += count("failed");
     }
-    Ok(())
+
+    pub fn ok(&self) -> bool {
+        self.all_exited_ok && self.failed == 0 && self.passed > 0
+    }
+
+    /// `cargo xtask test`'s verdict: an error unless everything ran and passed.
+    pub fn verdict(self) -> Result<()> {
+        if self.failed > 0 {
+            bail!("tests failed ({} failed)", self.failed);
+        }
+        if !self.all_exited_ok {
+            bail!("tests failed (a test process exited non-zero)");
+        }
+        if self.passed == 0 {
+            bail!("no test ran");
+        }
+        Ok(())
+    }
 }
 
 /// Runs a command and returns its stdout.

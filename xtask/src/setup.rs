@@ -59,6 +59,31 @@ pub fn ensure(with_test_tools: bool) -> Result<EbpfToolchain> {
     Ok(toolchain)
 }
 
+/// What the kernel matrix adds: QEMU, a static busybox for virtme-ng's
+/// initramfs, kmod (virtme-ng runs depmod on the extracted kernels; the
+/// guests load modules with the host's modprobe), file (virtme-ng reads the
+/// kernel version with it), and virtme-ng itself from PyPI.
+pub fn ensure_matrix_tools() -> Result<()> {
+    let mut apt = Apt::default();
+    apt.install(&["qemu-system-x86", "busybox-static", "kmod", "file", "dpkg", "debian-archive-keyring"])?;
+    if which("vng") {
+        return Ok(());
+    }
+    println!("xtask: installing virtme-ng {VIRTME_NG} (pip)");
+    // A distribution's own python refuses pip installs (PEP 668): pipx then.
+    if run(Command::new("python3").args(["-m", "pip", "install", "--quiet", &format!("virtme-ng=={VIRTME_NG}")])).is_err() {
+        apt.install(&["pipx"])?;
+        run(Command::new("pipx").args(["install", &format!("virtme-ng=={VIRTME_NG}")]))?;
+    }
+    if !which("vng") {
+        bail!("virtme-ng is installed but `vng` is not on PATH (pipx puts it in ~/.local/bin)");
+    }
+    Ok(())
+}
+
+/// The virtme-ng release the matrix is known to work with.
+const VIRTME_NG: &str = "1.42";
+
 fn ensure_rust(apt: &mut Apt) -> Result<EbpfToolchain> {
     if nightly_has_rust_src() {
         println!("xtask: eBPF toolchain: rustup nightly with rust-src");

@@ -1,0 +1,138 @@
+#!/bin/sh
+# Runs inside a virtme-ng guest (see guest.rs): `sh guest.sh OUT`, where OUT
+# is the host directory shared read-write with the guest. It reads OUT/plan.tsv
+# and leaves there what the host turns into the matrix:
+#   uname             the guest's kernel release
+#   check.json        `netlens check --json` (check.txt: the plain table, for
+#                     a netlens without --json)
+#   steps.tsv         one line per step: name, exit status, seconds
+#   tests.log         the output of every test binary
+#   finished          written last: the guest got to the end
+# Every step is bounded (timeout), and a failed step does not stop the rest:
+# one run shows everything that is wrong on this kernel.
+set -u
+out=$1
+tab=$(printf '\t')
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+
+# virtme-ng finds its script ports (stdout, stderr, exit status) through udev
+# links; without udev it falls back to the console, which the host does not
+# read. Make the links, then send everything to the ports.
+mkdir -p /dev/virtio-ports
+for port in /sys/class/virtio-ports/*; do
+    [ -r "$port/name" ] && ln -sf "/dev/${port##*/}" "/dev/virtio-ports/$(cat "$port/name")"
+done
+if [ -e /dev/virtio-ports/virtme.stdout ]; then
+    exec >/dev/virtio-ports/virtme.stdout 2>/dev/virtio-ports/virtme.stderr
+fi
+
+# What netlens and the tests expect to find mounted and writable.
+mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mkdir -p /run/netns /var/run
+# Modules the tests use; the kernel would load most on demand.
+for module in nf_tables tcp_bbr sch_netem veth; do modprobe -q "$module" 2>/dev/null; done
+
+netlens=
+check_limit=120
+smoke_limit=60
+test_limit=300
+set --
+while IFS="$tab" read -r kind a b c; do
+    case $kind in
+        netlens) netlens=$a ;;
+        limit) eval "${a}_limit=\$b" ;;
+        arg) set -- "$@" "$a" ;;
+    esac
+done <"$out/plan.tsv"
+
+uname -r >"$out/uname"
+: >"$out/steps.tsv"
+: >"$out/tests.log"
+started=$(date +%s)
+step() { # name status
+    now=$(date +%s)
+    printf '%s\t%s\t%s\n' "$1" "$2" "$((now - started))" >>"$out/steps.tsv"
+    echo "guest: step $1: exit $2 ($((now - started)) s)"
+    started=$now
+}
+alive() { # pid: running and not a zombie
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+echo "guest: kernel $(uname -r), $(nproc) CPUs"
+
+# 1. netlens check, as JSON (older netlens: the plain table).
+timeout -k 5 "$check_limit" "$netlens" check --json >"$out/check.json" 2>"$out/check.err"
+status=$?
+if [ "$status" = 2 ] && [ ! -s "$out/check.json" ]; then
+    timeout -k 5 "$check_limit" "$netlens" check >"$out/check.txt" 2>>"$out/check.err"
+    status=$?
+    cat "$out/check.txt"
+else
+    cat "$out/check.json"
+fi
+cat "$out/check.err" >&2
+step check "$status"
+
+# 2. The kernel-side integration tests, one binary at a time, serially.
+while IFS="$tab" read -r kind name dir binary; do
+    [ "$kind" = test ] || continue
+    echo "guest: test binary $name"
+    {
+        (cd "$dir" && NETLENS_BIN="$netlens" NETLENS_GUEST=1 CARGO_MANIFEST_DIR="$dir" \
+            timeout -k 10 "$test_limit" "$binary" --test-threads=1 "$@" </dev/null 2>&1)
+        echo $? >"$out/status"
+    } | tee -a "$out/tests.log"
+    step "test:$name" "$(cat "$out/status")"
+done <"$out/plan.tsv"
+
+# 3. Smoke runs of each command, with a little traffic for trace to see:
+# refused connects (handshake failures) and one HTTP exchange with the daemon.
+(sleep 1; for _ in 1 2 3; do curl -s -m 2 http://127.0.0.1:9/ >/dev/null; done) &
+timeout -k 5 "$smoke_limit" "$netlens" trace --duration 3 --json >"$out/trace.jsonl" </dev/null
+status=$?
+wait
+echo "guest: trace printed $(wc -l <"$out/trace.jsonl") events"
+step trace "$status"
+
+timeout -k 5 "$smoke_limit" "$netlens" top --batch -n 1 </dev/null
+step top "$?"
+
+"$netlens" daemon --listen 127.0.0.1:9977 </dev/null &
+daemon=$!
+scraped=1
+waited=0
+while [ "$waited" -lt "$smoke_limit" ] && alive "$daemon"; do
+    if curl -sf -m 5 http://127.0.0.1:9977/metrics >"$out/metrics.txt"; then
+        scraped=0
+        break
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
+if [ "$scraped" = 0 ] && ! grep -q '^netlens_' "$out/metrics.txt"; then
+    echo "guest: the scrape has no netlens_ series" >&2
+    scraped=1
+fi
+echo "guest: scraped $(grep -c '^netlens_' "$out/metrics.txt" 2>/dev/null) netlens_ samples"
+step daemon-scrape "$scraped"
+kill -TERM "$daemon" 2>/dev/null
+waited=0
+while [ "$waited" -lt 20 ] && alive "$daemon"; do
+    sleep 1
+    waited=$((waited + 1))
+done
+if alive "$daemon"; then
+    echo "guest: the daemon ignored SIGTERM for 20 s" >&2
+    kill -KILL "$daemon"
+fi
+wait "$daemon"
+step daemon-exit "$?"
+
+date >"$out/finished"
+# The host reads the verdict from steps.tsv; this status is for humans.
+! grep -qv "${tab}0${tab}" "$out/steps.tsv"

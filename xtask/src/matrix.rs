@@ -1,0 +1,451 @@
+//! `cargo xtask test --kernel KERNEL`: the host suite natively and/or
+//! netlens on Debian's own kernels under QEMU, ending in one table: the
+//! features `netlens check --json` reports per kernel, the test counts and
+//! the smoke runs.
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+use crate::{
+    bounded,
+    guest::{self, GuestResults, TestBinary},
+    kernels::{GuestKernel, KernelCache, GUEST_KERNELS},
+    setup, TestCounts,
+};
+
+/// The integration test binaries (tests/ targets) that exercise the kernel
+/// side and run inside every guest; names not (yet) built are skipped.
+pub const GUEST_TEST_BINARIES: [&str; 4] = ["lifecycle", "retransmit", "transport", "accept"];
+
+/// One guest, boot to power-off. Measured on 2 cores under TCG: see README.
+const GUEST_LIMIT: Duration = Duration::from_secs(420);
+
+/// `netlens check` on the host.
+const HOST_CHECK_LIMIT: Duration = Duration::from_secs(60);
+
+/// Where one column of the matrix runs.
+#[derive(Clone, Copy)]
+enum Target {
+    Host,
+    Guest(&'static GuestKernel),
+}
+
+/// The kernels `--kernel` selected, in matrix order (host first).
+pub struct Selection(Vec<Target>);
+
+impl Selection {
+    pub fn parse(value: &str) -> Result<Self> {
+        let guests = GUEST_KERNELS.iter().map(Target::Guest);
+        let targets = match value {
+            "host" => vec![Target::Host],
+            "all" => std::iter::once(Target::Host).chain(guests).collect(),
+            name => match GUEST_KERNELS.iter().find(|k| k.name == name) {
+                Some(kernel) => vec![Target::Guest(kernel)],
+                None => {
+                    let names: Vec<&str> = GUEST_KERNELS.iter().map(|k| k.name).collect();
+                    bail!("unknown kernel `{name}`: choose {}, host or all", names.join(", "));
+                }
+            },
+        };
+        Ok(Self(targets))
+    }
+}
+
+/// One kernel's column.
+struct Column {
+    kernel: String,
+    release: Option<String>,
+    check: Option<CheckReport>,
+    tests: Option<TestCounts>,
+    /// Guest steps (test binaries, smoke runs) that exited non-zero.
+    failed_steps: Vec<String>,
+    /// Steps that passed: an empty smoke row means "did not run".
+    passed_steps: usize,
+    /// Anything else that went wrong: timeouts, downloads, crashes.
+    problems: Vec<String>,
+    elapsed: Duration,
+}
+
+impl Column {
+    fn new(kernel: &str) -> Self {
+        Self {
+            kernel: kernel.to_string(),
+            release: None,
+            check: None,
+            tests: None,
+            failed_steps: Vec::new(),
+            passed_steps: 0,
+            problems: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn failed(&self) -> bool {
+        !self.problems.is_empty()
+            || !self.failed_steps.is_empty()
+            || !self.check.as_ref().is_some_and(|c| c.exit_ok)
+            || !self.tests.is_some_and(|t| t.ok())
+    }
+}
+
+/// What `netlens check` said.
+struct CheckReport {
+    exit_ok: bool,
+    /// "exit 0", "exit 1", "timed out after 60 s".
+    exit: String,
+    /// From `--json`; empty when this netlens prints only the table.
+    features: Vec<Feature>,
+    /// Checks that were not ok: (check, detail).
+    failed_checks: Vec<(String, String)>,
+    /// `--json` was understood.
+    json: bool,
+}
+
+struct Feature {
+    name: String,
+    status: String,
+    hook: String,
+    why: String,
+}
+
+pub fn run(selection: &Selection, test_args: &[String]) -> Result<()> {
+    if !crate::is_root() {
+        bail!("the kernel matrix needs root: run `sudo -E cargo xtask test --kernel ...`");
+    }
+    let started = Instant::now();
+    let mut columns = Vec::new();
+    let mut guest_inputs: Option<(std::path::PathBuf, Vec<TestBinary>)> = None;
+    let mut kernels = KernelCache::new();
+    for target in &selection.0 {
+        let column = match target {
+            Target::Host => host_column(test_args),
+            Target::Guest(kernel) => {
+                if guest_inputs.is_none() {
+                    setup::ensure_matrix_tools()?;
+                    let netlens = crate::build(true)?;
+                    guest_inputs = Some((netlens, guest_test_binaries()?));
+                }
+                let (netlens, tests) = guest_inputs.as_ref().context("guest inputs")?;
+                guest_column(kernel, &mut kernels, netlens, tests, test_args)
+            }
+        };
+        columns.push(column);
+    }
+    let table = render(&columns, started.elapsed());
+    println!("\n{table}");
+    let saved = crate::workspace_root().join("target/matrix/matrix.txt");
+    if let Some(parent) = saved.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::fs::write(&saved, &table);
+    let failed: Vec<&str> = columns.iter().filter(|c| c.failed()).map(|c| c.kernel.as_str()).collect();
+    if !failed.is_empty() {
+        bail!("kernel matrix failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// The host column: today's full suite, then `netlens check --json`.
+fn host_column(test_args: &[String]) -> Column {
+    let started = Instant::now();
+    let mut column = Column::new("host");
+    column.release = crate::capture(Command::new("uname").arg("-r")).ok().map(|r| r.trim().to_string());
+    match crate::test_host(test_args) {
+        Ok(counts) => column.tests = Some(counts),
+        Err(err) => column.problems.push(format!("host tests: {err:#}")),
+    }
+    let netlens = crate::workspace_root().join("target/release/netlens");
+    match host_check(&netlens) {
+        Ok(check) => column.check = Some(check),
+        Err(err) => column.problems.push(format!("netlens check: {err:#}")),
+    }
+    column.elapsed = started.elapsed();
+    column
+}
+
+fn host_check(netlens: &Path) -> Result<CheckReport> {
+    let json = bounded::run(Command::new(netlens).args(["check", "--json"]), HOST_CHECK_LIMIT, "host")?;
+    // Exit 2 with nothing on stdout: a netlens without --json (clap's usage error).
+    if json.status.and_then(|s| s.code()) == Some(2) && json.stdout.trim().is_empty() {
+        let plain = bounded::run(Command::new(netlens).arg("check"), HOST_CHECK_LIMIT, "host")?;
+        return Ok(parse_check(None, Some(&plain.stdout), plain.success(), plain.describe(HOST_CHECK_LIMIT)));
+    }
+    Ok(parse_check(Some(&json.stdout), None, json.success(), json.describe(HOST_CHECK_LIMIT)))
+}
+
+/// The test executables for the guests, built on the host (cargo prints
+/// each one's path in its JSON messages).
+fn guest_test_binaries() -> Result<Vec<TestBinary>> {
+    let toolchain = setup::ensure(true)?;
+    let mut command = crate::cargo();
+    toolchain.apply(&mut command);
+    command.args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "netlens-ebpf",
+        "--no-run",
+        // Diagnostics rendered on stderr as usual; stdout keeps the JSON.
+        "--message-format=json-render-diagnostics",
+    ]);
+    let messages = crate::capture(&mut command)?;
+    let mut binaries = Vec::new();
+    for message in messages.lines().filter_map(|line| serde_json::from_str::<Value>(line).ok()) {
+        let target = &message["target"];
+        let is_test = target["kind"].as_array().is_some_and(|kinds| kinds.iter().any(|k| k == "test"));
+        let (Some(name), Some(executable)) = (target["name"].as_str(), message["executable"].as_str()) else {
+            continue;
+        };
+        if !is_test || !GUEST_TEST_BINARIES.contains(&name) {
+            continue;
+        }
+        let manifest = message["manifest_path"].as_str().context("cargo message without manifest_path")?;
+        binaries.push(TestBinary {
+            name: name.to_string(),
+            executable: executable.into(),
+            package_dir: Path::new(manifest).parent().context("manifest_path has no directory")?.to_path_buf(),
+        });
+    }
+    binaries.sort_by_key(|b| GUEST_TEST_BINARIES.iter().position(|n| *n == b.name));
+    for name in GUEST_TEST_BINARIES {
+        if !binaries.iter().any(|b| b.name == name) {
+            println!("xtask: no test binary `{name}` in the workspace: not run in the guests");
+        }
+    }
+    if binaries.is_empty() {
+        bail!("none of the guest test binaries ({}) was built", GUEST_TEST_BINARIES.join(", "));
+    }
+    Ok(binaries)
+}
+
+/// One guest column: fetch the kernel, boot it, read what guest.sh left.
+fn guest_column(
+    kernel: &GuestKernel,
+    cache: &mut KernelCache,
+    netlens: &Path,
+    tests: &[TestBinary],
+    test_args: &[String],
+) -> Column {
+    let started = Instant::now();
+    let mut column = Column::new(kernel.name);
+    let results = cache
+        .fetch(kernel)
+        .and_then(|image| guest::run(kernel.name, &image, netlens, tests, test_args, GUEST_LIMIT));
+    match results {
+        Ok(results) => read_guest_results(&mut column, &results),
+        Err(err) => column.problems.push(format!("{err:#}")),
+    }
+    column.elapsed = started.elapsed();
+    println!("xtask: guest {} took {:.0} s", kernel.name, column.elapsed.as_secs_f64());
+    column
+}
+
+fn read_guest_results(column: &mut Column, results: &GuestResults) {
+    column.release = results.read("uname").map(|r| r.trim().to_string());
+    if !results.finished() {
+        column.problems.push(format!(
+            "the guest did not finish ({}); output in {}",
+            results.outcome.describe(GUEST_LIMIT),
+            results.dir.display()
+        ));
+    }
+    let steps = results.steps();
+    if let Some((_, status)) = steps.iter().find(|(name, _)| name == "check") {
+        let exit = if *status == 124 { "timed out".to_string() } else { format!("exit {status}") };
+        let json = results.read("check.json");
+        let plain = results.read("check.txt");
+        column.check = Some(parse_check(json.as_deref().filter(|_| plain.is_none()), plain.as_deref(), *status == 0, exit));
+    }
+    let mut counts = TestCounts::default();
+    for line in results.read("tests.log").unwrap_or_default().lines() {
+        counts.add_line(line);
+    }
+    let mut ran_tests = false;
+    for (name, status) in &steps {
+        if name.starts_with("test:") {
+            ran_tests = true;
+            counts.all_exited_ok &= *status == 0;
+        }
+        match (name.as_str(), *status) {
+            ("check", _) => {}
+            (_, 0) => column.passed_steps += 1,
+            (_, 124) => column.failed_steps.push(format!("{name}: timed out")),
+            (_, status) => column.failed_steps.push(format!("{name}: exit {status}")),
+        }
+    }
+    if ran_tests {
+        column.tests = Some(counts);
+    }
+}
+
+/// Reads `netlens check --json` (or, from a netlens without it, the plain
+/// `CHECK  STATUS  DETAIL` table).
+fn parse_check(json: Option<&str>, plain: Option<&str>, exit_ok: bool, exit: String) -> CheckReport {
+    let mut report = CheckReport { exit_ok, exit, features: Vec::new(), failed_checks: Vec::new(), json: false };
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    // The object may follow stray lines; take it from its first brace.
+    let object = json
+        .and_then(|j| j.find('{').map(|at| &j[at..]))
+        .and_then(|j| serde_json::Deserializer::from_str(j).into_iter::<Value>().next()?.ok());
+    if let Some(object) = object {
+        report.json = true;
+        for feature in object["features"].as_array().into_iter().flatten() {
+            report.features.push(Feature {
+                name: text(&feature["feature"]),
+                status: text(&feature["status"]),
+                hook: text(&feature["hook"]),
+                why: text(&feature["why"]),
+            });
+        }
+        for check in object["checks"].as_array().into_iter().flatten() {
+            if check["ok"] != Value::Bool(true) {
+                report.failed_checks.push((text(&check["check"]), text(&check["detail"])));
+            }
+        }
+    } else if let Some(plain) = plain {
+        report.failed_checks = failed_rows_of_table(plain);
+    }
+    report
+}
+
+/// Rows whose STATUS is not `ok` in check's plain table; columns are found
+/// from the header, as names and details hold spaces.
+fn failed_rows_of_table(table: &str) -> Vec<(String, String)> {
+    let mut lines = table.lines().skip_while(|l| !(l.starts_with("CHECK") && l.contains("STATUS")));
+    let Some(header) = lines.next() else { return Vec::new() };
+    let (Some(status_at), Some(detail_at)) = (header.find("STATUS"), header.find("DETAIL")) else {
+        return Vec::new();
+    };
+    lines
+        .filter(|line| line.len() > status_at && line.is_char_boundary(status_at))
+        .filter_map(|line| {
+            let (name, rest) = line.split_at(status_at);
+            // A row's status is `ok` or a capitalised word (FAIL); other
+            // lines (the closing sentence) are not rows.
+            let status = rest.split_whitespace().next()?;
+            let failed = status != "ok" && status.chars().all(|c| c.is_ascii_uppercase());
+            let detail = line.get(detail_at..).unwrap_or_default().trim();
+            failed.then(|| (name.trim().to_string(), detail.to_string()))
+        })
+        .filter(|(name, _)| !name.is_empty())
+        .collect()
+}
+
+/// The matrix: one row per feature (first-seen order), then check, tests,
+/// smoke, time and verdict; below it, why every non-ok cell is so.
+fn render(columns: &[Column], total: Duration) -> String {
+    let mut features: Vec<&str> = Vec::new();
+    for feature in columns.iter().filter_map(|c| c.check.as_ref()).flat_map(|c| &c.features) {
+        if !features.contains(&feature.name.as_str()) {
+            features.push(&feature.name);
+        }
+    }
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut header = vec!["feature".to_string()];
+    header.extend(columns.iter().map(|c| c.kernel.clone()));
+    rows.push(header);
+    let row = |label: &str, cell: &dyn Fn(&Column) -> String| -> Vec<String> {
+        std::iter::once(label.to_string()).chain(columns.iter().map(cell)).collect()
+    };
+    rows.push(row("release", &|c| c.release.clone().unwrap_or_else(|| "?".into())));
+    for name in &features {
+        rows.push(row(name, &|c| match &c.check {
+            None => "-".into(),
+            Some(check) if !check.json => "?".into(),
+            Some(check) => check.features.iter().find(|f| f.name == *name).map_or("-".into(), |f| f.status.clone()),
+        }));
+    }
+    rows.push(row("netlens check", &|c| c.check.as_ref().map_or("not run".into(), |check| {
+        let json = if check.json { "" } else { " (no --json)" };
+        format!("{}{json}", if check.exit_ok { "ok" } else { check.exit.as_str() })
+    })));
+    rows.push(row("tests passed/failed", &|c| c.tests.map_or("not run".into(), |t| format!("{}/{}", t.passed, t.failed))));
+    rows.push(row("smoke", &|c| {
+        let smoke_failed = c.failed_steps.iter().filter(|s| !s.starts_with("test:")).count();
+        match (c.kernel.as_str(), smoke_failed, c.passed_steps) {
+            ("host", _, _) => "(host suite)".into(),
+            (_, 0, 0) => "not run".into(),
+            (_, 0, _) => "ok".into(),
+            (_, n, _) => format!("{n} failed"),
+        }
+    }));
+    rows.push(row("time", &|c| format!("{:.0} s", c.elapsed.as_secs_f64())));
+    rows.push(row("verdict", &|c| if c.failed() { "FAIL".into() } else { "ok".into() }));
+
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::from("Kernel matrix\n");
+    for (index, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+        if index == 0 {
+            let _ = writeln!(out, "{}", "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1)));
+        }
+    }
+    let _ = writeln!(out, "total {:.0} s", total.as_secs_f64());
+
+    let mut notes = String::new();
+    for column in columns {
+        let kernel = &column.kernel;
+        if let Some(check) = &column.check {
+            for f in check.features.iter().filter(|f| f.status != "ok") {
+                let hook = if f.hook.is_empty() { String::new() } else { format!(" [hook: {}]", f.hook) };
+                let _ = writeln!(notes, "  {kernel} {} {}: {}{hook}", f.name, f.status, f.why);
+            }
+            for (name, detail) in &check.failed_checks {
+                let _ = writeln!(notes, "  {kernel} check `{name}` failed: {detail}");
+            }
+        }
+        for step in &column.failed_steps {
+            let _ = writeln!(notes, "  {kernel} {step}");
+        }
+        if let Some(t) = column.tests.filter(|t| !t.all_exited_ok) {
+            let _ = writeln!(notes, "  {kernel} a test process exited non-zero ({} failed tests counted)", t.failed);
+        }
+        for problem in &column.problems {
+            let _ = writeln!(notes, "  {kernel} {problem}");
+        }
+    }
+    if !notes.is_empty() {
+        let _ = write!(out, "\nNotes:\n{notes}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_refuses_unknown_kernels() {
+        assert!(Selection::parse("4.19").is_err());
+        assert_eq!(Selection::parse("all").map(|s| s.0.len()).ok(), Some(1 + GUEST_KERNELS.len()));
+        assert!(matches!(Selection::parse("6.12").map(|s| s.0[0]), Ok(Target::Guest(k)) if k.suite == "trixie"));
+    }
+
+    #[test]
+    fn check_json_features_and_failed_checks() {
+        let json = r#"{"kernel":"6.1.0","ready":false,"checks":[{"check":"btf","ok":true,"detail":""},{"check":"hook sock:sk_data_ready","ok":false,"detail":"no such tracepoint"}],
+            "features":[{"feature":"hol_stall","status":"degraded","hook":"tcp_probe","why":"no sk_data_ready"}]}"#;
+        let report = parse_check(Some(json), None, false, "exit 1".into());
+        assert!(report.json);
+        assert_eq!(report.features[0].status, "degraded");
+        assert_eq!(report.failed_checks, vec![("hook sock:sk_data_ready".to_string(), "no such tracepoint".to_string())]);
+    }
+
+    #[test]
+    fn check_plain_table_fallback() {
+        let table = "CHECK                 STATUS  DETAIL\nkernel                ok      6.1.0\ntracepoint sock:x     FAIL    missing here\nnetlens cannot run here: fix the FAIL rows.\n";
+        let report = parse_check(None, Some(table), false, "exit 1".into());
+        assert!(!report.json);
+        assert_eq!(report.failed_checks, vec![("tracepoint sock:x".to_string(), "missing here".to_string())]);
+    }
+}
