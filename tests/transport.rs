@@ -39,12 +39,25 @@ fn loss_rule(rule: &str) -> String {
 /// Runs `bulk` in a fresh namespace under netlens; returns what netlens
 /// printed, the transfer and the OFO-queue delta.
 fn traced_transfer(port: u16, bulk: Bulk, nft: Option<&str>) -> Result<(Traced, netlens_tests::bulk::Transfer, u64)> {
+    traced_transfer_without(port, bulk, nft, None)
+}
+
+/// [`traced_transfer`] with `hooks` left out, as on kernels that lack them.
+fn traced_transfer_without(
+    port: u16,
+    bulk: Bulk,
+    nft: Option<&str>,
+    hooks: Option<&str>,
+) -> Result<(Traced, netlens_tests::bulk::Transfer, u64)> {
     let netns = Netns::new()?;
     if let Some(rule) = nft {
         netns.nft(&loss_rule(rule))?;
     }
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let netlens = match hooks {
+        Some(hooks) => Netlens::trace_netns_without(netns.inode()?, hooks)?,
+        None => Netlens::trace_netns(netns.inode()?)?,
+    };
     let before = netns.nstat()?;
     let transfer = bulk.run(&netns, addr)?;
     netns.wait_closed(Duration::from_secs(30))?;
@@ -85,13 +98,31 @@ fn unpinned_ooo_segments_match_kernel() -> Result<()> {
     Ok(())
 }
 
+/// Every hook that can end a stall; leaving them all out is 5.10 or 6.1
+/// without fentry and kprobes.
+const DATA_READY_HOOKS: &str = "sk_data_ready,tcp_data_ready_fentry,tcp_data_ready_kprobe";
+
 /// 2 % random loss on data toward the receiver: stalls appear, and the
 /// segments they held add up to the kernel's OFO-queue count (within 1 %).
 #[test]
 fn data_loss_causes_hol_stalls() -> Result<()> {
+    lossy_transfer_stalls(8092, None)
+}
+
+/// The same where no data-ready hook exists: stalls end when the next
+/// segment (or the close) shows the held data readable. Same counts.
+#[test]
+fn data_loss_causes_hol_stalls_without_a_data_ready_hook() -> Result<()> {
+    lossy_transfer_stalls(8097, Some(DATA_READY_HOOKS))
+}
+
+fn lossy_transfer_stalls(port: u16, without: Option<&str>) -> Result<()> {
     let bulk = Bulk { bytes: 16 << 20, ..Bulk::default() };
-    let rule = "tcp dport 8092 tcp flags & syn == 0 numgen random mod 1000 < 20 drop";
-    let (traced, transfer, ofo) = traced_transfer(8092, bulk, Some(rule))?;
+    let rule = format!("tcp dport {port} tcp flags & syn == 0 numgen random mod 1000 < 20 drop");
+    let (traced, transfer, ofo) = traced_transfer_without(port, bulk, Some(&rule), without)?;
+    if without.is_some() {
+        assert!(traced.stderr.iter().any(|l| l.starts_with("netlens: hol_stalls degraded: ")), "{:?}", traced.stderr);
+    }
     let stalls: Vec<&Value> = traced.named("hol_stall").collect();
     assert!(!stalls.is_empty(), "2 % loss but no hol_stall");
     let held: u64 = stalls.iter().map(|e| e["ooo_segments"].as_u64().unwrap_or(0)).sum();
@@ -105,7 +136,7 @@ fn data_loss_causes_hol_stalls() -> Result<()> {
     }
     let close = receiver_close(&traced, transfer.client_port);
     assert_eq!(close["hol_stalls"].as_u64(), Some(stalls.len() as u64));
-    eprintln!("2% loss: {} stalls holding {held} segments; TcpExtTCPOFOQueue {ofo}", stalls.len());
+    eprintln!("2% loss (without {without:?}): {} stalls holding {held} segments; TcpExtTCPOFOQueue {ofo}", stalls.len());
     Ok(())
 }
 
@@ -116,6 +147,17 @@ fn data_loss_causes_hol_stalls() -> Result<()> {
 /// burst's write to the read that got past the hole.
 #[test]
 fn one_drop_is_one_stall_as_long_as_the_application_waited() -> Result<()> {
+    one_drop_one_stall(8093, None)
+}
+
+/// The same without a data-ready hook: the stall's end is found later, its
+/// length is the same.
+#[test]
+fn one_drop_is_one_stall_without_a_data_ready_hook() -> Result<()> {
+    one_drop_one_stall(8098, Some(DATA_READY_HOOKS))
+}
+
+fn one_drop_one_stall(port: u16, without: Option<&str>) -> Result<()> {
     let mss = 1448; // MTU 1500 - IP - TCP - timestamps
     let bulk = Bulk {
         bytes: 80 * mss,
@@ -124,8 +166,8 @@ fn one_drop_is_one_stall_as_long_as_the_application_waited() -> Result<()> {
         burst_gap: Duration::from_millis(50),
         ..Bulk::default()
     };
-    let rule = "tcp dport 8093 ip length > 1000 numgen inc mod 1000000 == 20 drop";
-    let (traced, transfer, _) = traced_transfer(8093, bulk, Some(rule))?;
+    let rule = format!("tcp dport {port} ip length > 1000 numgen inc mod 1000000 == 20 drop");
+    let (traced, transfer, _) = traced_transfer_without(port, bulk, Some(&rule), without)?;
     let stalls: Vec<&Value> = traced.named("hol_stall").collect();
     assert_eq!(stalls.len(), 1, "{stalls:?}");
     let hole = 20 * mss as u64;
@@ -140,7 +182,7 @@ fn one_drop_is_one_stall_as_long_as_the_application_waited() -> Result<()> {
     );
     assert!(num(stalls[0], "bytes_held") >= mss as f64);
     assert!(transfer.reads.iter().any(|(_, total)| *total == hole), "the application never waited at the hole");
-    eprintln!("one drop: stall {stall_us:.0} µs, application waited {waited_us:.0} µs");
+    eprintln!("one drop (without {without:?}): stall {stall_us:.0} µs, application waited {waited_us:.0} µs");
     Ok(())
 }
 
@@ -203,5 +245,28 @@ fn slow_start_exit_for_cubic_and_bbr() -> Result<()> {
         assert_eq!(num(exits[0], "after_us"), exit_us);
         eprintln!("{congestion}: left slow start after {exit_us:.0} µs at cwnd {}", exits[0]["cwnd"]);
     }
+    Ok(())
+}
+
+/// Without tcp:tcp_cong_state_set (kernels before 6.3) the congestion state
+/// is read per ACK and RTO retransmission: a lossy transfer still shows its
+/// recovery episodes and their time.
+#[test]
+fn congestion_episodes_without_the_cong_state_tracepoint() -> Result<()> {
+    let port = 8099;
+    let long = Bulk { bytes: 50 << 20, congestion: Some("cubic"), ..Bulk::default() };
+    let rule = format!("tcp dport {port} tcp flags & syn == 0 numgen random mod 1000 < 10 drop");
+    let (traced, transfer, _) = traced_transfer_without(port, long, Some(&rule), Some("tcp_cong_state_set"))?;
+    assert!(
+        traced.stderr.iter().any(|l| l.starts_with("netlens: congestion_episodes degraded: ")),
+        "{:?}",
+        traced.stderr
+    );
+    let close = sender_close(&traced, transfer.client_port);
+    let episodes = close["recovery_episodes"].as_u64().unwrap_or(0);
+    assert!(episodes > 0, "1 % loss but no recovery episode: {close}");
+    assert!(num(close, "recovery_us") > 0.0, "{close}");
+    assert!(num(close, "slow_start_exit_us") > 0.0, "{close}");
+    eprintln!("without cong_state_set: {episodes} recovery episodes, {} µs in recovery", close["recovery_us"]);
     Ok(())
 }

@@ -9,6 +9,8 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TupleFields {
+    /// [`FIELD_ABSENT`] on kernels whose record has no `family` (5.10): the
+    /// programs then read it from the record's socket.
     pub family: u16,
     pub sport: u16,
     pub dport: u16,
@@ -45,16 +47,21 @@ pub struct SynackFields {
     pub tuple: TupleFields,
 }
 
-/// `tcp:tcp_send_reset`: addresses are `sockaddr_in6`-sized buffers.
+/// `tcp:tcp_send_reset`, in one of two layouts: since 6.10 the addresses
+/// are `sockaddr_in6`-sized buffers (`saddr`, `daddr`) and the socket may be
+/// NULL; before, the record has the usual 4-tuple fields (`tuple`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SendResetFields {
     pub skbaddr: u16,
     pub skaddr: u16,
     pub state: u16,
+    /// Offsets of the sockaddr buffers, or [`FIELD_ABSENT`] in the older
+    /// layout (then `tuple` holds the endpoints).
     pub saddr: u16,
     pub daddr: u16,
     pub len: u16,
+    pub tuple: TupleFields,
 }
 
 /// `tcp:tcp_receive_reset`.
@@ -77,13 +84,28 @@ pub struct CongStateFields {
     pub _pad: u16,
 }
 
-/// The `tcp_sock` members the per-packet program needs, copied in one read
-/// of `len` bytes from `start`; each field is relative to `start`.
+/// How many windows of `tcp_sock` the per-packet program copies at most.
+pub const PROBE_WINDOWS: usize = 3;
+
+/// One contiguous stretch of a kernel struct, copied in one read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    /// Offset in the struct; `len` 0: unused window.
+    pub start: u32,
+    pub len: u32,
+}
+
+/// The `tcp_sock` members the per-packet program needs. Where they lie
+/// differs across kernels (they span 560 bytes on 5.10 and 6.1, under 300
+/// on 6.12+), so userspace groups them into up to [`PROBE_WINDOWS`]
+/// windows, split at the largest gaps. Window `i` is copied to bytes
+/// `i * RECORD_MAX ..` of a scratch buffer; each field below is its offset
+/// in that buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProbeOffsets {
-    pub start: u32,
-    pub len: u16,
+    pub windows: [Window; PROBE_WINDOWS],
     /// `snd_wnd` (u32): the window the peer advertised.
     pub snd_wnd: u16,
     /// `snd_cwnd` (u32), `snd_ssthresh` (u32).
@@ -91,13 +113,17 @@ pub struct ProbeOffsets {
     pub snd_ssthresh: u16,
     /// `rtt_min.s[0].v` (u32, µs).
     pub min_rtt: u16,
-    /// `out_of_order_queue.rb_node` (pointer; NULL when empty).
-    pub ooo_queue: u16,
     /// `rcv_nxt` (u32), `srtt_us` (u32, << 3), `rcv_wnd` (u32).
     pub rcv_nxt: u16,
     pub srtt_us: u16,
     pub rcv_wnd: u16,
-    pub _pad: u16,
+    /// The byte holding the `icsk_ca_state` bitfield, its shift and mask:
+    /// the congestion state, read per segment on kernels without
+    /// `tcp:tcp_cong_state_set`.
+    pub ca_state: u16,
+    pub ca_state_shift: u8,
+    pub ca_state_mask: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Marks an optional field the running kernel does not have.
@@ -154,6 +180,13 @@ pub struct KernelOffsets {
     pub kernfs_node_id: u32,
     /// `struct tcp_sock` → `srtt_us` (u32, smoothed RTT << 3).
     pub tcp_srtt_us: u32,
+    /// `struct tcp_sock` → `snd_cwnd` (u32), `rcv_nxt` (u32): for single
+    /// reads outside the per-packet program.
+    pub tcp_snd_cwnd: u32,
+    pub tcp_rcv_nxt: u32,
+    /// The byte of `struct tcp_sock` holding the `icsk_ca_state` bitfield
+    /// (shift and mask in [`ProbeOffsets`]).
+    pub icsk_ca_state: u32,
     /// `struct tcp_sock` → `total_retrans` (u32, segments).
     pub tcp_total_retrans: u32,
     /// `struct tcp_sock` → `segs_out` (u32, segments sent, retransmissions included).

@@ -169,6 +169,10 @@ pub struct Flow {
     /// Head-of-line stall in progress: its start (0: none), rcv_nxt then,
     /// the highest out-of-order end seen, and the segments queued meanwhile.
     pub hol_start_ns: u64,
+    /// When the latest in-order data segment arrived during the stall: on
+    /// kernels without a data-ready hook, the stall is found over at the
+    /// next segment and ended at this time (the segment that filled the hole).
+    pub hol_inorder_ns: u64,
     pub hol_rcv_nxt: u32,
     pub hol_max_end: u32,
     pub hol_ooo_segments: u32,

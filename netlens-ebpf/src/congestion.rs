@@ -1,17 +1,19 @@
 //! Congestion-state episodes from `tcp:tcp_cong_state_set` (Recovery, Loss
 //! after an RTO, CWR), and receive-queue-full drops from
 //! `sock:sock_rcvqueue_full`. Both fire per episode or per drop, not per
-//! packet, so they use the formatted records.
+//! packet, so they use the formatted records. Kernels without the
+//! congestion tracepoint (before 6.3) get the same episodes from the state
+//! read per segment in probe.rs (see `dynamics::ca_state_seen`).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use netlens_common::{ca_state, counter};
+use netlens_common::counter;
 
 use crate::{
     config::cfg_field,
-    dynamics::{end_ca_episode, exit_slow_start},
+    dynamics::ca_state_seen,
     events::count,
     flows,
-    kernel::{member, slot, Record},
+    kernel::{slot, Record},
 };
 
 #[tracepoint]
@@ -25,26 +27,8 @@ fn on_cong_state(record: &Record) -> Result<(), i32> {
     let sk: u64 = record.get(cfg_field!(cong_state.skaddr))?;
     let state: u8 = record.get(cfg_field!(cong_state.cong_state))?;
     let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
-    if state == flow.ca_state || flow.established_ns == 0 {
-        return Ok(());
-    }
-    let now = unsafe { bpf_ktime_get_ns() };
-    end_ca_episode(flow, now);
-    match state {
-        ca_state::RECOVERY => flow.transport.recovery_episodes += 1,
-        ca_state::LOSS => flow.transport.loss_episodes += 1,
-        ca_state::CWR => flow.transport.cwr_episodes += 1,
-        _ => {}
-    }
-    flow.ca_state = state;
-    flow.ca_since_ns = now;
-    if state == ca_state::RECOVERY || state == ca_state::LOSS {
-        // The window as of the last ACK: entering Loss already cut it to 1.
-        let probe = cfg_field!(probe);
-        let current: u32 = member(sk, probe.start + probe.snd_cwnd as u32).unwrap_or(0);
-        let cwnd = if flow.transport.cwnd != 0 { flow.transport.cwnd } else { current };
-        exit_slow_start(flow, now, cwnd);
-    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    ca_state_seen(flow, sk, state, unsafe { bpf_ktime_get_ns() });
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use netlens_common::{ca_state, kind, side, Flow, Transport, NEVER};
 use crate::{
     config::cfg_field,
     events::{emit, stamp},
-    kernel::{member, slot, Record, Tuple},
+    kernel::{member, window_slot, Tuple, Windows},
 };
 
 /// A flow became established: its dynamics start now.
@@ -51,10 +51,48 @@ fn add_ca_time(flow: &Flow, transport: &mut Transport, now: u64) {
 
 /// Adds the time spent in the congestion state now ending.
 #[inline(always)]
-pub fn end_ca_episode(flow: &mut Flow, now: u64) {
+fn end_ca_episode(flow: &mut Flow, now: u64) {
     let mut transport = flow.transport;
     add_ca_time(flow, &mut transport, now);
     flow.transport = transport;
+}
+
+/// The socket's congestion state is `state` as of `now`: when it changed,
+/// the episode in force ends and a new one begins. Called by the
+/// congestion-state tracepoint where the kernel has it (exact times), and
+/// for every segment and retransmission from the state read off the socket
+/// (kernels before 6.3: a change is seen at the next ACK or RTO
+/// retransmission after it happened).
+#[inline(always)]
+pub fn ca_state_seen(flow: &mut Flow, sk: u64, state: u8, now: u64) {
+    if state == flow.ca_state || flow.established_ns == 0 {
+        return;
+    }
+    end_ca_episode(flow, now);
+    match state {
+        ca_state::RECOVERY => flow.transport.recovery_episodes += 1,
+        ca_state::LOSS => flow.transport.loss_episodes += 1,
+        ca_state::CWR => flow.transport.cwr_episodes += 1,
+        _ => {}
+    }
+    flow.ca_state = state;
+    flow.ca_since_ns = now;
+    if state == ca_state::RECOVERY || state == ca_state::LOSS {
+        // The window as of the last ACK: entering Loss already cut it to 1.
+        let cwnd = match flow.transport.cwnd {
+            0 => member(sk, cfg_field!(kernel.tcp_snd_cwnd)).unwrap_or(0),
+            cwnd => cwnd,
+        };
+        exit_slow_start(flow, now, cwnd);
+    }
+}
+
+/// The congestion state in a byte read from the socket (`icsk_ca_state`
+/// is a bitfield); `None` when its place is unknown on this kernel.
+#[inline(always)]
+pub fn ca_state_of(byte: u8) -> Option<u8> {
+    let mask = cfg_field!(probe.ca_state_mask);
+    (mask != 0).then_some((byte >> (cfg_field!(probe.ca_state_shift) & 7)) & mask)
 }
 
 /// Ends a zero-window episode of `which` side that began at `since`.
@@ -85,13 +123,14 @@ pub fn at_close(sk: u64, flow: &Flow, now: u64) -> Transport {
         }
     }
     let probe = cfg_field!(probe);
-    if let Ok(tp) = Record::copy(sk + probe.start as u64, probe.len, slot::SET_STATE) {
+    if let Ok(tp) = Windows::copy(sk, &probe.windows, window_slot::SET_STATE) {
         let cwnd: u32 = tp.get(probe.snd_cwnd).unwrap_or(0);
         transport.cwnd = cwnd;
         transport.max_cwnd = transport.max_cwnd.max(cwnd);
         transport.srtt_us = tp.get::<u32>(probe.srtt_us).unwrap_or(0) >> 3;
         transport.min_rtt_us = tp.get(probe.min_rtt).unwrap_or(0);
     }
+
     let ops: u64 = member(sk, cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
     if ops != 0 {
         transport.congestion = member(ops, cfg_field!(kernel.ca_ops_name)).unwrap_or([0; 16]);

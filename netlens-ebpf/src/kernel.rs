@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
-use netlens_common::{TupleFields, AF_INET, RECORD_MAX};
+use netlens_common::{TupleFields, Window, AF_INET, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
 
 use crate::config::cfg_field;
 
@@ -34,9 +34,8 @@ pub mod slot {
     pub const SYNACK: u32 = 2;
     pub const SEND_RESET: u32 = 3;
     pub const RECEIVE_RESET: u32 = 4;
-    pub const PROBE: u32 = 5;
-    pub const CONG_STATE: u32 = 6;
-    pub const COUNT: u32 = 7;
+    pub const CONG_STATE: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Per-CPU scratch space for records: the 512-byte BPF stack has no room
@@ -75,6 +74,62 @@ impl Record {
     pub fn get<T: Copy>(&self, offset: u16) -> Result<T, i32> {
         let at = offset as usize;
         if at + size_of::<T>() > RECORD_MAX {
+            return Err(-1);
+        }
+        // SAFETY: in bounds (checked above); read_unaligned for any offset.
+        Ok(unsafe { core::ptr::read_unaligned(self.bytes.as_ptr().add(at) as *const T) })
+    }
+}
+
+/// Copies of up to [`PROBE_WINDOWS`] stretches of one kernel struct:
+/// window `i` at `i * RECORD_MAX` (see `netlens_common::ProbeOffsets`).
+#[repr(C, align(8))]
+pub struct Windows {
+    bytes: [u8; PROBE_WINDOWS * RECORD_MAX],
+}
+
+/// Which scratch slot of [`WINDOWS`] a program uses.
+pub mod window_slot {
+    pub const PROBE: u32 = 0;
+    pub const SET_STATE: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+#[map]
+static WINDOWS: PerCpuArray<Windows> = PerCpuArray::with_max_entries(window_slot::COUNT, 0);
+
+impl Windows {
+    /// Copies each used window of the struct at `base` into this CPU's
+    /// `slot`: one read per window.
+    #[inline(always)]
+    pub fn copy(base: u64, windows: &[Window; PROBE_WINDOWS], slot: u32) -> Result<&'static Self, i32> {
+        let copy = WINDOWS.get_ptr_mut(slot).ok_or(-1)?;
+        // SAFETY: a per-CPU map value, used only by this program on this CPU.
+        let copy = unsafe { &mut *copy };
+        for (index, window) in windows.iter().enumerate() {
+            if window.len == 0 {
+                if index == 0 {
+                    return Err(-1);
+                }
+                break;
+            }
+            let len = window.len.min(RECORD_MAX as u32);
+            let dst = copy.bytes[index * RECORD_MAX..].as_mut_ptr() as *mut c_void;
+            // SAFETY: RECORD_MAX >= len bytes remain from `dst` in this
+            // window's part of the buffer; the helper validates the source.
+            let ret = unsafe { generated::bpf_probe_read_kernel(dst, len, (base + window.start as u64) as *const c_void) };
+            if ret < 0 {
+                return Err(ret as i32);
+            }
+        }
+        Ok(&*copy)
+    }
+
+    /// The field at `offset` in the copied buffer.
+    #[inline(always)]
+    pub fn get<T: Copy>(&self, offset: u16) -> Result<T, i32> {
+        let at = offset as usize;
+        if at + size_of::<T>() > PROBE_WINDOWS * RECORD_MAX {
             return Err(-1);
         }
         // SAFETY: in bounds (checked above); read_unaligned for any offset.
@@ -125,10 +180,17 @@ impl Tuple {
 }
 
 /// Reads the 4-tuple fields that most `tcp:*` and `sock:*` records share.
+/// Records without a `family` (5.10) take the family of `sk`, the socket
+/// (or request socket: it starts with the same `sock_common`) they report.
 #[inline(always)]
-pub fn tuple(record: &Record, fields: &TupleFields) -> Result<Tuple, i32> {
+pub fn tuple(record: &Record, fields: &TupleFields, sk: u64) -> Result<Tuple, i32> {
+    let family = if fields.family == FIELD_ABSENT {
+        member(sk, cfg_field!(kernel.sock_tuple.family) as u32)?
+    } else {
+        record.get(fields.family)?
+    };
     let mut tuple = Tuple {
-        family: record.get(fields.family)?,
+        family,
         sport: record.get(fields.sport)?,
         dport: record.get(fields.dport)?,
         ..Tuple::default()

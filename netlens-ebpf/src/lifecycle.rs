@@ -27,7 +27,7 @@ use netlens_common::{direction, kind, reason, tcp_state, Flow, TupleKey};
 use crate::{
     config::cfg_field,
     events::{emit, stamp},
-    dynamics, flows,
+    dynamics, flows, probe,
     kernel::{member, slot, sock_netns, sock_tuple, Tuple},
     retransmit::take_synack_start,
 };
@@ -174,8 +174,9 @@ fn closed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // A TCP connection opened before netlens attached still reports its
     // totals, with an unknown direction and lifetime.
-    match flows::lookup(sk) {
+    match flows::lookup_mut(sk) {
         Some(flow) => {
+            probe::end_stall_drained_at_close(flow, sk);
             let reported = report_close(sk, flow, now);
             // After the report: see connect_failed().
             flows::remove(sk);
@@ -186,7 +187,8 @@ fn closed(sk: u64) -> Result<(), i32> {
     }
 }
 
-#[inline(always)]
+/// Its own BPF function: the close report needs most of the stack.
+#[inline(never)]
 fn report_close(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
     let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
     let lifetime_ns = if flow.start_ns != 0 { now.saturating_sub(flow.start_ns) } else { 0 };

@@ -1,6 +1,7 @@
 //! Per-packet work, in the kernel: `tcp:tcp_probe` runs for every segment
 //! an established socket receives. It updates the flow's congestion window
-//! and RTTs (on the sender, from ACKs), its zero-window episodes, and its
+//! and RTTs (on the sender, from ACKs), its zero-window episodes, its
+//! congestion state where the kernel has no tracepoint for it, and its
 //! head-of-line stalls (on the receiver). Only episode events leave.
 //!
 //! Head-of-line stall, receiver side. tcp_probe fires before the segment
@@ -9,28 +10,34 @@
 //! after `rcv_nxt` is exactly one the kernel queues out of order (it counts
 //! it in TcpExtTCPOFOQueue): data received but undeliverable. The first one
 //! starts a stall; the stall ends when `rcv_nxt` passes the highest
-//! out-of-order end seen, checked on `sock:sk_data_ready` (raw), which the
-//! kernel calls right after it moved in-order data, the drained queue
-//! included, to the application.
+//! out-of-order end seen. Where the stall ends is found, best first:
+//! - `sock:sk_data_ready` (raw; 6.6+), or an fentry/kprobe on
+//!   `tcp_data_ready` (older kernels): the kernel calls it right after it
+//!   moved in-order data, the drained queue included, to the application;
+//! - without either, here: an in-order data segment during a stall may be
+//!   the one that fills the hole, so its arrival time is kept; when the next
+//!   segment (or the close) shows `rcv_nxt` past the held data, the stall
+//!   ended at that arrival. Same durations, reported one segment later.
 //! Limits: a stall that began before netlens attached starts at the first
-//! out-of-order segment we see; one still open at close is not reported as
-//! a `hol_stall` (its segments are in the close's `ooo_segments`); segments
-//! beyond the receive window, which the kernel drops, are counted anyway.
+//! out-of-order segment we see; one still undrained at close is not reported
+//! as a `hol_stall` (its segments are in the close's `ooo_segments`);
+//! segments beyond the receive window, which the kernel drops, are counted
+//! anyway.
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{map, raw_tracepoint},
+    macros::{fentry, kprobe, map, raw_tracepoint},
     maps::PerCpuArray,
-    programs::RawTracePointContext,
+    programs::{FEntryContext, ProbeContext, RawTracePointContext},
 };
 use netlens_common::{kind, log2_bucket, Flow, PacketHistograms, NEVER};
 
 use crate::{
     config::cfg_field,
-    dynamics::{exit_slow_start, zero_windows},
+    dynamics::{ca_state_of, ca_state_seen, exit_slow_start, zero_windows},
     events::{emit, stamp},
     flows,
-    kernel::{member, slot, Record, Tuple},
+    kernel::{member, window_slot, Tuple, Windows},
 };
 
 /// `a` comes after `b` in sequence space (the kernel's after()).
@@ -71,11 +78,12 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_segment(flow: &mut Flow, sk: u64, skb: u64) -> Result<(), i32> {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let probe = cfg_field!(probe);
-    // Two reads per segment: the tcp_sock members we need, in one copy, and
-    // the segment's seq/end_seq from its control block.
-    let tp = Record::copy(sk + probe.start as u64, probe.len, slot::PROBE)?;
+    // One read per window of the tcp_sock members we need (one or two on
+    // most kernels), and the segment's seq/end_seq from its control block.
+    let tp = Windows::copy(sk, &probe.windows, window_slot::PROBE)?;
     let seqs: u64 = member(skb, cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq))?;
     let (seq, end_seq) = (seqs as u32, (seqs >> 32) as u32);
 
@@ -93,16 +101,30 @@ fn on_segment(flow: &mut Flow, sk: u64, skb: u64) -> Result<(), i32> {
     if cwnd >= ssthresh && transport.slow_start_exit_ns == NEVER {
         exit_slow_start(flow, now, cwnd);
     }
+    // A no-op where tcp:tcp_cong_state_set already reported the change.
+    if let Some(state) = ca_state_of(tp.get(probe.ca_state)?) {
+        ca_state_seen(flow, sk, state, now);
+    }
 
     zero_windows(flow, tp.get(probe.snd_wnd)?, tp.get(probe.rcv_wnd)?, now);
     flow.last_rx_ns = now;
 
     // Receiver side: data beyond rcv_nxt is held out of order.
     let rcv_nxt: u32 = tp.get(probe.rcv_nxt)?;
-    if end_seq != seq && after(seq, rcv_nxt) {
+    let has_data = end_seq != seq;
+    if flow.hol_start_ns != 0 {
+        if !after(flow.hol_max_end, rcv_nxt) {
+            // Drained since the last segment, and no data-ready hook ended it.
+            end_stall(flow, flow.hol_inorder_ns);
+        } else if has_data && !after(seq, rcv_nxt) {
+            flow.hol_inorder_ns = now;
+        }
+    }
+    if has_data && after(seq, rcv_nxt) {
         flow.transport.ooo_segments += 1;
         if flow.hol_start_ns == 0 {
             flow.hol_start_ns = now;
+            flow.hol_inorder_ns = now;
             flow.hol_rcv_nxt = rcv_nxt;
             flow.hol_max_end = end_seq;
             flow.hol_ooo_segments = 1;
@@ -116,39 +138,89 @@ fn on_segment(flow: &mut Flow, sk: u64, skb: u64) -> Result<(), i32> {
     Ok(())
 }
 
+/// Reports the flow's stall as over at `end_ns`; returns its length.
+#[inline(always)]
+fn report_stall(flow: &Flow, end_ns: u64) -> u64 {
+    let stall_ns = end_ns.saturating_sub(flow.hol_start_ns);
+    let bytes_held = flow.hol_max_end.wrapping_sub(flow.hol_rcv_nxt);
+    let ooo_segments = flow.hol_ooo_segments;
+    if let Some(tuple) = Tuple::of(flow) {
+        emit(|event| {
+            stamp(event, kind::HOL_STALL, end_ns, &tuple, flow);
+            event.duration_ns = stall_ns;
+            event.transport.bytes_held = bytes_held;
+            event.transport.ooo_segments = ooo_segments;
+        });
+    }
+    stall_ns
+}
+
+#[inline(always)]
+fn end_stall(flow: &mut Flow, end_ns: u64) {
+    let stall_ns = report_stall(flow, end_ns);
+    flow.hol_start_ns = 0;
+    flow.transport.hol_stalls += 1;
+    flow.transport.hol_stall_ns += stall_ns;
+}
+
+/// At close: a stall whose hole was filled by the last data segment, with
+/// no segment after it to notice (kernels without a data-ready hook), ends
+/// then, before the close reports the flow's totals. Its own BPF function:
+/// the close report next to it needs the stack.
+#[inline(never)]
+pub fn end_stall_drained_at_close(flow: &mut Flow, sk: u64) {
+    if flow.hol_start_ns == 0 {
+        return;
+    }
+    if let Ok(rcv_nxt) = member::<u32>(sk, cfg_field!(kernel.tcp_rcv_nxt)) {
+        if !after(flow.hol_max_end, rcv_nxt) {
+            end_stall(flow, flow.hol_inorder_ns);
+        }
+    }
+}
+
 /// In-order data (the drained out-of-order queue included) was handed to
 /// the application: a stall whose held data is now readable is over.
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn sk_data_ready(ctx: RawTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    if let Some(flow) = flows::lookup_mut(sk) {
-        if flow.hol_start_ns != 0 {
-            let _ = end_stall_if_drained(flow, sk);
-        }
+    data_ready(ctx.arg(0));
+    0
+}
+
+/// The same on kernels without `sock:sk_data_ready` (before 6.6): TCP calls
+/// `tcp_data_ready(sk)` at the same place, which is what that tracepoint
+/// fires from (through `sk->sk_data_ready`).
+#[fentry(function = "tcp_data_ready")]
+pub fn tcp_data_ready_fentry(ctx: FEntryContext) -> i32 {
+    data_ready(ctx.arg(0));
+    0
+}
+
+/// The same where fentry is unavailable but kprobes work.
+#[kprobe]
+pub fn tcp_data_ready_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        data_ready(sk);
     }
     0
 }
 
 #[inline(always)]
+fn data_ready(sk: u64) {
+    if let Some(flow) = flows::lookup_mut(sk) {
+        if flow.hol_start_ns != 0 {
+            let _ = end_stall_if_drained(flow, sk);
+        }
+    }
+}
+
+#[inline(always)]
 fn end_stall_if_drained(flow: &mut Flow, sk: u64) -> Result<(), i32> {
-    let probe = cfg_field!(probe);
-    let rcv_nxt: u32 = member(sk, probe.start + probe.rcv_nxt as u32)?;
+    let rcv_nxt: u32 = member(sk, cfg_field!(kernel.tcp_rcv_nxt))?;
     if after(flow.hol_max_end, rcv_nxt) {
         return Ok(());
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let stall_ns = now.saturating_sub(flow.hol_start_ns);
-    let bytes_held = flow.hol_max_end.wrapping_sub(flow.hol_rcv_nxt);
-    let ooo_segments = flow.hol_ooo_segments;
-    flow.hol_start_ns = 0;
-    flow.transport.hol_stalls += 1;
-    flow.transport.hol_stall_ns += stall_ns;
-    let Some(tuple) = Tuple::of(flow) else { return Ok(()) };
-    emit(|event| {
-        stamp(event, kind::HOL_STALL, now, &tuple, flow);
-        event.duration_ns = stall_ns;
-        event.transport.bytes_held = bytes_held;
-        event.transport.ooo_segments = ooo_segments;
-    });
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    end_stall(flow, unsafe { bpf_ktime_get_ns() });
     Ok(())
 }

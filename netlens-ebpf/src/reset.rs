@@ -1,7 +1,7 @@
 //! Resets: `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use netlens_common::{kind, AF_INET};
+use netlens_common::{kind, AF_INET, FIELD_ABSENT};
 
 use crate::{
     config::cfg_field,
@@ -16,30 +16,19 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The record holds the local end in `saddr` and the remote in `daddr`, as
-/// `sockaddr_in`/`sockaddr_in6` (family, port in network order, address).
-/// Without a socket (a SYN to a closed port), the state is 0.
+/// Without a socket (a SYN to a closed port, traced since 6.10), the state
+/// is 0.
 #[inline(always)]
 fn on_send_reset(record: &Record) -> Result<(), i32> {
     let sk: u64 = record.get(cfg_field!(send_reset.skaddr))?;
     let state = record.get::<i32>(cfg_field!(send_reset.state))? as u8;
     let local = cfg_field!(send_reset.saddr);
-    let remote = cfg_field!(send_reset.daddr);
-    let mut tuple = Tuple {
-        family: record.get(local)?,
-        sport: u16::from_be(record.get(local + 2)?),
-        dport: u16::from_be(record.get(remote + 2)?),
-        ..Tuple::default()
-    };
-    if tuple.family == AF_INET {
-        let saddr: [u8; 4] = record.get(local + 4)?;
-        let daddr: [u8; 4] = record.get(remote + 4)?;
-        tuple.saddr[..4].copy_from_slice(&saddr);
-        tuple.daddr[..4].copy_from_slice(&daddr);
+    let tuple = if local == FIELD_ABSENT {
+        // Before 6.10: the 4-tuple fields of the other tcp records.
+        tuple(record, &cfg_field!(send_reset.tuple), sk)?
     } else {
-        tuple.saddr = record.get(local + 8)?;
-        tuple.daddr = record.get(remote + 8)?;
-    }
+        sockaddr_tuple(record, local, cfg_field!(send_reset.daddr))?
+    };
     let flow = match flows::lookup(sk) {
         Some(flow) => flow,
         None => {
@@ -60,6 +49,29 @@ fn on_send_reset(record: &Record) -> Result<(), i32> {
     Ok(())
 }
 
+/// Since 6.10 the record holds the local end in `saddr` and the remote in
+/// `daddr`, as `sockaddr_in`/`sockaddr_in6` (family, port in network order,
+/// address).
+#[inline(always)]
+fn sockaddr_tuple(record: &Record, local: u16, remote: u16) -> Result<Tuple, i32> {
+    let mut tuple = Tuple {
+        family: record.get(local)?,
+        sport: u16::from_be(record.get(local + 2)?),
+        dport: u16::from_be(record.get(remote + 2)?),
+        ..Tuple::default()
+    };
+    if tuple.family == AF_INET {
+        let saddr: [u8; 4] = record.get(local + 4)?;
+        let daddr: [u8; 4] = record.get(remote + 4)?;
+        tuple.saddr[..4].copy_from_slice(&saddr);
+        tuple.daddr[..4].copy_from_slice(&daddr);
+    } else {
+        tuple.saddr = record.get(local + 8)?;
+        tuple.daddr = record.get(remote + 8)?;
+    }
+    Ok(tuple)
+}
+
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let _ = Record::read(&ctx, cfg_field!(receive_reset.len), slot::RECEIVE_RESET).and_then(|record| on_receive_reset(&record));
@@ -69,7 +81,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn on_receive_reset(record: &Record) -> Result<(), i32> {
     let sk: u64 = record.get(cfg_field!(receive_reset.skaddr))?;
-    let tuple = tuple(record, &cfg_field!(receive_reset.tuple))?;
+    let tuple = tuple(record, &cfg_field!(receive_reset.tuple), sk)?;
     // The tracepoint has no state field; the socket's state is in
     // sock_common, but the lifecycle events already say it.
     let flow = flows::known_or_unknown(sk, slot::RECEIVE_RESET).ok_or(-1)?;

@@ -12,6 +12,7 @@ use netlens_common::{direction, kind, tcp_state, TupleKey, FIELD_ABSENT, SYNACK_
 
 use crate::{
     config::cfg_field,
+    dynamics::{ca_state_of, ca_state_seen},
     events::{emit, stamp},
     flows,
     kernel::{member, slot, sock_netns, tuple, Record},
@@ -65,8 +66,15 @@ fn on_retransmit(record: &Record) -> Result<(), i32> {
             member::<u16>(skb, segs_offset).unwrap_or(1).max(1) as u32
         }
     };
+    // An RTO retransmission follows the switch to Loss at once: on kernels
+    // without tcp:tcp_cong_state_set this is where that episode starts.
+    if let (Some(flow), Ok(byte)) = (flows::lookup_mut(sk), member::<u8>(sk, cfg_field!(kernel.icsk_ca_state))) {
+        if let Some(ca) = ca_state_of(byte) {
+            ca_state_seen(flow, sk, ca, now);
+        }
+    }
     let state = record.get::<i32>(cfg_field!(retransmit.state))? as u8;
-    let tuple = tuple(record, &cfg_field!(retransmit.tuple))?;
+    let tuple = tuple(record, &cfg_field!(retransmit.tuple), sk)?;
     let flow = flows::known_or_unknown(sk, slot::RETRANSMIT).ok_or(-1)?;
     emit(|event| {
         stamp(event, kind::RETRANSMIT, now, &tuple, flow);
@@ -87,7 +95,7 @@ fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let listener: u64 = record.get(cfg_field!(synack.skaddr))?;
     let req: u64 = record.get(cfg_field!(synack.req))?;
-    let tuple = tuple(record, &cfg_field!(synack.tuple))?;
+    let tuple = tuple(record, &cfg_field!(synack.tuple), req)?;
     let netns = sock_netns(listener);
     let key = TupleKey {
         saddr: tuple.saddr,

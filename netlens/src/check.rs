@@ -1,7 +1,12 @@
-//! `netlens check`: can netlens run here? Every fact it depends on, and each
-//! hook loaded and attached for real, as a table.
+//! `netlens check`: can netlens run here, and what will it show? Every
+//! fact it depends on, each feature with the hook that serves it here (the
+//! hooks loaded and attached for real, as a run would), and every hook's
+//! outcome, as tables or as one JSON object (`--json`).
+
+use serde_json::json;
 
 use crate::{
+    features::{FeatureStatus, Level},
     kernel::{btf::VMLINUX, probe},
     loader::{self, HOOKS},
 };
@@ -12,12 +17,45 @@ struct Row {
     detail: String,
 }
 
-/// Prints the table; returns whether netlens can run.
-pub fn run() -> bool {
+/// What `check` found.
+struct Report {
+    kernel: String,
+    rows: Vec<Row>,
+    features: Vec<FeatureStatus>,
+    /// Every hook: its description and what happened to it.
+    hooks: Vec<(String, String)>,
+}
+
+impl Report {
+    /// netlens can run: every basic check passed and every required feature
+    /// is served.
+    fn ready(&self) -> bool {
+        self.rows.iter().all(|r| r.ok)
+            && !self.features.is_empty()
+            && self.features.iter().all(|f| !f.feature.required || f.level != Level::Missing)
+    }
+}
+
+/// Prints the report; returns whether netlens can run.
+pub fn run(json: bool) -> bool {
+    let report = inspect();
+    if json {
+        print_json(&report);
+    } else {
+        print_tables(&report);
+    }
+    report.ready()
+}
+
+fn inspect() -> Report {
     let mut rows = Vec::new();
     let mut row = |check: &str, ok: bool, detail: String| rows.push(Row { check: check.into(), ok, detail });
 
-    row("kernel", true, probe::kernel_release());
+    let kernel = probe::kernel_release();
+    match probe::too_old() {
+        Some(problem) => row("kernel", false, problem),
+        None => row("kernel", true, format!("{kernel} (needs {}.{}+)", probe::MIN_KERNEL.0, probe::MIN_KERNEL.1)),
+    }
     row("btf", probe::has_btf(), if probe::has_btf() { VMLINUX.into() } else { format!("{VMLINUX} missing: needs CONFIG_DEBUG_INFO_BTF=y") });
     let privileged = probe::privileged();
     row(
@@ -34,63 +72,90 @@ pub fn run() -> bool {
         lockdown.unwrap_or_else(|| "not reported (lockdown LSM inactive or securityfs unmounted)".into()),
     );
 
-    let config = if privileged { Some(loader::resolve_config()) } else { None };
-    match &config {
-        Some(Ok((tracefs, _))) => {
-            row("tracefs", true, tracefs.display().to_string());
+    let mut features = Vec::new();
+    let mut hooks = Vec::new();
+    let facts = privileged.then(loader::resolve_config);
+    match facts {
+        Some(Ok(facts)) => {
+            row("tracefs", true, facts.tracefs.display().to_string());
             row("offsets", true, "tracepoint fields from tracefs, struct members from BTF".into());
+            match loader::open(&facts.offsets.config) {
+                Ok(mut ebpf) => {
+                    let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);
+                    features = statuses;
+                    hooks = HOOKS
+                        .iter()
+                        .map(|hook| {
+                            let outcome = match tried.iter().find(|(h, _)| h.program == hook.program) {
+                                Some((_, Ok(()))) => "loads, attaches".to_string(),
+                                Some((_, Err(why))) => why.trim_start_matches(&format!("{}: ", hook.describe())).to_string(),
+                                None => "not tried: its features are served by better hooks".to_string(),
+                            };
+                            (hook.describe(), outcome)
+                        })
+                        .collect();
+                }
+                Err(err) => row("ebpf object", false, format!("{err:#}")),
+            }
         }
         Some(Err(err)) => row("offsets", false, format!("{err:#}")),
         None => row("tracefs", false, "not checked: needs privileges".into()),
     }
-
-    let mut ebpf = match &config {
-        Some(Ok((_, config))) => match loader::open(config) {
-            Ok(ebpf) => Some(ebpf),
-            Err(err) => {
-                row("ebpf object", false, format!("{err:#}"));
-                None
-            }
-        },
-        _ => None,
-    };
-    let tracefs = match &config {
-        Some(Ok((path, _))) => Some(path.clone()),
-        _ => None,
-    };
-    for hook in HOOKS {
-        let name = format!("{}:{}", hook.category, hook.tracepoint);
-        let present = tracefs
-            .as_deref()
-            .map(|t| t.join("events").join(hook.category).join(hook.tracepoint).is_dir());
-        let (ok, detail) = match (present, ebpf.as_mut()) {
-            (Some(false), _) => (false, "tracepoint missing from this kernel".to_string()),
-            (_, None) => (false, "not checked".to_string()),
-            (_, Some(ebpf)) => hook_status(ebpf, hook),
-        };
-        row(&name, ok, detail);
-    }
-
-    let width = rows.iter().map(|r| r.check.len()).max().unwrap_or(10).max(10);
-    println!("{:<width$}  {:<6}  DETAIL", "CHECK", "STATUS");
-    for r in &rows {
-        println!("{:<width$}  {:<6}  {}", r.check, if r.ok { "ok" } else { "FAIL" }, r.detail);
-    }
-    let ready = rows.iter().all(|r| r.ok);
-    println!("{}", if ready { "netlens can run here." } else { "netlens cannot run here: fix the FAIL rows." });
-    ready
+    Report { kernel, rows, features, hooks }
 }
 
-/// Loads and attaches one program (the attachment is released with the
-/// object when `check` ends).
-fn hook_status(ebpf: &mut aya::Ebpf, hook: &loader::Hook) -> (bool, String) {
-    let kind = match hook.attach {
-        loader::Attach::Record => "tracepoint",
-        loader::Attach::Raw => "raw tracepoint",
-    };
-    match loader::attach(ebpf, hook) {
-        Ok(()) => (true, format!("present, loads, attaches ({kind})")),
-        Err(loader::HookError::Load(err)) => (false, format!("present; load failed: {err:#}")),
-        Err(loader::HookError::Attach(err)) => (false, format!("present, loads; attach failed: {err:#}")),
+fn print_tables(report: &Report) {
+    let width = report.rows.iter().map(|r| r.check.len()).max().unwrap_or(10).max(10);
+    println!("{:<width$}  {:<6}  DETAIL", "CHECK", "STATUS");
+    for r in &report.rows {
+        println!("{:<width$}  {:<6}  {}", r.check, if r.ok { "ok" } else { "FAIL" }, r.detail);
     }
+    if !report.features.is_empty() {
+        println!();
+        let width = report.features.iter().map(|f| f.feature.name.len()).max().unwrap_or(10);
+        println!("{:<width$}  {:<8}  SERVED BY / WHY", "FEATURE", "STATUS");
+        for f in &report.features {
+            let detail = match f.level {
+                Level::Ok => f.hooks.join(" + "),
+                Level::Degraded => format!("{} ({})", f.hooks.join(" + "), f.why),
+                Level::Missing => f.why.clone(),
+            };
+            let required = if f.feature.required && f.level == Level::Missing { " (required)" } else { "" };
+            println!("{:<width$}  {:<8}  {detail}{required}", f.feature.name, f.level.as_str());
+        }
+    }
+    if !report.hooks.is_empty() {
+        println!();
+        let width = report.hooks.iter().map(|(h, _)| h.len()).max().unwrap_or(10);
+        println!("{:<width$}  OUTCOME", "HOOK");
+        for (hook, outcome) in &report.hooks {
+            println!("{hook:<width$}  {outcome}");
+        }
+    }
+    println!();
+    println!(
+        "{}",
+        if report.ready() {
+            "netlens can run here."
+        } else {
+            "netlens cannot run here: fix the FAIL rows (and any required feature that is missing)."
+        }
+    );
+}
+
+fn print_json(report: &Report) {
+    let value = json!({
+        "kernel": report.kernel,
+        "ready": report.ready(),
+        "checks": report.rows.iter().map(|r| json!({"check": r.check, "ok": r.ok, "detail": r.detail})).collect::<Vec<_>>(),
+        "features": report.features.iter().map(|f| json!({
+            "feature": f.feature.name,
+            "status": f.level.as_str(),
+            "required": f.feature.required,
+            "hook": f.hooks.join(" + "),
+            "why": f.why,
+        })).collect::<Vec<_>>(),
+        "hooks": report.hooks.iter().map(|(hook, outcome)| json!({"hook": hook, "outcome": outcome})).collect::<Vec<_>>(),
+    });
+    println!("{value}");
 }

@@ -21,8 +21,16 @@ pub enum Command {
     Top(TopArgs),
     /// Serve Prometheus metrics (handshakes, retransmits, stalls, sockets) over HTTP.
     Daemon(DaemonArgs),
-    /// Check that this kernel and these privileges can run netlens.
-    Check,
+    /// Check that this kernel and these privileges can run netlens, and
+    /// which features each hook serves here.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

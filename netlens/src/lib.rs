@@ -7,6 +7,7 @@ pub mod check;
 pub mod daemon;
 pub mod cli;
 pub mod event;
+pub mod features;
 pub mod filter;
 pub mod jsonl;
 pub mod kernel;

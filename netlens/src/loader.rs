@@ -2,27 +2,34 @@
 //! every program and exposes what the kernel side produces: the event ring
 //! buffer and the counters. Views never touch maps; they get plain values.
 
-use std::{os::fd::AsFd, path::PathBuf, time::Instant};
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use netlens_common::{counter, Config, Flow, PacketHistograms, LOG2_BUCKETS};
 
-use crate::kernel::{
-    btf::KernelBtf,
-    offsets, probe,
-    progstats::{self, ProgramStats},
-    tracefs,
+use crate::{
+    features::{self, FeatureStatus},
+    kernel::{
+        btf::KernelBtf,
+        offsets, probe,
+        progstats::{self, ProgramStats},
+        tracefs,
+    },
 };
 
 /// The eBPF object, built by build.rs and embedded: one file to deploy.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netlens"));
 
-/// How a program attaches to its tracepoint.
+/// How a program attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
     /// A classic tracepoint: the kernel formats a record (layout from its
@@ -31,41 +38,79 @@ pub enum Attach {
     /// A raw tracepoint: the tracepoint's arguments as they are, no record.
     /// For hot events, where formatting a record would cost every call.
     Raw,
+    /// fentry on a kernel function (BTF-typed, trampoline): what older
+    /// kernels offer where a tracepoint is missing. Not on every kernel.
+    FEntry,
+    /// kprobe on a kernel function: the fallback where fentry is refused.
+    KProbe,
 }
 
-/// A tracepoint netlens attaches to, and the program that handles it.
+/// A hook netlens can attach, and the program that handles it.
 #[derive(Clone, Copy, Debug)]
 pub struct Hook {
+    /// The program's name in the eBPF object.
     pub program: &'static str,
+    /// Tracepoint category (tracepoints only).
     pub category: &'static str,
-    pub tracepoint: &'static str,
+    /// The tracepoint or kernel function.
+    pub target: &'static str,
     pub attach: Attach,
 }
 
 impl Hook {
-    const fn new(program: &'static str, category: &'static str, attach: Attach) -> Self {
-        Self { program, category, tracepoint: program, attach }
+    const fn tracepoint(program: &'static str, category: &'static str, attach: Attach) -> Self {
+        Self { program, category, target: program, attach }
+    }
+
+    const fn function(program: &'static str, target: &'static str, attach: Attach) -> Self {
+        Self { program, category: "", target, attach }
+    }
+
+    /// As `check` and stderr name it: `raw tracepoint sock:sk_data_ready`.
+    pub fn describe(&self) -> String {
+        match self.attach {
+            Attach::Record => format!("tracepoint {}:{}", self.category, self.target),
+            Attach::Raw => format!("raw tracepoint {}:{}", self.category, self.target),
+            Attach::FEntry => format!("fentry {}", self.target),
+            Attach::KProbe => format!("kprobe {}", self.target),
+        }
     }
 }
 
+/// Every hook; `features::FEATURES` says which ones serve what.
 pub const HOOKS: &[Hook] = &[
-    Hook::new("inet_sock_set_state", "sock", Attach::Raw),
-    Hook::new("tcp_retransmit_skb", "tcp", Attach::Record),
-    Hook::new("tcp_retransmit_synack", "tcp", Attach::Record),
-    Hook::new("tcp_send_reset", "tcp", Attach::Record),
-    Hook::new("tcp_receive_reset", "tcp", Attach::Record),
-    Hook::new("tcp_probe", "tcp", Attach::Raw),
-    Hook::new("sk_data_ready", "sock", Attach::Raw),
-    Hook::new("tcp_cong_state_set", "tcp", Attach::Record),
-    Hook::new("sock_rcvqueue_full", "sock", Attach::Record),
+    Hook::tracepoint("inet_sock_set_state", "sock", Attach::Raw),
+    Hook::tracepoint("tcp_retransmit_skb", "tcp", Attach::Record),
+    Hook::tracepoint("tcp_retransmit_synack", "tcp", Attach::Record),
+    Hook::tracepoint("tcp_send_reset", "tcp", Attach::Record),
+    Hook::tracepoint("tcp_receive_reset", "tcp", Attach::Record),
+    Hook::tracepoint("tcp_probe", "tcp", Attach::Raw),
+    Hook::tracepoint("sk_data_ready", "sock", Attach::Raw),
+    Hook::function("tcp_data_ready_fentry", "tcp_data_ready", Attach::FEntry),
+    Hook::function("tcp_data_ready_kprobe", "tcp_data_ready", Attach::KProbe),
+    Hook::tracepoint("tcp_cong_state_set", "tcp", Attach::Record),
+    Hook::tracepoint("sock_rcvqueue_full", "sock", Attach::Record),
 ];
 
+/// Set to a comma-separated list of program names to leave those hooks
+/// out, as if the kernel lacked them: how the tests exercise the fallbacks
+/// of older kernels on a new one.
+pub const SKIP_HOOKS_ENV: &str = "NETLENS_SKIP_HOOKS";
+
+/// This kernel's facts, resolved once: where tracefs is, its BTF, and the
+/// offsets handed to the programs.
+pub struct KernelFacts {
+    pub tracefs: PathBuf,
+    pub btf: KernelBtf,
+    pub offsets: offsets::Resolved,
+}
+
 /// Resolves this kernel's offsets (tracefs + BTF).
-pub fn resolve_config() -> Result<(PathBuf, Config)> {
+pub fn resolve_config() -> Result<KernelFacts> {
     let tracefs = tracefs::ensure_mounted()?;
     let btf = KernelBtf::load()?;
-    let config = offsets::resolve(&tracefs, &btf)?;
-    Ok((tracefs, config))
+    let offsets = offsets::resolve(&tracefs, &btf)?;
+    Ok(KernelFacts { tracefs, btf, offsets })
 }
 
 /// Parses the object and fills in `CONFIG`; nothing is loaded yet.
@@ -84,12 +129,18 @@ fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config) -> Result<Ebpf>
 /// Why a hook could not be set up.
 #[derive(Debug)]
 pub enum HookError {
+    /// The kernel lacks it (or netlens cannot read its layout here).
+    Unavailable(String),
     Load(anyhow::Error),
     Attach(anyhow::Error),
 }
 
-/// Loads and attaches one hook's program.
-pub fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
+/// Loads and attaches one hook's program, after checking that this kernel
+/// has what it needs.
+pub fn attach(ebpf: &mut Ebpf, facts: &KernelFacts, hook: &Hook) -> Result<(), HookError> {
+    if let Some(why) = unavailable(facts, hook) {
+        return Err(HookError::Unavailable(why));
+    }
     let program = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| HookError::Load(anyhow!("program {} missing from the eBPF object", hook.program)))?;
@@ -99,24 +150,70 @@ pub fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
         Attach::Record => {
             let program: &mut TracePoint = program.try_into().map_err(load)?;
             program.load().map_err(load)?;
-            program.attach(hook.category, hook.tracepoint).map_err(attach)?;
+            program.attach(hook.category, hook.target).map_err(attach)?;
         }
         Attach::Raw => {
             let program: &mut RawTracePoint = program.try_into().map_err(load)?;
             program.load().map_err(load)?;
-            program.attach(hook.tracepoint).map_err(attach)?;
+            program.attach(hook.target).map_err(attach)?;
+        }
+        Attach::FEntry => {
+            let btf = aya::Btf::from_sys_fs().map_err(|err| HookError::Load(anyhow::Error::new(err)))?;
+            let program: &mut FEntry = program.try_into().map_err(load)?;
+            program.load(hook.target, &btf).map_err(load)?;
+            program.attach().map_err(attach)?;
+        }
+        Attach::KProbe => {
+            let program: &mut KProbe = program.try_into().map_err(load)?;
+            program.load().map_err(load)?;
+            program.attach(hook.target, 0).map_err(attach)?;
         }
     }
     Ok(())
 }
 
+/// Why `hook` cannot work on this kernel, found without loading anything.
+fn unavailable(facts: &KernelFacts, hook: &Hook) -> Option<String> {
+    let skipped = std::env::var(SKIP_HOOKS_ENV).unwrap_or_default();
+    if skipped.split(',').any(|name| name.trim() == hook.program) {
+        return Some(format!("left out by {SKIP_HOOKS_ENV}"));
+    }
+    match hook.attach {
+        Attach::Record | Attach::Raw => {
+            let dir = facts.tracefs.join("events").join(hook.category).join(hook.target);
+            if !dir.is_dir() {
+                return Some(format!("this kernel has no tracepoint {}:{}", hook.category, hook.target));
+            }
+        }
+        Attach::KProbe if !Path::new("/sys/bus/event_source/devices/kprobe").exists() => {
+            return Some("this kernel has no kprobes (CONFIG_KPROBES off)".into());
+        }
+        Attach::FEntry | Attach::KProbe => {
+            if !facts.btf.has_function(hook.target) {
+                return Some(format!("this kernel has no function {} (inlined or renamed)", hook.target));
+            }
+        }
+    }
+    facts.offsets.unavailable(hook.program).map(str::to_string)
+}
+
 impl std::fmt::Display for HookError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            HookError::Load(err) => write!(f, "the kernel rejected the program: {err:#}"),
-            HookError::Attach(err) => write!(f, "attaching failed: {err:#}"),
+            HookError::Unavailable(why) => write!(f, "{why}"),
+            HookError::Load(err) => write!(f, "the kernel rejected the program: {}", short_error(err)),
+            HookError::Attach(err) => write!(f, "attaching failed: {}", short_error(err)),
         }
     }
+}
+
+/// aya's errors carry the verifier log; a line for a table needs the cause.
+fn short_error(err: &anyhow::Error) -> String {
+    let text = format!("{err:#}");
+    let line = text.lines().next().unwrap_or_default();
+    let line = line.split(". Verifier output").next().unwrap_or(line);
+    let cut: String = line.chars().take(160).collect();
+    cut
 }
 
 impl std::error::Error for HookError {}
@@ -132,8 +229,37 @@ fn raise_memlock() {
 /// The attached programs. Dropping this detaches them all.
 pub struct Probes {
     ebpf: Ebpf,
+    /// The hooks attached, in `HOOKS` order.
+    attached: Vec<&'static Hook>,
+    /// How each feature is served here.
+    pub features: Vec<FeatureStatus>,
     /// How long loading and attaching took.
     pub attach_time: std::time::Duration,
+}
+
+/// Attaches, for every feature, the first way this kernel allows (see
+/// [`features::resolve`]); each program at most once. Returns the hooks
+/// attached and every hook tried with its outcome.
+pub fn attach_features(
+    ebpf: &mut Ebpf,
+    facts: &KernelFacts,
+) -> (Vec<FeatureStatus>, Vec<(&'static Hook, Result<(), String>)>) {
+    let mut tried: Vec<(&'static Hook, Result<(), String>)> = Vec::new();
+    let statuses = features::resolve(|program| {
+        let Some(hook) = HOOKS.iter().find(|h| h.program == program) else {
+            return Err(format!("no hook {program}"));
+        };
+        let outcome = match tried.iter().find(|(h, _)| h.program == program) {
+            Some((_, outcome)) => outcome.clone(),
+            None => {
+                let outcome = attach(ebpf, facts, hook).map_err(|err| format!("{}: {err}", hook.describe()));
+                tried.push((hook, outcome.clone()));
+                outcome
+            }
+        };
+        outcome.map(|()| hook.describe())
+    });
+    (statuses, tried)
 }
 
 /// The flow table right now.
@@ -197,7 +323,8 @@ pub struct KernelCounters {
 }
 
 impl Probes {
-    /// Checks privileges, resolves offsets, loads and attaches everything.
+    /// Checks privileges, resolves offsets, loads and attaches what this
+    /// kernel allows. Fails only when a required feature cannot be served.
     pub fn attach_all() -> Result<Self> {
         let started = Instant::now();
         if let Some(problem) = probe::preflight() {
@@ -206,17 +333,19 @@ impl Probes {
         // aya parses the kernel's BTF when its loader is created (~25 ms);
         // do that while we resolve our own offsets.
         let loader = std::thread::spawn(EbpfLoader::new);
-        let (_tracefs, config) = resolve_config()?;
+        let facts = resolve_config()?;
         let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
-        let mut ebpf = open_with(loader, &config)?;
-        for hook in HOOKS {
-            attach(&mut ebpf, hook).map_err(|err| anyhow!("{}:{}: {err}", hook.category, hook.tracepoint))?;
+        let mut ebpf = open_with(loader, &facts.offsets.config)?;
+        let (features, tried) = attach_features(&mut ebpf, &facts);
+        if let Some(missing) = features.iter().find(|f| f.feature.required && f.level == features::Level::Missing) {
+            anyhow::bail!("{} cannot be traced on this kernel: {} (run `netlens check`)", missing.feature.name, missing.why);
         }
-        Ok(Self { ebpf, attach_time: started.elapsed() })
+        let attached = tried.into_iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| hook).collect();
+        Ok(Self { ebpf, attached, features, attach_time: started.elapsed() })
     }
 
     pub fn program_count(&self) -> usize {
-        HOOKS.len()
+        self.attached.len()
     }
 
     /// The event ring buffer; can be taken once.
@@ -227,7 +356,7 @@ impl Probes {
 
     /// The kernel's statistics for each attached program, by program name.
     pub fn program_stats(&self) -> Vec<(&'static str, ProgramStats)> {
-        HOOKS
+        self.attached
             .iter()
             .filter_map(|hook| {
                 let fd = self.ebpf.program(hook.program)?.fd().ok()?;

@@ -40,7 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Settings are validated first: a bad flag or file is reported before
     // any privilege or kernel check.
     match cli.command {
-        Command::Check => Ok(if netlens::check::run() { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+        Command::Check(args) => Ok(if netlens::check::run(args.json) { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
         Command::Trace(args) => attached(trace::run(TraceOptions {
             json: args.json,
             duration: args.duration,

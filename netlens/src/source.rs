@@ -42,6 +42,10 @@ impl EventSource {
             probes.program_count(),
             probes.attach_time.as_secs_f64() * 1e3
         );
+        // One line per feature this kernel degrades or lacks.
+        for notice in probes.features.iter().filter_map(|f| f.notice()) {
+            eprintln!("{notice}");
+        }
         let mut tick = tokio::time::interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Self { probes, ring, tick, undecodable: 0 })
@@ -74,6 +78,11 @@ impl EventSource {
                 None => self.undecodable += 1,
             }
         }
+    }
+
+    /// How each feature is served on this kernel.
+    pub fn features(&self) -> &[crate::features::FeatureStatus] {
+        &self.probes.features
     }
 
     pub fn counters(&self) -> Result<KernelCounters> {

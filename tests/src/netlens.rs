@@ -64,6 +64,11 @@ impl Netlens {
     /// Starts `netlens ARGS`, inside network namespace `netns` when given
     /// (`ip netns exec` execs it: the child's pid is netlens's).
     pub fn start_in(netns: Option<&str>, args: &[&str]) -> Result<Self> {
+        Self::start_with_env(netns, args, &[])
+    }
+
+    /// [`Self::start_in`] with extra environment variables.
+    pub fn start_with_env(netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let binary = binary();
         if !binary.exists() {
             bail!("{} not built: run the tests through `cargo xtask test`", binary.display());
@@ -78,6 +83,7 @@ impl Netlens {
         };
         let mut child = command
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -109,6 +115,13 @@ impl Netlens {
     /// `netlens trace --json --netns INODE`.
     pub fn trace_netns(inode: u32) -> Result<Self> {
         Self::start(&["trace", "--json", "--netns", &inode.to_string()])
+    }
+
+    /// The same, with `hooks` (program names, comma-separated) left out as
+    /// if this kernel lacked them: how the fallbacks older kernels use are
+    /// tested on a new one.
+    pub fn trace_netns_without(inode: u32, hooks: &str) -> Result<Self> {
+        Self::start_with_env(None, &["trace", "--json", "--netns", &inode.to_string()], &[("NETLENS_SKIP_HOOKS", hooks)])
     }
 
     /// Stops it with SIGINT (it must exit 0 within 10 s) and returns what

@@ -4,6 +4,7 @@
 
 use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
 
+use crate::features::{FeatureStatus, Level};
 use crate::{
     aggregate::{
         buckets::Buckets,
@@ -32,6 +33,8 @@ pub struct Inputs<'a> {
     /// Destinations shown in the ports ratio.
     pub top_k: usize,
     pub now_ns: u64,
+    /// How each feature is served on this kernel.
+    pub features: &'a [FeatureStatus],
 }
 
 fn label(name: &str, value: &str) -> LabelPair {
@@ -344,6 +347,16 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
         vec![gauge(vec![label("version", env!("CARGO_PKG_VERSION"))], 1.0)],
     ));
     families.push(family(
+        "netlens_feature_enabled",
+        "1 when this kernel serves the feature (fully or degraded, see `netlens check`), 0 when it lacks the hooks it needs.",
+        MetricType::GAUGE,
+        inputs
+            .features
+            .iter()
+            .map(|f| gauge(vec![label("feature", f.feature.name)], f64::from(u8::from(f.level != Level::Missing))))
+            .collect(),
+    ));
+    families.push(family(
         "netlens_bpf_stats_enabled",
         "1 when kernel.bpf_stats_enabled is on; program run time and count are 0 otherwise.",
         MetricType::GAUGE,
@@ -386,6 +399,7 @@ mod tests {
             packets: Some(PacketHistograms::default()),
             top_k: 50,
             now_ns: 0,
+            features: &[],
         };
         prometheus::TextEncoder::new().encode_to_string(&families(&inputs)).unwrap()
     }

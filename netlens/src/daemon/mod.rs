@@ -117,6 +117,7 @@ impl Exporter {
             packets: source.packet_histograms().ok(),
             top_k: self.top_k,
             now_ns: monotonic_ns(),
+            features: source.features(),
         };
         let mut families = metrics::families(&inputs);
         // process_cpu_seconds_total, process_resident_memory_bytes, …: what

@@ -14,6 +14,7 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
@@ -22,6 +23,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -38,6 +40,16 @@ pub struct KernelBtf {
     strings_len: usize,
     /// Byte offset of each type's header; index = type id (0 is void).
     types: Vec<usize>,
+}
+
+/// A struct or union member as found by a lookup.
+#[derive(Clone, Copy)]
+struct Member {
+    bit_offset: u32,
+    /// Width of a bitfield member, 0 for an ordinary one.
+    bitfield_bits: u32,
+    /// The member's type, typedefs and qualifiers stripped.
+    header: TypeHeader,
 }
 
 /// A decoded `struct btf_type` header.
@@ -150,8 +162,8 @@ impl KernelBtf {
     }
 
     /// Finds member `name` of a struct or union, looking inside anonymous
-    /// members; returns its bit offset and its type, stripped.
-    fn find_member(&self, parent: &TypeHeader, name: &str) -> Result<Option<(u32, TypeHeader)>> {
+    /// members; returns it with its bit offset from `parent`'s start.
+    fn find_member(&self, parent: &TypeHeader, name: &str) -> Result<Option<Member>> {
         if parent.kind != KIND_STRUCT && parent.kind != KIND_UNION {
             return Ok(None);
         }
@@ -161,37 +173,95 @@ impl KernelBtf {
             let member_type = self.strip(self.u32_at(at + 4)?)?;
             let raw_offset = self.u32_at(at + 8)?;
             // With kind_flag set, the top 8 bits hold a bitfield's size.
-            let bit_offset = if parent.kind_flag { raw_offset & 0xff_ffff } else { raw_offset };
+            let (bit_offset, bitfield_bits) =
+                if parent.kind_flag { (raw_offset & 0xff_ffff, raw_offset >> 24) } else { (raw_offset, 0) };
             if member_name == name.as_bytes() {
-                return Ok(Some((bit_offset, member_type)));
+                return Ok(Some(Member { bit_offset, bitfield_bits, header: member_type }));
             }
             if member_name.is_empty() {
-                if let Some((inner, found)) = self.find_member(&member_type, name)? {
-                    return Ok(Some((bit_offset + inner, found)));
+                if let Some(inner) = self.find_member(&member_type, name)? {
+                    return Ok(Some(Member { bit_offset: bit_offset + inner.bit_offset, ..inner }));
                 }
             }
         }
         Ok(None)
     }
 
-    /// Byte offset of `path` ("a.b.c", members of members) inside `struct
-    /// name`. Anonymous structs and unions along the way are searched.
-    pub fn offset(&self, name: &str, path: &str) -> Result<u32> {
+    /// Member `path` ("a.b.c", members of members) of `struct name`, with
+    /// its bit offset from the struct's start. Anonymous structs and unions
+    /// along the way are searched.
+    fn member(&self, name: &str, path: &str) -> Result<Member> {
         let mut current = self
             .find(name, KIND_STRUCT)
             .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))?;
+        let mut found = None;
         let mut offset_bits = 0;
         for part in path.split('.') {
-            let (member_bits, member_type) = self
+            let member = self
                 .find_member(&current, part)?
                 .ok_or_else(|| anyhow!("kernel BTF: struct {name} has no member {path}"))?;
-            offset_bits += member_bits;
-            current = member_type;
+            offset_bits += member.bit_offset;
+            current = member.header;
+            found = Some(member);
         }
-        if offset_bits % 8 != 0 {
+        let member = found.ok_or_else(|| anyhow!("kernel BTF: empty member path for struct {name}"))?;
+        Ok(Member { bit_offset: offset_bits, ..member })
+    }
+
+    /// Byte offset of `path` inside `struct name`.
+    pub fn offset(&self, name: &str, path: &str) -> Result<u32> {
+        let member = self.member(name, path)?;
+        if member.bitfield_bits != 0 || member.bit_offset % 8 != 0 {
             bail!("kernel BTF: {name}.{path} is a bitfield");
         }
-        Ok(offset_bits / 8)
+        Ok(member.bit_offset / 8)
+    }
+
+    /// Byte offset of `path` inside `struct name`, which must be `size`
+    /// bytes: a member whose type changed is refused, not misread.
+    pub fn sized_offset(&self, name: &str, path: &str, size: u32) -> Result<u32> {
+        let offset = self.offset(name, path)?;
+        let member = self.member(name, path)?;
+        match self.size_of(&member.header) {
+            Some(actual) if actual == size => Ok(offset),
+            Some(actual) => bail!(
+                "kernel BTF: {name}.{path} is {actual} bytes on this kernel, netlens reads {size}; this kernel's layout is not supported"
+            ),
+            None => bail!("kernel BTF: {name}.{path} has a type netlens cannot size"),
+        }
+    }
+
+    /// A bitfield member: the byte that holds it, its shift within that
+    /// byte and its width. Refused when it straddles a byte.
+    pub fn bitfield(&self, name: &str, path: &str) -> Result<(u32, u8, u8)> {
+        let member = self.member(name, path)?;
+        let bits = if member.bitfield_bits != 0 { member.bitfield_bits } else { 8 * self.size_of(&member.header).unwrap_or(0) };
+        let shift = member.bit_offset % 8;
+        if bits == 0 || shift + bits > 8 {
+            bail!("kernel BTF: {name}.{path} is not a bitfield within one byte on this kernel");
+        }
+        Ok((member.bit_offset / 8, shift as u8, bits as u8))
+    }
+
+    /// Whether the kernel has a function `name` (a BTF FUNC): what fentry
+    /// programs attach to.
+    pub fn has_function(&self, name: &str) -> bool {
+        (1..self.types.len()).any(|id| {
+            self.header(id as u32).is_ok_and(|h| h.kind == KIND_FUNC && self.name(h.name_off) == name.as_bytes())
+        })
+    }
+
+    /// Size in bytes of a (stripped) type, where it has one.
+    fn size_of(&self, header: &TypeHeader) -> Option<u32> {
+        match header.kind {
+            KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => Some(header.size_or_type),
+            KIND_PTR => Some(8),
+            KIND_ARRAY => {
+                let element = self.strip(self.u32_at(header.body).ok()?).ok()?;
+                Some(self.size_of(&element)? * self.u32_at(header.body + 8).ok()?)
+            }
+            _ => None,
+        }
     }
 
     /// Like [`Self::offset`], `None` when the kernel lacks the member.
@@ -220,7 +290,7 @@ mod tests {
     /// c; }; }` with `struct inner { int x; int y; }`, and `enum flags { F0,
     /// F1 }`.
     fn sample() -> Vec<u8> {
-        let strings = b"\0int\0outer\0a\0b\0c\0inner\0x\0y\0flags\0F0\0F1\0";
+        let strings = b"\0int\0outer\0a\0b\0c\0inner\0x\0y\0flags\0F0\0F1\0bits\0lo\0hi\0";
         let name = |s: &str| -> u32 {
             let needle = format!("\0{s}\0");
             strings.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() as u32 + 1
@@ -238,6 +308,8 @@ mod tests {
         push(&[name("outer"), info(KIND_STRUCT, 2), 16, name("a"), 1, 0, 0, 3, 64]);
         // 5: enum flags { F0 = 0, F1 = 1 }
         push(&[name("flags"), info(KIND_ENUM, 2), 4, name("F0"), 0, name("F1"), 1]);
+        // 6: struct bits { int lo:5; int hi:3; } (kind_flag: sizes in the offsets)
+        push(&[name("bits"), (1 << 31) | info(KIND_STRUCT, 2), 4, name("lo"), 1, 5 << 24, name("hi"), 1, (3 << 24) | 5]);
         let mut blob = Vec::new();
         for word in [0x0001_eb9fu32, 24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
             blob.extend_from_slice(&word.to_le_bytes());
@@ -255,6 +327,18 @@ mod tests {
         assert_eq!(btf.offset("outer", "c.y").unwrap(), 12);
         assert_eq!(btf.offset("inner", "y").unwrap(), 4);
         assert_eq!(btf.enum_value("flags", "F1").unwrap(), 1);
+    }
+
+    #[test]
+    fn sizes_and_bitfields_are_checked() {
+        let btf = KernelBtf::parse(sample()).unwrap();
+        assert_eq!(btf.sized_offset("inner", "y", 4).unwrap(), 4);
+        assert_eq!(btf.sized_offset("outer", "c", 8).unwrap(), 8);
+        let err = btf.sized_offset("inner", "y", 8).unwrap_err().to_string();
+        assert!(err.contains("is 4 bytes on this kernel, netlens reads 8"), "{err}");
+        assert_eq!(btf.bitfield("bits", "lo").unwrap(), (0, 0, 5));
+        assert_eq!(btf.bitfield("bits", "hi").unwrap(), (0, 5, 3));
+        assert!(btf.offset("bits", "hi").is_err(), "a bitfield has no byte offset");
     }
 
     #[test]

@@ -7,14 +7,15 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use netlens_common::{
     CongStateFields, Config, KernelOffsets, ProbeOffsets, ReceiveResetFields, RetransmitFields, SendResetFields, SockTupleOffsets,
-    SynackFields, TupleFields, FIELD_ABSENT, RECORD_MAX,
+    SynackFields, TupleFields, Window, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX,
 };
 
 use super::{btf::KernelBtf, tracefs::Format};
 
 fn tuple(format: &Format) -> Result<TupleFields> {
     Ok(TupleFields {
-        family: format.offset("family", 2)?,
+        // 5.10's records have no family: the programs read the socket's.
+        family: format.optional_offset("family", 2)?.unwrap_or(FIELD_ABSENT),
         sport: format.offset("sport", 2)?,
         dport: format.offset("dport", 2)?,
         saddr: format.offset("saddr", 4)?,
@@ -25,52 +26,106 @@ fn tuple(format: &Format) -> Result<TupleFields> {
     })
 }
 
-pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Config> {
-    let retransmit = Format::read(tracefs, "tcp", "tcp_retransmit_skb")?;
-    let synack = Format::read(tracefs, "tcp", "tcp_retransmit_synack")?;
-    let send_reset = Format::read(tracefs, "tcp", "tcp_send_reset")?;
-    let receive_reset = Format::read(tracefs, "tcp", "tcp_receive_reset")?;
-    let cong_state = Format::read(tracefs, "tcp", "tcp_cong_state_set")?;
-    Ok(Config {
-        probe: probe_offsets(btf).context("resolving tcp_sock members for tcp_probe")?,
-        cong_state: CongStateFields {
-            skaddr: cong_state.offset("skaddr", 8)?,
-            cong_state: cong_state.offset("cong_state", 1)?,
-            len: cong_state.record_len()?,
-            _pad: 0,
-        },
-        retransmit: RetransmitFields {
-            skbaddr: retransmit.offset("skbaddr", 8)?,
-            skaddr: retransmit.offset("skaddr", 8)?,
-            state: retransmit.offset("state", 4)?,
-            err: retransmit.optional_offset("err", 4)?.unwrap_or(FIELD_ABSENT),
-            tuple: tuple(&retransmit)?,
-            len: retransmit.record_len()?,
-            _pad: 0,
-        },
-        synack: SynackFields {
-            skaddr: synack.offset("skaddr", 8)?,
-            req: synack.offset("req", 8)?,
-            len: synack.record_len()?,
-            _pad: 0,
-            tuple: tuple(&synack)?,
-        },
-        send_reset: SendResetFields {
-            skbaddr: send_reset.offset("skbaddr", 8)?,
-            skaddr: send_reset.offset("skaddr", 8)?,
-            state: send_reset.offset("state", 4)?,
-            saddr: send_reset.offset("saddr", 28)?,
-            daddr: send_reset.offset("daddr", 28)?,
-            len: send_reset.record_len()?,
-        },
-        receive_reset: ReceiveResetFields {
-            skaddr: receive_reset.offset("skaddr", 8)?,
-            len: receive_reset.record_len()?,
-            _pad: [0; 2],
-            tuple: tuple(&receive_reset)?,
-        },
+/// The offsets, and the programs whose offsets this kernel cannot give
+/// (a missing tracepoint, a changed layout): those programs stay unloaded
+/// and only the features they serve are lost.
+pub struct Resolved {
+    pub config: Config,
+    pub unavailable: Vec<(&'static str, String)>,
+}
+
+impl Resolved {
+    /// Why `program` cannot run here, if it cannot.
+    pub fn unavailable(&self, program: &str) -> Option<&str> {
+        self.unavailable.iter().find(|(name, _)| *name == program).map(|(_, why)| why.as_str())
+    }
+}
+
+/// Resolves everything. Only the offsets every program relies on (the
+/// socket's identity and counters) are required; each tracepoint's record
+/// is resolved on its own.
+pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved> {
+    let mut config = Config {
         kernel: kernel_offsets(btf).context("resolving kernel struct offsets from BTF")?,
-    })
+        ..Config::default()
+    };
+    let mut unavailable = Vec::new();
+    let mut optional = |program: &'static str, result: Result<()>| {
+        if let Err(err) = result {
+            unavailable.push((program, format!("{err:#}")));
+        }
+    };
+    let format = |name: &str| Format::read(tracefs, "tcp", name);
+    optional("tcp_retransmit_skb", format("tcp_retransmit_skb").and_then(|f| {
+        config.retransmit = RetransmitFields {
+            skbaddr: f.offset("skbaddr", 8)?,
+            skaddr: f.offset("skaddr", 8)?,
+            state: f.offset("state", 4)?,
+            err: f.optional_offset("err", 4)?.unwrap_or(FIELD_ABSENT),
+            tuple: tuple(&f)?,
+            len: f.record_len()?,
+            _pad: 0,
+        };
+        Ok(())
+    }));
+    optional("tcp_retransmit_synack", format("tcp_retransmit_synack").and_then(|f| {
+        config.synack = SynackFields {
+            skaddr: f.offset("skaddr", 8)?,
+            req: f.offset("req", 8)?,
+            len: f.record_len()?,
+            _pad: 0,
+            tuple: tuple(&f)?,
+        };
+        Ok(())
+    }));
+    optional("tcp_send_reset", format("tcp_send_reset").and_then(|f| {
+        config.send_reset = send_reset(&f)?;
+        Ok(())
+    }));
+    optional("tcp_receive_reset", format("tcp_receive_reset").and_then(|f| {
+        config.receive_reset = ReceiveResetFields {
+            skaddr: f.offset("skaddr", 8)?,
+            len: f.record_len()?,
+            _pad: [0; 2],
+            tuple: tuple(&f)?,
+        };
+        Ok(())
+    }));
+    optional("tcp_cong_state_set", format("tcp_cong_state_set").and_then(|f| {
+        config.cong_state = CongStateFields {
+            skaddr: f.offset("skaddr", 8)?,
+            cong_state: f.offset("cong_state", 1)?,
+            len: f.record_len()?,
+            _pad: 0,
+        };
+        Ok(())
+    }));
+    optional("tcp_probe", probe_offsets(btf).context("resolving tcp_sock members for tcp_probe").map(|probe| {
+        config.probe = probe;
+    }));
+    Ok(Resolved { config, unavailable })
+}
+
+/// `tcp:tcp_send_reset` has had two layouts: sockaddr buffers (6.10+) and
+/// the 4-tuple fields of its siblings (before).
+fn send_reset(f: &Format) -> Result<SendResetFields> {
+    let mut fields = SendResetFields {
+        skbaddr: f.offset("skbaddr", 8)?,
+        skaddr: f.offset("skaddr", 8)?,
+        state: f.offset("state", 4)?,
+        saddr: FIELD_ABSENT,
+        daddr: FIELD_ABSENT,
+        len: f.record_len()?,
+        tuple: TupleFields::default(),
+    };
+    match f.optional_offset("sport", 2)? {
+        Some(_) => fields.tuple = tuple(f)?,
+        None => {
+            fields.saddr = f.offset("saddr", 28)?;
+            fields.daddr = f.offset("daddr", 28)?;
+        }
+    }
+    Ok(fields)
 }
 
 fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
@@ -94,13 +149,16 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         sock_cgroup,
         cgroup_kn,
         kernfs_node_id,
-        tcp_srtt_us: btf.offset("tcp_sock", "srtt_us")?,
-        tcp_total_retrans: btf.offset("tcp_sock", "total_retrans")?,
-        tcp_segs_out: btf.offset("tcp_sock", "segs_out")?,
-        tcp_bytes_sent: btf.offset("tcp_sock", "bytes_sent")?,
-        tcp_bytes_retrans: btf.offset("tcp_sock", "bytes_retrans")?,
-        tcp_bytes_received: btf.offset("tcp_sock", "bytes_received")?,
-        tcp_dsack_dups: btf.offset("tcp_sock", "dsack_dups")?,
+        tcp_srtt_us: btf.sized_offset("tcp_sock", "srtt_us", 4)?,
+        tcp_snd_cwnd: btf.sized_offset("tcp_sock", "snd_cwnd", 4)?,
+        tcp_rcv_nxt: btf.sized_offset("tcp_sock", "rcv_nxt", 4)?,
+        icsk_ca_state: btf.bitfield("tcp_sock", "inet_conn.icsk_ca_state")?.0,
+        tcp_total_retrans: btf.sized_offset("tcp_sock", "total_retrans", 4)?,
+        tcp_segs_out: btf.sized_offset("tcp_sock", "segs_out", 4)?,
+        tcp_bytes_sent: btf.sized_offset("tcp_sock", "bytes_sent", 8)?,
+        tcp_bytes_retrans: btf.sized_offset("tcp_sock", "bytes_retrans", 8)?,
+        tcp_bytes_received: btf.sized_offset("tcp_sock", "bytes_received", 8)?,
+        tcp_dsack_dups: btf.sized_offset("tcp_sock", "dsack_dups", 4)?,
         sock_flags: btf.offset("sock", "__sk_common.skc_flags")?,
         sock_done_bit: btf.enum_value("sock_flags", "SOCK_DONE")?,
         skb_dev: btf.offset("sk_buff", "dev")?,
@@ -153,42 +211,117 @@ fn tcb_seq(btf: &KernelBtf) -> Result<u32> {
     Ok(seq)
 }
 
-/// The window of `tcp_sock` the per-packet program copies: from the first
-/// to the end of the last member it reads.
+/// The `tcp_sock` members the per-packet program reads, grouped into
+/// windows (see [`ProbeOffsets`]).
 fn probe_offsets(btf: &KernelBtf) -> Result<ProbeOffsets> {
-    let members = [
-        ("snd_wnd", 4),
-        ("snd_cwnd", 4),
-        ("snd_ssthresh", 4),
-        // struct minmax: s[0] is the current minimum, {u32 t; u32 v}.
-        ("rtt_min", 8),
-        ("out_of_order_queue", 8),
-        ("rcv_nxt", 4),
-        ("srtt_us", 4),
-        ("rcv_wnd", 4),
+    let at = |name: &str, size: u32| btf.sized_offset("tcp_sock", name, size);
+    let (ca_byte, ca_state_shift, ca_bits) = btf.bitfield("tcp_sock", "inet_conn.icsk_ca_state")?;
+    // struct minmax: s[0] is the current minimum, {u32 t; u32 v}.
+    let rtt_min = btf.offset("tcp_sock", "rtt_min")?;
+    let members: [(u32, u32); 8] = [
+        (at("snd_wnd", 4)?, 4),
+        (at("snd_cwnd", 4)?, 4),
+        (at("snd_ssthresh", 4)?, 4),
+        (rtt_min + 4, 4),
+        (at("rcv_nxt", 4)?, 4),
+        (at("srtt_us", 4)?, 4),
+        (at("rcv_wnd", 4)?, 4),
+        (ca_byte, 1),
     ];
-    let mut offsets = [0u32; 8];
-    for (slot, (name, _)) in offsets.iter_mut().zip(members) {
-        *slot = btf.offset("tcp_sock", name)?;
-    }
-    let start = *offsets.iter().min().unwrap_or(&0);
-    let end = offsets.iter().zip(members).map(|(o, (_, size))| o + size).max().unwrap_or(0);
-    let len = end - start;
-    if len as usize > RECORD_MAX {
-        anyhow::bail!("tcp_sock's per-packet members span {len} bytes, more than the {RECORD_MAX} netlens copies");
-    }
-    let rel = |i: usize| (offsets[i] - start) as u16;
+    let (windows, placed) = group_windows(&members)?;
     Ok(ProbeOffsets {
-        start,
-        len: len as u16,
-        snd_wnd: rel(0),
-        snd_cwnd: rel(1),
-        snd_ssthresh: rel(2),
-        min_rtt: rel(3) + 4,
-        ooo_queue: rel(4),
-        rcv_nxt: rel(5),
-        srtt_us: rel(6),
-        rcv_wnd: rel(7),
-        _pad: 0,
+        windows,
+        snd_wnd: placed[0],
+        snd_cwnd: placed[1],
+        snd_ssthresh: placed[2],
+        min_rtt: placed[3],
+        rcv_nxt: placed[4],
+        srtt_us: placed[5],
+        rcv_wnd: placed[6],
+        ca_state: placed[7],
+        ca_state_shift,
+        ca_state_mask: ((1u16 << ca_bits) - 1) as u8,
+        _pad: [0; 6],
     })
+}
+
+/// Gaps between members wider than this start a new window: one more read
+/// costs less than copying this many unused bytes.
+const WINDOW_GAP: u32 = 64;
+
+/// Groups `(offset, size)` members into at most [`PROBE_WINDOWS`] windows,
+/// splitting at the widest gaps (those over [`WINDOW_GAP`]); returns the
+/// windows and each member's offset in the copied buffer (window `i` lands
+/// at `i * RECORD_MAX`).
+fn group_windows<const N: usize>(members: &[(u32, u32); N]) -> Result<([Window; PROBE_WINDOWS], [u16; N])> {
+    let mut sorted: Vec<(u32, u32)> = members.to_vec();
+    sorted.sort_unstable();
+    // The widest gaps between neighbours become window boundaries.
+    let mut gaps: Vec<(u32, usize)> = sorted
+        .windows(2)
+        .enumerate()
+        .map(|(i, pair)| (pair[1].0.saturating_sub(pair[0].0 + pair[0].1), i + 1))
+        .filter(|(gap, _)| *gap > WINDOW_GAP)
+        .collect();
+    gaps.sort_unstable_by(|a, b| b.cmp(a));
+    let mut cuts: Vec<usize> = gaps.iter().take(PROBE_WINDOWS - 1).map(|(_, at)| *at).collect();
+    cuts.sort_unstable();
+    let mut windows = [Window::default(); PROBE_WINDOWS];
+    let bounds = std::iter::once(0).chain(cuts.iter().copied()).chain(std::iter::once(sorted.len()));
+    let bounds: Vec<usize> = bounds.collect();
+    for (window, range) in windows.iter_mut().zip(bounds.windows(2)) {
+        let group = &sorted[range[0]..range[1]];
+        let start = group.first().map_or(0, |m| m.0);
+        let end = group.iter().map(|m| m.0 + m.1).max().unwrap_or(start);
+        if (end - start) as usize > RECORD_MAX {
+            anyhow::bail!("tcp_sock's per-packet members need a {}-byte read, more than the {RECORD_MAX} netlens copies at once", end - start);
+        }
+        *window = Window { start, len: end - start };
+    }
+    let mut placed = [0u16; N];
+    for (slot, (offset, _)) in placed.iter_mut().zip(members) {
+        let (index, window) = windows
+            .iter()
+            .enumerate()
+            .find(|(_, w)| w.len > 0 && *offset >= w.start && *offset < w.start + w.len)
+            .ok_or_else(|| anyhow::anyhow!("internal: member at {offset} outside every window"))?;
+        *slot = (index * RECORD_MAX) as u16 + (offset - window.start) as u16;
+    }
+    Ok((windows, placed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_members_share_one_window() {
+        let (windows, placed) = group_windows(&[(100, 4), (120, 4), (104, 8)]).unwrap();
+        assert_eq!(windows[0], Window { start: 100, len: 24 });
+        assert_eq!(windows[1].len, 0);
+        assert_eq!(placed, [0, 20, 4]);
+    }
+
+    #[test]
+    fn wide_gaps_split_into_windows_at_the_widest() {
+        // 5.10-like: members spread over 560 bytes with two wide gaps.
+        let members = [(1000, 4), (1004, 4), (1300, 4), (1556, 4), (1560, 1), (1010, 4)];
+        let (windows, placed) = group_windows(&members).unwrap();
+        assert_eq!(windows[0], Window { start: 1000, len: 14 });
+        assert_eq!(windows[1], Window { start: 1300, len: 4 });
+        assert_eq!(windows[2], Window { start: 1556, len: 5 });
+        assert_eq!(placed, [0, 4, RECORD_MAX as u16, 2 * RECORD_MAX as u16, 2 * RECORD_MAX as u16 + 4, 10]);
+    }
+
+    #[test]
+    fn a_window_too_wide_is_refused() {
+        // Four clusters with wide gaps fit in three windows when the last
+        // two are close enough; when they are not, the last window would
+        // need 704 bytes, which is refused.
+        let members = [(0, 4), (200, 4), (400, 4), (1100, 4)];
+        assert!(group_windows(&members).is_ok());
+        let members = [(0, 4), (2000, 4), (4000, 4), (4600, 4), (4700, 4)];
+        let err = group_windows(&members).unwrap_err().to_string();
+        assert!(err.contains("more than the 512"), "{err}");
+    }
 }

@@ -50,9 +50,33 @@ pub fn privileged() -> bool {
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
 }
 
+/// The oldest kernel netlens runs on: the BPF ring buffer came in 5.8.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
+/// `(major, minor)` of a release string such as `6.1.0-50-amd64`.
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Why this kernel is too old, if it is.
+pub fn too_old() -> Option<String> {
+    let release = kernel_release();
+    let version = parse_release(&release)?;
+    (version < MIN_KERNEL).then(|| {
+        format!(
+            "netlens needs Linux {}.{} or newer (BPF ring buffer); this kernel is {release}",
+            MIN_KERNEL.0, MIN_KERNEL.1
+        )
+    })
+}
+
 /// The one-line reason netlens cannot start, checked in the order a user
 /// should fix things; `None` when the basics are in place.
 pub fn preflight() -> Option<String> {
+    if let Some(problem) = too_old() {
+        return Some(problem);
+    }
     if !privileged() {
         return Some("netlens needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF programs; run it with sudo".into());
     }
@@ -62,4 +86,19 @@ pub fn preflight() -> Option<String> {
         ));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_parse_to_major_minor() {
+        assert_eq!(parse_release("6.1.0-50-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("6.12.117+deb13-amd64"), Some((6, 12)));
+        assert_eq!(parse_release("5.10.0-32-amd64"), Some((5, 10)));
+        assert_eq!(parse_release("4.19.0"), Some((4, 19)));
+        assert!(parse_release("4.19.0").unwrap() < MIN_KERNEL);
+        assert_eq!(parse_release("unknown"), None);
+    }
 }
