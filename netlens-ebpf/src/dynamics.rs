@@ -108,15 +108,18 @@ pub fn end_zero_window(flow: &mut Flow, which: u8, since: u64, until: u64) {
     });
 }
 
-/// The connection's dynamics as it closes: episodes still open count up to
-/// now; cwnd, RTTs and the algorithm are read from the socket one last time.
+/// The connection's dynamics as it closes, written into `transport` (the
+/// close event's, in place in the ring buffer: a copy would not fit the
+/// stack of older verifiers, which round every frame up): episodes still
+/// open count up to now; cwnd, RTTs and the algorithm are read from the
+/// socket one last time.
 #[inline(always)]
-pub fn at_close(sk: u64, flow: &Flow, now: u64) -> Transport {
-    let mut transport = flow.transport;
+pub fn at_close(sk: u64, flow: &Flow, now: u64, transport: &mut Transport) {
+    *transport = flow.transport;
     if flow.established_ns == 0 {
-        return transport;
+        return;
     }
-    add_ca_time(flow, &mut transport, now);
+    add_ca_time(flow, transport, now);
     for since in [flow.peer_zero_since_ns, flow.local_zero_since_ns] {
         if since != 0 {
             transport.zero_window_ns += now.saturating_sub(since);
@@ -130,12 +133,10 @@ pub fn at_close(sk: u64, flow: &Flow, now: u64) -> Transport {
         transport.srtt_us = tp.get::<u32>(probe.srtt_us).unwrap_or(0) >> 3;
         transport.min_rtt_us = tp.get(probe.min_rtt).unwrap_or(0);
     }
-
     let ops: u64 = member(sk, cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
     if ops != 0 {
         transport.congestion = member(ops, cfg_field!(kernel.ca_ops_name)).unwrap_or([0; 16]);
     }
-    transport
 }
 
 /// One side's zero-window episode, given that side's window now: starts it

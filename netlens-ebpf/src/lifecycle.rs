@@ -192,7 +192,6 @@ fn closed(sk: u64) -> Result<(), i32> {
 fn report_close(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
     let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
     let lifetime_ns = if flow.start_ns != 0 { now.saturating_sub(flow.start_ns) } else { 0 };
-    let transport = dynamics::at_close(sk, flow, now);
     // Payload only: the kernel's byte counters also count SYN and FIN
     // sequence numbers (bytes_acked, bytes_received), or retransmissions
     // (bytes_sent). Sent = bytes_sent - bytes_retrans: each payload byte
@@ -212,7 +211,7 @@ fn report_close(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
         event.bytes_received = received.saturating_sub(fin_received);
         event.segs = total_retrans;
         event.spurious_retransmits = dsack_dups;
-        event.transport = transport;
+        dynamics::at_close(sk, flow, now, &mut event.transport);
         event.transport.segs_out = segs_out;
     });
     Ok(())

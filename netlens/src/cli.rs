@@ -31,6 +31,9 @@ pub struct CheckArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Show the kernel's whole verifier log for a program it rejects.
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
 #[derive(Args, Debug)]

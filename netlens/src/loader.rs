@@ -207,9 +207,16 @@ impl std::fmt::Display for HookError {
     }
 }
 
+/// Whether hook errors keep the kernel's whole verifier log (`netlens
+/// check --verbose`) instead of its first line.
+pub static FULL_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// aya's errors carry the verifier log; a line for a table needs the cause.
 fn short_error(err: &anyhow::Error) -> String {
     let text = format!("{err:#}");
+    if FULL_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
+        return text;
+    }
     let line = text.lines().next().unwrap_or_default();
     let line = line.split(". Verifier output").next().unwrap_or(line);
     let cut: String = line.chars().take(160).collect();

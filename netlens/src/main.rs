@@ -40,7 +40,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Settings are validated first: a bad flag or file is reported before
     // any privilege or kernel check.
     match cli.command {
-        Command::Check(args) => Ok(if netlens::check::run(args.json) { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+        Command::Check(args) => {
+            netlens::loader::FULL_ERRORS.store(args.verbose, std::sync::atomic::Ordering::Relaxed);
+            Ok(if netlens::check::run(args.json) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Trace(args) => attached(trace::run(TraceOptions {
             json: args.json,
             duration: args.duration,
