@@ -7,6 +7,7 @@
 #                     a netlens without --json)
 #   steps.tsv         one line per step: name, exit status, seconds
 #   tests.log         the output of every test binary
+#   STEP.err          each smoke run's stderr (trace, top, daemon)
 #   finished          written last: the guest got to the end
 # Every step is bounded (timeout), and a failed step does not stop the rest:
 # one run shows everything that is wrong on this kernel.
@@ -93,16 +94,19 @@ done <"$out/plan.tsv"
 # 3. Smoke runs of each command, with a little traffic for trace to see:
 # refused connects (handshake failures) and one HTTP exchange with the daemon.
 (sleep 1; for _ in 1 2 3; do curl -s -m 2 http://127.0.0.1:9/ >/dev/null; done) &
-timeout -k 5 "$smoke_limit" "$netlens" trace --duration 3 --json >"$out/trace.jsonl" </dev/null
+timeout -k 5 "$smoke_limit" "$netlens" trace --duration 3 --json >"$out/trace.jsonl" 2>"$out/trace.err" </dev/null
 status=$?
 wait
+cat "$out/trace.err" >&2
 echo "guest: trace printed $(wc -l <"$out/trace.jsonl") events"
 step trace "$status"
 
-timeout -k 5 "$smoke_limit" "$netlens" top --batch -n 1 </dev/null
-step top "$?"
+timeout -k 5 "$smoke_limit" "$netlens" top --batch -n 1 2>"$out/top.err" </dev/null
+status=$?
+cat "$out/top.err" >&2
+step top "$status"
 
-"$netlens" daemon --listen 127.0.0.1:9977 </dev/null &
+"$netlens" daemon --listen 127.0.0.1:9977 2>"$out/daemon.err" </dev/null &
 daemon=$!
 scraped=1
 waited=0
@@ -131,7 +135,9 @@ if alive "$daemon"; then
     kill -KILL "$daemon"
 fi
 wait "$daemon"
-step daemon-exit "$?"
+status=$?
+cat "$out/daemon.err" >&2
+step daemon-exit "$status"
 
 date >"$out/finished"
 # The host reads the verdict from steps.tsv; this status is for humans.

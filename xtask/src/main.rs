@@ -161,31 +161,63 @@ fn run_tests(command: &mut Command) -> Result<TestCounts> {
 }
 
 /// What libtest reported, summed over test binaries.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TestCounts {
     pub passed: u64,
     pub failed: u64,
     /// Every test process exited 0 (one that crashed prints no result line).
     pub all_exited_ok: bool,
+    /// `(test, message)` for each failed test: its panic message or `Error:`.
+    pub failures: Vec<(String, String)>,
+    /// The test whose `---- NAME stdout ----` block is being read.
+    reading_failure_of: Option<String>,
+    /// The previous line was `thread '...' panicked at FILE:LINE:COL:`.
+    panic_message_next: bool,
 }
 
 impl Default for TestCounts {
     fn default() -> Self {
-        Self { passed: 0, failed: 0, all_exited_ok: true }
+        Self {
+            passed: 0,
+            failed: 0,
+            all_exited_ok: true,
+            failures: Vec::new(),
+            reading_failure_of: None,
+            panic_message_next: false,
+        }
     }
 }
 
 impl TestCounts {
-    /// Adds the counts of a libtest `test result: ...` line; other lines are ignored.
+    /// Reads one line of libtest output: `test result: ...` lines add to the
+    /// counts; a failed test's block gives its first panic message or error.
     pub fn add_line(&mut self, line: &str) {
-        let Some(result) = line.trim_start().strip_prefix("test result: ") else {
-            return;
-        };
-        let count = |word: &str| -> u64 {
-            result.split(';').find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok()).unwrap_or(0)
-        };
-        self.passed += count("passed");
-        self.failed += count("failed");
+        let line = line.trim_end();
+        if let Some(result) = line.trim_start().strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                result.split(';').find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+            };
+            self.passed += count("passed");
+            self.failed += count("failed");
+            self.reading_failure_of = None;
+        } else if let Some(name) = line.strip_prefix("---- ").and_then(|l| l.strip_suffix(" stdout ----")) {
+            self.reading_failure_of = Some(name.to_string());
+            self.panic_message_next = false;
+        } else if let Some(test) = self.reading_failure_of.clone() {
+            let message = if self.panic_message_next {
+                self.panic_message_next = false;
+                Some(line)
+            } else if line.starts_with("thread '") && line.contains("' panicked at ") {
+                self.panic_message_next = true;
+                None
+            } else {
+                line.starts_with("Error: ").then_some(line)
+            };
+            if let Some(message) = message.filter(|m| !m.trim().is_empty()) {
+                self.failures.push((test, message.trim().to_string()));
+                self.reading_failure_of = None;
+            }
+        }
     }
 
     pub fn ok(&self) -> bool {
@@ -193,7 +225,7 @@ impl TestCounts {
     }
 
     /// `cargo xtask test`'s verdict: an error unless everything ran and passed.
-    pub fn verdict(self) -> Result<()> {
+    pub fn verdict(&self) -> Result<()> {
         if self.failed > 0 {
             bail!("tests failed ({} failed)", self.failed);
         }
@@ -214,4 +246,24 @@ pub fn capture(command: &mut Command) -> Result<String> {
         bail!("{command:?} failed ({})", output.status);
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestCounts;
+
+    #[test]
+    fn counts_and_failure_messages_from_libtest_output() {
+        let output = "running 2 tests\ntest a ... FAILED\ntest b ... FAILED\n\nfailures:\n\n---- a stdout ----\nsome log\n\
+                      thread 'a' panicked at tests/x.rs:1:2:\nstall 11 µs, waited 20 µs\nnote: run with `RUST_BACKTRACE=1`\n\n\
+                      ---- b stdout ----\nError: netlens did not attach\n\nfailures:\n    a\n    b\n\n\
+                      test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.0s\n";
+        let mut counts = TestCounts::default();
+        output.lines().for_each(|line| counts.add_line(line));
+        assert_eq!((counts.passed, counts.failed), (3, 2));
+        assert_eq!(
+            counts.failures,
+            vec![("a".into(), "stall 11 µs, waited 20 µs".into()), ("b".into(), "Error: netlens did not attach".into())]
+        );
+    }
 }

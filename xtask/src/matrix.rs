@@ -64,7 +64,8 @@ struct Column {
     release: Option<String>,
     check: Option<CheckReport>,
     tests: Option<TestCounts>,
-    /// Guest steps (test binaries, smoke runs) that exited non-zero.
+    /// Guest steps (test binaries, smoke runs) that exited non-zero, with
+    /// the last line they wrote on stderr when there is one.
     failed_steps: Vec<String>,
     /// Steps that passed: an empty smoke row means "did not run".
     passed_steps: usize,
@@ -91,7 +92,7 @@ impl Column {
         !self.problems.is_empty()
             || !self.failed_steps.is_empty()
             || !self.check.as_ref().is_some_and(|c| c.exit_ok)
-            || !self.tests.is_some_and(|t| t.ok())
+            || !self.tests.as_ref().is_some_and(|t| t.ok())
     }
 }
 
@@ -274,11 +275,20 @@ fn read_guest_results(column: &mut Column, results: &GuestResults) {
             ran_tests = true;
             counts.all_exited_ok &= *status == 0;
         }
-        match (name.as_str(), *status) {
-            ("check", _) => {}
-            (_, 0) => column.passed_steps += 1,
-            (_, 124) => column.failed_steps.push(format!("{name}: timed out")),
-            (_, status) => column.failed_steps.push(format!("{name}: exit {status}")),
+        let exit = match (name.as_str(), *status) {
+            ("check", _) => continue,
+            (_, 0) => {
+                column.passed_steps += 1;
+                continue;
+            }
+            (_, 124) => "timed out".to_string(),
+            (_, status) => format!("exit {status}"),
+        };
+        // trace.err, top.err, daemon.err (for daemon-scrape and daemon-exit).
+        let stderr = results.read(&format!("{}.err", name.split('-').next().unwrap_or(name)));
+        match stderr.as_deref().and_then(|e| e.lines().rev().find(|l| !l.trim().is_empty())) {
+            Some(last) => column.failed_steps.push(format!("{name}: {exit}: {}", last.trim())),
+            None => column.failed_steps.push(format!("{name}: {exit}")),
         }
     }
     if ran_tests {
@@ -367,7 +377,7 @@ fn render(columns: &[Column], total: Duration) -> String {
         let json = if check.json { "" } else { " (no --json)" };
         format!("{}{json}", if check.exit_ok { "ok" } else { check.exit.as_str() })
     })));
-    rows.push(row("tests passed/failed", &|c| c.tests.map_or("not run".into(), |t| format!("{}/{}", t.passed, t.failed))));
+    rows.push(row("tests passed/failed", &|c| c.tests.as_ref().map_or("not run".into(), |t| format!("{}/{}", t.passed, t.failed))));
     rows.push(row("smoke", &|c| {
         let smoke_failed = c.failed_steps.iter().filter(|s| !s.starts_with("test:")).count();
         match (c.kernel.as_str(), smoke_failed, c.passed_steps) {
@@ -400,15 +410,20 @@ fn render(columns: &[Column], total: Duration) -> String {
                 let hook = if f.hook.is_empty() { String::new() } else { format!(" [hook: {}]", f.hook) };
                 let _ = writeln!(notes, "  {kernel} {} {}: {}{hook}", f.name, f.status, f.why);
             }
-            for (name, detail) in &check.failed_checks {
-                let _ = writeln!(notes, "  {kernel} check `{name}` failed: {detail}");
+            for (detail, names) in grouped(check.failed_checks.iter().map(|(name, detail)| (name, detail))) {
+                let _ = writeln!(notes, "  {kernel} check {names} failed: {detail}");
             }
         }
         for step in &column.failed_steps {
             let _ = writeln!(notes, "  {kernel} {step}");
         }
-        if let Some(t) = column.tests.filter(|t| !t.all_exited_ok) {
-            let _ = writeln!(notes, "  {kernel} a test process exited non-zero ({} failed tests counted)", t.failed);
+        if let Some(tests) = &column.tests {
+            for (message, names) in grouped(tests.failures.iter().map(|(name, message)| (name, message))) {
+                let _ = writeln!(notes, "  {kernel} test {names}: {message}");
+            }
+            if !tests.all_exited_ok && tests.failed == 0 {
+                let _ = writeln!(notes, "  {kernel} a test process exited non-zero without a failed test");
+            }
         }
         for problem in &column.problems {
             let _ = writeln!(notes, "  {kernel} {problem}");
@@ -418,6 +433,26 @@ fn render(columns: &[Column], total: Duration) -> String {
         let _ = write!(out, "\nNotes:\n{notes}");
     }
     out
+}
+
+/// `(text, names)` for items sharing a text, in first-seen order: one
+/// cause behind many failures gets one line. Long name lists are cut.
+fn grouped<'a>(items: impl Iterator<Item = (&'a String, &'a String)>) -> Vec<(String, String)> {
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for (name, text) in items {
+        match groups.iter_mut().find(|(t, _)| t == text) {
+            Some((_, names)) => names.push(name),
+            None => groups.push((text.clone(), vec![name])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(text, names)| {
+            let shown = names.iter().take(3).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            let more = if names.len() > 3 { format!(" and {} more", names.len() - 3) } else { String::new() };
+            (text, format!("{shown}{more}"))
+        })
+        .collect()
 }
 
 #[cfg(test)]
