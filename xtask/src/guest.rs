@@ -36,6 +36,14 @@ pub struct TestBinary {
     pub package_dir: PathBuf,
 }
 
+/// What every guest runs, prepared once on the host.
+pub struct GuestInputs {
+    /// How to run virtme-ng's `vng`.
+    pub vng: PathBuf,
+    pub netlens: PathBuf,
+    pub tests: Vec<TestBinary>,
+}
+
 /// What one guest run left behind, for the matrix.
 pub struct GuestResults {
     pub outcome: bounded::Outcome,
@@ -66,26 +74,19 @@ impl GuestResults {
     }
 }
 
-/// Boots `image` and runs guest.sh with `netlens` and `tests`; kills the
-/// guest at `limit`. `label` names the kernel in the output and the
-/// results directory (`target/matrix/<label>/`).
-pub fn run(
-    label: &str,
-    image: &KernelImage,
-    netlens: &Path,
-    tests: &[TestBinary],
-    test_args: &[String],
-    limit: Duration,
-) -> Result<GuestResults> {
+/// Boots `image` and runs guest.sh with `inputs`; kills the guest at
+/// `limit`. `label` names the kernel in the output and the results
+/// directory (`target/matrix/<label>/`).
+pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[String], limit: Duration) -> Result<GuestResults> {
     let dir = crate::workspace_root().join("target/matrix").join(label);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     fs::write(dir.join("guest.sh"), GUEST_SCRIPT)?;
-    fs::write(dir.join("plan.tsv"), plan(netlens, tests, test_args))?;
+    fs::write(dir.join("plan.tsv"), plan(&inputs.netlens, &inputs.tests, test_args))?;
     // The command travels base64-encoded on the kernel command line (2 KiB
     // at most): keep it short, the plan is in a file.
     let script = dir.join("guest.sh");
-    let mut vng = Command::new("vng");
+    let mut vng = Command::new(&inputs.vng);
     vng.arg("--run")
         .arg(&image.vmlinuz)
         // No KVM on this kind of machine: TCG.

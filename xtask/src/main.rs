@@ -207,7 +207,7 @@ impl TestCounts {
             let message = if self.panic_message_next {
                 self.panic_message_next = false;
                 Some(line)
-            } else if line.starts_with("thread '") && line.contains("' panicked at ") {
+            } else if line.starts_with("thread '") && line.contains(" panicked at ") {
                 self.panic_message_next = true;
                 None
             } else {
@@ -255,7 +255,7 @@ mod tests {
     #[test]
     fn counts_and_failure_messages_from_libtest_output() {
         let output = "running 2 tests\ntest a ... FAILED\ntest b ... FAILED\n\nfailures:\n\n---- a stdout ----\nsome log\n\
-                      thread 'a' panicked at tests/x.rs:1:2:\nstall 11 µs, waited 20 µs\nnote: run with `RUST_BACKTRACE=1`\n\n\
+                      thread 'a' (884) panicked at tests/x.rs:1:2:\nstall 11 µs, waited 20 µs\nnote: run with `RUST_BACKTRACE=1`\n\n\
                       ---- b stdout ----\nError: netlens did not attach\n\nfailures:\n    a\n    b\n\n\
                       test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.0s\n";
         let mut counts = TestCounts::default();

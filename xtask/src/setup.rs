@@ -7,7 +7,7 @@
 //! - the tools the tests drive (nftables, iproute2, ethtool, promtool, curl, tmux).
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -63,11 +63,12 @@ pub fn ensure(with_test_tools: bool) -> Result<EbpfToolchain> {
 /// initramfs, kmod (virtme-ng runs depmod on the extracted kernels; the
 /// guests load modules with the host's modprobe), file (virtme-ng reads the
 /// kernel version with it), and virtme-ng itself from PyPI.
-pub fn ensure_matrix_tools() -> Result<()> {
+/// Returns how to run `vng`.
+pub fn ensure_matrix_tools() -> Result<PathBuf> {
     let mut apt = Apt::default();
     apt.install(&["qemu-system-x86", "busybox-static", "kmod", "file", "dpkg", "debian-archive-keyring"])?;
-    if which("vng") {
-        return Ok(());
+    if let Some(vng) = find_vng() {
+        return Ok(vng);
     }
     println!("xtask: installing virtme-ng {VIRTME_NG} (pip)");
     // A distribution's own python refuses pip installs (PEP 668): pipx then.
@@ -75,10 +76,16 @@ pub fn ensure_matrix_tools() -> Result<()> {
         apt.install(&["pipx"])?;
         run(Command::new("pipx").args(["install", &format!("virtme-ng=={VIRTME_NG}")]))?;
     }
-    if !which("vng") {
-        bail!("virtme-ng is installed but `vng` is not on PATH (pipx puts it in ~/.local/bin)");
+    find_vng().context("virtme-ng is installed, but there is no `vng` on PATH nor in ~/.local/bin")
+}
+
+/// `vng` on PATH, else where pipx and `pip --user` put it.
+fn find_vng() -> Option<PathBuf> {
+    if which("vng") {
+        return Some(PathBuf::from("vng"));
     }
-    Ok(())
+    let local = Path::new(&std::env::var_os("HOME")?).join(".local/bin/vng");
+    local.is_file().then_some(local)
 }
 
 /// The virtme-ng release the matrix is known to work with.
