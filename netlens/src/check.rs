@@ -10,12 +10,14 @@ struct Row {
     check: String,
     ok: bool,
     detail: String,
+    /// An optional feature this kernel cannot serve: shown, never fatal.
+    off: bool,
 }
 
 /// Prints the table; returns whether netlens can run.
 pub fn run() -> bool {
     let mut rows = Vec::new();
-    let mut row = |check: &str, ok: bool, detail: String| rows.push(Row { check: check.into(), ok, detail });
+    let mut row = |check: &str, ok: bool, detail: String| rows.push(Row { check: check.into(), ok, detail, off: false });
 
     row("kernel", true, probe::kernel_release());
     row("btf", probe::has_btf(), if probe::has_btf() { VMLINUX.into() } else { format!("{VMLINUX} missing: needs CONFIG_DEBUG_INFO_BTF=y") });
@@ -71,10 +73,23 @@ pub fn run() -> bool {
         row(&name, ok, detail);
     }
 
+    // Optional features: the first family of hooks that attaches serves.
+    if let (Some(ebpf), Some(Ok((_, config)))) = (ebpf.as_mut(), &config) {
+        for status in loader::attach_optional(ebpf, config) {
+            let off = status.served_by.is_none();
+            rows.push(Row { check: format!("optional {}", status.feature), ok: true, detail: status.describe(), off });
+        }
+    }
+
     let width = rows.iter().map(|r| r.check.len()).max().unwrap_or(10).max(10);
     println!("{:<width$}  {:<6}  DETAIL", "CHECK", "STATUS");
     for r in &rows {
-        println!("{:<width$}  {:<6}  {}", r.check, if r.ok { "ok" } else { "FAIL" }, r.detail);
+        let status = match (r.ok, r.off) {
+            (_, true) => "off",
+            (true, false) => "ok",
+            (false, false) => "FAIL",
+        };
+        println!("{:<width$}  {:<6}  {}", r.check, status, r.detail);
     }
     let ready = rows.iter().all(|r| r.ok);
     println!("{}", if ready { "netlens can run here." } else { "netlens cannot run here: fix the FAIL rows." });
@@ -87,6 +102,10 @@ fn hook_status(ebpf: &mut aya::Ebpf, hook: &loader::Hook) -> (bool, String) {
     let kind = match hook.attach {
         loader::Attach::Record => "tracepoint",
         loader::Attach::Raw => "raw tracepoint",
+        loader::Attach::FEntry => "fentry",
+        loader::Attach::FExit => "fexit",
+        loader::Attach::KProbe => "kprobe",
+        loader::Attach::KRetProbe => "kretprobe",
     };
     match loader::attach(ebpf, hook) {
         Ok(()) => (true, format!("present, loads, attaches ({kind})")),

@@ -6,15 +6,16 @@ use std::{os::fd::AsFd, path::PathBuf, time::Instant};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
-    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
-use netlens_common::{counter, Config, Flow, PacketHistograms, LOG2_BUCKETS};
+use netlens_common::{counter, mode, Config, Flow, ListenOverflow, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
 
 use crate::kernel::{
     btf::KernelBtf,
-    offsets, probe,
+    offsets::{self, AcceptQueueSupport},
+    probe,
     progstats::{self, ProgramStats},
     tracefs,
 };
@@ -31,6 +32,13 @@ pub enum Attach {
     /// A raw tracepoint: the tracepoint's arguments as they are, no record.
     /// For hot events, where formatting a record would cost every call.
     Raw,
+    /// fentry / fexit on a kernel function (`tracepoint` names it): BPF
+    /// trampolines, typed arguments. Optional hooks only.
+    FEntry,
+    FExit,
+    /// kprobe / kretprobe on a kernel function. Optional hooks only.
+    KProbe,
+    KRetProbe,
 }
 
 /// A tracepoint netlens attaches to, and the program that handles it.
@@ -46,6 +54,20 @@ impl Hook {
     const fn new(program: &'static str, category: &'static str, attach: Attach) -> Self {
         Self { program, category, tracepoint: program, attach }
     }
+
+    /// A program attached to `target` (a tracepoint of `category`, or a
+    /// kernel function when `category` is empty).
+    const fn on(program: &'static str, category: &'static str, target: &'static str, attach: Attach) -> Self {
+        Self { program, category, tracepoint: target, attach }
+    }
+
+    /// `category:tracepoint`, or the function for fentry/kprobe hooks.
+    pub fn target(&self) -> String {
+        match self.category {
+            "" => self.tracepoint.to_string(),
+            category => format!("{category}:{}", self.tracepoint),
+        }
+    }
 }
 
 pub const HOOKS: &[Hook] = &[
@@ -59,6 +81,186 @@ pub const HOOKS: &[Hook] = &[
     Hook::new("tcp_cong_state_set", "tcp", Attach::Record),
     Hook::new("sock_rcvqueue_full", "sock", Attach::Record),
 ];
+
+/// One way to serve an optional feature: hooks that must all attach.
+pub struct Family {
+    pub name: &'static str,
+    pub hooks: &'static [Hook],
+    /// What this kernel must have for the family to work; `attached` names
+    /// the features already served.
+    ready: fn(&AcceptQueueSupport, attached: &[&str]) -> Result<(), String>,
+}
+
+/// An optional feature: served by the first family that attaches, in
+/// order of preference; when none does, netlens runs without it.
+pub struct Feature {
+    pub name: &'static str,
+    pub families: &'static [Family],
+}
+
+fn listener_checks(support: &AcceptQueueSupport, _: &[&str]) -> Result<(), String> {
+    support.queue.clone()
+}
+
+/// OPTIONAL hooks (the accept queue). The kprobe/fentry variants compile
+/// everywhere and are preferred where the kernel allows them; this host's
+/// kind (no kprobes, fentry refused) gets the tracepoint variants.
+pub const OPTIONAL: &[Feature] = &[
+    // Packet drop reasons (skb:kfree_skb, raw); also the final-ACK listen
+    // overflows when they come from tracepoints.
+    Feature {
+        name: "drop_reasons",
+        families: &[Family {
+            name: "tracepoint",
+            hooks: &[Hook::new("kfree_skb", "skb", Attach::Raw)],
+            ready: |support, _| support.drop_reasons.clone(),
+        }],
+    },
+    Feature {
+        name: "listen_overflows",
+        families: &[
+            Family {
+                name: "fentry",
+                hooks: &[
+                    Hook::on("fentry_tcp_conn_request", "", "tcp_conn_request", Attach::FEntry),
+                    Hook::on("fentry_tcp_v4_syn_recv_sock", "", "tcp_v4_syn_recv_sock", Attach::FEntry),
+                    Hook::on("fentry_tcp_v6_syn_recv_sock", "", "tcp_v6_syn_recv_sock", Attach::FEntry),
+                ],
+                ready: listener_checks,
+            },
+            Family {
+                name: "kprobe",
+                hooks: &[
+                    Hook::on("kprobe_tcp_conn_request", "", "tcp_conn_request", Attach::KProbe),
+                    Hook::on("kprobe_tcp_v4_syn_recv_sock", "", "tcp_v4_syn_recv_sock", Attach::KProbe),
+                    Hook::on("kprobe_tcp_v6_syn_recv_sock", "", "tcp_v6_syn_recv_sock", Attach::KProbe),
+                ],
+                ready: listener_checks,
+            },
+            Family {
+                name: "tracepoint",
+                hooks: &[Hook::new("consume_skb", "skb", Attach::Raw)],
+                ready: |support, attached| {
+                    support.overflow_tracepoints.clone()?;
+                    if !attached.contains(&"drop_reasons") {
+                        return Err("needs skb:kfree_skb (drop_reasons)".into());
+                    }
+                    Ok(())
+                },
+            },
+        ],
+    },
+    Feature {
+        name: "accept_queue",
+        families: &[
+            Family {
+                name: "fexit",
+                hooks: &[Hook::on("fexit_inet_csk_accept", "", "inet_csk_accept", Attach::FExit)],
+                ready: |support, _| support.fexit_accept.clone(),
+            },
+            Family {
+                name: "kprobe",
+                hooks: &[
+                    Hook::on("kprobe_inet_csk_accept", "", "inet_csk_accept", Attach::KProbe),
+                    Hook::on("kretprobe_inet_csk_accept", "", "inet_csk_accept", Attach::KRetProbe),
+                ],
+                ready: listener_checks,
+            },
+            Family {
+                name: "tracepoint",
+                hooks: &[
+                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
+                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
+                    Hook::on("sys_exit_accept", "syscalls", "sys_exit_accept4", Attach::Record),
+                    Hook::on("sys_exit_accept", "syscalls", "sys_exit_accept", Attach::Record),
+                ],
+                ready: |support, _| support.accept_syscalls.clone(),
+            },
+        ],
+    },
+];
+
+/// How an optional feature fared: the family serving it, and why each
+/// family tried before it (or every family) could not.
+pub struct FeatureStatus {
+    pub feature: &'static str,
+    pub served_by: Option<&'static Family>,
+    pub failures: Vec<String>,
+}
+
+impl FeatureStatus {
+    /// One line: `listen_overflows: tracepoint (fentry: ...; kprobe: ...)`.
+    pub fn describe(&self) -> String {
+        let tried = self.failures.join("; ");
+        match (self.served_by, tried.is_empty()) {
+            (Some(family), true) => format!("{}: {}", self.feature, family.name),
+            (Some(family), false) => format!("{}: {} ({tried})", self.feature, family.name),
+            (None, _) => format!("{}: off ({tried})", self.feature),
+        }
+    }
+}
+
+/// Attaches each optional feature with the first family that works, and
+/// tells the programs which ones serve (the `MODES` map).
+pub fn attach_optional(ebpf: &mut Ebpf, config: &Config) -> Vec<FeatureStatus> {
+    let support = AcceptQueueSupport::of(&config.accept_queue);
+    let mut statuses: Vec<FeatureStatus> = Vec::new();
+    for feature in OPTIONAL {
+        let attached: Vec<&str> = statuses.iter().filter(|s| s.served_by.is_some()).map(|s| s.feature).collect();
+        let mut status = FeatureStatus { feature: feature.name, served_by: None, failures: Vec::new() };
+        for family in feature.families {
+            let result = (family.ready)(&support, &attached).map_err(|missing| format!("{}: {missing}", family.name)).and_then(|()| {
+                family.hooks.iter().try_for_each(|hook| {
+                    attach(ebpf, hook).map_err(|err| format!("{}: {}: {err}", family.name, hook.target()))
+                })
+            });
+            match result {
+                Ok(()) => {
+                    status.served_by = Some(family);
+                    break;
+                }
+                Err(failure) => {
+                    // Unloading detaches whatever of the family did attach.
+                    for hook in family.hooks {
+                        if let Some(program) = ebpf.program_mut(hook.program) {
+                            unload(program);
+                        }
+                    }
+                    status.failures.push(failure);
+                }
+            }
+        }
+        statuses.push(status);
+    }
+    let from_tracepoints = statuses.iter().any(|s| s.feature == "listen_overflows" && s.served_by.is_some_and(|f| f.name == "tracepoint"));
+    if from_tracepoints {
+        if let Some(Ok(mut modes)) = ebpf.map_mut("MODES").map(Array::<&mut MapData, u32>::try_from) {
+            let _ = modes.set(0, mode::OVERFLOWS_FROM_TRACEPOINTS, 0);
+        }
+    }
+    statuses
+}
+
+/// Unloads a program (detaching it) so that another family can serve.
+fn unload(program: &mut aya::programs::Program) {
+    use aya::programs::Program;
+    let _ = match program {
+        Program::TracePoint(p) => p.unload(),
+        Program::RawTracePoint(p) => p.unload(),
+        Program::FEntry(p) => p.unload(),
+        Program::FExit(p) => p.unload(),
+        Program::KProbe(p) => p.unload(),
+        _ => Ok(()),
+    };
+}
+
+/// The kernel's BTF for fentry/fexit, parsed once (aya's own parser).
+fn kernel_btf() -> Result<&'static Btf, HookError> {
+    static BTF: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
+    BTF.get_or_init(|| Btf::from_sys_fs().ok())
+        .as_ref()
+        .ok_or_else(|| HookError::Load(anyhow!("kernel BTF unreadable for fentry")))
+}
 
 /// Resolves this kernel's offsets (tracefs + BTF).
 pub fn resolve_config() -> Result<(PathBuf, Config)> {
@@ -95,16 +297,35 @@ pub fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
         .ok_or_else(|| HookError::Load(anyhow!("program {} missing from the eBPF object", hook.program)))?;
     let load = |err: aya::programs::ProgramError| HookError::Load(anyhow::Error::new(err));
     let attach = |err: aya::programs::ProgramError| HookError::Attach(anyhow::Error::new(err));
+    // One program may serve several hooks (accept and accept4): load once.
+    let loaded = program.fd().is_ok();
     match hook.attach {
         Attach::Record => {
             let program: &mut TracePoint = program.try_into().map_err(load)?;
-            program.load().map_err(load)?;
+            if !loaded {
+                program.load().map_err(load)?;
+            }
             program.attach(hook.category, hook.tracepoint).map_err(attach)?;
         }
         Attach::Raw => {
             let program: &mut RawTracePoint = program.try_into().map_err(load)?;
             program.load().map_err(load)?;
             program.attach(hook.tracepoint).map_err(attach)?;
+        }
+        Attach::FEntry => {
+            let program: &mut FEntry = program.try_into().map_err(load)?;
+            program.load(hook.tracepoint, kernel_btf()?).map_err(load)?;
+            program.attach().map_err(attach)?;
+        }
+        Attach::FExit => {
+            let program: &mut FExit = program.try_into().map_err(load)?;
+            program.load(hook.tracepoint, kernel_btf()?).map_err(load)?;
+            program.attach().map_err(attach)?;
+        }
+        Attach::KProbe | Attach::KRetProbe => {
+            let program: &mut KProbe = program.try_into().map_err(load)?;
+            program.load().map_err(load)?;
+            program.attach(hook.tracepoint, 0).map_err(attach)?;
         }
     }
     Ok(())
@@ -134,6 +355,8 @@ pub struct Probes {
     ebpf: Ebpf,
     /// How long loading and attaching took.
     pub attach_time: std::time::Duration,
+    /// The optional features and what serves them.
+    pub optional: Vec<FeatureStatus>,
 }
 
 /// The flow table right now.
@@ -212,11 +435,17 @@ impl Probes {
         for hook in HOOKS {
             attach(&mut ebpf, hook).map_err(|err| anyhow!("{}:{}: {err}", hook.category, hook.tracepoint))?;
         }
-        Ok(Self { ebpf, attach_time: started.elapsed() })
+        let optional = attach_optional(&mut ebpf, &config);
+        Ok(Self { ebpf, attach_time: started.elapsed(), optional })
+    }
+
+    /// The optional hooks attached.
+    fn optional_hooks(&self) -> impl Iterator<Item = &'static Hook> + '_ {
+        self.optional.iter().filter_map(|status| status.served_by).flat_map(|family| family.hooks.iter())
     }
 
     pub fn program_count(&self) -> usize {
-        HOOKS.len()
+        HOOKS.len() + self.optional_hooks().count()
     }
 
     /// The event ring buffer; can be taken once.
@@ -227,11 +456,13 @@ impl Probes {
 
     /// The kernel's statistics for each attached program, by program name.
     pub fn program_stats(&self) -> Vec<(&'static str, ProgramStats)> {
-        HOOKS
-            .iter()
-            .filter_map(|hook| {
-                let fd = self.ebpf.program(hook.program)?.fd().ok()?;
-                Some((hook.program, progstats::read(fd.as_fd()).ok()?))
+        let mut programs: Vec<&'static str> = HOOKS.iter().chain(self.optional_hooks()).map(|hook| hook.program).collect();
+        programs.dedup();
+        programs
+            .into_iter()
+            .filter_map(|program| {
+                let fd = self.ebpf.program(program)?.fd().ok()?;
+                Some((program, progstats::read(fd.as_fd()).ok()?))
             })
             .collect()
     }
@@ -276,6 +507,46 @@ impl Probes {
             }
         }
         Ok(total)
+    }
+
+    /// Cumulative listen overflows by listener (LISTEN_OVERFLOWS), keyed by
+    /// the listener's socket address, summed over CPUs. A few syscalls per
+    /// listener that ever overflowed: once a second is fine.
+    pub fn listen_overflows(&self) -> Result<Vec<(u64, ListenOverflow)>> {
+        let Some(map) = self.ebpf.map("LISTEN_OVERFLOWS") else { return Ok(Vec::new()) };
+        let table: PerCpuHashMap<&MapData, u64, ListenOverflow> = PerCpuHashMap::try_from(map)?;
+        let mut listeners = Vec::new();
+        for entry in table.iter() {
+            let (listener, per_cpu) = entry?;
+            let mut total = ListenOverflow::default();
+            for cpu in per_cpu.iter() {
+                if cpu.family != 0 {
+                    total = ListenOverflow { dropped: total.dropped, last_ns: total.last_ns, ..*cpu };
+                }
+                total.dropped += cpu.dropped;
+                total.last_ns = total.last_ns.max(cpu.last_ns);
+            }
+            listeners.push((listener, total));
+        }
+        Ok(listeners)
+    }
+
+    /// Packets the kernel freed, by drop reason value (`enum
+    /// skb_drop_reason`), summed over CPUs; empty without the hook.
+    pub fn drop_reasons(&self) -> Result<Vec<(u32, u64)>> {
+        if !self.optional.iter().any(|s| s.feature == "drop_reasons" && s.served_by.is_some()) {
+            return Ok(Vec::new());
+        }
+        let map = self.ebpf.map("DROP_REASON_COUNTS").ok_or_else(|| anyhow!("DROP_REASON_COUNTS map missing"))?;
+        let per_cpu: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let mut counts = Vec::new();
+        for reason in 0..DROP_REASONS {
+            let total = per_cpu.get(&reason, 0)?.iter().copied().fold(0u64, u64::wrapping_add);
+            if total > 0 {
+                counts.push((reason, total));
+            }
+        }
+        Ok(counts)
     }
 
     /// The flow table's occupancy and evictions. Walks every key (up to
