@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashMap,
+    io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::FromRawFd,
     sync::mpsc,
@@ -51,27 +52,42 @@ fn listener(port: u16, backlog: i32) -> Result<TcpListener> {
     }
 }
 
-/// A listener with backlog 2 that never accepts, and 20 clients that try
-/// to connect at once (each gives up after 2.5 s): the `dropped` of
-/// netlens's listen_overflow events add up to TcpExtListenOverflows.
-#[test]
-fn listen_overflows_match_nstat_exactly() -> Result<()> {
+/// A listener on `port` with `backlog` that never accepts, and `clients`
+/// that connect at once (each gives up after 2.5 s, sends a few bytes if it
+/// got in, and holds on until 3 s): the `dropped` of netlens's
+/// listen_overflow events add up to TcpExtListenOverflows, exactly. With
+/// `hold_acks`, the clients' pure ACKs are dropped for the first 500 ms, so
+/// that handshakes complete on their data instead, after the queue filled:
+/// overflows at final-ACK time rather than at the SYN.
+fn listen_overflows_match_nstat(port: u16, backlog: i32, clients: usize, hold_acks: bool) -> Result<()> {
     let netns = Netns::new()?;
-    let addr: SocketAddr = "127.0.0.1:8090".parse()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let netlens = Netlens::trace_netns(netns.inode()?)?;
-    let listener = netns.spawn(move || listener(addr.port(), 2)).join().expect("listener thread")??;
+    let listener = netns.spawn(move || listener(addr.port(), backlog)).join().expect("listener thread")??;
+    if hold_acks {
+        netns.nft(&format!(
+            "table inet hold {{\n chain pre {{\n  type filter hook prerouting priority 0;\n  tcp dport {port} tcp flags == ack drop\n }}\n}}\n"
+        ))?;
+    }
     let before = netns.nstat()?;
-    let clients: Vec<_> = (0..20)
+    let started = Instant::now();
+    let clients: Vec<_> = (0..clients)
         .map(|_| {
             netns.spawn(move || {
-                // Refused, timed out or queued: all the same here. Held
-                // until every client is done, so that queued ones stay.
+                // Refused, timed out or queued: all the same here.
                 let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(2_500)).ok();
-                thread::sleep(Duration::from_millis(3_000));
+                if let Some(mut stream) = stream.as_ref() {
+                    let _ = stream.write_all(b"hello");
+                }
+                thread::sleep(Duration::from_secs(3).saturating_sub(started.elapsed()));
                 drop(stream);
             })
         })
         .collect();
+    if hold_acks {
+        thread::sleep(Duration::from_millis(500));
+        netns.exec(&["nft", "delete", "table", "inet", "hold"])?;
+    }
     for client in clients {
         client.join().expect("client thread")?;
     }
@@ -81,24 +97,37 @@ fn listen_overflows_match_nstat_exactly() -> Result<()> {
 
     let delta = |key: &str| after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0);
     let overflows = delta("TcpExtListenOverflows");
-    assert!(overflows > 0, "20 clients on a backlog of 2 overflowed nothing");
+    assert!(overflows > 0, "a backlog of {backlog} overflowed nothing");
     let events: Vec<&Value> = traced.named("listen_overflow").collect();
     let dropped: u64 = events.iter().map(|e| e["dropped"].as_u64().unwrap_or(0)).sum();
     eprintln!(
-        "listen overflows: netlens {dropped} in {} events, nstat TcpExtListenOverflows {overflows} (ListenDrops {})",
+        "listen overflows (backlog {backlog}, hold_acks {hold_acks}): netlens {dropped} in {} events, nstat TcpExtListenOverflows {overflows} (SyncookiesRecv {})",
         events.len(),
-        delta("TcpExtListenDrops")
+        delta("TcpExtSyncookiesRecv")
     );
     assert_eq!(dropped, overflows, "netlens dropped vs TcpExtListenOverflows");
     for event in &events {
         assert_eq!(port_of(event, "sport"), addr.port(), "{event}");
         assert_eq!(event["saddr"], "127.0.0.1");
-        assert_eq!(event["backlog"], 2, "{event}");
+        assert_eq!(event["backlog"], backlog, "{event}");
         assert!(event["pid"].is_null());
     }
     // One event per listener per second at most (the run lasts ~3 s).
     assert!(events.len() <= 5, "{} listen_overflow events for one listener in ~3 s", events.len());
     Ok(())
+}
+
+/// Backlog 2, 20 clients: overflows at the SYN (the common kind).
+#[test]
+fn listen_overflows_match_nstat_exactly() -> Result<()> {
+    listen_overflows_match_nstat(8090, 2, 20, false)
+}
+
+/// Backlog 0, 6 clients whose handshakes complete late: overflows at the
+/// final ACK (SYN cookies included).
+#[test]
+fn final_ack_listen_overflows_match_nstat_exactly() -> Result<()> {
+    listen_overflows_match_nstat(8092, 0, 6, true)
 }
 
 /// A server that sleeps 300 ms before each accept(), and 5 clients that

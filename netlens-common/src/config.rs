@@ -217,8 +217,10 @@ pub struct AcceptQueueConfig {
     pub skb_protocol: u32,
     pub skb_refdst: u32,
     pub dst_dev: u32,
-    /// `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`, from BTF.
+    /// `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` and `SKB_DROP_REASON_NO_SOCKET`,
+    /// from BTF.
     pub listen_overflow_reason: u32,
+    pub no_socket_reason: u32,
     /// Raw `kfree_skb` arguments: the drop reason and the receiving socket
     /// (`rx_sk`, [`NO_ARG`] before 6.11).
     pub kfree_skb_reason_arg: u8,
@@ -228,10 +230,20 @@ pub struct AcceptQueueConfig {
     /// Parameters of `inet_csk_accept` (4 before 6.10, 2 since): fexit
     /// finds the return value after them.
     pub inet_csk_accept_args: u8,
+    /// Raw `kfree_skb` argument: `location` (the caller).
+    pub kfree_skb_location_arg: u8,
+    pub _pad: [u8; 3],
     /// `[start, end)` of `tcp_rcv_state_process`: a SYN it consumes went
     /// through the listener's `conn_request` (kallsyms).
     pub syn_consumer_start: u64,
     pub syn_consumer_end: u64,
+    /// `[start, end)` of `cookie_v4_check` and `cookie_v6_check`: an ACK
+    /// carrying a SYN cookie whose child could not be queued is freed
+    /// there (reason `NO_SOCKET`, `rx_sk` the listener).
+    pub cookie_v4_start: u64,
+    pub cookie_v4_end: u64,
+    pub cookie_v6_start: u64,
+    pub cookie_v6_end: u64,
     /// `syscalls:sys_enter_accept4`/`sys_enter_accept`: `fd`;
     /// `sys_exit_accept4`/`sys_exit_accept`: `ret` (same offsets in both).
     pub accept_enter_fd: u16,

@@ -7,8 +7,9 @@
 //! - SYN time, `tcp_conn_request()`: the SYN is *consumed* (`consume_skb`
 //!   from `tcp_rcv_state_process()`), not freed with a drop reason;
 //! - final-ACK time, `tcp_v4/v6_syn_recv_sock()`: the ACK is freed with
-//!   reason `TCP_LISTEN_OVERFLOW` (6.x) by `tcp_v4/v6_rcv()`, whose
-//!   `rx_sk` (6.11+) is the listener.
+//!   reason `TCP_LISTEN_OVERFLOW` (6.x) by `tcp_v4/v6_rcv()`, or, when it
+//!   carried a SYN cookie, with reason `NO_SOCKET` by `cookie_v4/v6_check()`
+//!   (measured on 6.18 with backlog 0); `rx_sk` (6.11+) is the listener.
 //! Where fentry or kprobes exist, the programs sit on those functions and
 //! apply the kernel's own test at their entry. With tracepoints only:
 //! `kfree_skb` (raw) for the final ACK, and `consume_skb` (raw) filtered to
@@ -18,10 +19,9 @@
 //! Limits (tracepoints only): a listener that was listening before netlens
 //! attached is unknown until it accepts or overflows at final-ACK time;
 //! several listeners on one port (SO_REUSEPORT) count as the last one
-//! seen; the SYN test runs microseconds after the kernel's, so an accept()
-//! or a completed handshake on another CPU in between can flip it; an ACK
-//! carrying a SYN cookie that overflows is freed without a reason and is
-//! not counted.
+//! seen; the SYN and cookie tests run microseconds after the kernel's, so
+//! an accept() or a completed handshake on another CPU in between can flip
+//! them.
 //!
 //! Counts are cumulative per listener; userspace reads the table once a
 //! second and reports what grew (one `listen_overflow` per listener per
@@ -242,18 +242,27 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
             unsafe { *count += 1 };
         }
     }
-    if reason != config.listen_overflow_reason {
-        return 0;
+    if reason == config.listen_overflow_reason {
+        let _ = final_ack_overflow(&ctx, false);
+    } else if reason == config.no_socket_reason {
+        let Some(location) = raw_arg(&ctx, config.kfree_skb_location_arg) else { return 0 };
+        let in_cookie_check = (location >= config.cookie_v4_start && location < config.cookie_v4_end)
+            || (location >= config.cookie_v6_start && location < config.cookie_v6_end);
+        if in_cookie_check {
+            let _ = final_ack_overflow(&ctx, true);
+        }
     }
-    let _ = final_ack_overflow(&ctx);
     0
 }
 
-/// The final ACK found the queue full (`tcp_check_req` failed in
-/// `syn_recv_sock`): `rx_sk` is the listener. Counted only when the
-/// tracepoint hooks serve listen overflows (else fentry/kprobes do).
+/// The final ACK found the queue full: `syn_recv_sock` failed in
+/// `tcp_check_req` (reason TCP_LISTEN_OVERFLOW), or in `cookie_v4/v6_check`
+/// for an ACK carrying a SYN cookie (reason NO_SOCKET, which other
+/// failures there share: `test_queue` applies the kernel's test again).
+/// `rx_sk` is the listener. Counted only when the tracepoint hooks serve
+/// listen overflows (else fentry/kprobes do).
 #[inline(never)]
-fn final_ack_overflow(ctx: &RawTracePointContext) -> Result<(), i32> {
+fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<(), i32> {
     let modes = MODES.get(0).copied().unwrap_or(0);
     if modes & mode::OVERFLOWS_FROM_TRACEPOINTS == 0 {
         return Ok(());
@@ -261,6 +270,10 @@ fn final_ack_overflow(ctx: &RawTracePointContext) -> Result<(), i32> {
     let listener = raw_arg(ctx, cfg_field!(accept_queue.kfree_skb_rx_sk_arg)).ok_or(-1)?;
     if listener == 0 {
         return Err(-1);
+    }
+    if test_queue {
+        let backlog = accept_queue_full(listener).ok_or(0)?;
+        return overflowed(listener, backlog, slot::DROP);
     }
     let backlog: u32 = member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?;
     overflowed(listener, backlog, slot::DROP)

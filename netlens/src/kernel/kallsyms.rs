@@ -2,16 +2,20 @@
 
 use std::fs;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-/// `[start, end)` of kernel function `name`: from its address to the next
-/// higher symbol's.
-pub fn function_range(name: &str) -> Result<(u64, u64)> {
+/// `[start, end)` of each kernel function in `names`: from its address to
+/// the next higher symbol's. A function this kernel lacks (IPv6 built as a
+/// module, say), or addresses hidden by kernel.kptr_restrict, give
+/// `(0, 0)`; an unreadable table is an error.
+pub fn function_ranges<const N: usize>(names: &[&str; N]) -> Result<[(u64, u64); N]> {
     let text = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
-    range_in(&text, name)
+    Ok(ranges_in(&text, names))
 }
 
-fn range_in(text: &str, name: &str) -> Result<(u64, u64)> {
+/// Two passes over the table: the starts, then the nearest symbol above
+/// each.
+fn ranges_in<const N: usize>(text: &str, names: &[&str; N]) -> [(u64, u64); N] {
     let symbols = || {
         text.lines().filter_map(|line| {
             let mut words = line.split_whitespace();
@@ -20,15 +24,22 @@ fn range_in(text: &str, name: &str) -> Result<(u64, u64)> {
             Some((address, kind, words.next()?))
         })
     };
-    let start = symbols()
-        .find(|(_, kind, symbol)| matches!(*kind, "T" | "t") && *symbol == name)
-        .map(|(address, _, _)| address)
-        .with_context(|| format!("{name} is not in /proc/kallsyms"))?;
-    if start == 0 {
-        bail!("/proc/kallsyms hides addresses (kernel.kptr_restrict)");
+    let mut ranges = [(0u64, u64::MAX); N];
+    for (address, kind, symbol) in symbols() {
+        if let Some(at) = names.iter().position(|name| *name == symbol) {
+            if matches!(kind, "T" | "t") && ranges[at].0 == 0 {
+                ranges[at].0 = address;
+            }
+        }
     }
-    let end = symbols().map(|(address, _, _)| address).filter(|&address| address > start).min();
-    Ok((start, end.with_context(|| format!("no symbol follows {name}"))?))
+    for (address, _, _) in symbols() {
+        for (start, end) in ranges.iter_mut() {
+            if *start != 0 && address > *start && address < *end {
+                *end = address;
+            }
+        }
+    }
+    ranges.map(|(start, end)| if start == 0 || end == u64::MAX { (0, 0) } else { (start, end) })
 }
 
 #[cfg(test)]
@@ -38,8 +49,9 @@ mod tests {
     #[test]
     fn a_function_ends_where_the_next_symbol_starts() {
         let text = "ffffffff82024130 T __pfx_next\nffffffff82022bc0 T tcp_rcv_state_process\nffffffff82022000 t before\n";
-        assert_eq!(range_in(text, "tcp_rcv_state_process").unwrap(), (0xffffffff82022bc0, 0xffffffff82024130));
-        assert!(range_in("0000000000000000 T f\n", "f").is_err());
-        assert!(range_in(text, "missing").is_err());
+        let [found, missing] = ranges_in(text, &["tcp_rcv_state_process", "missing"]);
+        assert_eq!(found, (0xffffffff82022bc0, 0xffffffff82024130));
+        assert_eq!(missing, (0, 0));
+        assert_eq!(ranges_in("0000000000000000 T f\n", &["f"]), [(0, 0)]);
     }
 }

@@ -88,7 +88,9 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         [_, location, ..] if location == "void *" => 1,
         _ => NO_ARG,
     };
-    let (syn_consumer_start, syn_consumer_end) = super::kallsyms::function_range("tcp_rcv_state_process").unwrap_or((0, 0));
+    let symbols = super::kallsyms::function_ranges(&["tcp_rcv_state_process", "cookie_v4_check", "cookie_v6_check"]);
+    let [(syn_consumer_start, syn_consumer_end), (cookie_v4_start, cookie_v4_end), (cookie_v6_start, cookie_v6_end)] =
+        symbols.unwrap_or_default();
     let accept_args = btf.function_params("inet_csk_accept").map_or(0, |params| params.len() as u8);
     let mut config = AcceptQueueConfig {
         sock_ack_backlog: member("sock", "sk_ack_backlog"),
@@ -108,12 +110,18 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         listen_overflow_reason: btf
             .enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
             .unwrap_or(u32::MAX),
+        no_socket_reason: btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET").unwrap_or(u32::MAX),
         kfree_skb_reason_arg: position(&kfree_skb, "enum skb_drop_reason"),
+        kfree_skb_location_arg: position(&kfree_skb, "void *"),
         kfree_skb_rx_sk_arg: position(&kfree_skb, "struct sock *"),
         consume_skb_location_arg: location,
         inet_csk_accept_args: accept_args,
         syn_consumer_start,
         syn_consumer_end,
+        cookie_v4_start,
+        cookie_v4_end,
+        cookie_v6_start,
+        cookie_v6_end,
         ..AcceptQueueConfig::default()
     };
     // accept and accept4 must agree: one program serves both.
