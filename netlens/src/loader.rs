@@ -432,9 +432,13 @@ impl Probes {
         let (_tracefs, config) = resolve_config()?;
         let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
         let mut ebpf = open_with(loader, &config)?;
+        // The fentry variants need aya's own parse of the kernel's BTF
+        // (~20 ms): while the required hooks load.
+        let btf = std::thread::spawn(|| kernel_btf().is_ok());
         for hook in HOOKS {
             attach(&mut ebpf, hook).map_err(|err| anyhow!("{}:{}: {err}", hook.category, hook.tracepoint))?;
         }
+        let _ = btf.join();
         let optional = attach_optional(&mut ebpf, &config);
         Ok(Self { ebpf, attach_time: started.elapsed(), optional })
     }

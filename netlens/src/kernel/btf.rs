@@ -40,6 +40,9 @@ pub struct KernelBtf {
     strings_len: usize,
     /// Byte offset of each type's header; index = type id (0 is void).
     types: Vec<usize>,
+    /// Types found by name so far: each lookup scans every type, and the
+    /// same structs (sock, sk_buff) are asked for many times.
+    found: std::cell::RefCell<std::collections::HashMap<(u32, String), Option<TypeHeader>>>,
 }
 
 /// A decoded `struct btf_type` header.
@@ -78,7 +81,7 @@ impl KernelBtf {
         if types_end > data.len() || strings + strings_len > data.len() {
             bail!("BTF sections run past the end of the data");
         }
-        let mut btf = Self { data, strings, strings_len, types: vec![0] };
+        let mut btf = Self { data, strings, strings_len, types: vec![0], found: Default::default() };
         let mut at = types_start;
         while at < types_end {
             btf.types.push(at);
@@ -131,11 +134,16 @@ impl KernelBtf {
     /// The first type of `kind` named `name` (for structs: one with members,
     /// not a forward declaration).
     fn find(&self, name: &str, kind: u32) -> Option<TypeHeader> {
-        (1..self.types.len()).find_map(|id| {
+        if let Some(found) = self.found.borrow().get(&(kind, name.to_string())) {
+            return *found;
+        }
+        let found = (1..self.types.len()).find_map(|id| {
             let header = self.header(id as u32).ok()?;
             (header.kind == kind && header.vlen > 0 && self.name(header.name_off) == name.as_bytes())
                 .then_some(header)
-        })
+        });
+        self.found.borrow_mut().insert((kind, name.to_string()), found);
+        found
     }
 
     /// Follows typedefs and qualifiers to the underlying type.

@@ -25,7 +25,14 @@ fn tuple(format: &Format) -> Result<TupleFields> {
     })
 }
 
+/// The kernel functions whose code ranges the accept-queue programs test
+/// (see overflow.rs in netlens-ebpf).
+const CODE_RANGES: [&str; 3] = ["tcp_rcv_state_process", "cookie_v4_check", "cookie_v6_check"];
+
 pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Config> {
+    // Reading /proc/kallsyms costs ~50 ms of kernel time: on its own
+    // thread, while the rest resolves.
+    let code_ranges = std::thread::spawn(|| super::kallsyms::function_ranges(&CODE_RANGES));
     let retransmit = Format::read(tracefs, "tcp", "tcp_retransmit_skb")?;
     let synack = Format::read(tracefs, "tcp", "tcp_retransmit_synack")?;
     let send_reset = Format::read(tracefs, "tcp", "tcp_send_reset")?;
@@ -70,13 +77,13 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Config> {
             tuple: tuple(&receive_reset)?,
         },
         kernel: kernel_offsets(btf).context("resolving kernel struct offsets from BTF")?,
-        accept_queue: accept_queue(tracefs, btf),
+        accept_queue: accept_queue(tracefs, btf, code_ranges.join().ok().and_then(Result::ok).unwrap_or_default()),
     })
 }
 
 /// The accept-queue facts this kernel has; what it lacks stays zero (or
 /// [`NO_ARG`]) and [`AcceptQueueSupport`] tells which hooks can work.
-fn accept_queue(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
+fn accept_queue(tracefs: &Path, btf: &KernelBtf, code_ranges: [(u64, u64); CODE_RANGES.len()]) -> AcceptQueueConfig {
     let member = |name: &str, path: &str| btf.optional_offset(name, path).unwrap_or(MISSING);
     let position = |args: &[String], wanted: &str| {
         args.iter().position(|arg| arg == wanted).map_or(NO_ARG, |at| at as u8)
@@ -88,9 +95,8 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         [_, location, ..] if location == "void *" => 1,
         _ => NO_ARG,
     };
-    let symbols = super::kallsyms::function_ranges(&["tcp_rcv_state_process", "cookie_v4_check", "cookie_v6_check"]);
     let [(syn_consumer_start, syn_consumer_end), (cookie_v4_start, cookie_v4_end), (cookie_v6_start, cookie_v6_end)] =
-        symbols.unwrap_or_default();
+        code_ranges;
     let accept_args = btf.function_params("inet_csk_accept").map_or(0, |params| params.len() as u8);
     let mut config = AcceptQueueConfig {
         sock_ack_backlog: member("sock", "sk_ack_backlog"),
