@@ -51,7 +51,7 @@ fn accepted(listener: u64, child: u64) -> Result<(), i32> {
     let queue_len: u32 = member(listener, config.sock_ack_backlog).unwrap_or(0);
     let backlog: u32 = member(listener, config.sock_max_ack_backlog).unwrap_or(0);
     let wait_ns = now.saturating_sub(flow.established_ns);
-    // SAFETY: plain helper calls without arguments.
+    // From now on the connection is the accepting process's.
     flow.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     flow.comm = bpf_get_current_comm().unwrap_or_default();
     let tuple = Tuple::of(flow).ok_or(-1)?;

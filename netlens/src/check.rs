@@ -75,7 +75,7 @@ pub fn run() -> bool {
 
     // Optional features: the first family of hooks that attaches serves.
     if let (Some(ebpf), Some(Ok((_, config)))) = (ebpf.as_mut(), &config) {
-        for status in loader::attach_optional(ebpf, config) {
+        for status in crate::optional::attach_optional(ebpf, config) {
             let off = status.served_by.is_none();
             rows.push(Row { check: format!("optional {}", status.feature), ok: true, detail: status.describe(), off });
         }

@@ -6,18 +6,20 @@ use std::{os::fd::AsFd, path::PathBuf, time::Instant};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use netlens_common::{counter, mode, Config, Flow, ListenOverflow, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
+use netlens_common::{counter, Config, Flow, ListenOverflow, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
 
-use crate::kernel::{
-    btf::KernelBtf,
-    offsets::{self, AcceptQueueSupport},
-    probe,
-    progstats::{self, ProgramStats},
-    tracefs,
+use crate::{
+    kernel::{
+        btf::KernelBtf,
+        offsets, probe,
+        progstats::{self, ProgramStats},
+        tracefs,
+    },
+    optional::{attach_optional, FeatureStatus},
 };
 
 /// The eBPF object, built by build.rs and embedded: one file to deploy.
@@ -51,13 +53,13 @@ pub struct Hook {
 }
 
 impl Hook {
-    const fn new(program: &'static str, category: &'static str, attach: Attach) -> Self {
+    pub(crate) const fn new(program: &'static str, category: &'static str, attach: Attach) -> Self {
         Self { program, category, tracepoint: program, attach }
     }
 
     /// A program attached to `target` (a tracepoint of `category`, or a
     /// kernel function when `category` is empty).
-    const fn on(program: &'static str, category: &'static str, target: &'static str, attach: Attach) -> Self {
+    pub(crate) const fn on(program: &'static str, category: &'static str, target: &'static str, attach: Attach) -> Self {
         Self { program, category, tracepoint: target, attach }
     }
 
@@ -82,180 +84,8 @@ pub const HOOKS: &[Hook] = &[
     Hook::new("sock_rcvqueue_full", "sock", Attach::Record),
 ];
 
-/// One way to serve an optional feature: hooks that must all attach.
-pub struct Family {
-    pub name: &'static str,
-    pub hooks: &'static [Hook],
-    /// What this kernel must have for the family to work; `attached` names
-    /// the features already served.
-    ready: fn(&AcceptQueueSupport, attached: &[&str]) -> Result<(), String>,
-}
-
-/// An optional feature: served by the first family that attaches, in
-/// order of preference; when none does, netlens runs without it.
-pub struct Feature {
-    pub name: &'static str,
-    pub families: &'static [Family],
-}
-
-fn listener_checks(support: &AcceptQueueSupport, _: &[&str]) -> Result<(), String> {
-    support.queue.clone()
-}
-
-/// OPTIONAL hooks (the accept queue). The kprobe/fentry variants compile
-/// everywhere and are preferred where the kernel allows them; this host's
-/// kind (no kprobes, fentry refused) gets the tracepoint variants.
-pub const OPTIONAL: &[Feature] = &[
-    // Packet drop reasons (skb:kfree_skb, raw); also the final-ACK listen
-    // overflows when they come from tracepoints.
-    Feature {
-        name: "drop_reasons",
-        families: &[Family {
-            name: "tracepoint",
-            hooks: &[Hook::new("kfree_skb", "skb", Attach::Raw)],
-            ready: |support, _| support.drop_reasons.clone(),
-        }],
-    },
-    Feature {
-        name: "listen_overflows",
-        families: &[
-            Family {
-                name: "fentry",
-                hooks: &[
-                    Hook::on("fentry_tcp_conn_request", "", "tcp_conn_request", Attach::FEntry),
-                    Hook::on("fentry_tcp_v4_syn_recv_sock", "", "tcp_v4_syn_recv_sock", Attach::FEntry),
-                    Hook::on("fentry_tcp_v6_syn_recv_sock", "", "tcp_v6_syn_recv_sock", Attach::FEntry),
-                ],
-                ready: listener_checks,
-            },
-            Family {
-                name: "kprobe",
-                hooks: &[
-                    Hook::on("kprobe_tcp_conn_request", "", "tcp_conn_request", Attach::KProbe),
-                    Hook::on("kprobe_tcp_v4_syn_recv_sock", "", "tcp_v4_syn_recv_sock", Attach::KProbe),
-                    Hook::on("kprobe_tcp_v6_syn_recv_sock", "", "tcp_v6_syn_recv_sock", Attach::KProbe),
-                ],
-                ready: listener_checks,
-            },
-            Family {
-                name: "tracepoint",
-                hooks: &[Hook::new("consume_skb", "skb", Attach::Raw)],
-                ready: |support, attached| {
-                    support.overflow_tracepoints.clone()?;
-                    if !attached.contains(&"drop_reasons") {
-                        return Err("needs skb:kfree_skb (drop_reasons)".into());
-                    }
-                    Ok(())
-                },
-            },
-        ],
-    },
-    Feature {
-        name: "accept_queue",
-        families: &[
-            Family {
-                name: "fexit",
-                hooks: &[Hook::on("fexit_inet_csk_accept", "", "inet_csk_accept", Attach::FExit)],
-                ready: |support, _| support.fexit_accept.clone(),
-            },
-            Family {
-                name: "kprobe",
-                hooks: &[
-                    Hook::on("kprobe_inet_csk_accept", "", "inet_csk_accept", Attach::KProbe),
-                    Hook::on("kretprobe_inet_csk_accept", "", "inet_csk_accept", Attach::KRetProbe),
-                ],
-                ready: listener_checks,
-            },
-            Family {
-                name: "tracepoint",
-                hooks: &[
-                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
-                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
-                    Hook::on("sys_exit_accept", "syscalls", "sys_exit_accept4", Attach::Record),
-                    Hook::on("sys_exit_accept", "syscalls", "sys_exit_accept", Attach::Record),
-                ],
-                ready: |support, _| support.accept_syscalls.clone(),
-            },
-        ],
-    },
-];
-
-/// How an optional feature fared: the family serving it, and why each
-/// family tried before it (or every family) could not.
-pub struct FeatureStatus {
-    pub feature: &'static str,
-    pub served_by: Option<&'static Family>,
-    pub failures: Vec<String>,
-}
-
-impl FeatureStatus {
-    /// One line: `listen_overflows: tracepoint (fentry: ...; kprobe: ...)`.
-    pub fn describe(&self) -> String {
-        let tried = self.failures.join("; ");
-        match (self.served_by, tried.is_empty()) {
-            (Some(family), true) => format!("{}: {}", self.feature, family.name),
-            (Some(family), false) => format!("{}: {} ({tried})", self.feature, family.name),
-            (None, _) => format!("{}: off ({tried})", self.feature),
-        }
-    }
-}
-
-/// Attaches each optional feature with the first family that works, and
-/// tells the programs which ones serve (the `MODES` map).
-pub fn attach_optional(ebpf: &mut Ebpf, config: &Config) -> Vec<FeatureStatus> {
-    let support = AcceptQueueSupport::of(&config.accept_queue);
-    let mut statuses: Vec<FeatureStatus> = Vec::new();
-    for feature in OPTIONAL {
-        let attached: Vec<&str> = statuses.iter().filter(|s| s.served_by.is_some()).map(|s| s.feature).collect();
-        let mut status = FeatureStatus { feature: feature.name, served_by: None, failures: Vec::new() };
-        for family in feature.families {
-            let result = (family.ready)(&support, &attached).map_err(|missing| format!("{}: {missing}", family.name)).and_then(|()| {
-                family.hooks.iter().try_for_each(|hook| {
-                    attach(ebpf, hook).map_err(|err| format!("{}: {}: {err}", family.name, hook.target()))
-                })
-            });
-            match result {
-                Ok(()) => {
-                    status.served_by = Some(family);
-                    break;
-                }
-                Err(failure) => {
-                    // Unloading detaches whatever of the family did attach.
-                    for hook in family.hooks {
-                        if let Some(program) = ebpf.program_mut(hook.program) {
-                            unload(program);
-                        }
-                    }
-                    status.failures.push(failure);
-                }
-            }
-        }
-        statuses.push(status);
-    }
-    let from_tracepoints = statuses.iter().any(|s| s.feature == "listen_overflows" && s.served_by.is_some_and(|f| f.name == "tracepoint"));
-    if from_tracepoints {
-        if let Some(Ok(mut modes)) = ebpf.map_mut("MODES").map(Array::<&mut MapData, u32>::try_from) {
-            let _ = modes.set(0, mode::OVERFLOWS_FROM_TRACEPOINTS, 0);
-        }
-    }
-    statuses
-}
-
-/// Unloads a program (detaching it) so that another family can serve.
-fn unload(program: &mut aya::programs::Program) {
-    use aya::programs::Program;
-    let _ = match program {
-        Program::TracePoint(p) => p.unload(),
-        Program::RawTracePoint(p) => p.unload(),
-        Program::FEntry(p) => p.unload(),
-        Program::FExit(p) => p.unload(),
-        Program::KProbe(p) => p.unload(),
-        _ => Ok(()),
-    };
-}
-
 /// The kernel's BTF for fentry/fexit, parsed once (aya's own parser).
-fn kernel_btf() -> Result<&'static Btf, HookError> {
+pub(crate) fn kernel_btf() -> Result<&'static Btf, HookError> {
     static BTF: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
     BTF.get_or_init(|| Btf::from_sys_fs().ok())
         .as_ref()
