@@ -222,6 +222,72 @@ pub struct KernelOffsets {
     pub ca_ops_name: u32,
 }
 
+/// What the accept-queue programs (accept.rs, overflow.rs) need: struct
+/// members from BTF, tracepoint fields from tracefs, raw tracepoint
+/// argument positions from BTF (`btf_trace_*` prototypes) and one code
+/// range from /proc/kallsyms. A hook whose facts are missing is not loaded
+/// (the loader checks `Available`), so zeros here are never used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcceptQueueConfig {
+    /// `struct sock` → `sk_ack_backlog`, `sk_max_ack_backlog` (u32 each).
+    pub sock_ack_backlog: u32,
+    pub sock_max_ack_backlog: u32,
+    /// `struct sock` → `__sk_common.skc_state` (u8).
+    pub sock_state: u32,
+    /// current → `files` → `fdt` → `fd[]` / `max_fds`; `file` →
+    /// `private_data` (struct socket *); `socket` → `sk`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    /// `struct sk_buff` → `head`, `transport_header` (u16),
+    /// `protocol` (__be16), `_skb_refdst`; `struct dst_entry` → `dev`.
+    pub skb_head: u32,
+    pub skb_transport_header: u32,
+    pub skb_protocol: u32,
+    pub skb_refdst: u32,
+    pub dst_dev: u32,
+    /// `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` and `SKB_DROP_REASON_NO_SOCKET`,
+    /// from BTF.
+    pub listen_overflow_reason: u32,
+    pub no_socket_reason: u32,
+    /// Raw `kfree_skb` arguments: the drop reason and the receiving socket
+    /// (`rx_sk`, [`NO_ARG`] before 6.11).
+    pub kfree_skb_reason_arg: u8,
+    pub kfree_skb_rx_sk_arg: u8,
+    /// Raw `consume_skb` argument: `location` (the caller).
+    pub consume_skb_location_arg: u8,
+    /// Parameters of `inet_csk_accept` (4 before 6.10, 2 since): fexit
+    /// finds the return value after them.
+    pub inet_csk_accept_args: u8,
+    /// Raw `kfree_skb` argument: `location` (the caller).
+    pub kfree_skb_location_arg: u8,
+    pub _pad: [u8; 3],
+    /// `[start, end)` of `tcp_rcv_state_process`: a SYN it consumes went
+    /// through the listener's `conn_request` (kallsyms).
+    pub syn_consumer_start: u64,
+    pub syn_consumer_end: u64,
+    /// `[start, end)` of `cookie_v4_check` and `cookie_v6_check`: an ACK
+    /// carrying a SYN cookie whose child could not be queued is freed
+    /// there (reason `NO_SOCKET`, `rx_sk` the listener).
+    pub cookie_v4_start: u64,
+    pub cookie_v4_end: u64,
+    pub cookie_v6_start: u64,
+    pub cookie_v6_end: u64,
+    /// `syscalls:sys_enter_accept4`/`sys_enter_accept`: `fd`;
+    /// `sys_exit_accept4`/`sys_exit_accept`: `ret` (same offsets in both).
+    pub accept_enter_fd: u16,
+    pub accept_enter_len: u16,
+    pub accept_exit_ret: u16,
+    pub accept_exit_len: u16,
+}
+
+/// An argument position a kernel does not have.
+pub const NO_ARG: u8 = u8::MAX;
+
 /// Everything the programs need to know about the running kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -233,6 +299,7 @@ pub struct Config {
     pub send_reset: SendResetFields,
     pub receive_reset: ReceiveResetFields,
     pub kernel: KernelOffsets,
+    pub accept_queue: AcceptQueueConfig,
 }
 
 #[cfg(feature = "user")]

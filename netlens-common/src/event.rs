@@ -12,6 +12,9 @@ pub mod kind {
     pub const HOL_STALL: u8 = 8;
     pub const ZERO_WINDOW: u8 = 9;
     pub const SLOW_START_EXIT: u8 = 10;
+    /// accept() returned a connection (accept.rs): `duration_ns` is its
+    /// wait in the accept queue, `queue_len`/`backlog` the listener's.
+    pub const ACCEPTED: u8 = 11;
 }
 
 /// Which end's window was zero in a `ZERO_WINDOW` event.
@@ -102,6 +105,11 @@ pub struct RawEvent {
     /// `SLOW_START_EXIT` carries `cwnd` (time since established in
     /// `duration_ns`).
     pub transport: Transport,
+    /// `ACCEPTED`: the listener's accept queue length (`sk_ack_backlog`)
+    /// right after accept() took this connection, and its limit
+    /// (`sk_max_ack_backlog`).
+    pub queue_len: u32,
+    pub backlog: u32,
 }
 
 /// A connection's transport dynamics, kept per flow and reported at close.
@@ -208,11 +216,44 @@ pub struct TupleKey {
     pub _pad: [u8; 6],
 }
 
+/// Listen overflows of one listening socket, kept in the kernel's
+/// `LISTEN_OVERFLOWS` map (keyed by the listener's address) and read by
+/// userspace once a second: `dropped` only grows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenOverflow {
+    /// Connections dropped because the accept queue was full (what the
+    /// kernel counts as ListenOverflows), since netlens attached.
+    pub dropped: u64,
+    /// When the latest one was dropped (CLOCK_MONOTONIC ns).
+    pub last_ns: u64,
+    /// `sk_max_ack_backlog` at the latest drop.
+    pub backlog: u32,
+    pub netns: u32,
+    pub family: u16,
+    /// Local port, host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// Local address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+}
+
+/// Key of the listener table: a listening port in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)], integer and byte-array fields only, explicit padding.
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::ListenOverflow {}
+    unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for crate::histogram::PacketHistograms {}
 }

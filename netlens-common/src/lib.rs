@@ -75,5 +75,18 @@ pub const SYNACK_TABLE_ENTRIES: u32 = 8_192;
 /// a socket's head or the per-packet window of `tcp_sock`.
 pub const RECORD_MAX: usize = 512;
 
+/// Capacity of the listener tables (listeners by port, overflows by
+/// listener, accept() calls in progress).
+pub const LISTENER_TABLE_ENTRIES: u32 = 4_096;
+/// Drop reasons counted per CPU by `skb:kfree_skb` (values of `enum
+/// skb_drop_reason` below this; subsystem reasons above are not counted).
+pub const DROP_REASONS: u32 = 256;
+/// Bits of the `MODES` map (set by userspace once it chose the hooks).
+pub mod mode {
+    /// Listen overflows come from tracepoints: `kfree_skb` counts the
+    /// final-ACK ones (reason TCP_LISTEN_OVERFLOW).
+    pub const OVERFLOWS_FROM_TRACEPOINTS: u32 = 1;
+}
+
 /// Size of the event ring buffer in bytes (a power of two, page aligned).
 pub const RING_BYTES: u32 = 8 << 20;

@@ -64,6 +64,8 @@ pub fn stamp(event: &mut RawEvent, kind: u8, now: u64, tuple: &Tuple, flow: &Flo
     event.reason = 0;
     event._pad = [0; 6];
     event.transport = Transport::default();
+    event.queue_len = 0;
+    event.backlog = 0;
     event.ts_ns = now;
     event.kind = kind;
     event.direction = flow.direction;

@@ -35,7 +35,12 @@ pub mod slot {
     pub const SEND_RESET: u32 = 3;
     pub const RECEIVE_RESET: u32 = 4;
     pub const CONG_STATE: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// accept.rs (process context: accept() returning).
+    pub const ACCEPT: u32 = 6;
+    /// overflow.rs: `kfree_skb`, and the SYN-path hooks.
+    pub const DROP: u32 = 7;
+    pub const SYN: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Per-CPU scratch space for records: the 512-byte BPF stack has no room
@@ -210,8 +215,14 @@ pub fn tuple(record: &Record, fields: &TupleFields, sk: u64) -> Result<Tuple, i3
 /// A socket's endpoints, from its `sock_common` head (one copy).
 #[inline(always)]
 pub fn sock_tuple(sk: u64) -> Result<Tuple, i32> {
+    sock_tuple_in(sk, slot::SET_STATE)
+}
+
+/// [`sock_tuple`], copying the head into scratch `slot`.
+#[inline(always)]
+pub fn sock_tuple_in(sk: u64, slot: u32) -> Result<Tuple, i32> {
     let offsets = cfg_field!(kernel.sock_tuple);
-    let head = Record::copy(sk, offsets.len, slot::SET_STATE)?;
+    let head = Record::copy(sk, offsets.len, slot)?;
     let mut tuple = Tuple {
         family: head.get(offsets.family)?,
         sport: u16::from_be(member(sk, cfg_field!(kernel.inet_sport))?),

@@ -29,6 +29,7 @@ use crate::{
     events::{emit, stamp},
     dynamics, flows, probe,
     kernel::{member, slot, sock_netns, sock_tuple, Tuple},
+    overflow,
     retransmit::take_synack_start,
 };
 
@@ -51,6 +52,9 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // appear. Each handler is its own BPF function (inline(never)), so each
     // gets the 512-byte stack to itself.
     let _ = match (old, new) {
+        // Listeners: remembered by port for overflow.rs (not flows).
+        (_, tcp_state::LISTEN) if is_tcp(sk) => overflow::listening(sk),
+        (tcp_state::LISTEN, tcp_state::CLOSE) => overflow::unlistening(sk),
         (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => Ok(()),
         (tcp_state::CLOSE, tcp_state::SYN_SENT) if is_tcp(sk) => active_open(sk),
         (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(sk),

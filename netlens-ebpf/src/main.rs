@@ -1,9 +1,11 @@
-//! netlens's eBPF programs: TCP tracepoints only (no kprobes, no fentry), so
-//! they run on locked-down kernels too. Per-packet work stays here; only
+//! netlens's eBPF programs: TCP tracepoints (they run on locked-down
+//! kernels too), plus optional fentry/kprobe variants for the accept queue
+//! (accept.rs, overflow.rs) that the loader prefers where they attach. Per-packet work stays here; only
 //! per-connection events cross to userspace through one ring buffer.
 #![no_std]
 #![no_main]
 
+mod accept;
 mod config;
 mod congestion;
 mod dynamics;
@@ -11,6 +13,7 @@ mod events;
 mod flows;
 mod kernel;
 mod lifecycle;
+mod overflow;
 mod probe;
 mod reset;
 mod retransmit;

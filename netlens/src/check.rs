@@ -83,6 +83,9 @@ fn inspect() -> Report {
                 Ok(mut ebpf) => {
                     let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);
                     features = statuses;
+                    // The accept-queue features choose among hook families.
+                    let optional = crate::optional::attach_optional(&mut ebpf, &facts.offsets.config);
+                    features.extend(optional.iter().filter_map(crate::optional::FeatureStatus::as_feature));
                     hooks = HOOKS
                         .iter()
                         .map(|hook| {
@@ -94,6 +97,7 @@ fn inspect() -> Report {
                             (hook.describe(), outcome)
                         })
                         .collect();
+                    hooks.extend(optional.iter().map(|status| (format!("{} hooks", status.feature), status.describe())));
                 }
                 Err(err) => row("ebpf object", false, format!("{err:#}")),
             }

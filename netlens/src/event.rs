@@ -80,6 +80,17 @@ pub enum Detail {
         after_ns: u64,
         cwnd: u32,
     },
+    /// accept() returned this connection (pid/comm: the accepting process).
+    Accepted {
+        /// ESTABLISHED until accept() returned it.
+        wait_ns: u64,
+        /// The listener's queue right after, and its limit.
+        queue_len: u32,
+        backlog: u32,
+    },
+    /// A listener (`local`) dropped connections on a full accept queue;
+    /// one event per listener per second while it does.
+    ListenOverflow { dropped: u64, backlog: u32 },
     Close {
         direction: Option<Direction>,
         /// None when netlens did not see the connection open.
@@ -170,6 +181,8 @@ impl Detail {
             Detail::HolStall { .. } => "hol_stall",
             Detail::ZeroWindow { .. } => "zero_window",
             Detail::SlowStartExit { .. } => "slow_start_exit",
+            Detail::Accepted { .. } => "accepted",
+            Detail::ListenOverflow { .. } => "listen_overflow",
             Detail::Close { .. } => "close",
         }
     }
@@ -240,6 +253,7 @@ impl ConnEvent {
                 stall_ns: raw.duration_ns,
             },
             kind::SLOW_START_EXIT => Detail::SlowStartExit { after_ns: raw.duration_ns, cwnd: raw.transport.cwnd },
+            kind::ACCEPTED => Detail::Accepted { wait_ns: raw.duration_ns, queue_len: raw.queue_len, backlog: raw.backlog },
             _ => return None,
         };
         let comm_len = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());
@@ -253,6 +267,26 @@ impl ConnEvent {
             cgroup: raw.cgroup,
             direction: Direction::decode(raw.direction),
             detail,
+        })
+    }
+}
+
+impl ConnEvent {
+    /// The `listen_overflow` event of a listener whose count grew by
+    /// `dropped` since the last one (`entry` from the kernel's table).
+    pub fn listen_overflow(entry: &netlens_common::ListenOverflow, dropped: u64) -> Option<Self> {
+        let (local_ip, _) = addresses(entry.family, &entry.addr, &[0; 16])?;
+        let any = if local_ip.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
+        Some(Self {
+            ts_ns: entry.last_ns,
+            local: SocketAddr::new(local_ip, entry.port),
+            remote: SocketAddr::new(any, 0),
+            pid: None,
+            comm: None,
+            netns: entry.netns,
+            cgroup: 0,
+            direction: Some(Direction::Passive),
+            detail: Detail::ListenOverflow { dropped, backlog: entry.backlog },
         })
     }
 }
@@ -336,6 +370,23 @@ mod tests {
         assert_eq!(event.comm.as_deref(), Some("curl"));
         assert_eq!(event.pid, Some(42));
         assert_eq!(event.detail, Detail::Retransmit { state: tcp_state::SYN_SENT, segs: 1 });
+    }
+
+    #[test]
+    fn decodes_accepted_and_builds_listen_overflows() {
+        let mut record = raw(kind::ACCEPTED);
+        record.duration_ns = 300_000_000;
+        record.queue_len = 1;
+        record.backlog = 128;
+        let event = ConnEvent::decode(&record).unwrap();
+        assert_eq!(event.detail, Detail::Accepted { wait_ns: 300_000_000, queue_len: 1, backlog: 128 });
+        let mut entry = netlens_common::ListenOverflow { family: AF_INET, port: 8080, backlog: 2, last_ns: 7, ..Default::default() };
+        entry.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let overflow = ConnEvent::listen_overflow(&entry, 5).unwrap();
+        assert_eq!(overflow.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(overflow.remote, "0.0.0.0:0".parse().unwrap());
+        assert_eq!(overflow.detail, Detail::ListenOverflow { dropped: 5, backlog: 2 });
+        assert_eq!(overflow.detail.name(), "listen_overflow");
     }
 
     #[test]

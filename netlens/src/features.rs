@@ -90,7 +90,27 @@ pub const FEATURES: &[Feature] = &[
         required: false,
         ways: &[full(&["sock_rcvqueue_full"])],
     },
+    // The accept-queue features: their hook families (fentry/fexit, then
+    // kprobes, then tracepoints) and what each needs are in `optional.rs`.
+    Feature { name: "drop_reasons", shows: "TCP drops by the kernel's reason", required: false, ways: &[] },
+    Feature {
+        name: "listen_overflows",
+        shows: "connections dropped on a full accept queue, per listener",
+        required: false,
+        ways: &[],
+    },
+    Feature {
+        name: "accept_queue",
+        shows: "time in the accept queue, queue length, the accepting process",
+        required: false,
+        ways: &[],
+    },
 ];
+
+/// The feature named `name`.
+pub fn named(name: &str) -> Option<&'static Feature> {
+    FEATURES.iter().find(|f| f.name == name)
+}
 
 /// How well this kernel serves a feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +157,7 @@ impl FeatureStatus {
 pub fn resolve(mut attach: impl FnMut(&'static str) -> Result<String, String>) -> Vec<FeatureStatus> {
     FEATURES
         .iter()
+        .filter(|feature| !feature.ways.is_empty())
         .map(|feature| {
             let mut first_failure = None;
             for way in feature.ways {

@@ -99,6 +99,15 @@ struct JsonEvent<'a> {
     ooo_segments: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     zero_window_us: Option<f64>,
+    // accepted, listen_overflow
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accept_wait_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_len: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backlog: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropped: Option<u64>,
 }
 
 /// Nanoseconds as microseconds, keeping sub-µs precision.
@@ -147,6 +156,10 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
         hol_stall_us: None,
         ooo_segments: None,
         zero_window_us: None,
+        accept_wait_us: None,
+        queue_len: None,
+        backlog: None,
+        dropped: None,
     };
     match &event.detail {
         Detail::Handshake { direction, handshake_ns } => {
@@ -175,6 +188,15 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
         Detail::SlowStartExit { after_ns, cwnd } => {
             json.after_us = Some(micros(*after_ns));
             json.cwnd = Some(*cwnd);
+        }
+        Detail::Accepted { wait_ns, queue_len, backlog } => {
+            json.accept_wait_us = Some(micros(*wait_ns));
+            json.queue_len = Some(*queue_len);
+            json.backlog = Some(*backlog);
+        }
+        Detail::ListenOverflow { dropped, backlog } => {
+            json.dropped = Some(*dropped);
+            json.backlog = Some(*backlog);
         }
         Detail::Close {
             direction,
@@ -268,6 +290,20 @@ mod tests {
         assert!(line["slow_start_exit_us"].is_null() && line.get("slow_start_exit_us").is_some());
     }
 
+
+    #[test]
+    fn accept_queue_events_have_their_fields() {
+        let accepted = to_value(&event(Detail::Accepted { wait_ns: 300_000_000, queue_len: 1, backlog: 128 }));
+        assert_eq!(accepted["event"], "accepted");
+        assert_eq!(accepted["accept_wait_us"], 300_000.0);
+        assert_eq!(accepted["queue_len"], 1);
+        assert_eq!(accepted["backlog"], 128);
+        let overflow = to_value(&event(Detail::ListenOverflow { dropped: 17, backlog: 2 }));
+        assert_eq!(overflow["event"], "listen_overflow");
+        assert_eq!(overflow["dropped"], 17);
+        assert_eq!(overflow["backlog"], 2);
+        assert!(overflow.get("queue_len").is_none());
+    }
 
     #[test]
     fn lines_are_newline_terminated_json() {

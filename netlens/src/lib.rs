@@ -12,6 +12,7 @@ pub mod filter;
 pub mod jsonl;
 pub mod kernel;
 pub mod loader;
+pub mod optional;
 pub mod source;
 pub mod top;
 pub mod trace;

@@ -10,11 +10,11 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
-    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
-use netlens_common::{counter, Config, Flow, PacketHistograms, LOG2_BUCKETS};
+use netlens_common::{counter, Config, Flow, ListenOverflow, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
 
 use crate::{
     features::{self, FeatureStatus},
@@ -24,6 +24,7 @@ use crate::{
         progstats::{self, ProgramStats},
         tracefs,
     },
+    optional::{self, attach_optional},
 };
 
 /// The eBPF object, built by build.rs and embedded: one file to deploy.
@@ -38,11 +39,15 @@ pub enum Attach {
     /// A raw tracepoint: the tracepoint's arguments as they are, no record.
     /// For hot events, where formatting a record would cost every call.
     Raw,
-    /// fentry on a kernel function (BTF-typed, trampoline): what older
-    /// kernels offer where a tracepoint is missing. Not on every kernel.
+    /// fentry / fexit on a kernel function (BPF trampolines, typed
+    /// arguments): what older kernels offer where a tracepoint is missing.
+    /// Not on every kernel (refused on some, e.g. EPERM).
     FEntry,
-    /// kprobe on a kernel function: the fallback where fentry is refused.
+    FExit,
+    /// kprobe / kretprobe on a kernel function: the fallback where fentry
+    /// is refused (CONFIG_KPROBES and lockdown permitting).
     KProbe,
+    KRetProbe,
 }
 
 /// A hook netlens can attach, and the program that handles it.
@@ -58,7 +63,7 @@ pub struct Hook {
 }
 
 impl Hook {
-    const fn tracepoint(program: &'static str, category: &'static str, attach: Attach) -> Self {
+    pub(crate) const fn tracepoint(program: &'static str, category: &'static str, attach: Attach) -> Self {
         Self { program, category, target: program, attach }
     }
 
@@ -72,9 +77,19 @@ impl Hook {
             Attach::Record => format!("tracepoint {}:{}", self.category, self.target),
             Attach::Raw => format!("raw tracepoint {}:{}", self.category, self.target),
             Attach::FEntry => format!("fentry {}", self.target),
+            Attach::FExit => format!("fexit {}", self.target),
             Attach::KProbe => format!("kprobe {}", self.target),
+            Attach::KRetProbe => format!("kretprobe {}", self.target),
         }
     }
+
+    /// A program attached to `target` (a tracepoint of `category`, or a
+    /// kernel function when `category` is empty). One program may serve
+    /// several targets (accept and accept4).
+    pub(crate) const fn on(program: &'static str, category: &'static str, target: &'static str, attach: Attach) -> Self {
+        Self { program, category, target, attach }
+    }
+
 }
 
 /// Every hook; `features::FEATURES` says which ones serve what.
@@ -103,6 +118,14 @@ pub struct KernelFacts {
     pub tracefs: PathBuf,
     pub btf: KernelBtf,
     pub offsets: offsets::Resolved,
+}
+
+/// The kernel's BTF for fentry/fexit, parsed once (aya's own parser).
+pub(crate) fn kernel_btf() -> Result<&'static Btf, HookError> {
+    static BTF: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
+    BTF.get_or_init(|| Btf::from_sys_fs().ok())
+        .as_ref()
+        .ok_or_else(|| HookError::Load(anyhow!("kernel BTF unreadable for fentry")))
 }
 
 /// Resolves this kernel's offsets (tracefs + BTF).
@@ -141,31 +164,48 @@ pub fn attach(ebpf: &mut Ebpf, facts: &KernelFacts, hook: &Hook) -> Result<(), H
     if let Some(why) = unavailable(facts, hook) {
         return Err(HookError::Unavailable(why));
     }
+    load_and_attach(ebpf, hook)
+}
+
+/// Loads (once) and attaches one hook's program.
+pub(crate) fn load_and_attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
     let program = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| HookError::Load(anyhow!("program {} missing from the eBPF object", hook.program)))?;
     let load = |err: aya::programs::ProgramError| HookError::Load(anyhow::Error::new(err));
     let attach = |err: aya::programs::ProgramError| HookError::Attach(anyhow::Error::new(err));
+    // One program may serve several hooks (accept and accept4): load once.
+    let loaded = program.fd().is_ok();
     match hook.attach {
         Attach::Record => {
             let program: &mut TracePoint = program.try_into().map_err(load)?;
-            program.load().map_err(load)?;
+            if !loaded {
+                program.load().map_err(load)?;
+            }
             program.attach(hook.category, hook.target).map_err(attach)?;
         }
         Attach::Raw => {
             let program: &mut RawTracePoint = program.try_into().map_err(load)?;
-            program.load().map_err(load)?;
+            if !loaded {
+                program.load().map_err(load)?;
+            }
             program.attach(hook.target).map_err(attach)?;
         }
         Attach::FEntry => {
-            let btf = aya::Btf::from_sys_fs().map_err(|err| HookError::Load(anyhow::Error::new(err)))?;
             let program: &mut FEntry = program.try_into().map_err(load)?;
-            program.load(hook.target, &btf).map_err(load)?;
+            program.load(hook.target, kernel_btf()?).map_err(load)?;
             program.attach().map_err(attach)?;
         }
-        Attach::KProbe => {
+        Attach::FExit => {
+            let program: &mut FExit = program.try_into().map_err(load)?;
+            program.load(hook.target, kernel_btf()?).map_err(load)?;
+            program.attach().map_err(attach)?;
+        }
+        Attach::KProbe | Attach::KRetProbe => {
             let program: &mut KProbe = program.try_into().map_err(load)?;
-            program.load().map_err(load)?;
+            if !loaded {
+                program.load().map_err(load)?;
+            }
             program.attach(hook.target, 0).map_err(attach)?;
         }
     }
@@ -185,10 +225,10 @@ fn unavailable(facts: &KernelFacts, hook: &Hook) -> Option<String> {
                 return Some(format!("this kernel has no tracepoint {}:{}", hook.category, hook.target));
             }
         }
-        Attach::KProbe if !Path::new("/sys/bus/event_source/devices/kprobe").exists() => {
+        Attach::KProbe | Attach::KRetProbe if !Path::new("/sys/bus/event_source/devices/kprobe").exists() => {
             return Some("this kernel has no kprobes (CONFIG_KPROBES off)".into());
         }
-        Attach::FEntry | Attach::KProbe => {
+        Attach::FEntry | Attach::FExit | Attach::KProbe | Attach::KRetProbe => {
             if !facts.btf.has_function(hook.target) {
                 return Some(format!("this kernel has no function {} (inlined or renamed)", hook.target));
             }
@@ -242,6 +282,8 @@ pub struct Probes {
     pub features: Vec<FeatureStatus>,
     /// How long loading and attaching took.
     pub attach_time: std::time::Duration,
+    /// The accept-queue features and the hook families serving them.
+    optional: Vec<optional::FeatureStatus>,
 }
 
 /// Attaches, for every feature, the first way this kernel allows (see
@@ -343,16 +385,27 @@ impl Probes {
         let facts = resolve_config()?;
         let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
         let mut ebpf = open_with(loader, &facts.offsets.config)?;
-        let (features, tried) = attach_features(&mut ebpf, &facts);
+        // The fentry variants need aya's own parse of the kernel's BTF
+        // (~20 ms): while the tracepoints load.
+        let btf = std::thread::spawn(|| kernel_btf().is_ok());
+        let (mut features, tried) = attach_features(&mut ebpf, &facts);
         if let Some(missing) = features.iter().find(|f| f.feature.required && f.level == features::Level::Missing) {
             anyhow::bail!("{} cannot be traced on this kernel: {} (run `netlens check`)", missing.feature.name, missing.why);
         }
+        let _ = btf.join();
+        let optional = attach_optional(&mut ebpf, &facts.offsets.config);
+        features.extend(optional.iter().filter_map(optional::FeatureStatus::as_feature));
         let attached = tried.into_iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| hook).collect();
-        Ok(Self { ebpf, attached, features, attach_time: started.elapsed() })
+        Ok(Self { ebpf, attached, features, attach_time: started.elapsed(), optional })
+    }
+
+    /// The accept-queue hooks attached.
+    fn optional_hooks(&self) -> impl Iterator<Item = &'static Hook> + '_ {
+        self.optional.iter().filter_map(|status| status.served_by).flat_map(|family| family.hooks.iter())
     }
 
     pub fn program_count(&self) -> usize {
-        self.attached.len()
+        self.attached.len() + self.optional_hooks().count()
     }
 
     /// The event ring buffer; can be taken once.
@@ -363,11 +416,14 @@ impl Probes {
 
     /// The kernel's statistics for each attached program, by program name.
     pub fn program_stats(&self) -> Vec<(&'static str, ProgramStats)> {
-        self.attached
-            .iter()
-            .filter_map(|hook| {
-                let fd = self.ebpf.program(hook.program)?.fd().ok()?;
-                Some((hook.program, progstats::read(fd.as_fd()).ok()?))
+        let mut programs: Vec<&'static str> =
+            self.attached.iter().copied().chain(self.optional_hooks()).map(|hook| hook.program).collect();
+        programs.dedup();
+        programs
+            .into_iter()
+            .filter_map(|program| {
+                let fd = self.ebpf.program(program)?.fd().ok()?;
+                Some((program, progstats::read(fd.as_fd()).ok()?))
             })
             .collect()
     }
@@ -412,6 +468,46 @@ impl Probes {
             }
         }
         Ok(total)
+    }
+
+    /// Cumulative listen overflows by listener (LISTEN_OVERFLOWS), keyed by
+    /// the listener's socket address, summed over CPUs. A few syscalls per
+    /// listener that ever overflowed: once a second is fine.
+    pub fn listen_overflows(&self) -> Result<Vec<(u64, ListenOverflow)>> {
+        let Some(map) = self.ebpf.map("LISTEN_OVERFLOWS") else { return Ok(Vec::new()) };
+        let table: PerCpuHashMap<&MapData, u64, ListenOverflow> = PerCpuHashMap::try_from(map)?;
+        let mut listeners = Vec::new();
+        for entry in table.iter() {
+            let (listener, per_cpu) = entry?;
+            let mut total = ListenOverflow::default();
+            for cpu in per_cpu.iter() {
+                if cpu.family != 0 {
+                    total = ListenOverflow { dropped: total.dropped, last_ns: total.last_ns, ..*cpu };
+                }
+                total.dropped += cpu.dropped;
+                total.last_ns = total.last_ns.max(cpu.last_ns);
+            }
+            listeners.push((listener, total));
+        }
+        Ok(listeners)
+    }
+
+    /// Packets the kernel freed, by drop reason value (`enum
+    /// skb_drop_reason`), summed over CPUs; empty without the hook.
+    pub fn drop_reasons(&self) -> Result<Vec<(u32, u64)>> {
+        if !self.optional.iter().any(|s| s.feature == "drop_reasons" && s.served_by.is_some()) {
+            return Ok(Vec::new());
+        }
+        let map = self.ebpf.map("DROP_REASON_COUNTS").ok_or_else(|| anyhow!("DROP_REASON_COUNTS map missing"))?;
+        let per_cpu: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let mut counts = Vec::new();
+        for reason in 0..DROP_REASONS {
+            let total = per_cpu.get(&reason, 0)?.iter().copied().fold(0u64, u64::wrapping_add);
+            if total > 0 {
+                counts.push((reason, total));
+            }
+        }
+        Ok(counts)
     }
 
     /// The flow table's occupancy and evictions. Walks every key (up to

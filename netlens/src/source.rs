@@ -1,7 +1,10 @@
 //! The event source every long-running command reads: attaches the
 //! programs, then drains the ring buffer into typed [`ConnEvent`]s.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
@@ -26,7 +29,15 @@ pub struct EventSource {
     tick: Interval,
     /// Records this userspace could not decode (newer kernel side).
     pub undecodable: u64,
+    /// Listen overflows already reported, by listener; when they were
+    /// last read.
+    overflows_reported: HashMap<u64, u64>,
+    overflows_read: Instant,
 }
+
+/// Listen overflows are read from the kernel this often: one
+/// `listen_overflow` event per listener per period while it drops.
+const OVERFLOW_PERIOD: Duration = Duration::from_secs(1);
 
 impl EventSource {
     /// Attaches everything and announces it on stderr, like bpftrace's
@@ -48,7 +59,7 @@ impl EventSource {
         }
         let mut tick = tokio::time::interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ok(Self { probes, ring, tick, undecodable: 0 })
+        Ok(Self { probes, ring, tick, undecodable: 0, overflows_reported: HashMap::new(), overflows_read: Instant::now() })
     }
 
     /// Waits until events may be pending: a wake-up from the kernel or the
@@ -73,6 +84,30 @@ impl EventSource {
             // enough; read_unaligned copes with any alignment.
             let raw = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) };
             match ConnEvent::decode(&raw) {
+                Some(event) if filter.matches(&event) => sink(event),
+                Some(_) => {}
+                None => self.undecodable += 1,
+            }
+        }
+        if self.overflows_read.elapsed() >= OVERFLOW_PERIOD {
+            self.read_overflows(filter, &mut sink);
+        }
+    }
+
+    /// Reports the listen overflows counted since the last read: one event
+    /// per listener whose count grew. Called once a period by [`drain`],
+    /// and by views at exit so that the last second is reported too.
+    pub fn read_overflows(&mut self, filter: &Filter, mut sink: impl FnMut(ConnEvent)) {
+        self.overflows_read = Instant::now();
+        let Ok(listeners) = self.probes.listen_overflows() else { return };
+        for (listener, entry) in listeners {
+            let reported = self.overflows_reported.entry(listener).or_insert(0);
+            let dropped = entry.dropped.saturating_sub(*reported);
+            *reported = entry.dropped;
+            if dropped == 0 {
+                continue;
+            }
+            match ConnEvent::listen_overflow(&entry, dropped) {
                 Some(event) if filter.matches(&event) => sink(event),
                 Some(_) => {}
                 None => self.undecodable += 1,

@@ -46,8 +46,9 @@ pub async fn run(options: TraceOptions) -> Result<()> {
                 false
             }
         };
-        // Drain after a stop signal too: what was seen gets printed.
-        source.drain(&options.filter, |event| {
+        // Drain after a stop signal too: what was seen gets printed, and
+        // the listen overflows of the last second.
+        let mut print = |event: ConnEvent| {
             if write_error.is_none() {
                 let written = if options.json {
                     jsonl::write(&mut out, &event)
@@ -56,7 +57,11 @@ pub async fn run(options: TraceOptions) -> Result<()> {
                 };
                 write_error = written.err();
             }
-        });
+        };
+        source.drain(&options.filter, &mut print);
+        if stop {
+            source.read_overflows(&options.filter, &mut print);
+        }
         if let Some(err) = write_error.take() {
             // `netlens trace | head`: the reader left; that is a normal end.
             if err.kind() == io::ErrorKind::BrokenPipe {
@@ -155,6 +160,10 @@ fn text_line(event: &ConnEvent, clock: &WallClock) -> String {
         }
         Detail::ZeroWindow { side, stall_ns } => format!("{} {}", side.as_str(), human_duration(*stall_ns)),
         Detail::SlowStartExit { after_ns, cwnd } => format!("after {} cwnd={cwnd}", human_duration(*after_ns)),
+        Detail::Accepted { wait_ns, queue_len, backlog } => {
+            format!("waited {} queue={queue_len}/{backlog}", human_duration(*wait_ns))
+        }
+        Detail::ListenOverflow { dropped, backlog } => format!("dropped={dropped} backlog={backlog}"),
         Detail::Close {
             direction,
             lifetime_ns,

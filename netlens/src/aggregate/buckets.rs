@@ -30,6 +30,13 @@ pub const SRTT_SECONDS: &[f64] = &[
     0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0,
 ];
 
+/// Accept-queue waits, in seconds: 10 µs (accepted at once) to 10 s (an
+/// overloaded or stuck server).
+pub const ACCEPT_WAIT_SECONDS: &[f64] = &[
+    0.000_01, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
 /// Counts per bucket (not cumulative; the last slot is +Inf) and the sum.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Buckets {
@@ -103,7 +110,7 @@ mod tests {
 
     #[test]
     fn bounds_ascend() {
-        for bounds in [HANDSHAKE_SECONDS, STALL_SECONDS, HELD_BYTES, LIFETIME_SECONDS, SRTT_SECONDS] {
+        for bounds in [HANDSHAKE_SECONDS, STALL_SECONDS, HELD_BYTES, LIFETIME_SECONDS, SRTT_SECONDS, ACCEPT_WAIT_SECONDS] {
             assert!(bounds.windows(2).all(|pair| pair[0] < pair[1]));
         }
     }

@@ -54,9 +54,10 @@ impl Aggregator {
             _ => {}
         }
         if let Some(key) = self.by.key(event) {
-            // Traffic weight: connections opened. Other events only update an
-            // endpoint already tracked, or rank a waiting one.
-            let weight = u64::from(matches!(event.detail, Detail::Handshake { .. }));
+            // Traffic weight: connections opened (and listeners dropping
+            // them). Other events only update an endpoint already tracked,
+            // or rank a waiting one.
+            let weight = u64::from(matches!(event.detail, Detail::Handshake { .. } | Detail::ListenOverflow { .. }));
             if let Some(stats) = self.endpoints.get_or_admit(&key, weight) {
                 stats.record(event);
             }

@@ -3,7 +3,7 @@
 
 use hdrhistogram::Histogram;
 
-use super::buckets::{Buckets, HANDSHAKE_SECONDS, HELD_BYTES, LIFETIME_SECONDS, SRTT_SECONDS, STALL_SECONDS};
+use super::buckets::{Buckets, ACCEPT_WAIT_SECONDS, HANDSHAKE_SECONDS, HELD_BYTES, LIFETIME_SECONDS, SRTT_SECONDS, STALL_SECONDS};
 use crate::event::{ConnEvent, Detail, Direction, FailReason, WindowSide};
 
 /// Slots of the `[_; 3]` arrays indexed by direction.
@@ -65,9 +65,14 @@ pub struct ConnStats {
     pub segs_out: u64,
     /// Closed while still in slow start.
     pub closed_in_slow_start: u64,
+    /// Time accepted connections waited in the accept queue.
+    pub accept_wait: Buckets,
+    /// Connections dropped on a full accept queue (listen overflows).
+    pub listen_overflows: u64,
     /// For exact quantiles (top's p50/p99); not subtracted into "other".
     pub handshake_us: Option<Box<Histogram<u64>>>,
     pub hol_stall_us: Option<Box<Histogram<u64>>>,
+    pub accept_wait_us: Option<Box<Histogram<u64>>>,
 }
 
 impl Default for ConnStats {
@@ -91,8 +96,11 @@ impl Default for ConnStats {
             slow_start_exits: 0,
             segs_out: 0,
             closed_in_slow_start: 0,
+            accept_wait: Buckets::new(ACCEPT_WAIT_SECONDS),
+            listen_overflows: 0,
             handshake_us: None,
             hol_stall_us: None,
+            accept_wait_us: None,
         }
     }
 }
@@ -130,6 +138,11 @@ impl ConnStats {
                 self.zero_window_ns += stall_ns;
             }
             Detail::SlowStartExit { .. } => self.slow_start_exits += 1,
+            Detail::Accepted { wait_ns, .. } => {
+                self.accept_wait.observe(*wait_ns as f64 / 1e9);
+                record_us(&mut self.accept_wait_us, *wait_ns);
+            }
+            Detail::ListenOverflow { dropped, .. } => self.listen_overflows += dropped,
             Detail::Close { direction: opened, lifetime_ns, transport, .. } => {
                 let slot = direction_slot(*opened);
                 self.closed[slot] += 1;
@@ -182,8 +195,11 @@ impl ConnStats {
         self.slow_start_exits = self.slow_start_exits.saturating_sub(part.slow_start_exits);
         self.segs_out = self.segs_out.saturating_sub(part.segs_out);
         self.closed_in_slow_start = self.closed_in_slow_start.saturating_sub(part.closed_in_slow_start);
+        self.accept_wait.subtract(&part.accept_wait);
+        self.listen_overflows = self.listen_overflows.saturating_sub(part.listen_overflows);
         self.handshake_us = None;
         self.hol_stall_us = None;
+        self.accept_wait_us = None;
     }
 
     pub fn opened_total(&self) -> u64 {
@@ -234,6 +250,10 @@ mod tests {
         assert_eq!(stats.short_lived, 1);
         assert_eq!(stats.closed_in_slow_start, 1);
         assert_eq!(stats.srtt.count(), 1);
+        stats.record(&sample(Detail::Accepted { wait_ns: 300_000_000, queue_len: 0, backlog: 128 }));
+        stats.record(&sample(Detail::ListenOverflow { dropped: 4, backlog: 2 }));
+        assert_eq!(stats.accept_wait.count(), 1);
+        assert_eq!(stats.listen_overflows, 4);
         let p50 = stats.handshake_us.as_ref().unwrap().value_at_quantile(0.5);
         assert!((297..=303).contains(&p50), "{p50}");
     }

@@ -9,7 +9,7 @@ use crate::{
     aggregate::{
         buckets::Buckets,
         recent::{self, Recent},
-        stats::{ConnStats, DIRECTIONS, FAIL_REASONS, RESET_DIRECTIONS, RETRANSMIT_KINDS, WINDOW_SIDES},
+        stats::{ConnStats, DIRECTIONS, FAIL_REASONS, PASSIVE, RESET_DIRECTIONS, RETRANSMIT_KINDS, WINDOW_SIDES},
         Aggregator,
     },
     census::Census,
@@ -231,6 +231,29 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
         &|labels, stats| vec![histogram(labels.clone(), &stats.hol_stall)],
     );
 
+    per_endpoint(
+        "netlens_tcp_accept_queue_wait_seconds",
+        "Time accepted connections waited in the listener's accept queue: established to accept().",
+        MetricType::HISTOGRAM,
+        &|labels, stats| {
+            if stats.accept_wait.count() == 0 && stats.opened[PASSIVE] == 0 {
+                return Vec::new();
+            }
+            vec![histogram(labels.clone(), &stats.accept_wait)]
+        },
+    );
+    per_endpoint(
+        "netlens_tcp_listen_overflows_total",
+        "Connections a listener dropped because its accept queue was full (TcpExtListenOverflows).",
+        MetricType::COUNTER,
+        &|labels, stats| {
+            if stats.listen_overflows == 0 && stats.opened[PASSIVE] == 0 {
+                return Vec::new();
+            }
+            vec![counter(labels.clone(), stats.listen_overflows as f64)]
+        },
+    );
+
     // Host-wide distributions.
     families.push(family(
         "netlens_tcp_handshake_duration_recent_seconds",
@@ -436,5 +459,10 @@ mod tests {
         assert!(text.contains("netlens_tcp_connections_opened_total{direction=\"passive\",endpoint=\"other\"} 0"));
         assert!(text.contains("# TYPE netlens_tcp_retransmits_total counter"));
         assert!(text.contains("netlens_tcp_segment_srtt_seconds_bucket{le=\"0.000002\"} 0"));
+        aggregator.record(&sample(Detail::ListenOverflow { dropped: 3, backlog: 2 }));
+        aggregator.record(&sample(Detail::Accepted { wait_ns: 2_000_000, queue_len: 0, backlog: 2 }));
+        let text = render(&aggregator);
+        assert!(text.contains("netlens_tcp_listen_overflows_total{endpoint=\"*:8080\"} 3"), "{text}");
+        assert!(text.contains("netlens_tcp_accept_queue_wait_seconds_bucket{endpoint=\"*:8080\",le=\"0.0025\"} 1"), "{text}");
     }
 }

@@ -40,6 +40,9 @@ pub struct KernelBtf {
     strings_len: usize,
     /// Byte offset of each type's header; index = type id (0 is void).
     types: Vec<usize>,
+    /// Types found by name so far: each lookup scans every type, and the
+    /// same structs (sock, sk_buff) are asked for many times.
+    found: std::cell::RefCell<std::collections::HashMap<(u32, String), Option<TypeHeader>>>,
 }
 
 /// A struct or union member as found by a lookup.
@@ -88,7 +91,7 @@ impl KernelBtf {
         if types_end > data.len() || strings + strings_len > data.len() {
             bail!("BTF sections run past the end of the data");
         }
-        let mut btf = Self { data, strings, strings_len, types: vec![0] };
+        let mut btf = Self { data, strings, strings_len, types: vec![0], found: Default::default() };
         let mut at = types_start;
         while at < types_end {
             btf.types.push(at);
@@ -141,11 +144,16 @@ impl KernelBtf {
     /// The first type of `kind` named `name` (for structs: one with members,
     /// not a forward declaration).
     fn find(&self, name: &str, kind: u32) -> Option<TypeHeader> {
-        (1..self.types.len()).find_map(|id| {
+        if let Some(found) = self.found.borrow().get(&(kind, name.to_string())) {
+            return *found;
+        }
+        let found = (1..self.types.len()).find_map(|id| {
             let header = self.header(id as u32).ok()?;
             (header.kind == kind && header.vlen > 0 && self.name(header.name_off) == name.as_bytes())
                 .then_some(header)
-        })
+        });
+        self.found.borrow_mut().insert((kind, name.to_string()), found);
+        found
     }
 
     /// Follows typedefs and qualifiers to the underlying type.
@@ -269,6 +277,54 @@ impl KernelBtf {
         self.offset(name, path).ok()
     }
 
+    /// The first type of `kind` named `name`, whatever its vlen.
+    fn find_named(&self, name: &str, kind: u32) -> Option<TypeHeader> {
+        (1..self.types.len()).find_map(|id| {
+            let header = self.header(id as u32).ok()?;
+            (header.kind == kind && self.name(header.name_off) == name.as_bytes()).then_some(header)
+        })
+    }
+
+    /// A type as C spells it, roughly: `struct sock *`, `void *`, `enum x`.
+    fn describe(&self, id: u32) -> Result<String> {
+        if id == 0 {
+            return Ok("void".into());
+        }
+        let header = self.strip(id)?;
+        let name = String::from_utf8_lossy(self.name(header.name_off)).into_owned();
+        Ok(match header.kind {
+            KIND_PTR => format!("{} *", self.describe(header.size_or_type)?),
+            KIND_STRUCT => format!("struct {name}"),
+            KIND_UNION => format!("union {name}"),
+            KIND_ENUM | KIND_ENUM64 => format!("enum {name}"),
+            _ => name,
+        })
+    }
+
+    /// The parameter types of a function prototype.
+    fn params(&self, proto: &TypeHeader) -> Result<Vec<String>> {
+        if proto.kind != KIND_FUNC_PROTO {
+            bail!("kernel BTF: not a function prototype");
+        }
+        (0..proto.vlen).map(|index| self.describe(self.u32_at(proto.body + 8 * index + 4)?)).collect()
+    }
+
+    /// The arguments a raw tracepoint hands its programs, in order, as
+    /// types (the `btf_trace_NAME` prototype without its `void *__data`).
+    pub fn raw_tracepoint_args(&self, tracepoint: &str) -> Result<Vec<String>> {
+        let name = format!("btf_trace_{tracepoint}");
+        let typedef = self.find_named(&name, KIND_TYPEDEF).ok_or_else(|| anyhow!("kernel BTF has no {name}"))?;
+        let pointer = self.strip(typedef.size_or_type)?;
+        let proto = self.header(pointer.size_or_type)?;
+        Ok(self.params(&proto)?.into_iter().skip(1).collect())
+    }
+
+    /// The parameter types of kernel function `name`.
+    pub fn function_params(&self, name: &str) -> Result<Vec<String>> {
+        let func = self.find_named(name, KIND_FUNC).ok_or_else(|| anyhow!("kernel BTF has no function {name}"))?;
+        self.params(&self.header(func.size_or_type)?)
+    }
+
     /// The value of enumerator `member` of `enum name`.
     pub fn enum_value(&self, name: &str, member: &str) -> Result<u32> {
         let header = self.find(name, KIND_ENUM).ok_or_else(|| anyhow!("kernel BTF has no enum {name}"))?;
@@ -362,5 +418,10 @@ mod tests {
         let retrans = btf.offset("tcp_sock", "total_retrans").unwrap();
         assert_ne!(srtt, retrans);
         assert!(btf.offset("sock", "__sk_common.skc_net.net").is_ok());
+        for (name, member) in [("sk_buff", "head"), ("sk_buff", "transport_header"), ("sk_buff", "_skb_refdst"), ("dst_entry", "dev")] {
+            assert!(btf.offset(name, member).is_ok(), "{name}.{member}: {:?}", btf.offset(name, member));
+        }
+        let kfree_skb = btf.raw_tracepoint_args("kfree_skb").unwrap();
+        assert_eq!(kfree_skb.first().map(String::as_str), Some("struct sk_buff *"), "{kfree_skb:?}");
     }
 }

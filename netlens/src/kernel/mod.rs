@@ -1,5 +1,6 @@
 //! What netlens needs from the running kernel, found at start-up.
 pub mod btf;
+pub mod kallsyms;
 pub mod offsets;
 pub mod probe;
 pub mod progstats;

@@ -11,6 +11,9 @@ pub const HOL_P99_BAD_US: f64 = 10_000.0;
 /// A handshake p99 at or above the initial SYN RTO (1 s) means SYNs are
 /// being retransmitted: lost SYNs or a full accept/SYN queue.
 pub const HANDSHAKE_P99_BAD_US: f64 = 1_000_000.0;
+/// An accept-queue wait p99 above this: the server takes connections
+/// late (a full event loop, too few workers).
+pub const ACCEPT_P99_BAD_US: f64 = 100_000.0;
 /// 1% of segments retransmitted is serious loss.
 pub const RETRANS_PER_1K_BAD: f64 = 10.0;
 
@@ -60,7 +63,7 @@ fn endpoint_key(r: &EndpointRow) -> Option<SortKey> {
     }
 }
 
-static ENDPOINT_COLUMNS: [Column<EndpointRow>; 12] = [
+static ENDPOINT_COLUMNS: [Column<EndpointRow>; 14] = [
     EndpointColumn::text("ENDPOINT", 22, |r| r.endpoint.clone(), endpoint_key),
     EndpointColumn::text("KIND", 6, |r| kind_name(r.kind).to_string(), |r| text(kind_name(r.kind))),
     EndpointColumn::num("CONNS", 7, |r| r.connections.to_string(), |r| num(r.connections as f64)),
@@ -92,6 +95,13 @@ static ENDPOINT_COLUMNS: [Column<EndpointRow>; 12] = [
         |r| num(r.zero_window_total_us as f64),
     )
     .trouble(|r| warn_if_positive(r.zero_window_total_us as f64)),
+    EndpointColumn::num("ACCEPT", 8, |r| format::micros_opt(r.accept_wait_p99_us), |r| SortKey::num(r.accept_wait_p99_us))
+        .trouble(|r| bad_above(r.accept_wait_p99_us, ACCEPT_P99_BAD_US)),
+    EndpointColumn::num("OVFL", 6, |r| r.listen_overflows.to_string(), |r| num(r.listen_overflows as f64))
+        .trouble(|r| match r.listen_overflows {
+            0 => Severity::Normal,
+            _ => Severity::Bad,
+        }),
 ];
 
 impl TableRow for EndpointRow {

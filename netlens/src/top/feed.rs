@@ -177,6 +177,8 @@ impl Feed {
                     hol_stall_p99_us: p99_us(&stats.hol_stall_us),
                     hol_stall_total_us: stats.hol_stall_ns / 1_000,
                     zero_window_total_us: stats.zero_window_ns / 1_000,
+                    accept_wait_p99_us: p99_us(&stats.accept_wait_us),
+                    listen_overflows: stats.listen_overflows,
                     handshake_bars: bars(&[&stats.handshake[0], &stats.handshake[1]]),
                     hol_stall_bars: bars(&[&stats.hol_stall]),
                 }

@@ -62,6 +62,10 @@ pub struct EndpointRow {
     pub hol_stall_p99_us: Option<f64>,
     pub hol_stall_total_us: u64,
     pub zero_window_total_us: u64,
+    /// Listeners: p99 of the accept-queue wait, and connections dropped on
+    /// a full accept queue since netlens started.
+    pub accept_wait_p99_us: Option<f64>,
+    pub listen_overflows: u64,
     /// For the detail pane.
     pub handshake_bars: Vec<Bar>,
     pub hol_stall_bars: Vec<Bar>,

@@ -23,6 +23,8 @@ fn endpoint(name: &str, kind: EndpointKind, conn_per_s: f64, retransmits_per_s: 
         hol_stall_p99_us: Some(15_000.0),
         hol_stall_total_us: 40_000,
         zero_window_total_us: 0,
+        accept_wait_p99_us: None,
+        listen_overflows: 0,
         handshake_bars: vec![Bar { le_us: 1_000, count: 7 }, Bar { le_us: 10_000, count: 2 }],
         hol_stall_bars: vec![Bar { le_us: 16_000, count: 3 }],
     }

@@ -1,0 +1,163 @@
+//! Accept-queue wait: for each connection accept() returns, the time from
+//! ESTABLISHED (the child's `established_ns` in the flow table) until then,
+//! the listener's queue length and backlog at that moment, and the
+//! accepting process, which from then on owns the flow (its later events
+//! and its close carry that pid and comm).
+//!
+//! Three ways to see accept() return, the loader takes the first that
+//! attaches: fexit on `inet_csk_accept` (listener in, child out), a
+//! kprobe/kretprobe pair on it, or the `syscalls` tracepoints: enter saves
+//! the listening socket per thread (fd → `current->files->fdt->fd[fd]` →
+//! `file->private_data` → `socket->sk`), exit resolves the returned fd the
+//! same way.
+//! Limits: connections established before netlens attached are not
+//! reported (no `established_ns`).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    macros::{fexit, kprobe, kretprobe, map, tracepoint},
+    maps::LruHashMap,
+    programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
+};
+use netlens_common::{kind, LISTENER_TABLE_ENTRIES};
+
+use crate::{
+    config::cfg_field,
+    events::{emit, stamp},
+    flows,
+    kernel::{member, slot, Record, Tuple},
+    overflow,
+};
+
+const IPPROTO_TCP: u16 = 6;
+const TCP_LISTEN: u8 = 10;
+
+/// Listening socket of each thread inside accept(), by pid_tgid.
+#[map]
+static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
+
+/// accept() returned `child` from `listener`, in the calling process.
+#[inline(always)]
+fn accepted(listener: u64, child: u64) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = overflow::known_listener(listener);
+    // No entry or not established yet: a connection from before we
+    // attached.
+    let Some(flow) = flows::lookup_mut(child) else { return Ok(()) };
+    if flow.established_ns == 0 {
+        return Ok(());
+    }
+    let config = cfg_field!(accept_queue);
+    let queue_len: u32 = member(listener, config.sock_ack_backlog).unwrap_or(0);
+    let backlog: u32 = member(listener, config.sock_max_ack_backlog).unwrap_or(0);
+    let wait_ns = now.saturating_sub(flow.established_ns);
+    // From now on the connection is the accepting process's.
+    flow.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    flow.comm = bpf_get_current_comm().unwrap_or_default();
+    let tuple = Tuple::of(flow).ok_or(-1)?;
+    emit(|event| {
+        stamp(event, kind::ACCEPTED, now, &tuple, flow);
+        event.duration_ns = wait_ns;
+        event.queue_len = queue_len;
+        event.backlog = backlog;
+    });
+    Ok(())
+}
+
+/// A pointer the kernel returned: not NULL, not an ERR_PTR.
+#[inline(always)]
+fn is_pointer(value: u64) -> bool {
+    value != 0 && value < (-4095i64) as u64
+}
+
+// fexit: listener and child in one program.
+
+#[fexit(function = "inet_csk_accept")]
+pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
+    let listener: u64 = ctx.arg(0);
+    // The return value follows the parameters (4 before 6.10, 2 since).
+    let child: u64 = match cfg_field!(accept_queue.inet_csk_accept_args) {
+        2 => ctx.arg(2),
+        4 => ctx.arg(4),
+        _ => 0,
+    };
+    if is_pointer(child) {
+        let _ = accepted(listener, child);
+    }
+    0
+}
+
+// kprobe + kretprobe.
+
+#[kprobe]
+pub fn kprobe_inet_csk_accept(ctx: ProbeContext) -> u32 {
+    if let Some(listener) = ctx.arg::<u64>(0) {
+        let _ = ACCEPTING.insert(&bpf_get_current_pid_tgid(), &listener, 0);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
+    let thread = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let Some(listener) = (unsafe { ACCEPTING.get(&thread).copied() }) else { return 0 };
+    let _ = ACCEPTING.remove(&thread);
+    let child: u64 = ctx.ret();
+    if is_pointer(child) {
+        let _ = accepted(listener, child);
+    }
+    0
+}
+
+// syscalls tracepoints (accept and accept4 share their record layouts).
+
+/// The socket behind file descriptor `fd` of the current process.
+#[inline(always)]
+fn socket_of_fd(fd: u64) -> Result<u64, i32> {
+    let config = cfg_field!(accept_queue);
+    // SAFETY: plain helper call without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = member(task, config.task_files)?;
+    let fdt: u64 = member(files, config.files_fdt)?;
+    let max_fds: u32 = member(fdt, config.fdt_max_fds)?;
+    if fd >= max_fds as u64 {
+        return Err(-1);
+    }
+    let fds: u64 = member(fdt, config.fdt_fd)?;
+    let file: u64 = member(fds + fd * 8, 0)?;
+    let socket: u64 = member(file, config.file_private_data)?;
+    member(socket, config.socket_sk)
+}
+
+#[tracepoint]
+pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    let _ = Record::read(&ctx, cfg_field!(accept_queue.accept_enter_len), slot::ACCEPT).and_then(on_enter_accept);
+    0
+}
+
+#[inline(always)]
+fn on_enter_accept(record: &Record) -> Result<(), i32> {
+    let fd: u64 = record.get(cfg_field!(accept_queue.accept_enter_fd))?;
+    let listener = socket_of_fd(fd)?;
+    // Only TCP listeners (accept() also serves unix and other sockets).
+    if member::<u16>(listener, cfg_field!(kernel.sock_protocol))? != IPPROTO_TCP
+        || member::<u8>(listener, cfg_field!(accept_queue.sock_state))? != TCP_LISTEN
+    {
+        return Ok(());
+    }
+    ACCEPTING.insert(&bpf_get_current_pid_tgid(), &listener, 0).map_err(|e| e as i32)
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    let thread = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let Some(listener) = (unsafe { ACCEPTING.get(&thread).copied() }) else { return 0 };
+    let _ = ACCEPTING.remove(&thread);
+    let _ = Record::read(&ctx, cfg_field!(accept_queue.accept_exit_len), slot::ACCEPT)
+        .and_then(|record| record.get::<i64>(cfg_field!(accept_queue.accept_exit_ret)))
+        .and_then(|fd| if fd < 0 { Err(-1) } else { socket_of_fd(fd as u64) })
+        .and_then(|child| accepted(listener, child));
+    0
+}

@@ -1,0 +1,322 @@
+//! Listen overflows: connections the kernel dropped because a listener's
+//! accept queue was full (what it counts as TcpExtListenOverflows), per
+//! listener, and the kernel's packet drop reasons.
+//!
+//! The kernel drops on a full accept queue in two places, both checking
+//! `sk_acceptq_is_full()` (`sk_ack_backlog > sk_max_ack_backlog`):
+//! - SYN time, `tcp_conn_request()`: the SYN is *consumed* (`consume_skb`
+//!   from `tcp_rcv_state_process()`), not freed with a drop reason;
+//! - final-ACK time, `tcp_v4/v6_syn_recv_sock()`: the ACK is freed with
+//!   reason `TCP_LISTEN_OVERFLOW` (6.x) by `tcp_v4/v6_rcv()`, or, when it
+//!   carried a SYN cookie, with reason `NO_SOCKET` by `cookie_v4/v6_check()`
+//!   (measured on 6.18 with backlog 0); `rx_sk` (6.11+) is the listener.
+//! Where fentry or kprobes exist, the programs sit on those functions and
+//! apply the kernel's own test at their entry. With tracepoints only:
+//! `kfree_skb` (raw) for the final ACK, and `consume_skb` (raw) filtered to
+//! SYNs consumed by `tcp_rcv_state_process()`: the SYN's port and the
+//! device's namespace name the listener (the table below, filled at
+//! listen()), whose queue is tested as the kernel just did.
+//! Limits (tracepoints only): a listener that was listening before netlens
+//! attached is unknown until it accepts or overflows at final-ACK time;
+//! several listeners on one port (SO_REUSEPORT) count as the last one
+//! seen; the SYN and cookie tests run microseconds after the kernel's, so
+//! an accept() or a completed handshake on another CPU in between can flip
+//! them.
+//!
+//! Counts are cumulative per listener; userspace reads the table once a
+//! second and reports what grew (one `listen_overflow` per listener per
+//! second while it drops), and once more at exit: totals are exact.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
+    macros::{fentry, kprobe, map, raw_tracepoint},
+    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    programs::{FEntryContext, ProbeContext, RawTracePointContext},
+    EbpfContext,
+};
+use netlens_common::{mode, ListenOverflow, ListenerKey, DROP_REASONS, LISTENER_TABLE_ENTRIES};
+
+use crate::{
+    config::cfg_field,
+    kernel::{member, slot, sock_netns, sock_tuple_in},
+};
+
+/// Cumulative overflows by listener socket address, per CPU (several CPUs
+/// drop for one listener, and BPF has no portable atomic add): userspace
+/// sums `dropped` over CPUs and takes the identity from the CPU that
+/// filled it in.
+#[map]
+static LISTEN_OVERFLOWS: LruPerCpuHashMap<u64, ListenOverflow> =
+    LruPerCpuHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
+
+/// Listening sockets by (namespace, port), for the SYN tracepoint path.
+#[map]
+static LISTENERS: LruHashMap<ListenerKey, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
+
+/// Packets freed by `kfree_skb`, per CPU, by `enum skb_drop_reason` value.
+#[map]
+static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
+
+/// Bits of `netlens_common::mode`, written by userspace after it attached.
+#[map]
+static MODES: Array<u32> = Array::with_max_entries(1, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const TCP_LISTEN: u8 = 10;
+const TCP_FLAG_SYN: u8 = 0x02;
+
+/// A socket entered LISTEN (lifecycle.rs): remember it by port.
+#[inline(always)]
+pub fn listening(sk: u64) -> Result<(), i32> {
+    let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
+    let key = ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 };
+    LISTENERS.insert(&key, &sk, 0).map_err(|e| e as i32)
+}
+
+/// A listening socket closed.
+#[inline(always)]
+pub fn unlistening(sk: u64) -> Result<(), i32> {
+    let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
+    let key = ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 };
+    // SAFETY: the value is copied out before the entry may be removed.
+    if unsafe { LISTENERS.get(&key).copied() } == Some(sk) {
+        let _ = LISTENERS.remove(&key);
+    }
+    Ok(())
+}
+
+/// Remembers a listener seen elsewhere (accept()), if it is new.
+#[inline(always)]
+pub fn known_listener(sk: u64) -> Result<(), i32> {
+    let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
+    let key = ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 };
+    // SAFETY: copied out at once.
+    if unsafe { LISTENERS.get(&key).copied() } != Some(sk) {
+        LISTENERS.insert(&key, &sk, 0).map_err(|e| e as i32)?;
+    }
+    Ok(())
+}
+
+/// The kernel's `sk_acceptq_is_full()`: `Some(backlog)` when full.
+#[inline(always)]
+fn accept_queue_full(listener: u64) -> Option<u32> {
+    let config = cfg_field!(accept_queue);
+    let queued: u32 = member(listener, config.sock_ack_backlog).ok()?;
+    let backlog: u32 = member(listener, config.sock_max_ack_backlog).ok()?;
+    (queued > backlog).then_some(backlog)
+}
+
+/// Counts one overflow of `listener`.
+#[inline(always)]
+fn overflowed(listener: u64, backlog: u32, slot: u32) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = LISTEN_OVERFLOWS.get_ptr_mut(&listener) {
+        // SAFETY: this CPU's slot of a live map value; nothing else writes
+        // it while we run.
+        let entry = unsafe { &mut *entry };
+        entry.dropped += 1;
+        entry.last_ns = now;
+        entry.backlog = backlog;
+        if entry.family != 0 {
+            return Ok(());
+        }
+        // First drop on this CPU: its slot was zeroed; name the listener.
+        let tuple = sock_tuple_in(listener, slot)?;
+        entry.netns = sock_netns(listener);
+        entry.family = tuple.family;
+        entry.port = tuple.sport;
+        entry.addr = tuple.saddr;
+        return Ok(());
+    }
+    let tuple = sock_tuple_in(listener, slot)?;
+    let entry = ListenOverflow {
+        dropped: 1,
+        last_ns: now,
+        backlog,
+        netns: sock_netns(listener),
+        family: tuple.family,
+        port: tuple.sport,
+        _pad: 0,
+        addr: tuple.saddr,
+    };
+    if LISTEN_OVERFLOWS.insert(&listener, &entry, BPF_NOEXIST as u64).is_err() {
+        // Another CPU created the entry meanwhile: count in our slot.
+        let slot = LISTEN_OVERFLOWS.get_ptr_mut(&listener).ok_or(-1)?;
+        // SAFETY: this CPU's slot, as above.
+        unsafe { *slot = entry };
+    }
+    Ok(())
+}
+
+/// Applies the kernel's test at the entry of a function that starts with
+/// it (`tcp_conn_request`, `tcp_v4/v6_syn_recv_sock`).
+#[inline(always)]
+fn check_listener(listener: u64) {
+    if let Some(backlog) = accept_queue_full(listener) {
+        let _ = overflowed(listener, backlog, slot::SYN);
+    }
+}
+
+/// `tcp_v6_syn_recv_sock` hands IPv4 (mapped) packets to
+/// `tcp_v4_syn_recv_sock`, which does the test: count those once, there.
+#[inline(always)]
+fn is_ipv4(skb: u64) -> bool {
+    member::<u16>(skb, cfg_field!(accept_queue.skb_protocol)) == Ok(ETH_P_IP.to_be())
+}
+
+// fentry: the kernel function's arguments, typed by BTF.
+
+#[fentry(function = "tcp_conn_request")]
+pub fn fentry_tcp_conn_request(ctx: FEntryContext) -> i32 {
+    check_listener(ctx.arg(2));
+    0
+}
+
+#[fentry(function = "tcp_v4_syn_recv_sock")]
+pub fn fentry_tcp_v4_syn_recv_sock(ctx: FEntryContext) -> i32 {
+    check_listener(ctx.arg(0));
+    0
+}
+
+#[fentry(function = "tcp_v6_syn_recv_sock")]
+pub fn fentry_tcp_v6_syn_recv_sock(ctx: FEntryContext) -> i32 {
+    if !is_ipv4(ctx.arg(1)) {
+        check_listener(ctx.arg(0));
+    }
+    0
+}
+
+// kprobes: the same, where fentry is not available.
+
+#[kprobe]
+pub fn kprobe_tcp_conn_request(ctx: ProbeContext) -> u32 {
+    if let Some(listener) = ctx.arg(2) {
+        check_listener(listener);
+    }
+    0
+}
+
+#[kprobe]
+pub fn kprobe_tcp_v4_syn_recv_sock(ctx: ProbeContext) -> u32 {
+    if let Some(listener) = ctx.arg(0) {
+        check_listener(listener);
+    }
+    0
+}
+
+#[kprobe]
+pub fn kprobe_tcp_v6_syn_recv_sock(ctx: ProbeContext) -> u32 {
+    if let (Some(listener), Some(skb)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
+        if !is_ipv4(skb) {
+            check_listener(listener);
+        }
+    }
+    0
+}
+
+// Tracepoints only.
+
+/// A raw tracepoint argument at a position known only at load time. Read
+/// through the helper, not as a context access: the verifier wants those
+/// at constant offsets, and the kernel refuses to attach a program that
+/// reads past the tracepoint's last argument (fewer on older kernels).
+#[inline(always)]
+fn raw_arg(ctx: &RawTracePointContext, position: u8) -> Option<u64> {
+    if position > 4 {
+        return None;
+    }
+    member::<u64>(ctx.as_ptr() as u64, position as u32 * 8).ok()
+}
+
+/// Every freed packet passes here: count its reason, and leave unless it
+/// is a listen overflow.
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
+    let config = cfg_field!(accept_queue);
+    let Some(reason) = raw_arg(&ctx, config.kfree_skb_reason_arg) else { return 0 };
+    let reason = reason as u32;
+    if reason < DROP_REASONS {
+        if let Some(count) = DROP_REASON_COUNTS.get_ptr_mut(reason) {
+            // SAFETY: this CPU's slot; nothing else writes it while we run.
+            unsafe { *count += 1 };
+        }
+    }
+    if reason == config.listen_overflow_reason {
+        let _ = final_ack_overflow(&ctx, false);
+    } else if reason == config.no_socket_reason {
+        let Some(location) = raw_arg(&ctx, config.kfree_skb_location_arg) else { return 0 };
+        let in_cookie_check = (location >= config.cookie_v4_start && location < config.cookie_v4_end)
+            || (location >= config.cookie_v6_start && location < config.cookie_v6_end);
+        if in_cookie_check {
+            let _ = final_ack_overflow(&ctx, true);
+        }
+    }
+    0
+}
+
+/// The final ACK found the queue full: `syn_recv_sock` failed in
+/// `tcp_check_req` (reason TCP_LISTEN_OVERFLOW), or in `cookie_v4/v6_check`
+/// for an ACK carrying a SYN cookie (reason NO_SOCKET, which other
+/// failures there share: `test_queue` applies the kernel's test again).
+/// `rx_sk` is the listener. Counted only when the tracepoint hooks serve
+/// listen overflows (else fentry/kprobes do).
+#[inline(never)]
+fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<(), i32> {
+    let modes = MODES.get(0).copied().unwrap_or(0);
+    if modes & mode::OVERFLOWS_FROM_TRACEPOINTS == 0 {
+        return Ok(());
+    }
+    let listener = raw_arg(ctx, cfg_field!(accept_queue.kfree_skb_rx_sk_arg)).ok_or(-1)?;
+    if listener == 0 {
+        return Err(-1);
+    }
+    if test_queue {
+        let backlog = accept_queue_full(listener).ok_or(0)?;
+        return overflowed(listener, backlog, slot::DROP);
+    }
+    let backlog: u32 = member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?;
+    overflowed(listener, backlog, slot::DROP)
+}
+
+/// Every consumed packet passes here; only SYNs consumed by
+/// `tcp_rcv_state_process()` (the listener's `conn_request` has run) go on.
+#[raw_tracepoint(tracepoint = "consume_skb")]
+pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
+    let config = cfg_field!(accept_queue);
+    let Some(location) = raw_arg(&ctx, config.consume_skb_location_arg) else { return 0 };
+    if location < config.syn_consumer_start || location >= config.syn_consumer_end {
+        return 0;
+    }
+    let _ = syn_consumed(ctx.arg(0));
+    0
+}
+
+#[inline(never)]
+fn syn_consumed(skb: u64) -> Result<(), i32> {
+    let config = cfg_field!(accept_queue);
+    let head: u64 = member(skb, config.skb_head)?;
+    let transport: u16 = member(skb, config.skb_transport_header)?;
+    let th = head + transport as u64;
+    // struct tcphdr: ports at 0 and 2, flags in byte 13.
+    let dport = u16::from_be(member(th, 2)?);
+    let flags: u8 = member(th, 13)?;
+    if flags & TCP_FLAG_SYN == 0 {
+        return Ok(());
+    }
+    // tcp_v4_rcv() cleared skb->dev; the input route still names it.
+    let refdst: u64 = member(skb, config.skb_refdst)?;
+    let dev: u64 = member(refdst & !1, config.dst_dev)?;
+    let net: u64 = member(dev, cfg_field!(kernel.netdev_net))?;
+    let netns: u32 = member(net, cfg_field!(kernel.net_inum))?;
+    let key = ListenerKey { netns, port: dport, _pad: 0 };
+    // SAFETY: copied out at once.
+    let Some(listener) = (unsafe { LISTENERS.get(&key).copied() }) else { return Ok(()) };
+    if member::<u8>(listener, config.sock_state)? != TCP_LISTEN {
+        return Ok(());
+    }
+    if let Some(backlog) = accept_queue_full(listener) {
+        overflowed(listener, backlog, slot::SYN)?;
+    }
+    Ok(())
+}

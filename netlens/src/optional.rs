@@ -1,0 +1,209 @@
+//! Optional hooks: features netlens can run without (the accept queue),
+//! each served by the first family of hooks that loads and attaches on
+//! this kernel, in order of preference (fentry/fexit, kprobes,
+//! tracepoints). A feature no family serves is off, said in one line.
+
+use aya::{maps::{Array, MapData}, Ebpf};
+use netlens_common::{mode, Config};
+
+use crate::{
+    kernel::offsets::AcceptQueueSupport,
+    features::{self, Level},
+    loader::{load_and_attach, Attach, Hook, SKIP_HOOKS_ENV},
+};
+
+/// `NETLENS_SKIP_HOOKS` names this hook's program: as if the kernel lacked it.
+fn skipped(hook: &Hook) -> Result<(), String> {
+    let skip = std::env::var(SKIP_HOOKS_ENV).unwrap_or_default();
+    match skip.split(',').any(|name| name.trim() == hook.program) {
+        true => Err(format!("{}: left out by {SKIP_HOOKS_ENV}", hook.describe())),
+        false => Ok(()),
+    }
+}
+
+/// One way to serve an optional feature: hooks that must all attach.
+pub struct Family {
+    pub name: &'static str,
+    pub hooks: &'static [Hook],
+    /// What this kernel must have for the family to work; `attached` names
+    /// the features already served.
+    ready: fn(&AcceptQueueSupport, attached: &[&str]) -> Result<(), String>,
+}
+
+/// An optional feature: served by the first family that attaches, in
+/// order of preference; when none does, netlens runs without it.
+pub struct Feature {
+    pub name: &'static str,
+    pub families: &'static [Family],
+}
+
+fn listener_checks(support: &AcceptQueueSupport, _: &[&str]) -> Result<(), String> {
+    support.queue.clone()
+}
+
+/// OPTIONAL hooks (the accept queue). The kprobe/fentry variants compile
+/// everywhere and are preferred where the kernel allows them; this host's
+/// kind (no kprobes, fentry refused) gets the tracepoint variants.
+pub const OPTIONAL: &[Feature] = &[
+    // Packet drop reasons (skb:kfree_skb, raw); also the final-ACK listen
+    // overflows when they come from tracepoints.
+    Feature {
+        name: "drop_reasons",
+        families: &[Family {
+            name: "tracepoint",
+            hooks: &[Hook::tracepoint("kfree_skb", "skb", Attach::Raw)],
+            ready: |support, _| support.drop_reasons.clone(),
+        }],
+    },
+    Feature {
+        name: "listen_overflows",
+        families: &[
+            Family {
+                name: "fentry",
+                hooks: &[
+                    Hook::on("fentry_tcp_conn_request", "", "tcp_conn_request", Attach::FEntry),
+                    Hook::on("fentry_tcp_v4_syn_recv_sock", "", "tcp_v4_syn_recv_sock", Attach::FEntry),
+                    Hook::on("fentry_tcp_v6_syn_recv_sock", "", "tcp_v6_syn_recv_sock", Attach::FEntry),
+                ],
+                ready: listener_checks,
+            },
+            Family {
+                name: "kprobe",
+                hooks: &[
+                    Hook::on("kprobe_tcp_conn_request", "", "tcp_conn_request", Attach::KProbe),
+                    Hook::on("kprobe_tcp_v4_syn_recv_sock", "", "tcp_v4_syn_recv_sock", Attach::KProbe),
+                    Hook::on("kprobe_tcp_v6_syn_recv_sock", "", "tcp_v6_syn_recv_sock", Attach::KProbe),
+                ],
+                ready: listener_checks,
+            },
+            Family {
+                name: "tracepoint",
+                hooks: &[Hook::tracepoint("consume_skb", "skb", Attach::Raw)],
+                ready: |support, attached| {
+                    support.overflow_tracepoints.clone()?;
+                    if !attached.contains(&"drop_reasons") {
+                        return Err("needs skb:kfree_skb (drop_reasons)".into());
+                    }
+                    Ok(())
+                },
+            },
+        ],
+    },
+    Feature {
+        name: "accept_queue",
+        families: &[
+            Family {
+                name: "fexit",
+                hooks: &[Hook::on("fexit_inet_csk_accept", "", "inet_csk_accept", Attach::FExit)],
+                ready: |support, _| support.fexit_accept.clone(),
+            },
+            Family {
+                name: "kprobe",
+                hooks: &[
+                    Hook::on("kprobe_inet_csk_accept", "", "inet_csk_accept", Attach::KProbe),
+                    Hook::on("kretprobe_inet_csk_accept", "", "inet_csk_accept", Attach::KRetProbe),
+                ],
+                ready: listener_checks,
+            },
+            Family {
+                name: "tracepoint",
+                hooks: &[
+                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
+                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
+                    Hook::on("sys_exit_accept", "syscalls", "sys_exit_accept4", Attach::Record),
+                    Hook::on("sys_exit_accept", "syscalls", "sys_exit_accept", Attach::Record),
+                ],
+                ready: |support, _| support.accept_syscalls.clone(),
+            },
+        ],
+    },
+];
+
+/// How an optional feature fared: the family serving it, and why each
+/// family tried before it (or every family) could not.
+pub struct FeatureStatus {
+    pub feature: &'static str,
+    pub served_by: Option<&'static Family>,
+    pub failures: Vec<String>,
+}
+
+impl FeatureStatus {
+    /// As a row of the feature table (`features::FeatureStatus`).
+    pub fn as_feature(&self) -> Option<features::FeatureStatus> {
+        let feature = features::named(self.feature)?;
+        Some(match self.served_by {
+            Some(family) => features::FeatureStatus {
+                feature,
+                level: Level::Ok,
+                hooks: family.hooks.iter().map(Hook::describe).collect(),
+                why: String::new(),
+            },
+            None => features::FeatureStatus { feature, level: Level::Missing, hooks: Vec::new(), why: self.failures.join("; ") },
+        })
+    }
+
+    /// One line: `listen_overflows: tracepoint (fentry: ...; kprobe: ...)`.
+    pub fn describe(&self) -> String {
+        let tried = self.failures.join("; ");
+        match (self.served_by, tried.is_empty()) {
+            (Some(family), true) => format!("{}: {}", self.feature, family.name),
+            (Some(family), false) => format!("{}: {} ({tried})", self.feature, family.name),
+            (None, _) => format!("{}: off ({tried})", self.feature),
+        }
+    }
+}
+
+/// Attaches each optional feature with the first family that works, and
+/// tells the programs which ones serve (the `MODES` map).
+pub fn attach_optional(ebpf: &mut Ebpf, config: &Config) -> Vec<FeatureStatus> {
+    let support = AcceptQueueSupport::of(&config.accept_queue);
+    let mut statuses: Vec<FeatureStatus> = Vec::new();
+    for feature in OPTIONAL {
+        let attached: Vec<&str> = statuses.iter().filter(|s| s.served_by.is_some()).map(|s| s.feature).collect();
+        let mut status = FeatureStatus { feature: feature.name, served_by: None, failures: Vec::new() };
+        for family in feature.families {
+            let result = (family.ready)(&support, &attached).map_err(|missing| format!("{}: {missing}", family.name)).and_then(|()| {
+                family.hooks.iter().try_for_each(|hook| {
+                    skipped(hook)?;
+                    load_and_attach(ebpf, hook).map_err(|err| format!("{}: {}: {err}", family.name, hook.describe()))
+                })
+            });
+            match result {
+                Ok(()) => {
+                    status.served_by = Some(family);
+                    break;
+                }
+                Err(failure) => {
+                    // Unloading detaches whatever of the family did attach.
+                    for hook in family.hooks {
+                        if let Some(program) = ebpf.program_mut(hook.program) {
+                            unload(program);
+                        }
+                    }
+                    status.failures.push(failure);
+                }
+            }
+        }
+        statuses.push(status);
+    }
+    let from_tracepoints = statuses.iter().any(|s| s.feature == "listen_overflows" && s.served_by.is_some_and(|f| f.name == "tracepoint"));
+    if from_tracepoints {
+        if let Some(Ok(mut modes)) = ebpf.map_mut("MODES").map(Array::<&mut MapData, u32>::try_from) {
+            let _ = modes.set(0, mode::OVERFLOWS_FROM_TRACEPOINTS, 0);
+        }
+    }
+    statuses
+}
+
+/// Unloads a program (detaching it) so that another family can serve.
+fn unload(program: &mut aya::programs::Program) {
+    use aya::programs::Program;
+    let _ = match program {
+        Program::TracePoint(p) => p.unload(),
+        Program::RawTracePoint(p) => p.unload(),
+        Program::FEntry(p) => p.unload(),
+        Program::FExit(p) => p.unload(),
+        Program::KProbe(p) => p.unload(),
+        _ => Ok(()),
+    };
+}
