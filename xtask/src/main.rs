@@ -167,24 +167,28 @@ pub struct TestCounts {
     pub failed: u64,
     /// Every test process exited 0 (one that crashed prints no result line).
     pub all_exited_ok: bool,
-    /// `(test, message)` for each failed test: its panic message or `Error:`.
+    /// `(test, message)` for each failed test: its panic message (with an
+    /// assertion's left and right values, and where it panicked) or its
+    /// `Error:` line.
     pub failures: Vec<(String, String)>,
-    /// The test whose `---- NAME stdout ----` block is being read.
-    reading_failure_of: Option<String>,
-    /// The previous line was `thread '...' panicked at FILE:LINE:COL:`.
-    panic_message_next: bool,
+    block: FailureBlock,
+}
+
+/// Where we are in libtest's report of a failed test.
+#[derive(Clone, Debug)]
+enum FailureBlock {
+    Outside,
+    /// After `---- NAME stdout ----`.
+    Reading(String),
+    /// After `thread '...' panicked at LOCATION:`: the message is next.
+    PanicAt { test: String, location: String },
+    /// After the message: `left:` / `right:` lines still belong to it.
+    Message,
 }
 
 impl Default for TestCounts {
     fn default() -> Self {
-        Self {
-            passed: 0,
-            failed: 0,
-            all_exited_ok: true,
-            failures: Vec::new(),
-            reading_failure_of: None,
-            panic_message_next: false,
-        }
+        Self { passed: 0, failed: 0, all_exited_ok: true, failures: Vec::new(), block: FailureBlock::Outside }
     }
 }
 
@@ -199,25 +203,42 @@ impl TestCounts {
             };
             self.passed += count("passed");
             self.failed += count("failed");
-            self.reading_failure_of = None;
-        } else if let Some(name) = line.strip_prefix("---- ").and_then(|l| l.strip_suffix(" stdout ----")) {
-            self.reading_failure_of = Some(name.to_string());
-            self.panic_message_next = false;
-        } else if let Some(test) = self.reading_failure_of.clone() {
-            let message = if self.panic_message_next {
-                self.panic_message_next = false;
-                Some(line)
-            } else if line.starts_with("thread '") && line.contains(" panicked at ") {
-                self.panic_message_next = true;
-                None
-            } else {
-                line.starts_with("Error: ").then_some(line)
-            };
-            if let Some(message) = message.filter(|m| !m.trim().is_empty()) {
-                self.failures.push((test, message.trim().to_string()));
-                self.reading_failure_of = None;
-            }
+            self.block = FailureBlock::Outside;
+            return;
         }
+        if let Some(name) = line.strip_prefix("---- ").and_then(|l| l.strip_suffix(" stdout ----")) {
+            self.block = FailureBlock::Reading(name.to_string());
+            return;
+        }
+        self.block = match std::mem::replace(&mut self.block, FailureBlock::Outside) {
+            FailureBlock::Outside => FailureBlock::Outside,
+            FailureBlock::Reading(test) => {
+                if let Some((_, at)) = line.strip_prefix("thread '").and_then(|l| l.split_once(" panicked at ")) {
+                    FailureBlock::PanicAt { test, location: at.trim_end_matches(':').to_string() }
+                } else if line.starts_with("Error: ") {
+                    self.failures.push((test, line.to_string()));
+                    FailureBlock::Outside
+                } else {
+                    FailureBlock::Reading(test)
+                }
+            }
+            FailureBlock::PanicAt { test, location } => {
+                self.failures.push((test, format!("{} (at {location})", line.trim())));
+                FailureBlock::Message
+            }
+            FailureBlock::Message => {
+                let value = line.trim_start();
+                match self.failures.last_mut() {
+                    Some((_, message)) if value.starts_with("left:") || value.starts_with("right:") => {
+                        // Before the location, which stays last.
+                        let at = message.rfind(" (at ").unwrap_or(message.len());
+                        message.insert_str(at, &format!("; {value}"));
+                        FailureBlock::Message
+                    }
+                    _ => FailureBlock::Outside,
+                }
+            }
+        };
     }
 
     pub fn ok(&self) -> bool {
@@ -255,7 +276,7 @@ mod tests {
     #[test]
     fn counts_and_failure_messages_from_libtest_output() {
         let output = "running 2 tests\ntest a ... FAILED\ntest b ... FAILED\n\nfailures:\n\n---- a stdout ----\nsome log\n\
-                      thread 'a' (884) panicked at tests/x.rs:1:2:\nstall 11 µs, waited 20 µs\nnote: run with `RUST_BACKTRACE=1`\n\n\
+                      thread 'a' (884) panicked at tests/x.rs:1:2:\nassertion `left == right` failed\n  left: 0\n right: 1\nnote: run with `RUST_BACKTRACE=1`\n\n\
                       ---- b stdout ----\nError: netlens did not attach\n\nfailures:\n    a\n    b\n\n\
                       test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.0s\n";
         let mut counts = TestCounts::default();
@@ -263,7 +284,10 @@ mod tests {
         assert_eq!((counts.passed, counts.failed), (3, 2));
         assert_eq!(
             counts.failures,
-            vec![("a".into(), "stall 11 µs, waited 20 µs".into()), ("b".into(), "Error: netlens did not attach".into())]
+            vec![
+                ("a".into(), "assertion `left == right` failed; left: 0; right: 1 (at tests/x.rs:1:2)".into()),
+                ("b".into(), "Error: netlens did not attach".into())
+            ]
         );
     }
 }
