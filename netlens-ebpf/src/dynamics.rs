@@ -70,15 +70,17 @@ pub fn end_zero_window(flow: &mut Flow, which: u8, since: u64, until: u64) {
     });
 }
 
-/// The connection's dynamics as it closes: episodes still open count up to
-/// now; cwnd, RTTs and the algorithm are read from the socket one last time.
+/// Writes the connection's dynamics as it closes into `transport` (the
+/// close event's, in the ring buffer: not 128 more bytes of stack):
+/// episodes still open count up to now; cwnd, RTTs and the algorithm are
+/// read from the socket one last time.
 #[inline(always)]
-pub fn at_close(sk: u64, flow: &Flow, now: u64) -> Transport {
-    let mut transport = flow.transport;
+pub fn at_close(sk: u64, flow: &Flow, now: u64, transport: &mut Transport) {
+    *transport = flow.transport;
     if flow.established_ns == 0 {
-        return transport;
+        return;
     }
-    add_ca_time(flow, &mut transport, now);
+    add_ca_time(flow, transport, now);
     for since in [flow.peer_zero_since_ns, flow.local_zero_since_ns] {
         if since != 0 {
             transport.zero_window_ns += now.saturating_sub(since);
@@ -96,7 +98,6 @@ pub fn at_close(sk: u64, flow: &Flow, now: u64) -> Transport {
     if ops != 0 {
         transport.congestion = member(ops, cfg_field!(kernel.ca_ops_name)).unwrap_or([0; 16]);
     }
-    transport
 }
 
 /// One side's zero-window episode, given that side's window now: starts it
