@@ -243,10 +243,11 @@ pub struct AcceptQueueConfig {
     pub fdt_max_fds: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
-    /// `struct sk_buff` → `head`, `transport_header` (u16),
-    /// `protocol` (__be16), `_skb_refdst`; `struct dst_entry` → `dev`.
+    /// `struct sk_buff` → `head`, `transport_header` and `network_header`
+    /// (u16), `protocol` (__be16), `_skb_refdst`; `struct dst_entry` → `dev`.
     pub skb_head: u32,
     pub skb_transport_header: u32,
+    pub skb_network_header: u32,
     pub skb_protocol: u32,
     pub skb_refdst: u32,
     pub dst_dev: u32,
@@ -265,7 +266,7 @@ pub struct AcceptQueueConfig {
     pub inet_csk_accept_args: u8,
     /// Raw `kfree_skb` argument: `location` (the caller).
     pub kfree_skb_location_arg: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
     /// `[start, end)` of `tcp_rcv_state_process`: a SYN it consumes went
     /// through the listener's `conn_request` (kallsyms).
     pub syn_consumer_start: u64,

@@ -11,7 +11,9 @@
 //! - retransmitted SYN-ACK: `tcp:tcp_retransmit_synack` hands us the request
 //!   socket, and `snt_synack` there is the first SYN-ACK's time; retransmit.rs
 //!   stores it by 4-tuple and the child picks it up here.
-//! Limits: the time from the SYN's arrival to the first SYN-ACK (the
+//! Where fentry or kprobes exist, synstart.rs records the SYN's arrival
+//! in `tcp_conn_request()` and the handshake is timed from there instead.
+//! Limits (tracepoints): the time from the SYN's arrival to the first SYN-ACK (the
 //! listener's own processing, normally microseconds) is not included, nor is
 //! a SYN the client retransmitted before this one arrived (the server never
 //! saw the lost one; the client's active handshake shows it). SYN cookies
@@ -31,6 +33,7 @@ use crate::{
     kernel::{member, slot, sock_netns, sock_tuple, Tuple},
     overflow,
     retransmit::take_synack_start,
+    synstart,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -120,8 +123,11 @@ fn passive_established(sk: u64) -> Result<(), i32> {
         family: tuple.family,
         _pad: [0; 6],
     };
-    let start_ns = match take_synack_start(&key) {
-        Some(first_synack_ns) => first_synack_ns,
+    // The SYN's arrival where fentry/kprobes saw it, else the first SYN-ACK.
+    let syn_ns = synstart::take(&key);
+    let first_synack_ns = take_synack_start(&key);
+    let start_ns = match syn_ns.or(first_synack_ns) {
+        Some(start_ns) => start_ns,
         None => {
             let srtt_us: u32 = member(sk, cfg_field!(kernel.tcp_srtt_us)).unwrap_or(0);
             now.saturating_sub((srtt_us as u64 >> 3) * 1000)

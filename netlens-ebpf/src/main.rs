@@ -17,6 +17,7 @@ mod overflow;
 mod probe;
 mod reset;
 mod retransmit;
+mod synstart;
 
 #[cfg(not(test))]
 #[panic_handler]

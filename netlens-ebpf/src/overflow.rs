@@ -40,6 +40,7 @@ use netlens_common::{mode, ListenOverflow, ListenerKey, DROP_REASONS, LISTENER_T
 use crate::{
     config::cfg_field,
     kernel::{member, slot, sock_netns, sock_tuple_in},
+    synstart,
 };
 
 /// Cumulative overflows by listener socket address, per CPU (several CPUs
@@ -169,7 +170,9 @@ fn is_ipv4(skb: u64) -> bool {
 
 #[fentry(function = "tcp_conn_request")]
 pub fn fentry_tcp_conn_request(ctx: FEntryContext) -> i32 {
-    check_listener(ctx.arg(2));
+    let (listener, skb) = (ctx.arg(2), ctx.arg(3));
+    let _ = synstart::syn_arrived(listener, skb);
+    check_listener(listener);
     0
 }
 
@@ -191,7 +194,8 @@ pub fn fentry_tcp_v6_syn_recv_sock(ctx: FEntryContext) -> i32 {
 
 #[kprobe]
 pub fn kprobe_tcp_conn_request(ctx: ProbeContext) -> u32 {
-    if let Some(listener) = ctx.arg(2) {
+    if let (Some(listener), Some(skb)) = (ctx.arg::<u64>(2), ctx.arg::<u64>(3)) {
+        let _ = synstart::syn_arrived(listener, skb);
         check_listener(listener);
     }
     0

@@ -165,6 +165,7 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf, code_ranges: [(u64, u64); CODE_
         socket_sk: member("socket", "sk"),
         skb_head: member("sk_buff", "head"),
         skb_transport_header: member("sk_buff", "transport_header"),
+        skb_network_header: member("sk_buff", "network_header"),
         skb_protocol: member("sk_buff", "protocol"),
         skb_refdst: member("sk_buff", "_skb_refdst"),
         dst_dev: member("dst_entry", "dev"),
@@ -232,7 +233,10 @@ impl AcceptQueueSupport {
     pub fn of(config: &AcceptQueueConfig) -> Self {
         let c = config;
         let has = |members: &[u32]| members.iter().all(|&m| m != MISSING);
-        let queue = need(has(&[c.sock_ack_backlog, c.sock_max_ack_backlog, c.sock_state, c.skb_protocol]), "struct sock has no sk_ack_backlog/sk_max_ack_backlog");
+        let queue = need(
+            has(&[c.sock_ack_backlog, c.sock_max_ack_backlog, c.sock_state, c.skb_protocol, c.skb_head, c.skb_network_header, c.skb_transport_header]),
+            "struct sock has no sk_ack_backlog/sk_max_ack_backlog, or sk_buff lacks its header members",
+        );
         let with_queue = |result: Result<(), String>| queue.clone().and(result);
         Self {
             fexit_accept: with_queue(need(matches!(c.inet_csk_accept_args, 2 | 4), "inet_csk_accept has neither 2 nor 4 parameters in BTF")),
