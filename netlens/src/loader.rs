@@ -294,7 +294,7 @@ pub fn attach_features(
     facts: &KernelFacts,
 ) -> (Vec<FeatureStatus>, Vec<(&'static Hook, Result<(), String>)>) {
     let mut tried: Vec<(&'static Hook, Result<(), String>)> = Vec::new();
-    let statuses = features::resolve(|program| {
+    let mut statuses = features::resolve(|program| {
         let Some(hook) = HOOKS.iter().find(|h| h.program == program) else {
             return Err(format!("no hook {program}"));
         };
@@ -308,7 +308,22 @@ pub fn attach_features(
         };
         outcome.map(|()| hook.describe())
     });
+    degrade_for_layouts(&mut statuses, facts);
     (statuses, tried)
+}
+
+/// Features a hook serves only in part on this kernel because of what its
+/// tracepoint reports, not whether it attaches.
+fn degrade_for_layouts(statuses: &mut [FeatureStatus], facts: &KernelFacts) {
+    for status in statuses.iter_mut().filter(|s| s.level == features::Level::Ok) {
+        // Before 6.10 tcp:tcp_send_reset has the 4-tuple layout and fires
+        // only for resets sent from a socket: a reset answering a SYN to a
+        // closed port (no socket) is not traced.
+        if status.feature.name == "resets" && facts.offsets.config.send_reset.saddr == netlens_common::FIELD_ABSENT {
+            status.level = features::Level::Degraded;
+            status.why = "this kernel's tcp:tcp_send_reset (before 6.10) skips resets sent without a socket, e.g. to a closed port".into();
+        }
+    }
 }
 
 /// The flow table right now.
