@@ -39,6 +39,15 @@ impl Outcome {
     }
 }
 
+/// [`run`], failing unless the command exits 0 in time.
+pub fn run_ok(command: &mut Command, limit: Duration, label: &str) -> Result<Outcome> {
+    let outcome = run(command, limit, label)?;
+    if !outcome.success() {
+        anyhow::bail!("{:?} failed ({})", command.get_program(), outcome.describe(limit));
+    }
+    Ok(outcome)
+}
+
 /// After the child exits, how long its pipes may stay open (held by a
 /// grandchild) before we stop reading them.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);

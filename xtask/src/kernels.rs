@@ -7,11 +7,12 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{capture, run, workspace_root};
+use crate::{bounded, capture, workspace_root};
 
 /// A guest kernel: the matrix name and the Debian release that ships it.
 pub struct GuestKernel {
@@ -28,6 +29,9 @@ pub const GUEST_KERNELS: [GuestKernel; 3] = [
 ];
 
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// apt-get update, one kernel's download (~100 MB), one extraction.
+const APT_LIMIT: Duration = Duration::from_secs(600);
 
 /// A kernel ready to boot: its image, with its modules beside it in the
 /// extracted package (virtme-ng finds `lib/modules/<release>` from there).
@@ -70,7 +74,7 @@ impl KernelCache {
         let partial = self.root.join(format!("{}.partial", kernel.name));
         let _ = fs::remove_dir_all(&partial);
         let _ = fs::remove_dir_all(&tree);
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+        bounded::run_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial), APT_LIMIT, "dpkg-deb")?;
         fs::write(partial.join("package"), format!("{package}\n"))?;
         fs::rename(&partial, &tree).with_context(|| format!("moving {} into place", tree.display()))?;
         fs::remove_file(&deb)?;
@@ -126,7 +130,7 @@ impl PrivateApt {
         }
         let apt = Self { options };
         println!("xtask: updating a private apt index ({}) for the guest kernels", dir.display());
-        run(apt.command("apt-get").args(["update", "-qq"]))?;
+        bounded::run_ok(apt.command("apt-get").args(["update", "-qq"]), APT_LIMIT, "apt")?;
         Ok(apt)
     }
 
@@ -159,7 +163,7 @@ impl PrivateApt {
 
     /// Downloads `package` into `dir`; returns the .deb.
     fn download(&self, package: &str, dir: &Path) -> Result<PathBuf> {
-        run(self.command("apt-get").args(["download", "-qq", package]).current_dir(dir))?;
+        bounded::run_ok(self.command("apt-get").args(["download", "-qq", package]).current_dir(dir), APT_LIMIT, "apt")?;
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();

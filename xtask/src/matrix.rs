@@ -122,19 +122,23 @@ pub fn run(selection: &Selection, test_args: &[String]) -> Result<()> {
     }
     let started = Instant::now();
     let mut columns = Vec::new();
-    let mut guest_inputs: Option<GuestInputs> = None;
+    // Prepared at the first guest; when that fails, every guest column says
+    // why and the host column is still shown.
+    let mut guest_inputs: Option<Result<GuestInputs, String>> = None;
     let mut kernels = KernelCache::new();
     for target in &selection.0 {
         let column = match target {
             Target::Host => host_column(test_args),
             Target::Guest(kernel) => {
-                if guest_inputs.is_none() {
-                    let vng = setup::ensure_matrix_tools()?;
-                    let netlens = crate::build(true)?;
-                    guest_inputs = Some(GuestInputs { vng, netlens, tests: guest_test_binaries()? });
+                let inputs = guest_inputs.get_or_insert_with(|| prepare_guests().map_err(|err| format!("{err:#}")));
+                match inputs {
+                    Ok(inputs) => guest_column(kernel, &mut kernels, inputs, test_args),
+                    Err(err) => {
+                        let mut column = Column::new(kernel.name);
+                        column.problems.push(format!("guest set-up failed: {err}"));
+                        column
+                    }
                 }
-                let inputs = guest_inputs.as_ref().context("guest inputs")?;
-                guest_column(kernel, &mut kernels, inputs, test_args)
             }
         };
         columns.push(column);
@@ -179,6 +183,14 @@ fn host_check(netlens: &Path) -> Result<CheckReport> {
         return Ok(parse_check(None, Some(&plain.stdout), plain.success(), plain.describe(HOST_CHECK_LIMIT)));
     }
     Ok(parse_check(Some(&json.stdout), None, json.success(), json.describe(HOST_CHECK_LIMIT)))
+}
+
+/// What every guest needs from the host: virtme-ng and QEMU, netlens and
+/// the test executables.
+fn prepare_guests() -> Result<GuestInputs> {
+    let vng = setup::ensure_matrix_tools()?;
+    let netlens = crate::build(true)?;
+    Ok(GuestInputs { vng, netlens, tests: guest_test_binaries()? })
 }
 
 /// The test executables for the guests, built on the host (cargo prints
@@ -231,9 +243,10 @@ fn guest_test_binaries() -> Result<Vec<TestBinary>> {
 fn guest_column(kernel: &GuestKernel, cache: &mut KernelCache, inputs: &GuestInputs, test_args: &[String]) -> Column {
     let started = Instant::now();
     let mut column = Column::new(kernel.name);
-    let results = cache
-        .fetch(kernel)
-        .and_then(|image| guest::run(kernel.name, &image, inputs, test_args, GUEST_LIMIT));
+    let results = cache.fetch(kernel).and_then(|image| {
+        column.release = Some(image.release.clone());
+        guest::run(kernel.name, &image, inputs, test_args, GUEST_LIMIT)
+    });
     match results {
         Ok(results) => read_guest_results(&mut column, &results),
         Err(err) => column.problems.push(format!("{err:#}")),
@@ -244,7 +257,9 @@ fn guest_column(kernel: &GuestKernel, cache: &mut KernelCache, inputs: &GuestInp
 }
 
 fn read_guest_results(column: &mut Column, results: &GuestResults) {
-    column.release = results.read("uname").map(|r| r.trim().to_string());
+    if let Some(release) = results.read("uname") {
+        column.release = Some(release.trim().to_string());
+    }
     if !results.finished() {
         column.problems.push(format!(
             "the guest did not finish ({}); output in {}",
