@@ -47,6 +47,15 @@ fn bad_port_fails_with_one_line() {
     assert_one_line_error(&["trace", "--port", "http"], false, "http");
 }
 
+/// `netlens top` with stdout a pipe (and stdin not a terminal): one line
+/// pointing at --batch, before any program is attached (no `attached`
+/// line, no escape codes on stdout).
+#[test]
+fn top_without_a_terminal_fails_with_one_line() {
+    assert_one_line_error(&["top"], false, "--batch");
+    assert_one_line_error(&["top", "--view", "connections"], false, "needs a terminal");
+}
+
 #[test]
 fn bad_duration_fails_with_one_line() {
     assert_one_line_error(&["trace", "--duration", "-1"], false, "duration");

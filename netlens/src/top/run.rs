@@ -81,6 +81,17 @@ impl Collector {
     }
 }
 
+/// The full-screen view reads keys from stdin and draws on stdout: both
+/// must be a terminal. Checked before anything is attached, so a pipe or a
+/// cron job gets one line instead of attached programs and escape codes.
+pub fn require_terminal(options: &TopOptions) -> Result<()> {
+    use std::io::IsTerminal;
+    if options.batch || options.json || (std::io::stdout().is_terminal() && std::io::stdin().is_terminal()) {
+        return Ok(());
+    }
+    anyhow::bail!("top needs a terminal on stdin and stdout; use `netlens top --batch` (or `--json`) to print snapshots")
+}
+
 pub async fn run(options: TopOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
