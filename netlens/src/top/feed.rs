@@ -23,6 +23,7 @@ pub struct Extras {
     pub flows: Vec<LiveFlow>,
     pub time_wait: Option<u64>,
     pub events_lost: u64,
+    pub bpf_errors: u64,
     pub now_ns: u64,
 }
 
@@ -146,6 +147,7 @@ impl Feed {
             zero_window_stalls_per_s: rate(host.zero_windows, before.zero_windows, seconds),
             time_wait: extras.time_wait,
             events_lost: extras.events_lost,
+            bpf_errors: extras.bpf_errors,
         };
 
         let mut previous = HashMap::with_capacity(self.aggregator.endpoints.len());
