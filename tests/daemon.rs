@@ -178,6 +178,19 @@ fn census_counts_time_wait_and_ports() -> Result<()> {
     Ok(())
 }
 
+/// `/healthz` is 200 while the event loop drains, also when no event
+/// arrives for longer than its staleness bound (5 s): the loop's own timer
+/// keeps draining, so an idle host is healthy.
+#[test]
+fn healthz_is_up_while_the_loop_drains() -> Result<()> {
+    let netns = Netns::new()?;
+    let _daemon = start_daemon(&netns, &[])?;
+    assert_eq!(get(&netns, LISTEN, "/healthz")?, "ok\n");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(get(&netns, LISTEN, "/healthz")?, "ok\n", "idle for 6 s, yet the loop drains");
+    Ok(())
+}
+
 /// SIGTERM: exit 0 within 1 s. Port in use, bad config file, bad flags:
 /// one line on stderr and a non-zero exit, before anything is loaded.
 #[test]

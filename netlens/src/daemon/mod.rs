@@ -9,8 +9,10 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 
-use std::time::{Duration, Instant};
-
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -48,7 +50,8 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
     }
     let mut source = EventSource::start()?;
     let (scrapes, mut scrape_requests) = mpsc::channel::<Scrape>(16);
-    let server = tokio::spawn(http::serve(listener, scrapes));
+    let last_drain = Arc::new(http::LastDrain::now());
+    let server = tokio::spawn(http::serve(listener, scrapes, last_drain.clone()));
     eprintln!("netlens: serving http://{}/metrics", config.listen);
 
     let mut aggregator = Aggregator::new(config.by, config.top_k);
@@ -65,6 +68,7 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
         // Whatever woke us, take what the kernel sent so far: a scrape
         // includes everything up to its arrival.
         source.drain(&filter, |event| aggregator.record(&event));
+        last_drain.0.store(monotonic_ns(), Ordering::Relaxed);
         if let Some(reply) = scrape {
             let _ = reply.send(exporter.render(&source, &aggregator));
         }
