@@ -90,6 +90,14 @@ fn counters_move_by_exactly_the_traffic() -> Result<()> {
     assert!(retransmits <= kernel && kernel - retransmits <= lost, "netlens {retransmits} vs kernel {kernel}");
     // The exact quantiles cover the same handshakes.
     assert_eq!(sum(&samples, "netlens_tcp_handshake_duration_recent_seconds_count", &[("direction", "active")]), total + requests);
+    // A normal run: no program failed part way, no map read failed. One
+    // series per attached program, so a failure would show.
+    let errors: Vec<&Sample> = samples.iter().filter(|s| s.name == "netlens_bpf_errors_total").collect();
+    eprintln!("bpf errors: {:?}", errors.iter().map(|s| (s.label("program").unwrap_or(""), s.value)).collect::<Vec<_>>());
+    assert!(errors.len() >= 8, "one series per attached program: {errors:?}");
+    assert!(errors.iter().any(|s| s.label("program") == Some("tcp_probe")), "{errors:?}");
+    assert_eq!(errors.iter().map(|s| s.value).sum::<f64>(), 0.0, "{errors:?}");
+    assert_eq!(sum(&samples, "netlens_map_read_failures_total", &[]), 0.0);
 
     let (traced, _) = daemon.stop_with(libc::SIGTERM)?;
     assert!(traced.events.is_empty(), "the daemon wrote to stdout");
@@ -167,6 +175,19 @@ fn census_counts_time_wait_and_ports() -> Result<()> {
     let ratio = sum(&samples, "netlens_tcp_ephemeral_ports_used_ratio", &[("destination", "127.0.0.1:8091")]);
     eprintln!("ports ratio toward 127.0.0.1:8091: {ratio} ({} of {size})", ratio * size);
     assert_eq!((ratio * size).round(), ss_time_wait);
+    Ok(())
+}
+
+/// `/healthz` is 200 while the event loop drains, also when no event
+/// arrives for longer than its staleness bound (5 s): the loop's own timer
+/// keeps draining, so an idle host is healthy.
+#[test]
+fn healthz_is_up_while_the_loop_drains() -> Result<()> {
+    let netns = Netns::new()?;
+    let _daemon = start_daemon(&netns, &[])?;
+    assert_eq!(get(&netns, LISTEN, "/healthz")?, "ok\n");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(get(&netns, LISTEN, "/healthz")?, "ok\n", "idle for 6 s, yet the loop drains");
     Ok(())
 }
 

@@ -26,7 +26,7 @@ const NETLENS_METRICS: &[&str] = &[
     "netlens_tcp_zero_window_duration_seconds",
     "netlens_tcp_srtt_seconds",
     "netlens_tcp_segment_srtt_seconds",
-    "netlens_tcp_rcvqueue_full_drops_total",
+    "netlens_tcp_drops_total",
     "netlens_tcp_sockets",
     "netlens_tcp_ephemeral_ports_used_ratio",
     "netlens_events_lost_total",
@@ -35,6 +35,8 @@ const NETLENS_METRICS: &[&str] = &[
     "netlens_bpf_program_run_seconds_total",
     "netlens_bpf_program_runs_total",
     "netlens_bpf_stats_enabled",
+    "netlens_bpf_errors_total",
+    "netlens_map_read_failures_total",
     // Also exported by the daemon (netlens/src/daemon/metrics.rs).
     "netlens_endpoints_tracked",
     "netlens_tcp_slow_start_exits_total",

@@ -61,10 +61,69 @@ pub mod counter {
     /// Entries removed because their connection ended. Inserts - removals -
     /// live entries = entries the LRU evicted.
     pub const FLOW_REMOVES: u32 = 2;
-    /// `sock:sock_rcvqueue_full`: segments dropped because a socket's
-    /// receive queue was full.
-    pub const RCVQUEUE_FULL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 3;
+}
+
+/// The eBPF programs, each with a slot in the per-CPU `PROGRAM_ERRORS` map:
+/// failures inside a program (a kernel read refused, a map full, a record
+/// shorter than expected) are counted there, not thrown away.
+pub mod program {
+    pub const INET_SOCK_SET_STATE: u32 = 0;
+    pub const TCP_RETRANSMIT_SKB: u32 = 1;
+    pub const TCP_RETRANSMIT_SYNACK: u32 = 2;
+    pub const TCP_SEND_RESET: u32 = 3;
+    pub const TCP_RECEIVE_RESET: u32 = 4;
+    pub const TCP_PROBE: u32 = 5;
+    pub const SK_DATA_READY: u32 = 6;
+    pub const TCP_DATA_READY_FENTRY: u32 = 7;
+    pub const TCP_DATA_READY_KPROBE: u32 = 8;
+    pub const TCP_CONG_STATE_SET: u32 = 9;
+    pub const KFREE_SKB: u32 = 10;
+    pub const CONSUME_SKB: u32 = 11;
+    pub const FENTRY_TCP_CONN_REQUEST: u32 = 12;
+    pub const FENTRY_TCP_V4_SYN_RECV_SOCK: u32 = 13;
+    pub const FENTRY_TCP_V6_SYN_RECV_SOCK: u32 = 14;
+    pub const KPROBE_TCP_CONN_REQUEST: u32 = 15;
+    pub const KPROBE_TCP_V4_SYN_RECV_SOCK: u32 = 16;
+    pub const KPROBE_TCP_V6_SYN_RECV_SOCK: u32 = 17;
+    pub const FEXIT_INET_CSK_ACCEPT: u32 = 18;
+    pub const KPROBE_INET_CSK_ACCEPT: u32 = 19;
+    pub const KRETPROBE_INET_CSK_ACCEPT: u32 = 20;
+    pub const SYS_ENTER_ACCEPT: u32 = 21;
+    pub const SYS_EXIT_ACCEPT: u32 = 22;
+    pub const COUNT: u32 = 23;
+
+    /// The programs' names in the eBPF object, by slot.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "inet_sock_set_state",
+        "tcp_retransmit_skb",
+        "tcp_retransmit_synack",
+        "tcp_send_reset",
+        "tcp_receive_reset",
+        "tcp_probe",
+        "sk_data_ready",
+        "tcp_data_ready_fentry",
+        "tcp_data_ready_kprobe",
+        "tcp_cong_state_set",
+        "kfree_skb",
+        "consume_skb",
+        "fentry_tcp_conn_request",
+        "fentry_tcp_v4_syn_recv_sock",
+        "fentry_tcp_v6_syn_recv_sock",
+        "kprobe_tcp_conn_request",
+        "kprobe_tcp_v4_syn_recv_sock",
+        "kprobe_tcp_v6_syn_recv_sock",
+        "fexit_inet_csk_accept",
+        "kprobe_inet_csk_accept",
+        "kretprobe_inet_csk_accept",
+        "sys_enter_accept",
+        "sys_exit_accept",
+    ];
+
+    /// The slot of the program named `name`.
+    pub fn id(name: &str) -> Option<u32> {
+        NAMES.iter().position(|n| *n == name).map(|i| i as u32)
+    }
 }
 
 /// Capacity of the in-kernel flow table (an LRU hash keyed by socket).

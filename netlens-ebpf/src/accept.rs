@@ -19,11 +19,11 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
-use netlens_common::{kind, LISTENER_TABLE_ENTRIES};
+use netlens_common::{kind, program, LISTENER_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
-    events::{emit, stamp},
+    events::{counted, emit, stamp},
     flows,
     kernel::{member, slot, Record, Tuple},
     overflow,
@@ -82,7 +82,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
         _ => 0,
     };
     if is_pointer(child) {
-        let _ = accepted(listener, child);
+        counted(program::FEXIT_INET_CSK_ACCEPT, accepted(listener, child));
     }
     0
 }
@@ -92,7 +92,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
 #[kprobe]
 pub fn kprobe_inet_csk_accept(ctx: ProbeContext) -> u32 {
     if let Some(listener) = ctx.arg::<u64>(0) {
-        let _ = ACCEPTING.insert(&bpf_get_current_pid_tgid(), &listener, 0);
+        counted(program::KPROBE_INET_CSK_ACCEPT, ACCEPTING.insert(&bpf_get_current_pid_tgid(), &listener, 0));
     }
     0
 }
@@ -105,7 +105,7 @@ pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
     let _ = ACCEPTING.remove(&thread);
     let child: u64 = ctx.ret();
     if is_pointer(child) {
-        let _ = accepted(listener, child);
+        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted(listener, child));
     }
     0
 }
@@ -132,7 +132,8 @@ fn socket_of_fd(fd: u64) -> Result<u64, i32> {
 
 #[tracepoint]
 pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
-    let _ = Record::read(&ctx, cfg_field!(accept_queue.accept_enter_len), slot::ACCEPT).and_then(on_enter_accept);
+    let result = Record::read(&ctx, cfg_field!(accept_queue.accept_enter_len), slot::ACCEPT).and_then(on_enter_accept);
+    counted(program::SYS_ENTER_ACCEPT, result);
     0
 }
 
@@ -155,9 +156,11 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
     // SAFETY: copied out before the entry is removed.
     let Some(listener) = (unsafe { ACCEPTING.get(&thread).copied() }) else { return 0 };
     let _ = ACCEPTING.remove(&thread);
-    let _ = Record::read(&ctx, cfg_field!(accept_queue.accept_exit_len), slot::ACCEPT)
+    // A negative return is accept() failing (EAGAIN on a non-blocking
+    // listener): nothing accepted, not a failure of ours.
+    let result = Record::read(&ctx, cfg_field!(accept_queue.accept_exit_len), slot::ACCEPT)
         .and_then(|record| record.get::<i64>(cfg_field!(accept_queue.accept_exit_ret)))
-        .and_then(|fd| if fd < 0 { Err(-1) } else { socket_of_fd(fd as u64) })
-        .and_then(|child| accepted(listener, child));
+        .and_then(|fd| if fd < 0 { Ok(()) } else { socket_of_fd(fd as u64).and_then(|child| accepted(listener, child)) });
+    counted(program::SYS_EXIT_ACCEPT, result);
     0
 }

@@ -1,24 +1,23 @@
 //! Congestion-state episodes from `tcp:tcp_cong_state_set` (Recovery, Loss
-//! after an RTO, CWR), and receive-queue-full drops from
-//! `sock:sock_rcvqueue_full`. Both fire per episode or per drop, not per
-//! packet, so they use the formatted records. Kernels without the
-//! congestion tracepoint (before 6.3) get the same episodes from the state
-//! read per segment in probe.rs (see `dynamics::ca_state_seen`).
+//! after an RTO, CWR). It fires per episode, not per packet, so it uses the
+//! formatted record. Kernels without the congestion tracepoint (before
+//! 6.3) get the same episodes from the state read per segment in probe.rs
+//! (see `dynamics::ca_state_seen`).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use netlens_common::counter;
+use netlens_common::program;
 
 use crate::{
     config::cfg_field,
     dynamics::ca_state_seen,
-    events::count,
+    events::counted,
     flows,
     kernel::{slot, Record},
 };
 
 #[tracepoint]
 pub fn tcp_cong_state_set(ctx: TracePointContext) -> u32 {
-    let _ = Record::read(&ctx, cfg_field!(cong_state.len), slot::CONG_STATE).and_then(on_cong_state);
+    counted(program::TCP_CONG_STATE_SET, Record::read(&ctx, cfg_field!(cong_state.len), slot::CONG_STATE).and_then(on_cong_state));
     0
 }
 
@@ -30,10 +29,4 @@ fn on_cong_state(record: &Record) -> Result<(), i32> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     ca_state_seen(flow, sk, state, unsafe { bpf_ktime_get_ns() });
     Ok(())
-}
-
-#[tracepoint]
-pub fn sock_rcvqueue_full(_ctx: TracePointContext) -> u32 {
-    count(counter::RCVQUEUE_FULL, 1);
-    0
 }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use netlens_common::{counter, Flow, RawEvent, Transport, RING_BYTES};
+use netlens_common::{counter, program, Flow, RawEvent, Transport, RING_BYTES};
 
 use crate::kernel::Tuple;
 
@@ -15,6 +15,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Failures inside each program, by `netlens_common::program` slot.
+#[map]
+static PROGRAM_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(program::COUNT, 0);
 
 /// Userspace is woken once this much is pending; below it, userspace drains
 /// on its own short timer. Waking on every event would cost a context switch
@@ -27,6 +31,24 @@ pub fn count(index: u32, delta: u64) {
     if let Some(value) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *value += delta };
+    }
+}
+
+/// Counts one failure inside `program` (a `netlens_common::program` slot):
+/// what an entry point would otherwise drop with `let _ =`.
+#[inline(always)]
+pub fn count_error(program: u32) {
+    if let Some(value) = PROGRAM_ERRORS.get_ptr_mut(program) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Counts `result`'s failure, if any, against `program`.
+#[inline(always)]
+pub fn counted<T, E>(program: u32, result: Result<T, E>) {
+    if result.is_err() {
+        count_error(program);
     }
 }
 

@@ -24,11 +24,11 @@ use aya_ebpf::{
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
-use netlens_common::{direction, kind, reason, tcp_state, Flow, TupleKey};
+use netlens_common::{direction, kind, program, reason, tcp_state, Flow, TupleKey};
 
 use crate::{
     config::cfg_field,
-    events::{emit, stamp},
+    events::{counted, emit, stamp},
     dynamics, flows, probe,
     kernel::{member, slot, sock_netns, sock_tuple, Tuple},
     overflow,
@@ -54,7 +54,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // Sockets we track are TCP; the others are checked where they first
     // appear. Each handler is its own BPF function (inline(never)), so each
     // gets the 512-byte stack to itself.
-    let _ = match (old, new) {
+    let result = match (old, new) {
         // Listeners: remembered by port for overflow.rs (not flows).
         (_, tcp_state::LISTEN) if is_tcp(sk) => overflow::listening(sk),
         (tcp_state::LISTEN, tcp_state::CLOSE) => overflow::unlistening(sk),
@@ -66,6 +66,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         (_, tcp_state::CLOSE) => closed(sk),
         _ => Ok(()),
     };
+    counted(program::INET_SOCK_SET_STATE, result);
     0
 }
 

@@ -35,10 +35,11 @@ use aya_ebpf::{
     programs::{FEntryContext, ProbeContext, RawTracePointContext},
     EbpfContext,
 };
-use netlens_common::{mode, ListenOverflow, ListenerKey, DROP_REASONS, LISTENER_TABLE_ENTRIES};
+use netlens_common::{mode, program, ListenOverflow, ListenerKey, DROP_REASONS, LISTENER_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
+    events::{count_error, counted},
     kernel::{member, slot, sock_netns, sock_tuple_in},
     synstart,
 };
@@ -64,6 +65,8 @@ static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP
 static MODES: Array<u32> = Array::with_max_entries(1, 0);
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
 const TCP_LISTEN: u8 = 10;
 const TCP_FLAG_SYN: u8 = 0x02;
 
@@ -153,9 +156,17 @@ fn overflowed(listener: u64, backlog: u32, slot: u32) -> Result<(), i32> {
 /// Applies the kernel's test at the entry of a function that starts with
 /// it (`tcp_conn_request`, `tcp_v4/v6_syn_recv_sock`).
 #[inline(always)]
-fn check_listener(listener: u64) {
+fn check_listener(listener: u64, program: u32) {
     if let Some(backlog) = accept_queue_full(listener) {
-        let _ = overflowed(listener, backlog, slot::SYN);
+        counted(program, overflowed(listener, backlog, slot::SYN));
+    }
+}
+
+/// [`synstart::syn_arrived`], its failure counted against `program`.
+#[inline(always)]
+fn syn_arrived(listener: u64, skb: u64, program: u32) {
+    if synstart::syn_arrived(listener, skb).is_err() {
+        count_error(program);
     }
 }
 
@@ -171,21 +182,21 @@ fn is_ipv4(skb: u64) -> bool {
 #[fentry(function = "tcp_conn_request")]
 pub fn fentry_tcp_conn_request(ctx: FEntryContext) -> i32 {
     let (listener, skb) = (ctx.arg(2), ctx.arg(3));
-    let _ = synstart::syn_arrived(listener, skb);
-    check_listener(listener);
+    syn_arrived(listener, skb, program::FENTRY_TCP_CONN_REQUEST);
+    check_listener(listener, program::FENTRY_TCP_CONN_REQUEST);
     0
 }
 
 #[fentry(function = "tcp_v4_syn_recv_sock")]
 pub fn fentry_tcp_v4_syn_recv_sock(ctx: FEntryContext) -> i32 {
-    check_listener(ctx.arg(0));
+    check_listener(ctx.arg(0), program::FENTRY_TCP_V4_SYN_RECV_SOCK);
     0
 }
 
 #[fentry(function = "tcp_v6_syn_recv_sock")]
 pub fn fentry_tcp_v6_syn_recv_sock(ctx: FEntryContext) -> i32 {
     if !is_ipv4(ctx.arg(1)) {
-        check_listener(ctx.arg(0));
+        check_listener(ctx.arg(0), program::FENTRY_TCP_V6_SYN_RECV_SOCK);
     }
     0
 }
@@ -195,8 +206,8 @@ pub fn fentry_tcp_v6_syn_recv_sock(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn kprobe_tcp_conn_request(ctx: ProbeContext) -> u32 {
     if let (Some(listener), Some(skb)) = (ctx.arg::<u64>(2), ctx.arg::<u64>(3)) {
-        let _ = synstart::syn_arrived(listener, skb);
-        check_listener(listener);
+        syn_arrived(listener, skb, program::KPROBE_TCP_CONN_REQUEST);
+        check_listener(listener, program::KPROBE_TCP_CONN_REQUEST);
     }
     0
 }
@@ -204,7 +215,7 @@ pub fn kprobe_tcp_conn_request(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn kprobe_tcp_v4_syn_recv_sock(ctx: ProbeContext) -> u32 {
     if let Some(listener) = ctx.arg(0) {
-        check_listener(listener);
+        check_listener(listener, program::KPROBE_TCP_V4_SYN_RECV_SOCK);
     }
     0
 }
@@ -213,7 +224,7 @@ pub fn kprobe_tcp_v4_syn_recv_sock(ctx: ProbeContext) -> u32 {
 pub fn kprobe_tcp_v6_syn_recv_sock(ctx: ProbeContext) -> u32 {
     if let (Some(listener), Some(skb)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
         if !is_ipv4(skb) {
-            check_listener(listener);
+            check_listener(listener, program::KPROBE_TCP_V6_SYN_RECV_SOCK);
         }
     }
     0
@@ -233,6 +244,29 @@ fn raw_arg(ctx: &RawTracePointContext, position: u8) -> Option<u64> {
     member::<u64>(ctx.as_ptr() as u64, position as u32 * 8).ok()
 }
 
+/// Whether `skb` carries TCP over IPv4, or over IPv6 without extension
+/// headers (the protocol byte of its IP header).
+#[inline(always)]
+fn is_tcp_skb(skb: u64) -> bool {
+    let config = cfg_field!(accept_queue);
+    let (Ok(head), Ok(network), Ok(protocol)) = (
+        member::<u64>(skb, config.skb_head),
+        member::<u16>(skb, config.skb_network_header),
+        member::<u16>(skb, config.skb_protocol),
+    ) else {
+        return false;
+    };
+    let ip = head + network as u64;
+    let next = if protocol == ETH_P_IP.to_be() {
+        member::<u8>(ip, 9)
+    } else if protocol == ETH_P_IPV6.to_be() {
+        member::<u8>(ip, 6)
+    } else {
+        return false;
+    };
+    next == Ok(IPPROTO_TCP)
+}
+
 /// Every freed packet passes here: count its reason, and leave unless it
 /// is a listen overflow.
 #[raw_tracepoint(tracepoint = "kfree_skb")]
@@ -240,20 +274,22 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
     let config = cfg_field!(accept_queue);
     let Some(reason) = raw_arg(&ctx, config.kfree_skb_reason_arg) else { return 0 };
     let reason = reason as u32;
-    if reason < DROP_REASONS {
+    // Counted as TCP drops (netlens_tcp_drops_total): other protocols'
+    // drops pass this tracepoint too.
+    if reason < DROP_REASONS && is_tcp_skb(ctx.arg(0)) {
         if let Some(count) = DROP_REASON_COUNTS.get_ptr_mut(reason) {
             // SAFETY: this CPU's slot; nothing else writes it while we run.
             unsafe { *count += 1 };
         }
     }
     if reason == config.listen_overflow_reason {
-        let _ = final_ack_overflow(&ctx, false);
+        counted(program::KFREE_SKB, final_ack_overflow(&ctx, false));
     } else if reason == config.no_socket_reason {
         let Some(location) = raw_arg(&ctx, config.kfree_skb_location_arg) else { return 0 };
         let in_cookie_check = (location >= config.cookie_v4_start && location < config.cookie_v4_end)
             || (location >= config.cookie_v6_start && location < config.cookie_v6_end);
         if in_cookie_check {
-            let _ = final_ack_overflow(&ctx, true);
+            counted(program::KFREE_SKB, final_ack_overflow(&ctx, true));
         }
     }
     0
@@ -272,11 +308,13 @@ fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<()
         return Ok(());
     }
     let listener = raw_arg(ctx, cfg_field!(accept_queue.kfree_skb_rx_sk_arg)).ok_or(-1)?;
+    // No receiving socket, or (cookie check) a queue that is not full: a
+    // drop for another reason, not one to count.
     if listener == 0 {
-        return Err(-1);
+        return Ok(());
     }
     if test_queue {
-        let backlog = accept_queue_full(listener).ok_or(0)?;
+        let Some(backlog) = accept_queue_full(listener) else { return Ok(()) };
         return overflowed(listener, backlog, slot::DROP);
     }
     let backlog: u32 = member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?;
@@ -292,7 +330,7 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     if location < config.syn_consumer_start || location >= config.syn_consumer_end {
         return 0;
     }
-    let _ = syn_consumed(ctx.arg(0));
+    counted(program::CONSUME_SKB, syn_consumed(ctx.arg(0)));
     0
 }
 

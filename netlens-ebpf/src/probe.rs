@@ -30,12 +30,12 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{FEntryContext, ProbeContext, RawTracePointContext},
 };
-use netlens_common::{kind, log2_bucket, Flow, PacketHistograms, NEVER};
+use netlens_common::{kind, log2_bucket, program, Flow, PacketHistograms, NEVER};
 
 use crate::{
     config::cfg_field,
     dynamics::{ca_state_of, ca_state_seen, exit_slow_start, zero_windows},
-    events::{emit, stamp},
+    events::{counted, emit, stamp},
     flows,
     kernel::{member, window_slot, Tuple, Windows},
 };
@@ -71,7 +71,7 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     // Connections we do not track (opened before we attached) cost one
     // lookup and nothing else.
     if let Some(flow) = flows::lookup_mut(sk) {
-        let _ = on_segment(flow, sk, skb);
+        counted(program::TCP_PROBE, on_segment(flow, sk, skb));
     }
     0
 }
@@ -183,7 +183,7 @@ pub fn end_stall_drained_at_close(flow: &mut Flow, sk: u64) {
 /// the application: a stall whose held data is now readable is over.
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn sk_data_ready(ctx: RawTracePointContext) -> i32 {
-    data_ready(ctx.arg(0));
+    data_ready(ctx.arg(0), program::SK_DATA_READY);
     0
 }
 
@@ -192,7 +192,7 @@ pub fn sk_data_ready(ctx: RawTracePointContext) -> i32 {
 /// fires from (through `sk->sk_data_ready`).
 #[fentry(function = "tcp_data_ready")]
 pub fn tcp_data_ready_fentry(ctx: FEntryContext) -> i32 {
-    data_ready(ctx.arg(0));
+    data_ready(ctx.arg(0), program::TCP_DATA_READY_FENTRY);
     0
 }
 
@@ -200,16 +200,16 @@ pub fn tcp_data_ready_fentry(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn tcp_data_ready_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        data_ready(sk);
+        data_ready(sk, program::TCP_DATA_READY_KPROBE);
     }
     0
 }
 
 #[inline(always)]
-fn data_ready(sk: u64) {
+fn data_ready(sk: u64, program: u32) {
     if let Some(flow) = flows::lookup_mut(sk) {
         if flow.hol_start_ns != 0 {
-            let _ = end_stall_if_drained(flow, sk);
+            counted(program, end_stall_if_drained(flow, sk));
         }
     }
 }

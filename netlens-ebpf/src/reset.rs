@@ -1,18 +1,19 @@
 //! Resets: `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use netlens_common::{kind, AF_INET, FIELD_ABSENT};
+use netlens_common::{kind, program, AF_INET, FIELD_ABSENT};
 
 use crate::{
     config::cfg_field,
-    events::{emit, stamp},
+    events::{counted, emit, stamp},
     flows,
     kernel::{skb_netns, slot, tuple, Record, Tuple},
 };
 
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let _ = Record::read(&ctx, cfg_field!(send_reset.len), slot::SEND_RESET).and_then(|record| on_send_reset(&record));
+    let result = Record::read(&ctx, cfg_field!(send_reset.len), slot::SEND_RESET).and_then(|record| on_send_reset(&record));
+    counted(program::TCP_SEND_RESET, result);
     0
 }
 
@@ -74,7 +75,8 @@ fn sockaddr_tuple(record: &Record, local: u16, remote: u16) -> Result<Tuple, i32
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let _ = Record::read(&ctx, cfg_field!(receive_reset.len), slot::RECEIVE_RESET).and_then(|record| on_receive_reset(&record));
+    let result = Record::read(&ctx, cfg_field!(receive_reset.len), slot::RECEIVE_RESET).and_then(|record| on_receive_reset(&record));
+    counted(program::TCP_RECEIVE_RESET, result);
     0
 }
 

@@ -8,12 +8,12 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
-use netlens_common::{direction, kind, tcp_state, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
+use netlens_common::{direction, kind, program, tcp_state, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
     dynamics::{ca_state_of, ca_state_seen},
-    events::{emit, stamp},
+    events::{counted, emit, stamp},
     flows,
     kernel::{member, slot, sock_netns, tuple, Record},
 };
@@ -36,7 +36,8 @@ pub fn take_synack_start(key: &TupleKey) -> Option<u64> {
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let _ = Record::read(&ctx, cfg_field!(retransmit.len), slot::RETRANSMIT).and_then(|record| on_retransmit(&record));
+    let result = Record::read(&ctx, cfg_field!(retransmit.len), slot::RETRANSMIT).and_then(|record| on_retransmit(&record));
+    counted(program::TCP_RETRANSMIT_SKB, result);
     0
 }
 
@@ -86,7 +87,8 @@ fn on_retransmit(record: &Record) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
-    let _ = Record::read(&ctx, cfg_field!(synack.len), slot::SYNACK).and_then(|record| on_synack_retransmit(&record));
+    let result = Record::read(&ctx, cfg_field!(synack.len), slot::SYNACK).and_then(|record| on_synack_retransmit(&record));
+    counted(program::TCP_RETRANSMIT_SYNACK, result);
     0
 }
 

@@ -19,6 +19,7 @@ use crate::{
 static SYN_STARTS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(SYNACK_TABLE_ENTRIES, 0);
 
 const ETH_P_IP: u16 = 0x0800;
+const EEXIST: i32 = 17;
 
 /// Removes and returns the SYN arrival recorded for `key`.
 #[inline(always)]
@@ -65,6 +66,10 @@ pub fn syn_arrived(listener: u64, skb: u64) -> Result<(), i32> {
         key.daddr = member(ip, 8)?;
         key.saddr = member(ip, 24)?;
     }
-    SYN_STARTS.insert(&key, &now, BPF_NOEXIST as u64).map_err(|e| e as i32)
+    // EEXIST: a retransmitted SYN; the first one's arrival is kept.
+    match SYN_STARTS.insert(&key, &now, BPF_NOEXIST as u64) {
+        Err(err) if err != -EEXIST => Err(err),
+        _ => Ok(()),
+    }
 }
 

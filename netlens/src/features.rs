@@ -84,12 +84,6 @@ pub const FEATURES: &[Feature] = &[
             ),
         ],
     },
-    Feature {
-        name: "rcvqueue_full",
-        shows: "segments dropped on a full receive queue",
-        required: false,
-        ways: &[full(&["sock_rcvqueue_full"])],
-    },
     // The accept-queue features: their hook families (fentry/fexit, then
     // kprobes, then tracepoints) and what each needs are in `optional.rs`.
     Feature { name: "drop_reasons", shows: "TCP drops by the kernel's reason", required: false, ways: &[] },

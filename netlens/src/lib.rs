@@ -10,6 +10,7 @@ pub mod event;
 pub mod features;
 pub mod filter;
 pub mod jsonl;
+pub mod lastgood;
 pub mod kernel;
 pub mod loader;
 pub mod optional;

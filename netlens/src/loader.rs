@@ -14,7 +14,7 @@ use aya::{
     programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use netlens_common::{counter, Config, Flow, ListenOverflow, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
+use netlens_common::{counter, program, Config, Flow, ListenOverflow, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
 
 use crate::{
     features::{self, FeatureStatus},
@@ -104,7 +104,6 @@ pub const HOOKS: &[Hook] = &[
     Hook::function("tcp_data_ready_fentry", "tcp_data_ready", Attach::FEntry),
     Hook::function("tcp_data_ready_kprobe", "tcp_data_ready", Attach::KProbe),
     Hook::tracepoint("tcp_cong_state_set", "tcp", Attach::Record),
-    Hook::tracepoint("sock_rcvqueue_full", "sock", Attach::Record),
 ];
 
 /// Set to a comma-separated list of program names to leave those hooks
@@ -284,6 +283,8 @@ pub struct Probes {
     pub attach_time: std::time::Duration,
     /// The accept-queue features and the hook families serving them.
     optional: Vec<optional::FeatureStatus>,
+    /// `enum skb_drop_reason` from BTF: the metric's name of each value.
+    drop_reason_names: Vec<(u32, String)>,
 }
 
 /// Attaches, for every feature, the first way this kernel allows (see
@@ -382,8 +383,6 @@ pub struct KernelCounters {
     /// Hook firings the kernel skipped because the program was already
     /// running on that CPU (see [`progstats::ProgramStats`]).
     pub events_missed: u64,
-    /// Segments the kernel dropped because a receive queue was full.
-    pub rcvqueue_full: u64,
 }
 
 impl Probes {
@@ -411,7 +410,8 @@ impl Probes {
         let optional = attach_optional(&mut ebpf, &facts.offsets.config);
         features.extend(optional.iter().filter_map(optional::FeatureStatus::as_feature));
         let attached = tried.into_iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| hook).collect();
-        Ok(Self { ebpf, attached, features, attach_time: started.elapsed(), optional })
+        let drop_reason_names = drop_reason_names(&facts.btf.enum_members("skb_drop_reason").unwrap_or_default());
+        Ok(Self { ebpf, attached, features, attach_time: started.elapsed(), optional, drop_reason_names })
     }
 
     /// The accept-queue hooks attached.
@@ -457,7 +457,6 @@ impl Probes {
         Ok(KernelCounters {
             events_lost: self.counter(counter::EVENTS_LOST)?,
             events_missed,
-            rcvqueue_full: self.counter(counter::RCVQUEUE_FULL)?,
         })
     }
 
@@ -507,9 +506,26 @@ impl Probes {
         Ok(listeners)
     }
 
-    /// Packets the kernel freed, by drop reason value (`enum
-    /// skb_drop_reason`), summed over CPUs; empty without the hook.
-    pub fn drop_reasons(&self) -> Result<Vec<(u32, u64)>> {
+    /// Failures inside each attached program (`netlens_common::program`),
+    /// summed over CPUs, by program name.
+    pub fn program_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        let map = self.ebpf.map("PROGRAM_ERRORS").ok_or_else(|| anyhow!("PROGRAM_ERRORS map missing"))?;
+        let per_cpu: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let mut names: Vec<&'static str> =
+            self.attached.iter().copied().chain(self.optional_hooks()).map(|hook| hook.program).collect();
+        names.dedup();
+        let mut errors = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(id) = program::id(name) else { continue };
+            errors.push((name, per_cpu.get(&id, 0)?.iter().copied().fold(0u64, u64::wrapping_add)));
+        }
+        Ok(errors)
+    }
+
+    /// TCP packets the kernel dropped, by reason (`enum skb_drop_reason`,
+    /// named as [`drop_reason_names`] does), summed over CPUs; empty
+    /// without the hook.
+    pub fn drop_reasons(&self) -> Result<Vec<(String, u64)>> {
         if !self.optional.iter().any(|s| s.feature == "drop_reasons" && s.served_by.is_some()) {
             return Ok(Vec::new());
         }
@@ -519,7 +535,8 @@ impl Probes {
         for reason in 0..DROP_REASONS {
             let total = per_cpu.get(&reason, 0)?.iter().copied().fold(0u64, u64::wrapping_add);
             if total > 0 {
-                counts.push((reason, total));
+                let name = self.drop_reason_names.iter().find(|(value, _)| *value == reason).map(|(_, name)| name.clone());
+                counts.push((name.unwrap_or_else(|| format!("reason_{reason}")), total));
             }
         }
         Ok(counts)
@@ -534,5 +551,27 @@ impl Probes {
         let inserted = self.counter(counter::FLOW_INSERTS)?;
         let removed = self.counter(counter::FLOW_REMOVES)?;
         Ok(FlowTable { live, evictions: inserted.saturating_sub(removed).saturating_sub(live) })
+    }
+}
+
+/// The metric's name of each drop reason: BTF's enumerator in lower case,
+/// without the `SKB_DROP_REASON_` prefix (`SKB_DROP_REASON_TCP_OFOMERGE` →
+/// `tcp_ofomerge`). `SKB_DROP_REASON_MAX` is no reason.
+pub fn drop_reason_names(members: &[(String, u32)]) -> Vec<(u32, String)> {
+    members
+        .iter()
+        .filter_map(|(name, value)| {
+            let short = name.strip_prefix("SKB_DROP_REASON_")?;
+            (short != "MAX").then(|| (*value, short.to_ascii_lowercase()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn drop_reasons_are_named_as_btf_names_them_in_lower_case() {
+        let members = [("SKB_DROP_REASON_NOT_SPECIFIED".to_string(), 2), ("SKB_DROP_REASON_TCP_OFOMERGE".to_string(), 9), ("SKB_DROP_REASON_MAX".to_string(), 90)];
+        assert_eq!(super::drop_reason_names(&members), [(2, "not_specified".to_string()), (9, "tcp_ofomerge".to_string())]);
     }
 }

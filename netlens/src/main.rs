@@ -49,7 +49,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration: args.duration,
             filter: args.filter.to_filter(),
         })),
-        Command::Top(args) => attached(netlens::top::run::run(args.resolve()?)),
+        Command::Top(args) => {
+            let options = args.resolve()?;
+            netlens::top::run::require_terminal(&options)?;
+            attached(netlens::top::run::run(options))
+        }
         Command::Daemon(args) => {
             let config = args.resolve()?;
             attached(netlens::daemon::run(config, args.filter.to_filter()))

@@ -145,6 +145,14 @@ impl EventSource {
     pub fn program_stats(&self) -> Vec<(&'static str, ProgramStats)> {
         self.probes.program_stats()
     }
+
+    pub fn program_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        self.probes.program_errors()
+    }
+
+    pub fn drop_reasons(&self) -> Result<Vec<(String, u64)>> {
+        self.probes.drop_reasons()
+    }
 }
 
 /// CLOCK_MONOTONIC, the clock of event timestamps.

@@ -87,14 +87,16 @@ pub async fn run(options: TraceOptions) -> Result<()> {
     Ok(())
 }
 
-/// At exit: what the kernel dropped for full receive queues, flow-table
-/// evictions, and, when
+/// At exit: failures inside the programs, flow-table evictions, and, when
 /// `kernel.bpf_stats_enabled` is on, what each program cost per run.
 fn report_costs(source: &EventSource) {
-    if let Ok(counters) = source.counters() {
-        if counters.rcvqueue_full > 0 {
-            eprintln!("netlens: {} segments dropped on full receive queues (sock_rcvqueue_full)", counters.rcvqueue_full);
+    match source.program_errors() {
+        Ok(errors) => {
+            for (program, count) in errors.into_iter().filter(|(_, count)| *count > 0) {
+                eprintln!("netlens: program {program}: {count} runs failed part way (what they saw is missing)");
+            }
         }
+        Err(err) => eprintln!("netlens: reading the programs' error counts failed: {err}"),
     }
     if let Ok(table) = source.flow_table() {
         if table.evictions > 0 {

@@ -61,8 +61,12 @@ pub struct ConnStats {
     pub zero_window_ns: u64,
     pub srtt: Buckets,
     pub slow_start_exits: u64,
-    /// Segments sent by closed connections (retransmits per 1,000).
+    /// Segments sent, and retransmitted, by closed connections: the same
+    /// connections on both sides of retransmits per 1,000 (the live
+    /// retransmit events also count connections still open, or opened
+    /// before netlens, whose segments are not known yet).
     pub segs_out: u64,
+    pub retransmits_closed: u64,
     /// Closed while still in slow start.
     pub closed_in_slow_start: u64,
     /// Time accepted connections waited in the accept queue.
@@ -95,6 +99,7 @@ impl Default for ConnStats {
             srtt: Buckets::new(SRTT_SECONDS),
             slow_start_exits: 0,
             segs_out: 0,
+            retransmits_closed: 0,
             closed_in_slow_start: 0,
             accept_wait: Buckets::new(ACCEPT_WAIT_SECONDS),
             listen_overflows: 0,
@@ -143,7 +148,7 @@ impl ConnStats {
                 record_us(&mut self.accept_wait_us, *wait_ns);
             }
             Detail::ListenOverflow { dropped, .. } => self.listen_overflows += dropped,
-            Detail::Close { direction: opened, lifetime_ns, transport, .. } => {
+            Detail::Close { direction: opened, lifetime_ns, transport, retransmits, .. } => {
                 let slot = direction_slot(*opened);
                 self.closed[slot] += 1;
                 if let Some(lifetime_ns) = lifetime_ns {
@@ -152,6 +157,7 @@ impl ConnStats {
                     self.short_lived += u64::from(*lifetime_ns < SHORT_LIVED_NS);
                 }
                 self.segs_out += u64::from(transport.segs_out);
+                self.retransmits_closed += u64::from(*retransmits);
                 if transport.srtt_us > 0 {
                     self.srtt.observe(f64::from(transport.srtt_us) / 1e6);
                 }
@@ -194,12 +200,19 @@ impl ConnStats {
         self.srtt.subtract(&part.srtt);
         self.slow_start_exits = self.slow_start_exits.saturating_sub(part.slow_start_exits);
         self.segs_out = self.segs_out.saturating_sub(part.segs_out);
+        self.retransmits_closed = self.retransmits_closed.saturating_sub(part.retransmits_closed);
         self.closed_in_slow_start = self.closed_in_slow_start.saturating_sub(part.closed_in_slow_start);
         self.accept_wait.subtract(&part.accept_wait);
         self.listen_overflows = self.listen_overflows.saturating_sub(part.listen_overflows);
         self.handshake_us = None;
         self.hol_stall_us = None;
         self.accept_wait_us = None;
+    }
+
+    /// Retransmitted segments per 1,000 sent, over closed connections
+    /// (`None` before the first close that sent anything).
+    pub fn retransmits_per_1k_segs(&self) -> Option<f64> {
+        (self.segs_out > 0).then(|| self.retransmits_closed as f64 * 1_000.0 / self.segs_out as f64)
     }
 
     pub fn opened_total(&self) -> u64 {

@@ -35,6 +35,12 @@ pub struct Inputs<'a> {
     pub now_ns: u64,
     /// How each feature is served on this kernel.
     pub features: &'a [FeatureStatus],
+    /// Failures inside each eBPF program, by program.
+    pub program_errors: &'a [(&'static str, u64)],
+    /// TCP packets the kernel dropped, by reason.
+    pub drops: &'a [(String, u64)],
+    /// Kernel map reads that failed (their last good value was exported).
+    pub map_read_failures: u64,
 }
 
 fn label(name: &str, value: &str) -> LabelPair {
@@ -315,10 +321,10 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
         vec![counter(Vec::new(), host.closed_in_slow_start as f64)],
     ));
     families.push(family(
-        "netlens_tcp_rcvqueue_full_drops_total",
-        "Segments dropped because a socket's receive queue was full (sock:sock_rcvqueue_full).",
+        "netlens_tcp_drops_total",
+        "TCP packets the kernel dropped (skb:kfree_skb), host-wide, by enum skb_drop_reason (lower case, no SKB_DROP_REASON_ prefix).",
         MetricType::COUNTER,
-        vec![counter(Vec::new(), inputs.counters.rcvqueue_full as f64)],
+        inputs.drops.iter().map(|(reason, count)| counter(vec![label("reason", reason)], *count as f64)).collect(),
     ));
 
     if let Some(census) = inputs.census {
@@ -350,6 +356,18 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
             counter(vec![label("cause", "ring_buffer_full")], inputs.counters.events_lost as f64),
             counter(vec![label("cause", "kernel_skipped")], inputs.counters.events_missed as f64),
         ],
+    ));
+    families.push(family(
+        "netlens_bpf_errors_total",
+        "Runs of each netlens eBPF program that failed part way (a kernel read refused, a map full): what they saw is missing.",
+        MetricType::COUNTER,
+        inputs.program_errors.iter().map(|(name, count)| counter(vec![label("program", name)], *count as f64)).collect(),
+    ));
+    families.push(family(
+        "netlens_map_read_failures_total",
+        "Reads of netlens's kernel maps that failed; the previous value was exported instead.",
+        MetricType::COUNTER,
+        vec![counter(Vec::new(), inputs.map_read_failures as f64)],
     ));
     families.push(family(
         "netlens_flow_table_evictions_total",
@@ -423,6 +441,9 @@ mod tests {
             top_k: 50,
             now_ns: 0,
             features: &[],
+            program_errors: &[("tcp_probe", 2)],
+            drops: &[("tcp_rcvqdrop".to_string(), 3)],
+            map_read_failures: 1,
         };
         prometheus::TextEncoder::new().encode_to_string(&families(&inputs)).unwrap()
     }
@@ -459,6 +480,9 @@ mod tests {
         assert!(text.contains("netlens_tcp_connections_opened_total{direction=\"passive\",endpoint=\"other\"} 0"));
         assert!(text.contains("# TYPE netlens_tcp_retransmits_total counter"));
         assert!(text.contains("netlens_tcp_segment_srtt_seconds_bucket{le=\"0.000002\"} 0"));
+        assert!(text.contains("netlens_bpf_errors_total{program=\"tcp_probe\"} 2"), "{text}");
+        assert!(text.contains("netlens_tcp_drops_total{reason=\"tcp_rcvqdrop\"} 3"), "{text}");
+        assert!(text.contains("netlens_map_read_failures_total 1"), "{text}");
         aggregator.record(&sample(Detail::ListenOverflow { dropped: 3, backlog: 2 }));
         aggregator.record(&sample(Detail::Accepted { wait_ns: 2_000_000, queue_len: 0, backlog: 2 }));
         let text = render(&aggregator);

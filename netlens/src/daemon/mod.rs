@@ -9,8 +9,10 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 
-use std::time::{Duration, Instant};
-
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -22,6 +24,8 @@ use crate::{
     aggregate::Aggregator,
     census::CensusCache,
     filter::Filter,
+    lastgood::LastGood,
+    loader::KernelCounters,
     source::{monotonic_ns, EventSource},
 };
 use config::DaemonConfig;
@@ -46,7 +50,8 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
     }
     let mut source = EventSource::start()?;
     let (scrapes, mut scrape_requests) = mpsc::channel::<Scrape>(16);
-    let server = tokio::spawn(http::serve(listener, scrapes));
+    let last_drain = Arc::new(http::LastDrain::now());
+    let server = tokio::spawn(http::serve(listener, scrapes, last_drain.clone()));
     eprintln!("netlens: serving http://{}/metrics", config.listen);
 
     let mut aggregator = Aggregator::new(config.by, config.top_k);
@@ -63,6 +68,7 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
         // Whatever woke us, take what the kernel sent so far: a scrape
         // includes everything up to its arrival.
         source.drain(&filter, |event| aggregator.record(&event));
+        last_drain.0.store(monotonic_ns(), Ordering::Relaxed);
         if let Some(reply) = scrape {
             let _ = reply.send(exporter.render(&source, &aggregator));
         }
@@ -79,8 +85,14 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
 /// the process's own metrics.
 struct Exporter {
     census: CensusCache,
-    evictions: u64,
+    evictions: LastGood<u64>,
     evictions_read: Option<Instant>,
+    /// Kernel map reads: a failed read exports the last good value (a 0
+    /// would be a counter reset to Prometheus) and is counted.
+    counters: LastGood<KernelCounters>,
+    packets: LastGood<Option<netlens_common::PacketHistograms>>,
+    program_errors: LastGood<Vec<(&'static str, u64)>>,
+    drops: LastGood<Vec<(String, u64)>>,
     process: prometheus::process_collector::ProcessCollector,
     top_k: usize,
 }
@@ -89,8 +101,12 @@ impl Exporter {
     fn new(config: &DaemonConfig) -> Self {
         Self {
             census: CensusCache::new(config.census_interval),
-            evictions: 0,
+            evictions: LastGood::default(),
             evictions_read: None,
+            counters: LastGood::default(),
+            packets: LastGood::default(),
+            program_errors: LastGood::default(),
+            drops: LastGood::default(),
             process: prometheus::process_collector::ProcessCollector::for_self(),
             top_k: config.top_k,
         }
@@ -99,7 +115,7 @@ impl Exporter {
     /// The text exposition of everything, now.
     fn render(&mut self, source: &EventSource, aggregator: &Aggregator) -> String {
         if self.evictions_read.is_none_or(|read| read.elapsed() >= FLOW_TABLE_INTERVAL) {
-            self.evictions = source.flow_table().map_or(self.evictions, |table| table.evictions);
+            self.evictions.update(source.flow_table().map(|table| table.evictions));
             self.evictions_read = Some(Instant::now());
         }
         self.census.refresh();
@@ -107,17 +123,29 @@ impl Exporter {
             eprintln!("netlens: {failure}; socket gauges are left out");
         }
         let programs = source.program_stats();
+        self.counters.update(source.counters_given(&programs));
+        self.packets.update(source.packet_histograms().map(Some));
+        self.program_errors.update(source.program_errors());
+        self.drops.update(source.drop_reasons());
+        let map_read_failures = self.counters.failures()
+            + self.packets.failures()
+            + self.program_errors.failures()
+            + self.drops.failures()
+            + self.evictions.failures();
         let inputs = metrics::Inputs {
             aggregator,
             census: self.census.latest(),
-            counters: source.counters_given(&programs).unwrap_or_default(),
-            flow_table_evictions: self.evictions,
+            counters: *self.counters.value(),
+            flow_table_evictions: *self.evictions.value(),
             programs: &programs,
             bpf_stats_enabled: bpf_stats_enabled(),
-            packets: source.packet_histograms().ok(),
+            packets: *self.packets.value(),
             top_k: self.top_k,
             now_ns: monotonic_ns(),
             features: source.features(),
+            program_errors: self.program_errors.value(),
+            drops: self.drops.value(),
+            map_read_failures,
         };
         let mut families = metrics::families(&inputs);
         // process_cpu_seconds_total, process_resident_memory_bytes, …: what

@@ -336,6 +336,17 @@ impl KernelBtf {
         }
         bail!("kernel BTF: enum {name} has no {member}")
     }
+
+    /// Every enumerator of `enum name`: (name, value).
+    pub fn enum_members(&self, name: &str) -> Result<Vec<(String, u32)>> {
+        let header = self.find(name, KIND_ENUM).ok_or_else(|| anyhow!("kernel BTF has no enum {name}"))?;
+        (0..header.vlen)
+            .map(|index| {
+                let at = header.body + 8 * index;
+                Ok((String::from_utf8_lossy(self.name(self.u32_at(at)?)).into_owned(), self.u32_at(at + 4)?))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -383,6 +394,7 @@ mod tests {
         assert_eq!(btf.offset("outer", "c.y").unwrap(), 12);
         assert_eq!(btf.offset("inner", "y").unwrap(), 4);
         assert_eq!(btf.enum_value("flags", "F1").unwrap(), 1);
+        assert_eq!(btf.enum_members("flags").unwrap(), [("F0".to_string(), 0), ("F1".to_string(), 1)]);
     }
 
     #[test]

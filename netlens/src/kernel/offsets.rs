@@ -244,7 +244,8 @@ impl AcceptQueueSupport {
                 c.accept_exit_len != 0 && has(&[c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds, c.file_private_data, c.socket_sk]),
                 "no syscalls:sys_*_accept{,4} tracepoints with matching layouts, or no fd table members in BTF",
             )),
-            drop_reasons: need(c.kfree_skb_reason_arg != NO_ARG, "kfree_skb has no drop reason (before 5.17)"),
+            drop_reasons: need(c.kfree_skb_reason_arg != NO_ARG, "kfree_skb has no drop reason (before 5.17)")
+                .and(need(has(&[c.skb_head, c.skb_network_header, c.skb_protocol]), "sk_buff lacks head/network_header/protocol in BTF")),
             overflow_tracepoints: with_queue(
                 need(c.kfree_skb_reason_arg != NO_ARG && c.kfree_skb_rx_sk_arg != NO_ARG, "kfree_skb has no reason or no rx_sk (before 6.11)")
                     .and(need(c.listen_overflow_reason != u32::MAX, "enum skb_drop_reason has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"))

@@ -23,6 +23,7 @@ pub struct Extras {
     pub flows: Vec<LiveFlow>,
     pub time_wait: Option<u64>,
     pub events_lost: u64,
+    pub bpf_errors: u64,
     pub now_ns: u64,
 }
 
@@ -146,6 +147,7 @@ impl Feed {
             zero_window_stalls_per_s: rate(host.zero_windows, before.zero_windows, seconds),
             time_wait: extras.time_wait,
             events_lost: extras.events_lost,
+            bpf_errors: extras.bpf_errors,
         };
 
         let mut previous = HashMap::with_capacity(self.aggregator.endpoints.len());
@@ -170,10 +172,8 @@ impl Feed {
                     },
                     handshake: quantiles(&stats.handshake_us),
                     retransmits_per_s: rate(now.retransmits, before.retransmits, seconds),
-                    // Data retransmits against segments of closed connections: both
-                    // cumulative, known from the first close.
-                    retransmits_per_1k_segs: (stats.segs_out > 0)
-                        .then(|| stats.retransmits[0] as f64 * 1_000.0 / stats.segs_out as f64),
+                    // Both from close events: the same connections above and below.
+                    retransmits_per_1k_segs: stats.retransmits_per_1k_segs(),
                     hol_stall_p99_us: p99_us(&stats.hol_stall_us),
                     hol_stall_total_us: stats.hol_stall_ns / 1_000,
                     zero_window_total_us: stats.zero_window_ns / 1_000,
@@ -239,5 +239,42 @@ impl Feed {
     pub fn end_epoch(&mut self) {
         self.aggregator.end_epoch();
         self.processes.end_epoch();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{sample, Detail, Dynamics};
+
+    fn from_client(detail: Detail) -> ConnEvent {
+        let mut event = sample(detail);
+        event.direction = Some(Direction::Active);
+        event
+    }
+
+    /// RETR/1K: retransmits and segments of the same (closed) connections.
+    /// A live connection retransmitting, or one opened before netlens,
+    /// moves the retransmit rate but not the ratio until it closes.
+    #[test]
+    fn retransmits_per_1k_cover_the_connections_their_segments_cover() {
+        let mut feed = Feed::new();
+        feed.record(&from_client(Detail::Handshake { direction: Direction::Active, handshake_ns: 40_000 }));
+        // A live connection retransmits 5 segments; it has not closed.
+        feed.record(&from_client(Detail::Retransmit { state: netlens_common::tcp_state::ESTABLISHED, segs: 5 }));
+        // Another closes: 2 retransmitted of 1,000 sent.
+        feed.record(&from_client(Detail::Close {
+            direction: Some(Direction::Active),
+            lifetime_ns: Some(1_000_000),
+            bytes_sent: 1_000_000,
+            bytes_received: 0,
+            retransmits: 2,
+            spurious_retransmits: 0,
+            transport: Dynamics { segs_out: 1_000, ..Dynamics::default() },
+        }));
+        let snapshot = feed.snapshot(Extras { flows: Vec::new(), time_wait: None, events_lost: 0, bpf_errors: 0, now_ns: 10 });
+        let row = snapshot.endpoints.iter().find(|row| row.endpoint == "[::1]:40000").expect("the endpoint's row");
+        assert_eq!(row.retransmits_per_1k_segs, Some(2.0), "5 live retransmits are not over the closed one's segments");
+        assert!(row.retransmits_per_s > 0.0, "the live retransmits still show in RETR/S");
     }
 }

@@ -38,18 +38,20 @@ pub fn header_lines(h: &Header) -> Vec<HeaderLine> {
     let mut handshake = Vec::new();
     handshake_fields(&mut handshake, "active p50", h.handshake_active);
     handshake_fields(&mut handshake, "passive p50", h.handshake_passive);
+    let mut conns = vec![
+        field("opened", format!("{}/s", format::rate(h.opened_per_s))),
+        field("closed", format!("{}/s", format::rate(h.closed_per_s))),
+        field("TIME_WAIT", h.time_wait.map_or_else(|| NONE.to_string(), |n| n.to_string())),
+        // netlens's own blind spot: if this is non-zero, every rate
+        // on screen is an undercount.
+        flagged("lost events", h.events_lost.to_string(), lost_severity),
+    ];
+    // The same kind of blind spot, rare enough to show only when it happens.
+    if h.bpf_errors > 0 {
+        conns.push(flagged("bpf errors", h.bpf_errors.to_string(), Severity::Bad));
+    }
     vec![
-        HeaderLine {
-            topic: "Conns",
-            fields: vec![
-                field("opened", format!("{}/s", format::rate(h.opened_per_s))),
-                field("closed", format!("{}/s", format::rate(h.closed_per_s))),
-                field("TIME_WAIT", h.time_wait.map_or_else(|| NONE.to_string(), |n| n.to_string())),
-                // netlens's own blind spot: if this is non-zero, every rate
-                // on screen is an undercount.
-                flagged("lost events", h.events_lost.to_string(), lost_severity),
-            ],
-        },
+        HeaderLine { topic: "Conns", fields: conns },
         HeaderLine { topic: "Handshake", fields: handshake },
         HeaderLine {
             topic: "Stalls",

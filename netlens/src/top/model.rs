@@ -35,6 +35,9 @@ pub struct Header {
     pub time_wait: Option<u64>,
     /// Ring-buffer drops plus kernel-skipped runs since start.
     pub events_lost: u64,
+    /// Failures inside netlens's eBPF programs since start (shown when
+    /// non-zero: some figures then miss what those runs saw).
+    pub bpf_errors: u64,
 }
 
 /// Remote endpoints (clients' view) or local listening ports (servers').

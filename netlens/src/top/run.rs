@@ -20,7 +20,13 @@ use super::{
     terminal::{self, TerminalGuard},
     view::ViewSettings,
 };
-use crate::{census::CensusCache, filter::Filter, source::{monotonic_ns, EventSource}};
+use crate::{
+    census::CensusCache,
+    filter::Filter,
+    lastgood::LastGood,
+    loader::KernelCounters,
+    source::{monotonic_ns, EventSource},
+};
 
 /// Live connections shown at most (the flow table can hold 65,536).
 const MAX_CONNECTIONS: usize = 2_000;
@@ -45,6 +51,9 @@ struct Collector {
     filter: Filter,
     census: CensusCache,
     last_epoch: Instant,
+    /// Kernel counters: the last good read (a failed one is no reset).
+    counters: LastGood<KernelCounters>,
+    bpf_errors: LastGood<u64>,
 }
 
 impl Collector {
@@ -71,14 +80,27 @@ impl Collector {
             .filter(|flow| flow.established_ns != 0 || flow.local.port() != 0)
             .filter(|flow| filter.matches_connection(&flow.local, &flow.remote, flow.pid, flow.comm.as_deref(), flow.netns))
             .collect();
-        let counters = self.source.counters().unwrap_or_default();
+        let counters = self.counters.update(self.source.counters());
+        let bpf_errors = self.bpf_errors.update(self.source.program_errors().map(|errors| errors.iter().map(|(_, n)| n).sum()));
         self.feed.snapshot(Extras {
             flows,
             time_wait: self.census.latest().map(|census| census.count("time_wait")),
             events_lost: counters.events_lost + counters.events_missed,
+            bpf_errors,
             now_ns: monotonic_ns(),
         })
     }
+}
+
+/// The full-screen view reads keys from stdin and draws on stdout: both
+/// must be a terminal. Checked before anything is attached, so a pipe or a
+/// cron job gets one line instead of attached programs and escape codes.
+pub fn require_terminal(options: &TopOptions) -> Result<()> {
+    use std::io::IsTerminal;
+    if options.batch || options.json || (std::io::stdout().is_terminal() && std::io::stdin().is_terminal()) {
+        return Ok(());
+    }
+    anyhow::bail!("top needs a terminal on stdin and stdout; use `netlens top --batch` (or `--json`) to print snapshots")
 }
 
 pub async fn run(options: TopOptions) -> Result<()> {
@@ -91,6 +113,8 @@ pub async fn run(options: TopOptions) -> Result<()> {
         filter: options.filter.clone(),
         census: CensusCache::new(CENSUS_INTERVAL),
         last_epoch: Instant::now(),
+        counters: LastGood::default(),
+        bpf_errors: LastGood::default(),
     };
     if options.batch || options.json {
         return run_batch(&mut collector, &options, &mut sigterm, &mut sigint).await;

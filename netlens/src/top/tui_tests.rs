@@ -47,6 +47,19 @@ fn connection(local: &str, remote: &str, comm: &str, age_us: u64) -> ConnectionR
     }
 }
 
+/// Failures inside the eBPF programs show in the header only when there
+/// are some.
+#[test]
+fn header_shows_bpf_errors_only_when_there_are_some() {
+    let mut header = snapshot().header;
+    let labels = |header: &Header| {
+        super::header::header_lines(header).iter().flat_map(|line| line.fields.iter().map(|f| (f.label, f.value.clone()))).collect::<Vec<_>>()
+    };
+    assert!(!labels(&header).iter().any(|(label, _)| *label == "bpf errors"));
+    header.bpf_errors = 2;
+    assert!(labels(&header).contains(&("bpf errors", "2".to_string())), "{:?}", labels(&header));
+}
+
 fn snapshot() -> Snapshot {
     Snapshot {
         header: Header {
@@ -60,6 +73,7 @@ fn snapshot() -> Snapshot {
             zero_window_stalls_per_s: 0.0,
             time_wait: Some(42),
             events_lost: 3,
+            bpf_errors: 0,
         },
         endpoints: vec![
             endpoint("10.0.0.7:443", EndpointKind::Remote, 12.0, 0.5),
