@@ -49,6 +49,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration: args.duration,
             filter: args.filter.to_filter(),
         })),
+        Command::Doctor(args) => attached(netlens::doctor::run(netlens::doctor::DoctorOptions {
+            duration: args.duration,
+            json: args.json,
+            filter: args.filter.to_filter(),
+        })),
         Command::Top(args) => attached(netlens::top::run::run(args.resolve()?)),
         Command::Daemon(args) => {
             let config = args.resolve()?;
