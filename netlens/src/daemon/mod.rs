@@ -21,6 +21,7 @@ use tokio::{
 use crate::{
     aggregate::Aggregator,
     census::CensusCache,
+    doctor::live::{self, LiveFindings},
     filter::Filter,
     source::{monotonic_ns, EventSource},
 };
@@ -51,6 +52,7 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
 
     let mut aggregator = Aggregator::new(config.by, config.top_k);
     let mut exporter = Exporter::new(&config);
+    let mut findings = LiveFindings::new(live::WINDOW, filter.port);
     let mut epoch = tokio::time::interval_at(tokio::time::Instant::now() + config.endpoint_epoch, config.endpoint_epoch);
     loop {
         let scrape = tokio::select! {
@@ -62,9 +64,12 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
         };
         // Whatever woke us, take what the kernel sent so far: a scrape
         // includes everything up to its arrival.
-        source.drain(&filter, |event| aggregator.record(&event));
+        source.drain(&filter, |event| {
+            aggregator.record(&event);
+            findings.record(&event);
+        });
         if let Some(reply) = scrape {
-            let _ = reply.send(exporter.render(&source, &aggregator));
+            let _ = reply.send(exporter.render(&source, &aggregator, &mut findings));
         }
     }
     // Stop serving, then detach (dropping the source detaches every program).
@@ -97,7 +102,7 @@ impl Exporter {
     }
 
     /// The text exposition of everything, now.
-    fn render(&mut self, source: &EventSource, aggregator: &Aggregator) -> String {
+    fn render(&mut self, source: &EventSource, aggregator: &Aggregator, findings: &mut LiveFindings) -> String {
         if self.evictions_read.is_none_or(|read| read.elapsed() >= FLOW_TABLE_INTERVAL) {
             self.evictions = source.flow_table().map_or(self.evictions, |table| table.evictions);
             self.evictions_read = Some(Instant::now());
@@ -106,8 +111,14 @@ impl Exporter {
         if let Some(failure) = self.census.take_failure() {
             eprintln!("netlens: {failure}; socket gauges are left out");
         }
+        if let Some(census) = self.census.latest() {
+            findings.record_census(census);
+        }
+        // Bounded: at most top_k endpoints per kind.
+        let active = findings.active(self.top_k);
         let programs = source.program_stats();
         let inputs = metrics::Inputs {
+            findings: &active,
             aggregator,
             census: self.census.latest(),
             counters: source.counters_given(&programs).unwrap_or_default(),
