@@ -175,6 +175,7 @@ fn slow_reader_is_found() -> Result<()> {
     let server = assert_only(&findings, "slow_reader", "*:8105");
     assert_eq!(server["evidence"]["side"], "local");
     let ms = server["evidence"]["zero_window_ms"].as_f64().unwrap_or(0.0);
+    eprintln!("slow reader: paused 1.5 s; doctor: client {}, server {}", client["evidence"], server["evidence"]);
     assert!((1_000.0..=2_000.0).contains(&ms), "reader paused 1.5 s, zero window {ms} ms");
     Ok(())
 }
