@@ -55,7 +55,7 @@ pub struct TopArgs {
     #[arg(long)]
     pub json: bool,
     /// The view to start in.
-    #[arg(long, value_parser = ["endpoints", "connections", "processes"], default_value = "endpoints")]
+    #[arg(long, value_parser = ["endpoints", "connections", "processes", "findings"], default_value = "endpoints")]
     pub view: String,
     /// Column to sort the view by (its title, e.g. "HS P99").
     #[arg(long, value_name = "COLUMN")]
