@@ -248,12 +248,13 @@ fn port_exhaustion_is_found() -> Result<()> {
     Ok(())
 }
 
-/// A long bulk transfer, both ends on one CPU: nothing is wrong.
+/// A long bulk transfer (2 GiB, seconds long), both ends on one CPU:
+/// nothing is wrong.
 #[test]
 fn pinned_bulk_is_healthy() -> Result<()> {
     let netns = Netns::new()?;
     let doctor = doctor(&netns)?;
-    Bulk { bytes: 256 << 20, cpu: Some(0), ..Bulk::default() }.run(&netns, addr(8110))?;
+    Bulk { bytes: 2 << 30, cpu: Some(0), ..Bulk::default() }.run(&netns, addr(8110))?;
     netns.wait_closed(Duration::from_secs(10))?;
     assert_healthy(&findings(doctor)?);
     Ok(())
@@ -265,7 +266,7 @@ fn pinned_bulk_is_healthy() -> Result<()> {
 fn unpinned_bulk_is_healthy() -> Result<()> {
     let netns = Netns::new()?;
     let doctor = doctor(&netns)?;
-    Bulk { bytes: 256 << 20, ..Bulk::default() }.run(&netns, addr(8111))?;
+    Bulk { bytes: 2 << 30, ..Bulk::default() }.run(&netns, addr(8111))?;
     netns.wait_closed(Duration::from_secs(10))?;
     assert_healthy(&findings(doctor)?);
     Ok(())
