@@ -158,6 +158,7 @@ fn alerts_cover_the_documented_conditions_and_use_only_exported_metrics() {
         "NetlensSynLoss",
         "NetlensPortExhaustion",
         "NetlensHolBlocking",
+        "NetlensPmtuBlackhole",
         "NetlensRetryStorm",
         "NetlensSlowReader",
         "NetlensAcceptOverflow",

@@ -335,3 +335,43 @@ fn bad_duration_is_one_line() {
         "soon",
     );
 }
+
+/// A size-based drop (IP packets over 1,000 bytes toward the server, as a
+/// router without ICMP "fragmentation needed" would): the handshake and a
+/// 200-byte request get through, then a 64 KiB write hangs on its first
+/// full-size segment, retransmitted on RTO while the doctor watches.
+#[test]
+fn pmtu_blackhole_is_found() -> Result<()> {
+    use std::io::{Read, Write};
+    let netns = Netns::new()?;
+    let addr = addr(8109);
+    nft_prerouting(&netns, "tcp dport 8109 ip length > 1000 drop")?;
+    let server = netns.spawn(move || -> Result<()> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(8)))?;
+        let mut buffer = [0u8; 65536];
+        while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {}
+        Ok(())
+    });
+    thread::sleep(Duration::from_millis(200));
+    let doctor = doctor(&netns)?;
+    let client = netns.spawn(move || -> Result<()> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.write_all(&[b'q'; 200])?;
+        thread::sleep(Duration::from_millis(100));
+        stream.write_all(&vec![b'b'; 64 * 1024])?;
+        // Hang on, as an application would, while the doctor watches.
+        thread::sleep(Duration::from_millis(7_000));
+        Ok(())
+    });
+    client.join().expect("client thread")?;
+    let findings = findings(doctor)?;
+    let found = assert_only(&findings, "pmtu_blackhole", "127.0.0.1:8109");
+    eprintln!("pmtu: doctor: {}", found["evidence"]);
+    assert_eq!(found["evidence"]["stuck_segment_bytes"], 1448, "a full-size segment (MSS 1448 at MTU 1500)");
+    assert!(found["evidence"]["stuck_retransmits"].as_u64() >= Some(4));
+    drop(netns);
+    drop(server); // its read times out by itself (8 s); no need to wait
+    Ok(())
+}

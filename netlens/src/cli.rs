@@ -22,8 +22,9 @@ pub enum Command {
     /// Serve Prometheus metrics (handshakes, retransmits, stalls, sockets) over HTTP.
     Daemon(DaemonArgs),
     /// Watch for a while, then report what is wrong (churn, SYN loss, port
-    /// exhaustion, HOL blocking, retry storms, slow readers, accept-queue
-    /// overflows, data loss), per endpoint, with evidence and advice.
+    /// exhaustion, HOL blocking, path MTU black holes, retry storms, slow
+    /// readers, accept-queue overflows, data loss), per endpoint, with
+    /// evidence and advice.
     Doctor(DoctorArgs),
     /// Check that this kernel and these privileges can run netlens, and
     /// which features each hook serves here.

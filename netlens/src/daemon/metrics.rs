@@ -454,7 +454,7 @@ mod tests {
                 event.direction = Some(Direction::Active);
                 event.remote.set_port(1_000 + port);
                 aggregator.record(&event);
-                event.detail = Detail::Retransmit { state: 1, segs: 1 };
+                event.detail = Detail::Retransmit { state: 1, segs: 1, bytes: 1448, seq: 0 };
                 aggregator.record(&event);
             }
             series(&render(&aggregator))

@@ -41,11 +41,12 @@ pub struct Finding {
 }
 
 /// Every finding kind, in the order the README documents them.
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
     "connection_churn",
     "syn_loss",
     "port_exhaustion",
     "hol_blocking",
+    "pmtu_blackhole",
     "retry_storm",
     "slow_reader",
     "accept_overflow",
@@ -94,6 +95,13 @@ pub const HOL_MIN_RTO_STALLS: u64 = 3;
 /// Critical when stalls add up to this share of the watch: the
 /// application spent that long waiting for data already received.
 pub const HOL_CRITICAL_SHARE: f64 = 0.1;
+
+// ---- pmtu_blackhole ----
+/// A stuck segment (the same sequence number retransmitted ≥ 4 times in a
+/// row, evidence::STUCK_REPEATS) at least this large: 1,200 bytes fit in
+/// the smallest MTU IPv6 guarantees (1,280) with headers and options, so
+/// only larger segments can fall into a path MTU black hole.
+pub const PMTU_LARGE_BYTES: u32 = 1_200;
 
 // ---- retry_storm ----
 /// Failed connects (reset or timeout) to one endpoint in the watch.
@@ -310,6 +318,43 @@ pub fn hol_blocking(endpoint: &EndpointKey, e: &Evidence, window_s: f64) -> Opti
     })
 }
 
+/// The same large segment retransmitted on RTO with no progress, while the
+/// handshakes (small segments) to the same endpoint got through: a router
+/// on the path drops packets above its MTU without the ICMP "fragmentation
+/// needed" that would tell the sender.
+pub fn pmtu_blackhole(endpoint: &EndpointKey, e: &Evidence, _window_s: f64) -> Option<Finding> {
+    // Every stuck segment large (a small one stuck too is a dead peer or
+    // total loss, not MTU), and handshakes completed without timeouts.
+    if e.stuck_connections == 0 || e.stuck_segment_min_bytes < PMTU_LARGE_BYTES {
+        return None;
+    }
+    if e.stats.opened_total() == 0 || e.syn_timeouts > 0 {
+        return None;
+    }
+    Some(Finding {
+        finding: "pmtu_blackhole",
+        severity: Severity::Critical,
+        endpoint: endpoint.to_string(),
+        summary: format!(
+            "{} connection(s) hang on a {}-byte segment retransmitted {} times over {:.1} s without progress, while {} handshakes (small segments) got through: large packets toward this endpoint are dropped",
+            e.stuck_connections,
+            e.stuck_segment_bytes,
+            e.stuck_repeats,
+            e.stuck_ns as f64 / 1e9,
+            e.stats.opened_total()
+        ),
+        evidence: evidence(&[
+            ("stuck_connections", e.stuck_connections.into()),
+            ("stuck_segment_bytes", e.stuck_segment_bytes.into()),
+            ("stuck_retransmits", e.stuck_repeats.into()),
+            ("stuck_ms", round(e.stuck_ns as f64 / 1e6, 0)),
+            ("handshakes_completed", e.stats.opened_total().into()),
+        ]),
+        advice: "A path MTU black hole: something on the path drops large packets and filters the ICMP \"fragmentation needed\" / \"packet too big\" replies. Allow those ICMP messages through firewalls, clamp the MSS on the tunnel or VPN (`iptables … TCPMSS --clamp-mss-to-pmtu`), or enable net.ipv4.tcp_mtu_probing=1.",
+        weight: e.stuck_connections as f64,
+    })
+}
+
 /// Failed connects to one endpoint at a high, rising rate, without backoff.
 pub fn retry_storm(endpoint: &EndpointKey, e: &Evidence, window_s: f64) -> Option<Finding> {
     let failures = e.failures.len() as u64;
@@ -501,6 +546,7 @@ pub fn evaluate<'a>(
             syn_loss(key, e, window_s),
             port_exhaustion(key, e, window_s, time_wait),
             hol_blocking(key, e, window_s),
+            pmtu_blackhole(key, e, window_s),
             retry_storm(key, e, window_s),
             slow_reader(key, e, window_s),
             accept_overflow(key, e, window_s),
@@ -708,6 +754,47 @@ mod tests {
         // Too few segments to say.
         let small = Evidence { closed_segs_out: 200, closed_retransmits: 20, ..Evidence::default() };
         assert!(retransmit_loss(&remote(), &small, 5.0).is_none());
+    }
+
+    #[test]
+    fn pmtu_blackhole_needs_a_large_stuck_segment_and_working_handshakes() {
+        let mut watch = Watch::default();
+        watch.record(&active(0, Detail::Handshake { direction: Direction::Active, handshake_ns: 50_000 }));
+        // A 200-byte request got through, then a full-size segment is
+        // retransmitted at 200, 600, 1400, 3000 ms.
+        for ms in [200, 600, 1_400, 3_000] {
+            let retransmit = Detail::Retransmit { state: netlens_common::tcp_state::ESTABLISHED, segs: 1, bytes: 1448, seq: 7_000 };
+            watch.record(&active(ms * 1_000_000, retransmit));
+        }
+        watch.finish();
+        let e = &watch.endpoints[&remote()];
+        let finding = pmtu_blackhole(&remote(), e, 4.0).expect("hanging on a large segment");
+        assert_eq!(finding.evidence["stuck_segment_bytes"], 1448);
+        assert_eq!(finding.evidence["stuck_retransmits"], 4);
+        assert_eq!(finding.evidence["stuck_ms"], 2800);
+        // A small segment stuck the same way: the peer is gone, not the MTU.
+        let mut small = e.clone();
+        small.stuck_segment_min_bytes = 300;
+        assert!(pmtu_blackhole(&remote(), &small, 4.0).is_none());
+        // The same segment retransmitted again and again within 600 ms, then
+        // through: recovery, not a black hole.
+        let mut watch = Watch::default();
+        watch.record(&active(0, Detail::Handshake { direction: Direction::Active, handshake_ns: 50_000 }));
+        for ms in 0..15 {
+            let retransmit = Detail::Retransmit { state: netlens_common::tcp_state::ESTABLISHED, segs: 1, bytes: 1448, seq: 7_000 };
+            watch.record(&active(200_000_000 + ms * 40_000_000, retransmit));
+        }
+        watch.finish();
+        assert!(pmtu_blackhole(&remote(), &watch.endpoints[&remote()], 4.0).is_none());
+        // Retransmits that make progress (a new segment each time) are loss.
+        let mut watch = Watch::default();
+        watch.record(&active(0, Detail::Handshake { direction: Direction::Active, handshake_ns: 50_000 }));
+        for (i, ms) in [200u64, 600, 1_400, 3_000].into_iter().enumerate() {
+            let retransmit = Detail::Retransmit { state: netlens_common::tcp_state::ESTABLISHED, segs: 1, bytes: 1448, seq: 7_000 + i as u32 * 1448 };
+            watch.record(&active(ms * 1_000_000, retransmit));
+        }
+        watch.finish();
+        assert!(pmtu_blackhole(&remote(), &watch.endpoints[&remote()], 4.0).is_none());
     }
 
     #[test]
