@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use netlens_tests::{
     exposition::{self, get, parse, promtool_check, sum, Sample},
-    traffic::{churn_server, clients, Server},
+    traffic::{churn_server, clients, retry_without_backoff, Server},
     Netlens, Netns,
 };
 
@@ -229,5 +229,23 @@ fn exposition_parser_reads_what_promtool_accepts() -> Result<()> {
     let text = "# HELP a_total x\n# TYPE a_total counter\na_total{endpoint=\"*:80\"} 2\n";
     exposition::promtool_check(text)?;
     assert_eq!(sum(&parse(text)?, "a_total", &[("endpoint", "*:80")]), 2.0);
+    Ok(())
+}
+
+/// The doctor's findings as series: a process retrying a closed port every
+/// 50 ms makes `netlens_finding_active{finding="retry_storm"}` 1 for that
+/// endpoint, and nothing else holds.
+#[test]
+fn findings_are_exported_while_they_hold() -> Result<()> {
+    let netns = Netns::new()?;
+    let _daemon = start_daemon(&netns, &[])?;
+    let quiet = scrape(&netns)?;
+    assert!(quiet.iter().all(|s| s.name != "netlens_finding_active"), "a finding before any traffic");
+    let failed = retry_without_backoff(&netns, "127.0.0.1:8199".parse()?, Duration::from_millis(50), Duration::from_secs(3))?;
+    let samples = scrape(&netns)?;
+    let active: Vec<&Sample> = samples.iter().filter(|s| s.name == "netlens_finding_active").collect();
+    eprintln!("{failed} failed connects; active findings: {:?}", active.iter().map(|s| (s.label("finding"), s.label("endpoint"))).collect::<Vec<_>>());
+    assert_eq!(sum(&samples, "netlens_finding_active", &[("finding", "retry_storm"), ("endpoint", "127.0.0.1:8199")]), 1.0);
+    assert_eq!(active.len(), 1, "only the retry storm holds");
     Ok(())
 }

@@ -41,6 +41,7 @@ const NETLENS_METRICS: &[&str] = &[
     "netlens_endpoints_tracked",
     "netlens_tcp_slow_start_exits_total",
     "netlens_tcp_closed_in_slow_start_total",
+    "netlens_finding_active",
 ];
 
 /// Histograms and summaries: their series carry these suffixes.
@@ -154,6 +155,16 @@ fn alerts_cover_the_documented_conditions_and_use_only_exported_metrics() {
         "NetlensEventsLost",
         "NetlensFlowTableEvicting",
         "NetlensDown",
+        // One per doctor finding.
+        "NetlensConnectionChurn",
+        "NetlensSynLoss",
+        "NetlensPortExhaustion",
+        "NetlensHolBlocking",
+        "NetlensPmtuBlackhole",
+        "NetlensRetryStorm",
+        "NetlensSlowReader",
+        "NetlensAcceptOverflow",
+        "NetlensRetransmitLoss",
     ] {
         assert!(alerts.contains(&format!("alert: {alert}\n")), "alerts.yml lacks {alert}");
     }
@@ -164,7 +175,7 @@ fn alerts_cover_the_documented_conditions_and_use_only_exported_metrics() {
             assert!(block.contains(field), "alert {name} lacks `{field}`");
         }
         assert!(
-            block.contains("`netlens top`") || block.contains("`netlens check`"),
+            block.contains("`netlens top`") || block.contains("`netlens check`") || block.contains("`netlens doctor`"),
             "alert {name} does not point to netlens"
         );
     }

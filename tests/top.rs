@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use netlens_tests::{
     netlens::binary,
-    traffic::{clients, Server},
+    traffic::{clients, retry_without_backoff, Server},
     Netlens, Netns,
 };
 
@@ -38,6 +38,25 @@ fn batch_mode_counts_connections_per_endpoint() -> Result<()> {
     assert_eq!(listener["connections"], 40);
     assert_eq!(listener["kind"], "listener");
     assert!(last["header"]["handshake_active"]["p99_us"].as_f64().is_some());
+    Ok(())
+}
+
+/// The Findings view (`--view findings`): a process retrying a closed port
+/// every 50 ms shows as a retry storm on that endpoint, the only finding.
+#[test]
+fn findings_view_names_a_retry_storm() -> Result<()> {
+    let netns = Netns::new()?;
+    let inode = netns.inode()?.to_string();
+    let top = Netlens::start_in(Some(&netns.name), &["top", "--json", "--view", "findings", "-n", "4", "-d", "1", "--netns", &inode])?;
+    retry_without_backoff(&netns, "127.0.0.1:8096".parse()?, Duration::from_millis(50), Duration::from_secs(3))?;
+    let traced = top.wait_exit(Duration::from_secs(15))?;
+    let last = traced.events.last().context("no snapshot")?;
+    assert_eq!(last["view"], "findings");
+    let rows = last["rows"].as_array().context("no rows")?;
+    eprintln!("findings: {rows:?}");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["finding"], "retry_storm");
+    assert_eq!(rows[0]["endpoint"], "127.0.0.1:8096");
     Ok(())
 }
 

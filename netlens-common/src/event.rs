@@ -71,9 +71,11 @@ pub struct RawEvent {
     /// SYN to CLOSE; `CLOSE`: the connection's lifetime (0 if not seen open).
     pub duration_ns: u64,
     /// `CLOSE`: payload bytes sent, each counted once (retransmissions not
-    /// counted again).
+    /// counted again). `RETRANSMIT`: the retransmitted skb's sequence span
+    /// (end_seq − seq: its payload, plus one for a SYN or FIN).
     pub bytes_sent: u64,
-    /// `CLOSE`: payload bytes received in order.
+    /// `CLOSE`: payload bytes received in order. `RETRANSMIT`: the skb's
+    /// first sequence number (same number again: the same segment again).
     pub bytes_received: u64,
     /// Local address: 4 bytes for IPv4 (rest zero), 16 for IPv6.
     pub saddr: [u8; 16],

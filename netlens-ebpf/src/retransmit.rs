@@ -74,6 +74,18 @@ fn on_retransmit(record: &Record) -> Result<(), i32> {
             ca_state_seen(flow, sk, ca, now);
         }
     }
+    // Which segment, and how large: the same sequence number retransmitted
+    // again and again is a segment that never gets through (a path MTU
+    // black hole drops only the large ones). 0 when unreadable.
+    let (seq, span) = match record.get::<u64>(cfg_field!(retransmit.skbaddr)) {
+        Ok(skb) => {
+            let offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq);
+            let seq: u32 = member(skb, offset).unwrap_or(0);
+            let end_seq: u32 = member(skb, offset + 4).unwrap_or(seq);
+            (seq, end_seq.wrapping_sub(seq))
+        }
+        Err(_) => (0, 0),
+    };
     let state = record.get::<i32>(cfg_field!(retransmit.state))? as u8;
     let tuple = tuple(record, &cfg_field!(retransmit.tuple), sk)?;
     let flow = flows::known_or_unknown(sk, slot::RETRANSMIT).ok_or(-1)?;
@@ -81,6 +93,8 @@ fn on_retransmit(record: &Record) -> Result<(), i32> {
         stamp(event, kind::RETRANSMIT, now, &tuple, flow);
         event.state = state;
         event.segs = segs;
+        event.bytes_sent = u64::from(span);
+        event.bytes_received = u64::from(seq);
     });
     Ok(())
 }

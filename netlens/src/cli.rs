@@ -21,6 +21,11 @@ pub enum Command {
     Top(TopArgs),
     /// Serve Prometheus metrics (handshakes, retransmits, stalls, sockets) over HTTP.
     Daemon(DaemonArgs),
+    /// Watch for a while, then report what is wrong (churn, SYN loss, port
+    /// exhaustion, HOL blocking, path MTU black holes, retry storms, slow
+    /// readers, accept-queue overflows, data loss), per endpoint, with
+    /// evidence and advice.
+    Doctor(DoctorArgs),
     /// Check that this kernel and these privileges can run netlens, and
     /// which features each hook serves here.
     Check(CheckArgs),
@@ -51,7 +56,7 @@ pub struct TopArgs {
     #[arg(long)]
     pub json: bool,
     /// The view to start in.
-    #[arg(long, value_parser = ["endpoints", "connections", "processes"], default_value = "endpoints")]
+    #[arg(long, value_parser = ["endpoints", "connections", "processes", "findings"], default_value = "endpoints")]
     pub view: String,
     /// Column to sort the view by (its title, e.g. "HS P99").
     #[arg(long, value_name = "COLUMN")]
@@ -134,6 +139,18 @@ pub struct TraceArgs {
     pub filter: FilterArgs,
 }
 
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// Seconds to watch before reporting (Ctrl-C ends early).
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_duration, allow_negative_numbers = true)]
+    pub duration: Duration,
+    /// One JSON object per finding, one per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
 /// Filters shared by every command that shows connections.
 #[derive(Args, Debug, Default)]
 pub struct FilterArgs {
@@ -192,6 +209,20 @@ mod tests {
         assert!(args.json);
         assert_eq!(args.duration, Some(Duration::from_millis(1500)));
         assert_eq!(args.filter.to_filter(), Filter { port: Some(8080), family: Some(6), ..Filter::default() });
+    }
+
+    #[test]
+    fn doctor_flags_parse() {
+        let cli = Cli::try_parse_from(["netlens", "doctor"]).unwrap();
+        let Command::Doctor(args) = cli.command else { panic!("not doctor") };
+        assert_eq!(args.duration, Duration::from_secs(30));
+        assert!(!args.json);
+        let cli = Cli::try_parse_from(["netlens", "doctor", "--duration", "5", "--json", "--port", "443"]).unwrap();
+        let Command::Doctor(args) = cli.command else { panic!("not doctor") };
+        assert_eq!(args.duration, Duration::from_secs(5));
+        assert_eq!(args.filter.to_filter().port, Some(443));
+        assert!(Cli::try_parse_from(["netlens", "doctor", "--duration", "-1"]).is_err());
+        assert!(Cli::try_parse_from(["netlens", "doctor", "--duration", "abc"]).is_err());
     }
 
     #[test]

@@ -62,7 +62,15 @@ impl FailReason {
 pub enum Detail {
     Handshake { direction: Direction, handshake_ns: u64 },
     HandshakeFailed { reason: FailReason, after_ns: u64 },
-    Retransmit { state: u8, segs: u32 },
+    Retransmit {
+        state: u8,
+        segs: u32,
+        /// The retransmitted skb: its sequence span (payload, +1 for SYN or
+        /// FIN) and first sequence number; 0 when the kernel side could not
+        /// read them.
+        bytes: u32,
+        seq: u32,
+    },
     SynackRetransmit,
     ResetSent { state: u8 },
     ResetReceived,
@@ -226,7 +234,12 @@ impl ConnEvent {
                 reason: FailReason::decode(raw.reason),
                 after_ns: raw.duration_ns,
             },
-            kind::RETRANSMIT => Detail::Retransmit { state: raw.state, segs: raw.segs },
+            kind::RETRANSMIT => Detail::Retransmit {
+                state: raw.state,
+                segs: raw.segs,
+                bytes: raw.bytes_sent as u32,
+                seq: raw.bytes_received as u32,
+            },
             kind::SYNACK_RETRANSMIT => Detail::SynackRetransmit,
             kind::RESET_SENT => Detail::ResetSent { state: raw.state },
             kind::RESET_RECEIVED => Detail::ResetReceived,
@@ -369,7 +382,7 @@ mod tests {
         assert_eq!(event.family(), 6);
         assert_eq!(event.comm.as_deref(), Some("curl"));
         assert_eq!(event.pid, Some(42));
-        assert_eq!(event.detail, Detail::Retransmit { state: tcp_state::SYN_SENT, segs: 1 });
+        assert_eq!(event.detail, Detail::Retransmit { state: tcp_state::SYN_SENT, segs: 1, bytes: 0, seq: 0 });
     }
 
     #[test]

@@ -170,7 +170,7 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
             json.reason = Some(reason.as_str());
             json.after_us = Some(micros(*after_ns));
         }
-        Detail::Retransmit { state, segs } => {
+        Detail::Retransmit { state, segs, .. } => {
             json.state = Some(state_name(*state));
             json.segs = Some(*segs);
         }

@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod census;
 pub mod check;
 pub mod daemon;
+pub mod doctor;
 pub mod cli;
 pub mod event;
 pub mod features;

@@ -54,6 +54,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             netlens::top::run::require_terminal(&options)?;
             attached(netlens::top::run::run(options))
         }
+        Command::Doctor(args) => attached(netlens::doctor::run(netlens::doctor::DoctorOptions {
+            duration: args.duration,
+            json: args.json,
+            filter: args.filter.to_filter(),
+        })),
         Command::Daemon(args) => {
             let config = args.resolve()?;
             attached(netlens::daemon::run(config, args.filter.to_filter()))

@@ -153,7 +153,7 @@ fn text_line(event: &ConnEvent, clock: &WallClock) -> String {
         Detail::HandshakeFailed { reason, after_ns } => {
             format!("{} after {}", reason.as_str(), human_duration(*after_ns))
         }
-        Detail::Retransmit { state, segs } => format!("{} segs={segs}", state_name(*state)),
+        Detail::Retransmit { state, segs, bytes, .. } => format!("{} segs={segs} bytes={bytes}", state_name(*state)),
         Detail::SynackRetransmit => String::new(),
         Detail::ResetSent { state } if *state != 0 => state_name(*state).to_string(),
         Detail::ResetSent { .. } | Detail::ResetReceived => String::new(),

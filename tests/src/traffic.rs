@@ -220,3 +220,134 @@ pub fn timed_bulk(netns: &Netns, addr: SocketAddr, duration: Duration) -> Result
     let received = server.join().map_err(|_| anyhow::anyhow!("bulk server panicked"))???;
     Ok((received, started.elapsed().as_secs_f64()))
 }
+
+/// Opens and closes connections at `per_s` (one thread, the client closing
+/// first, so its end keeps the port in TIME_WAIT) for `duration`, or until
+/// connect() fails with EADDRNOTAVAIL (the ephemeral ports ran out);
+/// returns (connections made, whether the ports ran out). Needs a server
+/// that reads to EOF and closes (`churn_server`).
+pub fn paced_churn(netns: &Netns, addr: SocketAddr, per_s: f64, duration: Duration) -> Result<(u64, bool)> {
+    netns
+        .spawn(move || -> Result<(u64, bool)> {
+            let started = Instant::now();
+            let mut done = 0u64;
+            let mut buffer = [0u8; 16];
+            while started.elapsed() < duration {
+                let due = started + Duration::from_secs_f64(done as f64 / per_s);
+                thread::sleep(due.saturating_duration_since(Instant::now()));
+                let mut stream = match TcpStream::connect(addr) {
+                    Ok(stream) => stream,
+                    Err(err) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => return Ok((done, true)),
+                    Err(err) => return Err(err).context("connect"),
+                };
+                stream.write_all(b"hi")?;
+                stream.shutdown(Shutdown::Write)?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                while stream.read(&mut buffer)? > 0 {}
+                done += 1;
+            }
+            Ok((done, false))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("churn thread panicked"))??
+}
+
+/// One process retrying connect() to `addr` every `interval` for
+/// `duration`, whatever the outcome (no backoff: the retry storm); returns
+/// how many attempts failed.
+pub fn retry_without_backoff(netns: &Netns, addr: SocketAddr, interval: Duration, duration: Duration) -> Result<u64> {
+    netns
+        .spawn(move || {
+            let started = Instant::now();
+            let mut failed = 0;
+            while started.elapsed() < duration {
+                if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+                    failed += 1;
+                }
+                thread::sleep(interval);
+            }
+            failed
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("retry thread panicked"))?
+}
+
+/// Keep-alive request/response traffic, like HTTP/1.1 with keep-alive:
+/// `connections` clients each open one connection and send `requests`
+/// requests of 200 bytes over it, `gap` apart; the server answers each
+/// with `response` bytes. Returns the requests answered.
+pub fn keepalive(netns: &Netns, addr: SocketAddr, connections: usize, requests: usize, gap: Duration, response: usize) -> Result<u64> {
+    const REQUEST: usize = 200;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = netns.spawn(move || -> Result<()> {
+        let listener = TcpListener::bind(addr)?;
+        let _ = ready_tx.send(());
+        let mut handles = Vec::new();
+        for _ in 0..connections {
+            let (mut stream, _) = listener.accept()?;
+            handles.push(thread::spawn(move || -> Result<()> {
+                stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut request = [0u8; REQUEST];
+                let reply = vec![b'k'; response];
+                while stream.read_exact(&mut request).is_ok() {
+                    stream.write_all(&reply)?;
+                }
+                Ok(())
+            }));
+        }
+        for handle in handles {
+            handle.join().map_err(|_| anyhow::anyhow!("keep-alive server panicked"))??;
+        }
+        Ok(())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("keep-alive server did not start")?;
+    let clients: Vec<_> = (0..connections)
+        .map(|_| {
+            netns.spawn(move || -> Result<u64> {
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut reply = vec![0u8; response];
+                for _ in 0..requests {
+                    stream.write_all(&[b'q'; REQUEST])?;
+                    stream.read_exact(&mut reply)?;
+                    thread::sleep(gap);
+                }
+                Ok(requests as u64)
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for client in clients {
+        answered += client.join().map_err(|_| anyhow::anyhow!("keep-alive client panicked"))???;
+    }
+    server.join().map_err(|_| anyhow::anyhow!("keep-alive server panicked"))???;
+    Ok(answered)
+}
+
+/// An IPv4 listener on 127.0.0.1:`port` with accept-queue limit `backlog`
+/// (std's TcpListener always asks for 128), made in the calling thread's
+/// namespace.
+pub fn listener_with_backlog(port: u16, backlog: i32) -> Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor we own; the sockaddr is
+    // fully initialised and its size passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            anyhow::bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let listener = TcpListener::from_raw_fd(fd);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be() },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(fd, (&raw const addr).cast(), size_of::<libc::sockaddr_in>() as u32) != 0
+            || libc::listen(fd, backlog) != 0
+        {
+            anyhow::bail!("bind/listen: {}", std::io::Error::last_os_error());
+        }
+        Ok(listener)
+    }
+}

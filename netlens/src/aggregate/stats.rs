@@ -124,7 +124,7 @@ impl ConnStats {
                 let reason_slot = FAIL_REASONS.iter().position(|r| r == reason).unwrap_or(FAIL_REASONS.len() - 1);
                 self.handshake_failures[direction][reason_slot] += 1;
             }
-            Detail::Retransmit { state, segs } => {
+            Detail::Retransmit { state, segs, .. } => {
                 let kind = if *state == netlens_common::tcp_state::SYN_SENT { 1 } else { 0 };
                 self.retransmits[kind] += u64::from(*segs);
             }
@@ -241,8 +241,8 @@ mod tests {
     fn counts_each_event_where_it_belongs() {
         let mut stats = ConnStats::default();
         stats.record(&sample(Detail::Handshake { direction: Direction::Passive, handshake_ns: 300_000 }));
-        stats.record(&sample(Detail::Retransmit { state: netlens_common::tcp_state::SYN_SENT, segs: 1 }));
-        stats.record(&sample(Detail::Retransmit { state: netlens_common::tcp_state::ESTABLISHED, segs: 3 }));
+        stats.record(&sample(Detail::Retransmit { state: netlens_common::tcp_state::SYN_SENT, segs: 1, bytes: 1, seq: 0 }));
+        stats.record(&sample(Detail::Retransmit { state: netlens_common::tcp_state::ESTABLISHED, segs: 3, bytes: 4344, seq: 0 }));
         stats.record(&sample(Detail::SynackRetransmit));
         stats.record(&sample(Detail::HolStall { stall_ns: 2_000_000, bytes_held: 3000, ooo_segments: 2 }));
         stats.record(&sample(Detail::Close {

@@ -13,6 +13,7 @@ use crate::{
         Aggregator,
     },
     census::Census,
+    doctor::rules::Finding,
     kernel::progstats::ProgramStats,
     loader::KernelCounters,
 };
@@ -41,6 +42,8 @@ pub struct Inputs<'a> {
     pub drops: &'a [(String, u64)],
     /// Kernel map reads that failed (their last good value was exported).
     pub map_read_failures: u64,
+    /// The doctor's findings holding now (at most top_k per kind).
+    pub findings: &'a [Finding],
 }
 
 fn label(name: &str, value: &str) -> LabelPair {
@@ -415,6 +418,16 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
         MetricType::COUNTER,
         inputs.programs.iter().map(|(name, stats)| counter(vec![label("program", name)], stats.run_count as f64)).collect(),
     ));
+    families.push(family(
+        "netlens_finding_active",
+        "1 while the doctor's finding holds for the endpoint (the rules of `netlens doctor` over 60 s windows); absent otherwise.",
+        MetricType::GAUGE,
+        inputs
+            .findings
+            .iter()
+            .map(|f| gauge(vec![label("finding", f.finding), label("endpoint", &f.endpoint)], 1.0))
+            .collect(),
+    ));
     // The encoder refuses a family without samples (no census destination
     // yet, no programs): leave those out.
     families.retain(|family| !family.get_metric().is_empty());
@@ -444,6 +457,7 @@ mod tests {
             program_errors: &[("tcp_probe", 2)],
             drops: &[("tcp_rcvqdrop".to_string(), 3)],
             map_read_failures: 1,
+            findings: &[],
         };
         prometheus::TextEncoder::new().encode_to_string(&families(&inputs)).unwrap()
     }
@@ -461,7 +475,7 @@ mod tests {
                 event.direction = Some(Direction::Active);
                 event.remote.set_port(1_000 + port);
                 aggregator.record(&event);
-                event.detail = Detail::Retransmit { state: 1, segs: 1 };
+                event.detail = Detail::Retransmit { state: 1, segs: 1, bytes: 1448, seq: 0 };
                 aggregator.record(&event);
             }
             series(&render(&aggregator))
@@ -488,5 +502,36 @@ mod tests {
         let text = render(&aggregator);
         assert!(text.contains("netlens_tcp_listen_overflows_total{endpoint=\"*:8080\"} 3"), "{text}");
         assert!(text.contains("netlens_tcp_accept_queue_wait_seconds_bucket{endpoint=\"*:8080\",le=\"0.0025\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn findings_are_one_series_each() {
+        let aggregator = Aggregator::new(EndpointBy::Auto, 50);
+        let finding = crate::doctor::rules::Finding {
+            finding: "accept_overflow",
+            severity: crate::doctor::rules::Severity::Critical,
+            endpoint: "*:8080".into(),
+            summary: String::new(),
+            evidence: Default::default(),
+            advice: "",
+            weight: 1.0,
+        };
+        let findings = [finding];
+        let inputs = Inputs {
+            aggregator: &aggregator,
+            census: None,
+            counters: KernelCounters::default(),
+            flow_table_evictions: 0,
+            programs: &[],
+            bpf_stats_enabled: false,
+            packets: None,
+            top_k: 50,
+            now_ns: 0,
+            features: &[],
+            findings: &findings,
+        };
+        let text = prometheus::TextEncoder::new().encode_to_string(&families(&inputs)).unwrap();
+        assert!(text.contains("netlens_finding_active{finding=\"accept_overflow\",endpoint=\"*:8080\"} 1"), "{text}");
+        assert!(!render(&aggregator).contains("netlens_finding_active"), "no finding, no series");
     }
 }

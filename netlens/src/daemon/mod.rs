@@ -23,6 +23,7 @@ use tokio::{
 use crate::{
     aggregate::Aggregator,
     census::CensusCache,
+    doctor::live::{self, LiveFindings},
     filter::Filter,
     lastgood::LastGood,
     loader::KernelCounters,
@@ -56,6 +57,7 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
 
     let mut aggregator = Aggregator::new(config.by, config.top_k);
     let mut exporter = Exporter::new(&config);
+    let mut findings = LiveFindings::new(live::WINDOW, filter.port);
     let mut epoch = tokio::time::interval_at(tokio::time::Instant::now() + config.endpoint_epoch, config.endpoint_epoch);
     loop {
         let scrape = tokio::select! {
@@ -67,10 +69,13 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
         };
         // Whatever woke us, take what the kernel sent so far: a scrape
         // includes everything up to its arrival.
-        source.drain(&filter, |event| aggregator.record(&event));
+        source.drain(&filter, |event| {
+            aggregator.record(&event);
+            findings.record(&event);
+        });
         last_drain.0.store(monotonic_ns(), Ordering::Relaxed);
         if let Some(reply) = scrape {
-            let _ = reply.send(exporter.render(&source, &aggregator));
+            let _ = reply.send(exporter.render(&source, &aggregator, &mut findings));
         }
     }
     // Stop serving, then detach (dropping the source detaches every program).
@@ -113,7 +118,7 @@ impl Exporter {
     }
 
     /// The text exposition of everything, now.
-    fn render(&mut self, source: &EventSource, aggregator: &Aggregator) -> String {
+    fn render(&mut self, source: &EventSource, aggregator: &Aggregator, findings: &mut LiveFindings) -> String {
         if self.evictions_read.is_none_or(|read| read.elapsed() >= FLOW_TABLE_INTERVAL) {
             self.evictions.update(source.flow_table().map(|table| table.evictions));
             self.evictions_read = Some(Instant::now());
@@ -122,6 +127,11 @@ impl Exporter {
         if let Some(failure) = self.census.take_failure() {
             eprintln!("netlens: {failure}; socket gauges are left out");
         }
+        if let Some(census) = self.census.latest() {
+            findings.record_census(census);
+        }
+        // Bounded: at most top_k endpoints per kind.
+        let active = findings.active(self.top_k);
         let programs = source.program_stats();
         self.counters.update(source.counters_given(&programs));
         self.packets.update(source.packet_histograms().map(Some));
@@ -133,6 +143,7 @@ impl Exporter {
             + self.drops.failures()
             + self.evictions.failures();
         let inputs = metrics::Inputs {
+            findings: &active,
             aggregator,
             census: self.census.latest(),
             counters: *self.counters.value(),

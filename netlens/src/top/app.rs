@@ -68,10 +68,10 @@ pub struct App {
     /// Newest snapshot received while paused, shown on resume.
     pub(super) pending: Option<Snapshot>,
     pub(super) paused: bool,
-    pub(super) selections: [Selection; 3],
+    pub(super) selections: [Selection; 4],
     pub(super) detail_open: bool,
     /// Scroll offset of each view's table, kept across frames.
-    pub(super) table_states: [TableState; 3],
+    pub(super) table_states: [TableState; 4],
     /// Body rows of the last drawn table, for PgUp/PgDn.
     pub(super) page_rows: usize,
 }
@@ -193,6 +193,7 @@ impl App {
             KeyCode::Char('e' | '1') => self.settings.view = View::Endpoints,
             KeyCode::Char('c' | '2') => self.settings.view = View::Connections,
             KeyCode::Char('p' | '3') => self.settings.view = View::Processes,
+            KeyCode::Char('f' | '4') => self.settings.view = View::Findings,
             KeyCode::Char('s') | KeyCode::F(6) => {
                 self.mode = Mode::SortChooser { cursor: self.settings.sort().column };
             }

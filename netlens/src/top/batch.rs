@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::header::{header_lines, plain_lines};
+use super::header::{findings_line, header_lines, plain_lines};
 use super::model::{Header, Snapshot};
 use super::table::{columns_that_fit, pad, visible_rows, TableRow};
 use super::view::{View, ViewSettings};
@@ -13,7 +13,7 @@ use super::view::{View, ViewSettings};
 /// columns that would exceed `width` are dropped (0 = no limit).
 pub fn batch_text(settings: &ViewSettings, snapshot: &Snapshot, width: usize) -> String {
     let mut out = String::new();
-    for line in header_lines(&snapshot.header) {
+    for line in header_lines(&snapshot.header).into_iter().chain([findings_line(&snapshot.findings)]) {
         for text in plain_lines(&line, width) {
             out.push_str(&text);
             out.push('\n');
@@ -82,5 +82,6 @@ pub fn batch_json(settings: &ViewSettings, snapshot: &Snapshot) -> String {
         View::Endpoints => to_json(settings, &snapshot.header, &snapshot.endpoints),
         View::Connections => to_json(settings, &snapshot.header, &snapshot.connections),
         View::Processes => to_json(settings, &snapshot.header, &snapshot.processes),
+        View::Findings => to_json(settings, &snapshot.header, &snapshot.findings),
     }
 }

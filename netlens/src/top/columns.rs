@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use super::format::{self, NONE};
-use super::model::{ConnectionRow, EndpointKind, EndpointRow, ProcessRow};
+use super::model::{ConnectionRow, EndpointKind, EndpointRow, FindingRow, ProcessRow};
 use super::table::{contains_ci, Column, Severity, SortKey, TableRow};
 
 /// A head-of-line stall p99 above this hurts request latency visibly.
@@ -189,5 +189,43 @@ impl TableRow for ProcessRow {
     }
     fn identity(&self) -> String {
         self.pid.to_string()
+    }
+}
+
+/// Critical above warning above info, for sorting and colour.
+pub fn severity_rank(severity: &str) -> f64 {
+    match severity {
+        "critical" => 2.0,
+        "warning" => 1.0,
+        _ => 0.0,
+    }
+}
+
+fn finding_trouble(r: &FindingRow) -> Severity {
+    match r.severity.as_str() {
+        "critical" => Severity::Bad,
+        "warning" => Severity::Warn,
+        _ => Severity::Normal,
+    }
+}
+
+type FindingColumn = Column<FindingRow>;
+
+static FINDING_COLUMNS: [Column<FindingRow>; 4] = [
+    FindingColumn::num("SEVERITY", 9, |r| r.severity.clone(), |r| num(severity_rank(&r.severity))).trouble(finding_trouble),
+    FindingColumn::text("FINDING", 17, |r| r.finding.clone(), |r| text(&r.finding)),
+    FindingColumn::text("ENDPOINT", 22, |r| r.endpoint.clone(), |r| text(&r.endpoint)),
+    FindingColumn::text("SUMMARY", 80, |r| r.summary.clone(), |r| text(&r.summary)),
+];
+
+impl TableRow for FindingRow {
+    fn columns() -> &'static [Column<Self>] {
+        &FINDING_COLUMNS
+    }
+    fn matches(&self, needle: &str) -> bool {
+        contains_ci(&self.finding, needle) || contains_ci(&self.endpoint, needle) || contains_ci(&self.summary, needle)
+    }
+    fn identity(&self) -> String {
+        format!("{} {}", self.finding, self.endpoint)
     }
 }

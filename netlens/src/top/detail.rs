@@ -9,7 +9,7 @@ use ratatui::Frame;
 
 use super::columns::kind_name;
 use super::format;
-use super::model::{Bar, Snapshot};
+use super::model::{Bar, FindingRow, Snapshot};
 use super::render::{bold, severity_style};
 use super::table::{TableRow, TextTable};
 use super::view::View;
@@ -21,7 +21,22 @@ pub(super) fn height(view: View) -> u16 {
     match view {
         View::Endpoints => fields + 2,
         View::Connections | View::Processes => fields.div_ceil(2) + 2,
+        // Severity, finding, endpoint, then summary, evidence and advice
+        // each on its own wrapped lines.
+        View::Findings => 12,
     }
+}
+
+/// A finding in full: its summary, evidence and advice, wrapped.
+fn draw_finding(frame: &mut Frame, area: Rect, finding: &FindingRow) {
+    let title = format!(" {} {} on {} ", finding.severity, finding.finding, finding.endpoint);
+    let block = Block::bordered().title(Span::styled(title, bold()));
+    let lines = vec![
+        Line::from(finding.summary.clone()),
+        Line::from(vec![Span::styled("evidence ", bold()), Span::raw(finding.evidence.clone())]),
+        Line::from(vec![Span::styled("advice ", bold()), Span::raw(finding.advice.clone())]),
+    ];
+    frame.render_widget(Paragraph::new(lines).block(block).wrap(ratatui::widgets::Wrap { trim: true }), area);
 }
 
 pub(super) fn draw(frame: &mut Frame, area: Rect, view: View, snapshot: &Snapshot, table: &TextTable, row: usize) {
@@ -32,8 +47,14 @@ pub(super) fn draw(frame: &mut Frame, area: Rect, view: View, snapshot: &Snapsho
     let fields = field_lines(table, row);
     let endpoint = match view {
         View::Endpoints => snapshot.endpoints.iter().find(|e| e.identity() == text_row.id),
-        View::Connections | View::Processes => None,
+        View::Connections | View::Processes | View::Findings => None,
     };
+    if view == View::Findings {
+        if let Some(finding) = snapshot.findings.iter().find(|f| f.identity() == text_row.id) {
+            draw_finding(frame, area, finding);
+        }
+        return;
+    }
     let Some(endpoint) = endpoint else {
         // LOCAL and REMOTE, or PID and COMM: what the row is about.
         let cell = |i: usize| text_row.cells.get(i).map_or("", |c| c.text.as_str());

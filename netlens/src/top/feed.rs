@@ -7,16 +7,19 @@ use std::{collections::HashMap, time::Instant};
 use hdrhistogram::Histogram;
 
 use super::model::{
-    Bar, ConnectionRow, EndpointKind, EndpointRow, Header, ProcessRow, Quantiles, Snapshot,
+    Bar, ConnectionRow, EndpointKind, EndpointRow, FindingRow, Header, ProcessRow, Quantiles, Snapshot,
 };
 use crate::{
     aggregate::{buckets::Buckets, endpoint::EndpointBy, stats::ConnStats, topk::TopK, Aggregator},
+    doctor::live::{self, LiveFindings},
     event::{ConnEvent, Direction},
     loader::LiveFlow,
 };
 
 /// Endpoints and processes top keeps (the rest is not shown).
 const TRACKED: usize = 500;
+/// Findings shown at most per kind.
+const FINDINGS_PER_KIND: usize = 50;
 
 /// What a refresh needs besides the events.
 pub struct Extras {
@@ -58,6 +61,9 @@ pub struct Feed {
     previous_processes: HashMap<u32, Totals>,
     previous_host: Totals,
     last_refresh: Instant,
+    /// The doctor's rules over 60 s windows (the line under the header and
+    /// the Findings view).
+    pub findings: LiveFindings,
 }
 
 impl Default for Feed {
@@ -98,6 +104,12 @@ fn rate(now: u64, before: u64, seconds: f64) -> f64 {
 }
 
 impl Feed {
+    /// With `--port`: census destinations on other ports are not the
+    /// doctor's business either.
+    pub fn for_port(port: Option<u16>) -> Self {
+        Self { findings: LiveFindings::new(live::WINDOW, port), ..Self::new() }
+    }
+
     pub fn new() -> Self {
         Self {
             aggregator: Aggregator::new(EndpointBy::Auto, TRACKED),
@@ -106,11 +118,13 @@ impl Feed {
             previous_processes: HashMap::new(),
             previous_host: Totals::default(),
             last_refresh: Instant::now(),
+            findings: LiveFindings::new(live::WINDOW, None),
         }
     }
 
     pub fn record(&mut self, event: &ConnEvent) {
         self.aggregator.record(event);
+        self.findings.record(event);
         if let (Some(pid), Some(comm)) = (event.pid, &event.comm) {
             let weight = u64::from(matches!(event.detail, crate::event::Detail::Handshake { .. }));
             if let Some((name, stats)) = self.processes.get_or_admit(&pid, weight) {
@@ -231,7 +245,24 @@ impl Feed {
             })
             .collect();
 
-        Snapshot { header, endpoints, connections, processes }
+        let findings = self
+            .findings
+            .active(FINDINGS_PER_KIND)
+            .into_iter()
+            .map(|f| FindingRow {
+                severity: f.severity.as_str().to_string(),
+                finding: f.finding.to_string(),
+                endpoint: f.endpoint,
+                summary: f.summary,
+                evidence: f.evidence.iter().map(|(k, v)| match v {
+                    serde_json::Value::String(text) => format!("{k}={text}"),
+                    other => format!("{k}={other}"),
+                }).collect::<Vec<_>>().join(" "),
+                advice: f.advice.to_string(),
+            })
+            .collect();
+
+        Snapshot { header, findings, endpoints, connections, processes }
     }
 
     /// Ends an epoch of the endpoint and process tables: idle rows leave,

@@ -3,7 +3,8 @@
 
 use super::columns::{bad_above, warn_if_positive, HANDSHAKE_P99_BAD_US, HOL_P99_BAD_US};
 use super::format::{self, NONE};
-use super::model::{Header, Quantiles};
+use super::columns::severity_rank;
+use super::model::{FindingRow, Header, Quantiles};
 use super::table::Severity;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -73,6 +74,26 @@ pub fn header_lines(h: &Header) -> Vec<HeaderLine> {
     ]
 }
 
+/// The line under the header: the doctor's findings holding now, most
+/// severe first (`f` shows them in full), or "none".
+pub fn findings_line(findings: &[FindingRow]) -> HeaderLine {
+    let mut fields: Vec<Field> = findings
+        .iter()
+        .map(|f| {
+            let severity = match severity_rank(&f.severity) as u8 {
+                2 => Severity::Bad,
+                1 => Severity::Warn,
+                _ => Severity::Normal,
+            };
+            flagged("", format!("{} {}", f.finding, f.endpoint), severity)
+        })
+        .collect();
+    if fields.is_empty() {
+        fields.push(field("", "none".to_string()));
+    }
+    HeaderLine { topic: "Findings", fields }
+}
+
 /// Width of the topic column so the fields of all lines start aligned.
 pub const TOPIC_WIDTH: usize = 10;
 
@@ -82,7 +103,7 @@ pub fn plain_lines(line: &HeaderLine, width: usize) -> Vec<String> {
     let mut out = vec![format!("{:<TOPIC_WIDTH$}", line.topic)];
     let mut first_on_line = true;
     for f in &line.fields {
-        let piece = format!("{} {}", f.label, f.value);
+        let piece = if f.label.is_empty() { f.value.clone() } else { format!("{} {}", f.label, f.value) };
         let sep = if first_on_line { "" } else { "  " };
         let current = out.len() - 1;
         let fits = width == 0 || out[current].chars().count() + sep.len() + piece.chars().count() <= width;

@@ -102,10 +102,26 @@ pub struct ProcessRow {
     pub hol_stall_total_us: u64,
 }
 
+/// One of the doctor's findings holding now (`netlens doctor`'s rules over
+/// 60 s windows).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FindingRow {
+    /// `critical`, `warning` or `info`.
+    pub severity: String,
+    pub finding: String,
+    pub endpoint: String,
+    pub summary: String,
+    /// `name=value` pairs, units in the names.
+    pub evidence: String,
+    pub advice: String,
+}
+
 /// Everything one frame shows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub header: Header,
+    /// Most severe first.
+    pub findings: Vec<FindingRow>,
     pub endpoints: Vec<EndpointRow>,
     pub connections: Vec<ConnectionRow>,
     pub processes: Vec<ProcessRow>,

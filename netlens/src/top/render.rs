@@ -9,8 +9,8 @@ use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState};
 use ratatui::Frame;
 
 use super::app::{App, Mode};
-use super::header::{header_lines, TOPIC_WIDTH};
-use super::model::Header;
+use super::header::{findings_line, header_lines, TOPIC_WIDTH};
+use super::model::{FindingRow, Header};
 use super::table::{columns_that_fit, Align, Severity, TextTable};
 use super::view::View;
 use super::{detail, popup};
@@ -53,7 +53,7 @@ impl App {
 
         let footer_h = u16::from(area.height >= 2);
         let status_h = u16::from(area.height >= 3);
-        let header_h = 3.min(area.height.saturating_sub(footer_h + status_h + MIN_TABLE_ROWS));
+        let header_h = 4.min(area.height.saturating_sub(footer_h + status_h + MIN_TABLE_ROWS));
         let [header_area, status_area, body_area, footer_area] = Layout::vertical([
             Constraint::Length(header_h),
             Constraint::Length(status_h),
@@ -62,7 +62,7 @@ impl App {
         ])
         .areas(area);
 
-        draw_header(frame, header_area, &self.shown.header);
+        draw_header(frame, header_area, &self.shown.header, &self.shown.findings);
         self.draw_status(frame, status_area, &table);
         self.draw_footer(frame, footer_area);
 
@@ -127,6 +127,7 @@ fn key_bar(paused: bool) -> Line<'static> {
         ("e", "Endpts"),
         ("c", "Conns"),
         ("p", "Procs"),
+        ("f", "Finds"),
         ("F6", "Sort"),
         ("<>", "Col"),
         ("r", "Rev"),
@@ -143,17 +144,20 @@ fn key_bar(paused: bool) -> Line<'static> {
     Line::from(spans)
 }
 
-fn draw_header(frame: &mut Frame, area: Rect, header: &Header) {
+fn draw_header(frame: &mut Frame, area: Rect, header: &Header, findings: &[FindingRow]) {
     let lines: Vec<Line> = header_lines(header)
         .into_iter()
+        .chain([findings_line(findings)])
         .map(|line| {
             let mut spans = vec![Span::styled(format!("{:<TOPIC_WIDTH$}", line.topic), bold())];
             for (i, field) in line.fields.into_iter().enumerate() {
                 if i > 0 {
                     spans.push(Span::raw("  "));
                 }
-                spans.push(Span::styled(field.label, bold().add_modifier(Modifier::DIM)));
-                spans.push(Span::raw(" "));
+                if !field.label.is_empty() {
+                    spans.push(Span::styled(field.label, bold().add_modifier(Modifier::DIM)));
+                    spans.push(Span::raw(" "));
+                }
                 spans.push(Span::styled(field.value, severity_style(field.severity)));
             }
             Line::from(spans)

@@ -71,6 +71,9 @@ impl Collector {
         self.census.refresh();
         // A failed census shows as "-"; top cannot print over its screen.
         let _ = self.census.take_failure();
+        if let Some(census) = self.census.latest() {
+            self.feed.findings.record_census(census);
+        }
         let filter = &self.filter;
         let flows = self
             .source
@@ -109,7 +112,7 @@ pub async fn run(options: TopOptions) -> Result<()> {
     let source = EventSource::start()?;
     let mut collector = Collector {
         source,
-        feed: Feed::new(),
+        feed: Feed::for_port(options.filter.port),
         filter: options.filter.clone(),
         census: CensusCache::new(CENSUS_INTERVAL),
         last_epoch: Instant::now(),

@@ -75,6 +75,7 @@ fn snapshot() -> Snapshot {
             events_lost: 3,
             bpf_errors: 0,
         },
+        findings: Vec::new(),
         endpoints: vec![
             endpoint("10.0.0.7:443", EndpointKind::Remote, 12.0, 0.5),
             endpoint("*:8080", EndpointKind::Listener, 30.0, 0.0),
@@ -348,4 +349,44 @@ fn batch_json_is_one_parseable_line_in_view_order() {
 
     settings.sort_by_title("retr").unwrap();
     assert!(settings.sort_by_title("nope").unwrap_err().contains("LOCAL"));
+}
+
+fn finding(severity: &str, name: &str, endpoint: &str) -> FindingRow {
+    FindingRow {
+        severity: severity.to_string(),
+        finding: name.to_string(),
+        endpoint: endpoint.to_string(),
+        summary: format!("{name} summary with numbers"),
+        evidence: "conn_per_s=120".to_string(),
+        advice: "reuse connections".to_string(),
+    }
+}
+
+#[test]
+fn findings_line_and_view() {
+    let mut app = app_with_data();
+    let all = text(&screen(&mut app, 140, 30));
+    assert!(all.contains("Findings  none"), "{all}");
+    let mut with_findings = snapshot();
+    with_findings.findings =
+        vec![finding("warning", "connection_churn", "10.0.0.7:443"), finding("critical", "syn_loss", "10.0.0.9:5432")];
+    app.update(with_findings.clone());
+    let lines = screen(&mut app, 140, 30);
+    let line = line_of(&lines, "Findings").map(|i| lines[i].clone()).unwrap_or_default();
+    assert!(line.contains("connection_churn 10.0.0.7:443") && line.contains("syn_loss 10.0.0.9:5432"), "{}", text(&lines));
+    press(&mut app, "f");
+    assert_eq!(app.settings.view, View::Findings);
+    let lines = screen(&mut app, 140, 30);
+    // Most severe first.
+    let critical = lines.iter().rposition(|l| l.contains("syn_loss summary")).unwrap();
+    let warning = lines.iter().rposition(|l| l.contains("connection_churn summary")).unwrap();
+    assert!(critical < warning, "{}", text(&lines));
+    assert!(text(&lines).contains("SEVERITY"));
+    let mut settings = ViewSettings::default();
+    settings.view = View::Findings;
+    let batch = batch_text(&settings, &with_findings, 0);
+    assert!(batch.contains("Findings  syn_loss 10.0.0.9:5432") || batch.contains("syn_loss 10.0.0.9:5432"), "{batch}");
+    let json: serde_json::Value = serde_json::from_str(&batch_json(&settings, &with_findings)).unwrap();
+    assert_eq!(json["view"], "findings");
+    assert_eq!(json["rows"][0]["finding"], "syn_loss");
 }

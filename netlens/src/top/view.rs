@@ -1,7 +1,7 @@
 //! Which view is shown and how it is ordered and filtered: the state the TUI
 //! and batch mode share, independent of any terminal.
 
-use super::model::{ConnectionRow, EndpointRow, ProcessRow, Snapshot};
+use super::model::{ConnectionRow, EndpointRow, FindingRow, ProcessRow, Snapshot};
 use super::table::{SortState, TableRow, TextTable};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -10,16 +10,19 @@ pub enum View {
     Endpoints,
     Connections,
     Processes,
+    /// The doctor's findings holding now.
+    Findings,
 }
 
 impl View {
-    pub const ALL: [View; 3] = [View::Endpoints, View::Connections, View::Processes];
+    pub const ALL: [View; 4] = [View::Endpoints, View::Connections, View::Processes, View::Findings];
 
     pub fn index(self) -> usize {
         match self {
             View::Endpoints => 0,
             View::Connections => 1,
             View::Processes => 2,
+            View::Findings => 3,
         }
     }
 
@@ -28,6 +31,7 @@ impl View {
             View::Endpoints => "Endpoints",
             View::Connections => "Connections",
             View::Processes => "Processes",
+            View::Findings => "Findings",
         }
     }
 
@@ -37,6 +41,7 @@ impl View {
             View::Endpoints => "endpoints",
             View::Connections => "connections",
             View::Processes => "processes",
+            View::Findings => "findings",
         }
     }
 
@@ -52,6 +57,7 @@ impl View {
             View::Endpoints => titles::<EndpointRow>(),
             View::Connections => titles::<ConnectionRow>(),
             View::Processes => titles::<ProcessRow>(),
+            View::Findings => titles::<FindingRow>(),
         }
     }
 
@@ -66,6 +72,8 @@ impl View {
             View::Endpoints => SortState::by_title::<EndpointRow>("CONN/S"),
             View::Connections => SortState::by_title::<ConnectionRow>("AGE"),
             View::Processes => SortState::by_title::<ProcessRow>("CONN/S"),
+            // Most severe first, as the doctor prints them.
+            View::Findings => SortState::by_title::<FindingRow>("SEVERITY"),
         };
         sort.unwrap_or_default()
     }
@@ -76,7 +84,7 @@ impl View {
 pub struct ViewSettings {
     pub view: View,
     /// Indexed by [`View::index`]: each view remembers its own sort.
-    pub sorts: [SortState; 3],
+    pub sorts: [SortState; 4],
     /// Applied filter (case-insensitive substring); empty shows everything.
     pub filter: String,
 }
@@ -118,6 +126,7 @@ impl ViewSettings {
             View::Endpoints => TextTable::build(&snapshot.endpoints, sort, &self.filter),
             View::Connections => TextTable::build(&snapshot.connections, sort, &self.filter),
             View::Processes => TextTable::build(&snapshot.processes, sort, &self.filter),
+            View::Findings => TextTable::build(&snapshot.findings, sort, &self.filter),
         }
     }
 }
