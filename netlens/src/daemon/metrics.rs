@@ -528,6 +528,9 @@ mod tests {
             top_k: 50,
             now_ns: 0,
             features: &[],
+            program_errors: &[],
+            drops: &[],
+            map_read_failures: 0,
             findings: &findings,
         };
         let text = prometheus::TextEncoder::new().encode_to_string(&families(&inputs)).unwrap();

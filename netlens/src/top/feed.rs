@@ -292,7 +292,7 @@ mod tests {
         let mut feed = Feed::new();
         feed.record(&from_client(Detail::Handshake { direction: Direction::Active, handshake_ns: 40_000 }));
         // A live connection retransmits 5 segments; it has not closed.
-        feed.record(&from_client(Detail::Retransmit { state: netlens_common::tcp_state::ESTABLISHED, segs: 5 }));
+        feed.record(&from_client(Detail::Retransmit { state: netlens_common::tcp_state::ESTABLISHED, segs: 5, bytes: 7240, seq: 0 }));
         // Another closes: 2 retransmitted of 1,000 sent.
         feed.record(&from_client(Detail::Close {
             direction: Some(Direction::Active),
