@@ -165,7 +165,7 @@ fn check_listener(listener: u64, program: u32) {
 /// [`synstart::syn_arrived`], its failure counted against `program`.
 #[inline(always)]
 fn syn_arrived(listener: u64, skb: u64, program: u32) {
-    if synstart::syn_arrived(listener, skb).is_err() {
+    if synstart::syn_arrived(listener, skb) < 0 {
         count_error(program);
     }
 }

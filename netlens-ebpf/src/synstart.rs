@@ -30,9 +30,20 @@ pub fn take(key: &TupleKey) -> Option<u64> {
     Some(start_ns)
 }
 
-/// `listener` is about to handle the SYN in `skb`. Its own BPF function.
+/// `listener` is about to handle the SYN in `skb`. Its own BPF function,
+/// returning 0 or a negative error in a register: a `Result` comes back
+/// through the caller's stack, and 5.10's verifier refuses the read of its
+/// unwritten error half on the `Ok` path ("invalid read from stack").
 #[inline(never)]
-pub fn syn_arrived(listener: u64, skb: u64) -> Result<(), i32> {
+pub fn syn_arrived(listener: u64, skb: u64) -> i32 {
+    match record_syn(listener, skb) {
+        Ok(()) => 0,
+        Err(err) => err.min(-1),
+    }
+}
+
+#[inline(always)]
+fn record_syn(listener: u64, skb: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let config = cfg_field!(accept_queue);
     let head: u64 = member(skb, config.skb_head)?;
