@@ -235,6 +235,9 @@ pub struct AcceptQueueConfig {
     pub sock_max_ack_backlog: u32,
     /// `struct sock` → `__sk_common.skc_state` (u8).
     pub sock_state: u32,
+    /// `struct sock` → `sk_drops` (atomic_t): every listen drop counts
+    /// there (`tcp_listendrop`).
+    pub sock_drops: u32,
     /// current → `files` → `fdt` → `fd[]` / `max_fds`; `file` →
     /// `private_data` (struct socket *); `socket` → `sk`.
     pub task_files: u32,
@@ -266,7 +269,7 @@ pub struct AcceptQueueConfig {
     pub inet_csk_accept_args: u8,
     /// Raw `kfree_skb` argument: `location` (the caller).
     pub kfree_skb_location_arg: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
     /// `[start, end)` of `tcp_rcv_state_process`: a SYN it consumes went
     /// through the listener's `conn_request` (kallsyms).
     pub syn_consumer_start: u64,

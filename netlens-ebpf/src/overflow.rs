@@ -19,9 +19,12 @@
 //! Limits (tracepoints only): a listener that was listening before netlens
 //! attached is unknown until it accepts or overflows at final-ACK time;
 //! several listeners on one port (SO_REUSEPORT) count as the last one
-//! seen; the SYN and cookie tests run microseconds after the kernel's, so
-//! an accept() or a completed handshake on another CPU in between can flip
-//! them.
+//! seen; the SYN and cookie tests run microseconds after the kernel's:
+//! the listener's `sk_drops` confirms a SYN was dropped (a handshake
+//! completing on another CPU in between can fill the queue without this
+//! SYN being dropped), but an accept() in between can still hide one, and
+//! drops other than overflows while the queue is full (syncookies off with
+//! the SYN queue full too) count as overflows.
 //!
 //! Counts are cumulative per listener; userspace reads the table once a
 //! second and reports what grew (one `listen_overflow` per listener per
@@ -56,6 +59,11 @@ static LISTEN_OVERFLOWS: LruPerCpuHashMap<u64, ListenOverflow> =
 #[map]
 static LISTENERS: LruHashMap<ListenerKey, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
 
+/// How much of each listener's `sk_drops` the tracepoint path has
+/// accounted for (see [`syn_dropped`]).
+#[map]
+static LISTENER_DROPS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
+
 /// Packets freed by `kfree_skb`, per CPU, by `enum skb_drop_reason` value.
 #[map]
 static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
@@ -75,7 +83,55 @@ const TCP_FLAG_SYN: u8 = 0x02;
 pub fn listening(sk: u64) -> Result<(), i32> {
     let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
     let key = ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 };
-    LISTENERS.insert(&key, &sk, 0).map_err(|e| e as i32)
+    LISTENERS.insert(&key, &sk, 0).map_err(|e| e as i32)?;
+    all_drops_accounted(sk);
+    Ok(())
+}
+
+/// `listener`'s `sk_drops`, when this kernel has the member.
+#[inline(always)]
+fn sk_drops(listener: u64) -> Option<u32> {
+    let offset = cfg_field!(accept_queue.sock_drops);
+    if offset == u32::MAX {
+        return None;
+    }
+    member(listener, offset).ok()
+}
+
+/// Takes every drop of `listener` so far as accounted for.
+#[inline(always)]
+fn all_drops_accounted(listener: u64) {
+    if let Some(drops) = sk_drops(listener) {
+        let _ = LISTENER_DROPS.insert(&listener, &drops, 0);
+    }
+}
+
+/// Whether the SYN `listener` just handled, with its accept queue full,
+/// was dropped: `tcp_listendrop()` counted it in `sk_drops`, beyond what
+/// was accounted for. Our test of the queue runs microseconds after the
+/// kernel's, and a handshake completing on another CPU in between fills
+/// the queue without this SYN being dropped: `sk_drops` tells. One drop
+/// is taken per SYN, so that two CPUs dropping at once count two.
+/// Without `sk_drops` (or a listener seen first now), the queue decides.
+#[inline(always)]
+fn syn_dropped(listener: u64) -> bool {
+    let Some(drops) = sk_drops(listener) else { return true };
+    match LISTENER_DROPS.get_ptr_mut(&listener) {
+        Some(accounted) => {
+            // SAFETY: a live map value; the read-modify-write can race
+            // with another CPU's only within these instructions.
+            let accounted = unsafe { &mut *accounted };
+            if (drops.wrapping_sub(*accounted) as i32) <= 0 {
+                return false;
+            }
+            *accounted = accounted.wrapping_add(1);
+            true
+        }
+        None => {
+            let _ = LISTENER_DROPS.insert(&listener, &drops, 0);
+            true
+        }
+    }
 }
 
 /// A listening socket closed.
@@ -98,6 +154,7 @@ pub fn known_listener(sk: u64) -> Result<(), i32> {
     // SAFETY: copied out at once.
     if unsafe { LISTENERS.get(&key).copied() } != Some(sk) {
         LISTENERS.insert(&key, &sk, 0).map_err(|e| e as i32)?;
+        all_drops_accounted(sk);
     }
     Ok(())
 }
@@ -313,11 +370,15 @@ fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<()
     if listener == 0 {
         return Ok(());
     }
-    if test_queue {
+    let backlog = if test_queue {
         let Some(backlog) = accept_queue_full(listener) else { return Ok(()) };
-        return overflowed(listener, backlog, slot::DROP);
-    }
-    let backlog: u32 = member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?;
+        backlog
+    } else {
+        member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?
+    };
+    // This path adds to `sk_drops` too (more than once: tcp_listendrop()
+    // and the discard), all of it accounted for here.
+    all_drops_accounted(listener);
     overflowed(listener, backlog, slot::DROP)
 }
 
@@ -358,7 +419,9 @@ fn syn_consumed(skb: u64) -> Result<(), i32> {
         return Ok(());
     }
     if let Some(backlog) = accept_queue_full(listener) {
-        overflowed(listener, backlog, slot::SYN)?;
+        if syn_dropped(listener) {
+            overflowed(listener, backlog, slot::SYN)?;
+        }
     }
     Ok(())
 }

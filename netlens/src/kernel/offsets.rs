@@ -157,6 +157,7 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf, code_ranges: [(u64, u64); CODE_
         sock_ack_backlog: member("sock", "sk_ack_backlog"),
         sock_max_ack_backlog: member("sock", "sk_max_ack_backlog"),
         sock_state: member("sock", "__sk_common.skc_state"),
+        sock_drops: member("sock", "sk_drops"),
         task_files: member("task_struct", "files"),
         files_fdt: member("files_struct", "fdt"),
         fdt_fd: member("fdtable", "fd"),
