@@ -136,6 +136,12 @@ fn data_loss_matches_kernel_counters_exactly() -> Result<()> {
     let synack_segs = traced.named("synack_retransmit").count() as u64;
     let slack = traced.unaccounted();
     assert_close(traced_segs + synack_segs, retrans_segs, slack, "retransmit segs vs TcpRetransSegs");
+    // Each data retransmission names its segment: at least one MSS-sized
+    // span, at most what the skb's segments can hold (64 KB).
+    for e in traced.named("retransmit").filter(|e| e["state"] == "ESTABLISHED") {
+        let span = e["seq_span"].as_u64().unwrap_or(0);
+        assert!((1..=65_536).contains(&span), "retransmit without its sequence span: {e}");
+    }
     let closes: Vec<&Value> = traced.named("close").collect();
     assert_close(closes.len() as u64, 2 * conns.len() as u64, slack, "close events");
     let closed_retrans: u64 = closes.iter().map(|e| e["retransmits"].as_u64().unwrap_or(0)).sum();

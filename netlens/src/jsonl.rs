@@ -53,6 +53,11 @@ struct JsonEvent<'a> {
     state: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     segs: Option<u32>,
+    /// `retransmit`: the skb's sequence span and first sequence number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq_span: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     lifetime_us: Option<Option<f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,6 +139,8 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
         after_us: None,
         state: None,
         segs: None,
+        seq_span: None,
+        seq: None,
         lifetime_us: None,
         bytes_sent: None,
         bytes_received: None,
@@ -170,9 +177,11 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
             json.reason = Some(reason.as_str());
             json.after_us = Some(micros(*after_ns));
         }
-        Detail::Retransmit { state, segs, .. } => {
+        Detail::Retransmit { state, segs, bytes, seq } => {
             json.state = Some(state_name(*state));
             json.segs = Some(*segs);
+            json.seq_span = Some(*bytes);
+            json.seq = Some(*seq);
         }
         Detail::ResetSent { state } if *state != 0 => json.state = Some(state_name(*state)),
         Detail::SynackRetransmit | Detail::ResetSent { .. } | Detail::ResetReceived => {}
