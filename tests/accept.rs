@@ -8,48 +8,17 @@ use std::{
     collections::HashMap,
     io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::FromRawFd,
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use netlens_tests::{Netlens, Netns};
 use serde_json::Value;
 
-fn guest() -> bool {
-    std::env::var("NETLENS_GUEST").is_ok_and(|v| v == "1")
-}
-
 fn port_of(event: &Value, key: &str) -> u16 {
     event[key].as_u64().unwrap_or(0) as u16
-}
-
-/// An IPv4 listener on 127.0.0.1:`port` with accept-queue limit `backlog`
-/// (std's TcpListener always asks for 128).
-fn listener(port: u16, backlog: i32) -> Result<TcpListener> {
-    // SAFETY: plain socket calls on a descriptor we own; the sockaddr is
-    // fully initialised and its size passed.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let listener = TcpListener::from_raw_fd(fd);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be() },
-            sin_zero: [0; 8],
-        };
-        if libc::bind(fd, (&raw const addr).cast(), size_of::<libc::sockaddr_in>() as u32) != 0
-            || libc::listen(fd, backlog) != 0
-        {
-            bail!("bind/listen: {}", std::io::Error::last_os_error());
-        }
-        Ok(listener)
-    }
 }
 
 /// A listener on `port` with `backlog` that never accepts, and `clients`
@@ -63,7 +32,10 @@ fn listen_overflows_match_nstat(port: u16, backlog: i32, clients: usize, hold_ac
     let netns = Netns::new()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let netlens = Netlens::trace_netns(netns.inode()?)?;
-    let listener = netns.spawn(move || listener(addr.port(), backlog)).join().expect("listener thread")??;
+    let listener = netns
+        .spawn(move || netlens_tests::traffic::listener_with_backlog(addr.port(), backlog))
+        .join()
+        .expect("listener thread")??;
     if hold_acks {
         netns.nft(&format!(
             "table inet hold {{\n chain pre {{\n  type filter hook prerouting priority 0;\n  tcp dport {port} tcp flags == ack drop\n }}\n}}\n"
@@ -173,7 +145,7 @@ fn accept_waits_match_the_server() -> Result<()> {
     let accepted: Vec<&Value> = traced.named("accepted").filter(|e| port_of(e, "sport") == addr.port()).collect();
     let slack = traced.unaccounted() as usize;
     assert!(accepted.len() <= CLIENTS && CLIENTS - accepted.len() <= slack, "{} accepted events (missed {slack})", accepted.len());
-    let (relative, absolute_ms) = if guest() { (0.5, 200.0) } else { (0.1, 20.0) };
+    let (relative, absolute_ms) = if netlens_tests::in_guest() { (0.5, 200.0) } else { (0.1, 20.0) };
     for event in &accepted {
         let port = port_of(event, "dport");
         let measured = accepted_at[&port].duration_since(connected[&port]).as_secs_f64() * 1e3;
