@@ -34,14 +34,17 @@ fn delta(before: &std::collections::HashMap<String, u64>, after: &std::collectio
     after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0)
 }
 
-/// 30 % of SYNs dropped: SYN_SENT retransmits equal TcpExtTCPSynRetrans;
+/// 20 % of SYNs dropped: SYN_SENT retransmits equal TcpExtTCPSynRetrans;
 /// every connection whose SYN was retransmitted took ≥ 1 s (the initial
-/// RTO) to establish, the others stayed fast.
+/// RTO) to establish, the others stayed fast. 20 %, not more: a connect
+/// fails the test when seven SYNs in a row are lost (the client waits 70 s,
+/// the 7th retransmission leaves at 63 s), 60 × 0.2⁷ ≈ 1 run in 100,000;
+/// at 30 % it was 1 in 75.
 #[test]
 fn syn_loss_shows_in_handshake_time() -> Result<()> {
     let netns = Netns::new()?;
     let addr: SocketAddr = "127.0.0.1:8082".parse()?;
-    netns.nft(&loss_rule("tcp dport 8082 tcp flags & (syn | ack) == syn numgen random mod 1000 < 300 drop"))?;
+    netns.nft(&loss_rule("tcp dport 8082 tcp flags & (syn | ack) == syn numgen random mod 1000 < 200 drop"))?;
     let netlens = Netlens::trace_netns(netns.inode()?)?;
     let _server = Server::start(&netns, addr, 0)?;
     let before = netns.nstat()?;
@@ -52,7 +55,7 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
 
     let syn_retransmits: Vec<&Value> = traced.named("retransmit").filter(|e| e["state"] == "SYN_SENT").collect();
     let syn_retrans = delta(&before, &after, "TcpExtTCPSynRetrans");
-    assert!(syn_retrans > 0, "30 % SYN loss over 60 connects retransmitted nothing");
+    assert!(syn_retrans > 0, "20 % SYN loss over 60 connects retransmitted nothing");
     assert_close(syn_retransmits.len() as u64, syn_retrans, traced.unaccounted(), "SYN_SENT retransmits vs TcpExtTCPSynRetrans");
     let retried: HashSet<u16> = syn_retransmits.iter().map(|e| port_of(e, "sport")).collect();
     let mut slow = 0;

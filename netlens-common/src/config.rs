@@ -269,7 +269,11 @@ pub struct AcceptQueueConfig {
     pub inet_csk_accept_args: u8,
     /// Raw `kfree_skb` argument: `location` (the caller).
     pub kfree_skb_location_arg: u8,
-    pub _pad: [u8; 3],
+    /// Parameters of `tcp_v4_syn_recv_sock` and `tcp_v6_syn_recv_sock`
+    /// (6 on every kernel netlens knows, 0 when they differ): fexit finds
+    /// the return value after them.
+    pub syn_recv_sock_args: u8,
+    pub _pad: [u8; 2],
     /// `[start, end)` of `tcp_rcv_state_process`: a SYN it consumes went
     /// through the listener's `conn_request` (kallsyms).
     pub syn_consumer_start: u64,

@@ -81,8 +81,8 @@ pub mod program {
     pub const KFREE_SKB: u32 = 10;
     pub const CONSUME_SKB: u32 = 11;
     pub const FENTRY_TCP_CONN_REQUEST: u32 = 12;
-    pub const FENTRY_TCP_V4_SYN_RECV_SOCK: u32 = 13;
-    pub const FENTRY_TCP_V6_SYN_RECV_SOCK: u32 = 14;
+    pub const FEXIT_TCP_V4_SYN_RECV_SOCK: u32 = 13;
+    pub const FEXIT_TCP_V6_SYN_RECV_SOCK: u32 = 14;
     pub const KPROBE_TCP_CONN_REQUEST: u32 = 15;
     pub const KPROBE_TCP_V4_SYN_RECV_SOCK: u32 = 16;
     pub const KPROBE_TCP_V6_SYN_RECV_SOCK: u32 = 17;
@@ -108,8 +108,8 @@ pub mod program {
         "kfree_skb",
         "consume_skb",
         "fentry_tcp_conn_request",
-        "fentry_tcp_v4_syn_recv_sock",
-        "fentry_tcp_v6_syn_recv_sock",
+        "fexit_tcp_v4_syn_recv_sock",
+        "fexit_tcp_v6_syn_recv_sock",
         "kprobe_tcp_conn_request",
         "kprobe_tcp_v4_syn_recv_sock",
         "kprobe_tcp_v6_syn_recv_sock",

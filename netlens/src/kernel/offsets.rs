@@ -153,6 +153,11 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf, code_ranges: [(u64, u64); CODE_
     let [(syn_consumer_start, syn_consumer_end), (cookie_v4_start, cookie_v4_end), (cookie_v6_start, cookie_v6_end)] =
         code_ranges;
     let accept_args = btf.function_params("inet_csk_accept").map_or(0, |params| params.len() as u8);
+    let param_count = |function: &str| btf.function_params(function).map_or(0, |params| params.len() as u8);
+    let syn_recv_sock_args = match (param_count("tcp_v4_syn_recv_sock"), param_count("tcp_v6_syn_recv_sock")) {
+        (v4, v6) if v4 == v6 => v4,
+        _ => 0,
+    };
     let mut config = AcceptQueueConfig {
         sock_ack_backlog: member("sock", "sk_ack_backlog"),
         sock_max_ack_backlog: member("sock", "sk_max_ack_backlog"),
@@ -179,6 +184,7 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf, code_ranges: [(u64, u64); CODE_
         kfree_skb_rx_sk_arg: position(&kfree_skb, "struct sock *"),
         consume_skb_location_arg: location,
         inet_csk_accept_args: accept_args,
+        syn_recv_sock_args,
         syn_consumer_start,
         syn_consumer_end,
         cookie_v4_start,
@@ -217,6 +223,8 @@ pub struct AcceptQueueSupport {
     pub queue: Result<(), String>,
     /// fexit on inet_csk_accept: the return value's position.
     pub fexit_accept: Result<(), String>,
+    /// fexit on tcp_v4/v6_syn_recv_sock: the return value's position.
+    pub fexit_syn_recv_sock: Result<(), String>,
     /// syscalls:sys_{enter,exit}_accept{,4} and the fd → socket walk.
     pub accept_syscalls: Result<(), String>,
     /// kfree_skb with a reason (drop-reason counts).
@@ -241,6 +249,10 @@ impl AcceptQueueSupport {
         let with_queue = |result: Result<(), String>| queue.clone().and(result);
         Self {
             fexit_accept: with_queue(need(matches!(c.inet_csk_accept_args, 2 | 4), "inet_csk_accept has neither 2 nor 4 parameters in BTF")),
+            fexit_syn_recv_sock: with_queue(need(
+                c.syn_recv_sock_args == 6,
+                "tcp_v4_syn_recv_sock and tcp_v6_syn_recv_sock do not both have 6 parameters in BTF",
+            )),
             accept_syscalls: with_queue(need(
                 c.accept_exit_len != 0 && has(&[c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds, c.file_private_data, c.socket_sk]),
                 "no syscalls:sys_*_accept{,4} tracepoints with matching layouts, or no fd table members in BTF",
