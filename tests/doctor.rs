@@ -249,6 +249,8 @@ fn port_exhaustion_is_found() -> Result<()> {
     let found = assert_only(&findings, "port_exhaustion", "127.0.0.1:8108");
     eprintln!("ports: {made} connections then EADDRNOTAVAIL; doctor: {}", found["evidence"]);
     assert_eq!(found["evidence"]["port_range_ports"], 60);
+    // The client saw exactly one EADDRNOTAVAIL (it stops there).
+    assert_eq!(found["evidence"]["eaddrnotavail_connects"], 1, "{}", found["evidence"]);
     assert_eq!(found["severity"], "critical");
     Ok(())
 }

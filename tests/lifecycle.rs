@@ -5,7 +5,10 @@
 use std::{collections::HashMap, net::SocketAddr};
 
 use anyhow::Result;
-use netlens_tests::{traffic::{clients, Server}, Netlens, Netns};
+use netlens_tests::{
+    traffic::{churn_server, clients, paced_churn, Server},
+    Netlens, Netns,
+};
 use serde_json::Value;
 
 fn port_of(event: &Value, key: &str) -> u16 {
@@ -131,6 +134,34 @@ fn refused_connect_reports_reset() -> Result<()> {
     } else {
         assert_eq!(sent.len(), 0, "{sent:?}");
     }
+    Ok(())
+}
+
+/// Four local ports (ip_local_port_range, TIME_WAIT reuse off) toward one
+/// server: four connections hold them in TIME_WAIT, the fifth connect()
+/// fails with EADDRNOTAVAIL. netlens reports exactly that one as a failed
+/// handshake with reason `no_local_port`, toward the server, with no
+/// source port, from this process.
+#[test]
+fn connect_without_a_free_port_reports_no_local_port() -> Result<()> {
+    let netns = Netns::new()?;
+    netns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40003", "net.ipv4.tcp_tw_reuse=0"])?;
+    let addr: SocketAddr = "127.0.0.1:8086".parse()?;
+    churn_server(&netns, addr)?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let (made, exhausted) = paced_churn(&netns, addr, 50.0, std::time::Duration::from_secs(5))?;
+    let traced = netlens.stop()?;
+
+    assert!(exhausted, "{made} connections over 4 ports without EADDRNOTAVAIL");
+    assert_eq!(made, 4, "4 ports, each left in TIME_WAIT");
+    let failed: Vec<&Value> = traced.named("handshake_failed").collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["reason"], "no_local_port", "{}", failed[0]);
+    assert_eq!(failed[0]["dport"], addr.port());
+    assert_eq!(failed[0]["sport"], 0);
+    assert_eq!(failed[0]["pid"], std::process::id());
+    let active = traced.named("handshake").filter(|e| e["direction"] == "active").count();
+    assert_eq!(active as u64, made);
     Ok(())
 }
 

@@ -57,6 +57,9 @@ pub mod reason {
     pub const ABORTED: u8 = 4;
     /// Any other socket error.
     pub const ERROR: u8 = 5;
+    /// connect() found no free local port (EADDRNOTAVAIL): the socket went
+    /// back to CLOSE from SYN_SENT without a source port.
+    pub const NO_LOCAL_PORT: u8 = 6;
 }
 
 /// One event from the ring buffer. Which fields mean something depends on

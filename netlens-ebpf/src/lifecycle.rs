@@ -149,7 +149,10 @@ fn passive_established(sk: u64) -> Result<(), i32> {
 }
 
 /// SYN_SENT → CLOSE. `tcp_reset` and `tcp_write_err` set `sk_err` before
-/// `tcp_done` moves the socket to CLOSE, so it names the cause.
+/// `tcp_done` moves the socket to CLOSE, so it names the cause. connect()
+/// enters SYN_SENT before it searches for a local port; when the search
+/// fails (EADDRNOTAVAIL, returned to the caller, not set in `sk_err`) it
+/// goes back to CLOSE with no source port, the destination still set.
 #[inline(never)]
 fn connect_failed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
@@ -169,6 +172,7 @@ fn report_connect_failure(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
         stamp(event, kind::HANDSHAKE_FAILED, now, &tuple, flow);
         event.duration_ns = now.saturating_sub(flow.start_ns);
         event.reason = match sk_err {
+            0 if tuple.sport == 0 => reason::NO_LOCAL_PORT,
             0 => reason::ABORTED,
             ECONNREFUSED => reason::RESET,
             ETIMEDOUT => reason::TIMEOUT,

@@ -34,6 +34,8 @@ pub enum FailReason {
     Unreachable,
     Aborted,
     Error,
+    /// No free local port (connect()'s EADDRNOTAVAIL).
+    NoLocalPort,
 }
 
 impl FailReason {
@@ -44,6 +46,7 @@ impl FailReason {
             FailReason::Unreachable => "unreachable",
             FailReason::Aborted => "aborted",
             FailReason::Error => "error",
+            FailReason::NoLocalPort => "no_local_port",
         }
     }
     fn decode(raw: u8) -> Self {
@@ -52,6 +55,7 @@ impl FailReason {
             reason::TIMEOUT => FailReason::Timeout,
             reason::UNREACHABLE => FailReason::Unreachable,
             reason::ABORTED => FailReason::Aborted,
+            reason::NO_LOCAL_PORT => FailReason::NoLocalPort,
             _ => FailReason::Error,
         }
     }

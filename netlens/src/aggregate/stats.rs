@@ -15,8 +15,15 @@ pub const DIRECTIONS: [&str; 3] = ["active", "passive", "unknown"];
 
 pub const RETRANSMIT_KINDS: [&str; 3] = ["data", "syn", "synack"];
 pub const RESET_DIRECTIONS: [&str; 2] = ["sent", "received"];
-pub const FAIL_REASONS: [FailReason; 5] =
-    [FailReason::Reset, FailReason::Timeout, FailReason::Unreachable, FailReason::Aborted, FailReason::Error];
+pub const FAIL_REASONS: [FailReason; 6] = [
+    FailReason::Reset,
+    FailReason::Timeout,
+    FailReason::Unreachable,
+    FailReason::Aborted,
+    FailReason::NoLocalPort,
+    // Last: where a reason this table lacks would go.
+    FailReason::Error,
+];
 pub const WINDOW_SIDES: [WindowSide; 2] = [WindowSide::Peer, WindowSide::Local];
 
 /// A lifetime under this is churn ("short-lived").

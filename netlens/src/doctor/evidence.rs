@@ -82,6 +82,8 @@ pub struct Evidence {
     pub slow_handshakes: [u64; 3],
     /// Connect attempts that timed out (the SYN was never answered).
     pub syn_timeouts: u64,
+    /// connect() calls that found no free local port (EADDRNOTAVAIL).
+    pub no_local_port: u64,
     /// RTO-sized HOL stalls on long-lived or large connections (and on
     /// connections still open at the end), their total and the longest.
     pub rto_stalls: u64,
@@ -182,8 +184,10 @@ impl Watch {
                 }
             }
             Detail::HandshakeFailed { reason, .. } => {
-                if *reason == FailReason::Timeout {
-                    evidence.syn_timeouts += 1;
+                match reason {
+                    FailReason::Timeout => evidence.syn_timeouts += 1,
+                    FailReason::NoLocalPort => evidence.no_local_port += 1,
+                    _ => {}
                 }
                 if matches!(reason, FailReason::Reset | FailReason::Timeout) && evidence.failures.len() < MAX_FAILURES {
                     evidence.failures.push((event.ts_ns, event.pid));

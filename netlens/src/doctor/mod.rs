@@ -58,7 +58,7 @@ pub async fn run(options: DoctorOptions) -> Result<()> {
             Ok(census) => watch.record_census(&census, options.filter.port),
             Err(err) if !census_failed => {
                 census_failed = true;
-                eprintln!("netlens: {err:#}; port_exhaustion is not checked");
+                eprintln!("netlens: {err:#}; port_exhaustion rests on failed connects alone (no port census)");
             }
             Err(_) => {}
         }
