@@ -25,7 +25,7 @@ const GUEST_MEMORY: &str = "2G";
 /// by the caller's limit on top of these.
 const CHECK_LIMIT: Duration = Duration::from_secs(120);
 const SMOKE_LIMIT: Duration = Duration::from_secs(60);
-const TEST_BINARY_LIMIT: Duration = Duration::from_secs(300);
+const TEST_BINARY_LIMIT: Duration = Duration::from_secs(480);
 
 /// A test executable built on the host, run inside the guest.
 pub struct TestBinary {

@@ -39,7 +39,7 @@ for module in nf_tables tcp_bbr sch_netem veth; do modprobe -q "$module" 2>/dev/
 netlens=
 check_limit=120
 smoke_limit=60
-test_limit=300
+test_limit=480
 set --
 while IFS="$tab" read -r kind a b c; do
     case $kind in
