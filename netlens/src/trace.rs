@@ -60,6 +60,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
         };
         source.drain(&options.filter, &mut print);
         if stop {
+            source.flush(&mut print);
             source.read_overflows(&options.filter, &mut print);
         }
         if let Some(err) = write_error.take() {
