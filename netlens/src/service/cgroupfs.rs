@@ -18,20 +18,32 @@ const FILEID_KERNFS: i32 = 0xfe;
 /// The fallback walk gives up after this many directories.
 const WALK_LIMIT: usize = 100_000;
 
-/// The cgroup v2 hierarchy as this process sees it.
+/// The cgroup v2 hierarchy.
 pub struct CgroupFs {
+    /// Where it is reached from here.
     mount: PathBuf,
+    /// Where it is mounted in the namespace it was found in (the same, or
+    /// as init sees it): links to its directories may read either way.
+    mounted_at: PathBuf,
     root: File,
 }
 
 impl CgroupFs {
     /// The first cgroup2 mount in `/proc/self/mountinfo` (`/sys/fs/cgroup`,
-    /// or `/sys/fs/cgroup/unified` on a hybrid host); `None` without one.
+    /// or `/sys/fs/cgroup/unified` on a hybrid host), else init's, reached
+    /// through `/proc/1/root` (`ip netns exec` mounts a new /sys, which
+    /// hides the cgroup mounts); `None` without either.
     pub fn find() -> Option<Self> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        let mount = cgroup2_mount(&mountinfo)?;
+        let own = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|text| cgroup2_mount(&text));
+        if let Some(mount) = own {
+            if let Ok(root) = File::open(&mount) {
+                return Some(Self { mounted_at: mount.clone(), mount, root });
+            }
+        }
+        let mounted_at = cgroup2_mount(&std::fs::read_to_string("/proc/1/mountinfo").ok()?)?;
+        let mount = Path::new("/proc/1/root").join(mounted_at.strip_prefix("/").ok()?);
         let root = File::open(&mount).ok()?;
-        Some(Self { mount, root })
+        Some(Self { mount, mounted_at, root })
     }
 
     /// The path of cgroup `id` below the hierarchy's root (`/` for the
@@ -46,7 +58,7 @@ impl CgroupFs {
                 if target.ends_with(" (deleted)") {
                     return None;
                 }
-                relative_to(Path::new(target), &self.mount)
+                relative_to(Path::new(target), &self.mount).or_else(|| relative_to(Path::new(target), &self.mounted_at))
             }
             // The cgroup is gone (ESTALE) or the id is not one (ENOENT, EINVAL).
             Err(err) if matches!(err.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => None,

@@ -75,11 +75,19 @@ pub struct Attribution {
 
 impl Attribution {
     /// With the resolver thread reading the cgroup v2 hierarchy; without
-    /// one (no cgroup2 mount), every event goes out unattributed at once.
+    /// one (no cgroup2 mount visible), every event goes out unattributed
+    /// at once, and it says so on stderr.
     pub fn start() -> Self {
         match cgroupfs::CgroupFs::find() {
             Some(fs) => Self::with_resolver(Box::new(move |id| fs.path_of(id))),
-            None => Self::with_resolver(Box::new(|_| None)),
+            None => {
+                eprintln!(
+                    "netlens: no cgroup v2 hierarchy visible (`ip netns exec` hides it; `nsenter --net` does not): services are not resolved"
+                );
+                let mut attribution = Self::with_resolver(Box::new(|_| None));
+                attribution.requests = None;
+                attribution
+            }
         }
     }
 
