@@ -3,10 +3,13 @@
 //! the connections open. Both compare netlens's counts with what the
 //! client made. Needs root.
 //!
-//! Both run netlens without `--netns`: losses and evictions are counted
-//! host-wide, so the test must see any other namespace's traffic. Other
-//! traffic during an attempt (another test suite on this host) makes the
-//! exact comparison meaningless; the attempt is repeated, at most 3 times.
+//! Losses and evictions are counted host-wide, so other namespaces'
+//! traffic (another test suite on this host) adds to them. Beside the
+//! netlens under test runs a watcher: a second netlens, reading all along
+//! with a full-size table, that loses nothing. It counts the other
+//! namespaces' part: the comparison is exact when there was none, and
+//! bounded by what the watcher saw otherwise. The ring-buffer test is
+//! repeated (at most 3 times) when the watcher itself lost events.
 
 use std::{
     io::Read,
@@ -61,7 +64,8 @@ fn port(event: &Value, key: &str) -> u16 {
 }
 
 /// Events of other namespaces that open a flow (handshakes, failed
-/// connects): traffic netlens counts but this test did not make.
+/// connects): flows netlens tracks that this test did not make (a connect
+/// still pending at exit is not among them).
 fn foreign_openings(traced: &Traced, inode: u32) -> usize {
     traced
         .events
@@ -86,7 +90,7 @@ fn ring_buffer_overflow_is_counted_exactly() -> Result<()> {
         if overflow_once()? {
             return Ok(());
         }
-        eprintln!("attempt {attempt}: the watching netlens lost or missed events; again");
+        eprintln!("attempt {attempt}: the watcher lost or missed events; again");
     }
     bail!("the watching netlens lost or missed events in each of {ATTEMPTS} attempts: no measurement")
 }
@@ -193,24 +197,17 @@ fn overflow_once() -> Result<bool> {
 /// A flow table of 64 entries and 100 connections held open at once (200
 /// flows, both ends on loopback): at least 136 flows are pushed out. Every
 /// close is still reported; an evicted one has lost its direction and
-/// lifetime, and netlens's eviction count equals the number of those.
+/// lifetime, and netlens's eviction count equals the number of those, plus
+/// other namespaces' flows it evicted: none when a second netlens (a full
+/// table) saw no other connection open meanwhile, else at most those.
 #[test]
 fn tiny_flow_table_evictions_are_counted_exactly() -> Result<()> {
-    for attempt in 1..=ATTEMPTS {
-        if evictions_once()? {
-            return Ok(());
-        }
-        eprintln!("attempt {attempt}: other namespaces opened connections during the run; again");
-    }
-    bail!("other namespaces' connections during each of {ATTEMPTS} attempts: no clean measurement")
-}
-
-fn evictions_once() -> Result<bool> {
     const TABLE: usize = 64;
     const HELD: usize = 100;
     let netns = Netns::new()?;
     let inode = netns.inode()?;
     let addr: SocketAddr = "127.0.0.1:7111".parse()?;
+    let watcher = Netlens::start(&["trace", "--json"])?;
     let netlens = Netlens::start_with_env(None, &["trace", "--json"], &[("NETLENS_FLOW_TABLE_ENTRIES", "64")])?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = netns.spawn(move || -> Result<()> {
@@ -241,20 +238,27 @@ fn evictions_once() -> Result<bool> {
     server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))???;
     netns.wait_closed(Duration::from_secs(30))?;
     let traced = netlens.stop()?;
+    let watched = watcher.stop()?;
 
-    if foreign_openings(&traced, inode) > 0 || traced.unaccounted() > 0 {
-        return Ok(false);
-    }
+    assert_eq!(traced.unaccounted(), 0, "events lost or missed: closes would be missing");
     let closes: Vec<&Value> =
         traced.named("close").filter(|e| e["netns"] == inode && (port(e, "sport") == 7111 || port(e, "dport") == 7111)).collect();
     // The kernel's truth: both ends of every connection closed.
     assert_eq!(closes.len(), 2 * clients, "close events");
-    let evicted = closes.iter().filter(|e| e["direction"].is_null()).count();
+    let evicted = closes.iter().filter(|e| e["direction"].is_null()).count() as u64;
     assert!(closes.iter().filter(|e| e["direction"].is_null()).all(|e| e["lifetime_us"].is_null()));
-    eprintln!("{evicted} of {} flows evicted; netlens says {}", closes.len(), traced.evictions());
-    assert!(evicted >= 2 * HELD - TABLE, "{evicted} flows evicted; {} cannot fit in {TABLE}", 2 * HELD);
-    assert_eq!(traced.evictions(), evicted as u64, "netlens's count vs closes that lost their flow; stderr: {:?}", traced.stderr);
-    Ok(true)
+    assert!(evicted as usize >= 2 * HELD - TABLE, "{evicted} flows evicted; {} cannot fit in {TABLE}", 2 * HELD);
+    let foreign = foreign_openings(&watched, inode) as u64;
+    eprintln!("{evicted} of {} flows evicted; netlens says {}; other namespaces opened {foreign}", closes.len(), traced.evictions());
+    assert!(
+        (evicted..=evicted + foreign).contains(&traced.evictions()),
+        "netlens's count vs closes that lost their flow (+ at most {foreign} others); stderr: {:?}",
+        traced.stderr
+    );
+    if foreign == 0 {
+        assert_eq!(traced.evictions(), evicted, "exact when nothing else opened");
+    }
+    Ok(())
 }
 
 /// A bad table size is refused in one line, before anything is loaded.
