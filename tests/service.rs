@@ -46,6 +46,7 @@ fn connections_carry_their_cgroup_path_and_service() -> Result<()> {
     let trace = Netlens::trace_netns(netns.inode()?)?;
     // In the namespace (its port and census), with the cgroup mounts in view.
     let daemon = Netlens::start_nsenter(&netns.name, &["daemon", "--netns", &inode, "--by", "service"])?;
+    let top = Netlens::start(&["top", "--json", "-n", "3", "-d", "1", "--view", "processes", "--netns", &inode])?;
 
     // The server: python in the container's cgroup (its listener, and so
     // the accepted connection, is created there); one connection read to
@@ -79,6 +80,7 @@ fn connections_carry_their_cgroup_path_and_service() -> Result<()> {
     let samples = parse(&get(&netns, METRICS, "/metrics")?)?;
     let traced = trace.stop()?;
     drop(daemon);
+    let snapshots = top.wait_exit(Duration::from_secs(15))?;
 
     let on_port = |e: &&Value| e["sport"] == PORT || e["dport"] == PORT;
     let ours: Vec<&Value> = traced.events.iter().filter(on_port).collect();
@@ -115,6 +117,14 @@ fn connections_carry_their_cgroup_path_and_service() -> Result<()> {
     assert_eq!(sum(&samples, opened, &[("direction", "active"), ("endpoint", &unit_name)]), 1.0, "{endpoints:?}");
     assert_eq!(sum(&samples, opened, &[("direction", "passive"), ("endpoint", &container_name)]), 1.0);
     assert_eq!(sum(&samples, opened, &[("endpoint", &unit_name)]), 1.0, "nothing else under the unit");
+
+    // top's Processes view: the client's row names its unit.
+    let last = snapshots.events.last().context("no top snapshot")?;
+    assert_eq!(last["view"], "processes");
+    let rows = last["rows"].as_array().context("no rows")?;
+    let row = rows.iter().find(|r| r["pid"] == client_pid).with_context(|| format!("no row for pid {client_pid}: {rows:?}"))?;
+    assert_eq!(row["comm"], "bash");
+    assert_eq!(row["service"], unit_name.as_str(), "{row}");
     drop((container, slice, unit));
     Ok(())
 }
