@@ -98,6 +98,12 @@ impl EventSource {
         }
     }
 
+    /// Events handed on without their service because its answer took
+    /// longer than `service::MAX_WAIT`.
+    pub fn unattributed(&self) -> u64 {
+        self.attribution.late
+    }
+
     /// Hands on the events still waiting for their service (at most
     /// `service::MAX_WAIT` more): at exit, after the last [`Self::drain`].
     pub fn flush(&mut self, mut sink: impl FnMut(ConnEvent)) {
