@@ -12,9 +12,12 @@ use anyhow::{Context as _, Result};
 use netlens_tests::{
     cgroup::wait_success,
     traffic::{clients, Server},
-    Netlens, Netns,
+    Netlens, Netns, Traced,
 };
 use serde_json::Value;
+
+/// Which events a filter keeps.
+type Matches = Box<dyn Fn(&Value) -> bool>;
 
 /// What identifies an event across netlens instances (each stamps its own
 /// time): the event, its connection and which side.
@@ -78,7 +81,7 @@ fn pid_comm_and_family_filters_show_exactly_their_connections() -> Result<()> {
     assert_eq!(handshakes(&all.events, 6, "active"), mine_v6.len());
     assert_eq!(all.named("close").count(), 2 * (mine_v4.len() + 1 + mine_v6.len()));
 
-    let cases: [(&str, &netlens_tests::Traced, Box<dyn Fn(&Value) -> bool>); 4] = [
+    let cases: [(&str, &Traced, Matches); 4] = [
         ("--pid", &by_pid, Box::new(|e: &Value| e["pid"] == bash_pid)),
         ("--comm", &by_comm, Box::new(|e: &Value| e["comm"] == "bash")),
         ("-4", &only_v4, Box::new(|e: &Value| e["family"] == 4)),
