@@ -82,7 +82,7 @@ fn pid_comm_and_family_filters_show_exactly_their_connections() -> Result<()> {
     assert_eq!(all.named("close").count(), 2 * (mine_v4.len() + 1 + mine_v6.len()));
 
     let cases: [(&str, &Traced, Matches); 4] = [
-        ("--pid", &by_pid, Box::new(|e: &Value| e["pid"] == bash_pid)),
+        ("--pid", &by_pid, Box::new(move |e: &Value| e["pid"] == bash_pid)),
         ("--comm", &by_comm, Box::new(|e: &Value| e["comm"] == "bash")),
         ("-4", &only_v4, Box::new(|e: &Value| e["family"] == 4)),
         ("-6", &only_v6, Box::new(|e: &Value| e["family"] == 6)),
