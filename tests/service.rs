@@ -44,6 +44,12 @@ fn connections_carry_their_cgroup_path_and_service() -> Result<()> {
     let container_id = format!("{:064x}", u64::from(pid) << 20 | 0xabc);
     let container = TestCgroup::create(&format!("netlens-test-{pid}.slice/docker-{container_id}.scope"))?;
     let trace = Netlens::trace_netns(netns.inode()?)?;
+    // Without CAP_DAC_READ_SEARCH (as deploy/ runs it), cgroup handles are
+    // refused and netlens walks the hierarchy instead: the same answers.
+    let without_handles = Netlens::start_wrapped(
+        &["setpriv", "--inh-caps=-dac_read_search", "--bounding-set=-dac_read_search", "--"],
+        &["trace", "--json", "--netns", &inode],
+    )?;
     // In the namespace (its port and census), with the cgroup mounts in view.
     let daemon = Netlens::start_nsenter(&netns.name, &["daemon", "--netns", &inode, "--by", "service"])?;
     let top = Netlens::start(&["top", "--json", "-n", "3", "-d", "1", "--view", "processes", "--netns", &inode])?;
@@ -79,10 +85,15 @@ fn connections_carry_their_cgroup_path_and_service() -> Result<()> {
     thread::sleep(Duration::from_millis(300));
     let samples = parse(&get(&netns, METRICS, "/metrics")?)?;
     let traced = trace.stop()?;
+    let walked = without_handles.stop()?;
     drop(daemon);
     let snapshots = top.wait_exit(Duration::from_secs(15))?;
 
     let on_port = |e: &&Value| e["sport"] == PORT || e["dport"] == PORT;
+    let attribution = |events: &[Value]| -> Vec<String> {
+        events.iter().filter(on_port).map(|e| format!("{} {} {} {}", e["event"], e["cgroup"], e["cgroup_path"], e["service"])).collect()
+    };
+    assert_eq!(attribution(&walked.events), attribution(&traced.events), "with and without cgroup handles");
     let ours: Vec<&Value> = traced.events.iter().filter(on_port).collect();
     let (unit_id, container_id_inode) = (unit.id()?, container.id()?);
     let client_side: Vec<&&Value> = ours.iter().filter(|e| e["dport"] == PORT).collect();

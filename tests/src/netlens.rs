@@ -112,6 +112,17 @@ impl Netlens {
         }
     }
 
+    /// Starts `WRAPPER… netlens ARGS` (e.g. `setpriv` with options) and
+    /// waits (bounded) for `netlens: attached`.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Self> {
+        let program = binary().display().to_string();
+        let (first, options) = wrapper.split_first().context("an empty wrapper")?;
+        let mut full: Vec<&str> = options.to_vec();
+        full.push(&program);
+        full.extend_from_slice(args);
+        Self::spawn(first, &full, &[])
+    }
+
     /// Runs `program ARGS` (netlens, however wrapped) and waits (bounded)
     /// for `netlens: attached`.
     fn spawn(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
