@@ -213,7 +213,11 @@ pub struct ConnEvent {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub netns: u32,
+    /// The cgroup id (its cgroup v2 directory's inode); 0 when unknown.
     pub cgroup: u64,
+    /// The cgroup's path and unit or container, once resolved (see
+    /// `service`); `None` until then or when the cgroup is gone.
+    pub service: Option<std::sync::Arc<crate::service::Service>>,
     /// Who opened the connection, when netlens saw it open.
     pub direction: Option<Direction>,
     pub detail: Detail,
@@ -282,6 +286,7 @@ impl ConnEvent {
             comm: (comm_len > 0).then(|| String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned()),
             netns: raw.netns,
             cgroup: raw.cgroup,
+            service: None,
             direction: Direction::decode(raw.direction),
             detail,
         })
@@ -302,6 +307,7 @@ impl ConnEvent {
             comm: None,
             netns: entry.netns,
             cgroup: 0,
+            service: None,
             direction: Some(Direction::Passive),
             detail: Detail::ListenOverflow { dropped, backlog: entry.backlog },
         })
@@ -342,6 +348,7 @@ pub fn sample(detail: Detail) -> ConnEvent {
         comm: None,
         netns: 7,
         cgroup: 9,
+        service: None,
         direction: None,
         detail,
     }

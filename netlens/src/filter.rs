@@ -54,6 +54,7 @@ mod tests {
             comm: comm.map(str::to_string),
             netns: 4026531840,
             cgroup: 1,
+            service: None,
             direction: Some(Direction::Active),
             detail: Detail::Handshake { direction: Direction::Active, handshake_ns: 1 },
         }

@@ -41,6 +41,10 @@ struct JsonEvent<'a> {
     comm: Option<&'a str>,
     netns: u32,
     cgroup: u64,
+    /// The cgroup v2 path and the unit or container id in it; `null` when
+    /// unknown (`service` also when the path names neither).
+    cgroup_path: Option<&'a str>,
+    service: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     direction: Option<Option<&'static str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,6 +137,8 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
         comm: event.comm.as_deref(),
         netns: event.netns,
         cgroup: event.cgroup,
+        cgroup_path: event.service.as_deref().map(|s| s.cgroup_path.as_str()),
+        service: event.service.as_deref().and_then(|s| s.name.as_deref()),
         direction: None,
         handshake_us: None,
         reason: None,
@@ -274,7 +280,21 @@ mod tests {
         assert!(line["pid"].is_null() && line["comm"].is_null());
         assert_eq!(line["netns"], 7);
         assert_eq!(line["cgroup"], 9);
+        assert!(line["cgroup_path"].is_null() && line["service"].is_null(), "present, null when unresolved");
         assert!(line.get("reason").is_none());
+    }
+
+    #[test]
+    fn json_names_the_service() {
+        let mut e = event(Detail::ResetReceived);
+        e.service = Some(std::sync::Arc::new(crate::service::Service::from_path("/system.slice/nginx.service".into())));
+        let line = to_value(&e);
+        assert_eq!(line["cgroup_path"], "/system.slice/nginx.service");
+        assert_eq!(line["service"], "nginx.service");
+        e.service = Some(std::sync::Arc::new(crate::service::Service::from_path("/".into())));
+        let line = to_value(&e);
+        assert_eq!(line["cgroup_path"], "/");
+        assert!(line["service"].is_null());
     }
 
     #[test]

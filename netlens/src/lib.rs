@@ -15,6 +15,7 @@ pub mod lastgood;
 pub mod kernel;
 pub mod loader;
 pub mod optional;
+pub mod service;
 pub mod source;
 pub mod top;
 pub mod trace;

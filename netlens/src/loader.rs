@@ -111,6 +111,21 @@ pub const HOOKS: &[Hook] = &[
 /// of older kernels on a new one.
 pub const SKIP_HOOKS_ENV: &str = "NETLENS_SKIP_HOOKS";
 
+/// Set to a number of entries to size the flow table other than
+/// `FLOW_TABLE_ENTRIES`: how the tests force evictions with a tiny table
+/// (and a way to give a very busy host a larger one).
+pub const FLOW_TABLE_ENV: &str = "NETLENS_FLOW_TABLE_ENTRIES";
+
+/// The flow table's size from [`FLOW_TABLE_ENV`], when set and valid.
+fn flow_table_entries() -> Result<Option<u32>> {
+    let Some(text) = std::env::var_os(FLOW_TABLE_ENV) else { return Ok(None) };
+    let text = text.to_string_lossy();
+    match text.trim().parse::<u32>() {
+        Ok(entries) if (1..=1 << 24).contains(&entries) => Ok(Some(entries)),
+        _ => Err(anyhow!("{FLOW_TABLE_ENV}=`{text}` must be a number of entries from 1 to 16777216")),
+    }
+}
+
 /// This kernel's facts, resolved once: where tracefs is, its BTF, and the
 /// offsets handed to the programs.
 pub struct KernelFacts {
@@ -142,6 +157,9 @@ pub fn open(config: &Config) -> Result<Ebpf> {
 
 fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config) -> Result<Ebpf> {
     raise_memlock();
+    if let Some(entries) = flow_table_entries()? {
+        loader.map_max_entries("FLOWS", entries);
+    }
     loader
         .override_global("CONFIG", config, true)
         .load(EBPF_OBJECT)

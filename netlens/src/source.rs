@@ -16,6 +16,7 @@ use crate::{
     kernel::progstats::ProgramStats,
     filter::Filter,
     loader::{KernelCounters, Probes},
+    service::Attribution,
 };
 
 /// The kernel wakes us only once 64 KiB are pending (see events.rs in
@@ -33,6 +34,8 @@ pub struct EventSource {
     /// last read.
     overflows_reported: HashMap<u64, u64>,
     overflows_read: Instant,
+    /// Each event's service, resolved off the event path.
+    attribution: Attribution,
 }
 
 /// Listen overflows are read from the kernel this often: one
@@ -59,7 +62,7 @@ impl EventSource {
         }
         let mut tick = tokio::time::interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ok(Self { probes, ring, tick, undecodable: 0, overflows_reported: HashMap::new(), overflows_read: Instant::now() })
+        Ok(Self { probes, ring, tick, undecodable: 0, overflows_reported: HashMap::new(), overflows_read: Instant::now(), attribution: Attribution::start() })
     }
 
     /// Waits until events may be pending: a wake-up from the kernel or the
@@ -84,14 +87,27 @@ impl EventSource {
             // enough; read_unaligned copes with any alignment.
             let raw = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) };
             match ConnEvent::decode(&raw) {
-                Some(event) if filter.matches(&event) => sink(event),
+                Some(event) if filter.matches(&event) => self.attribution.push(event, &mut sink),
                 Some(_) => {}
                 None => self.undecodable += 1,
             }
         }
+        self.attribution.release(&mut sink);
         if self.overflows_read.elapsed() >= OVERFLOW_PERIOD {
             self.read_overflows(filter, &mut sink);
         }
+    }
+
+    /// Events handed on without their service because its answer took
+    /// longer than `service::MAX_WAIT`.
+    pub fn unattributed(&self) -> u64 {
+        self.attribution.late
+    }
+
+    /// Hands on the events still waiting for their service (at most
+    /// `service::MAX_WAIT` more): at exit, after the last [`Self::drain`].
+    pub fn flush(&mut self, mut sink: impl FnMut(ConnEvent)) {
+        self.attribution.flush(&mut sink);
     }
 
     /// Reports the listen overflows counted since the last read: one event

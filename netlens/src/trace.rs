@@ -60,6 +60,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
         };
         source.drain(&options.filter, &mut print);
         if stop {
+            source.flush(&mut print);
             source.read_overflows(&options.filter, &mut print);
         }
         if let Some(err) = write_error.take() {
@@ -81,6 +82,9 @@ pub async fn run(options: TraceOptions) -> Result<()> {
     }
     report_losses(&source, &mut reported);
     report_costs(&source);
+    if source.unattributed() > 0 {
+        eprintln!("netlens: {} events went out without their service: resolving their cgroup took too long", source.unattributed());
+    }
     if source.undecodable > 0 {
         eprintln!("netlens: {} events could not be decoded (kernel side newer than this netlens?)", source.undecodable);
     }

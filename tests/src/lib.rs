@@ -5,6 +5,7 @@
 //! drop) and every loop is bounded.
 
 pub mod bulk;
+pub mod cgroup;
 pub mod exposition;
 pub mod netlens;
 pub mod netns;

@@ -38,15 +38,36 @@ impl Traced {
     /// Tests that compare exact counts allow this much difference, and
     /// only when netlens itself reported it.
     pub fn unaccounted(&self) -> u64 {
-        let said = |what: &str| {
-            self.stderr
-                .iter()
-                .filter(|l| l.contains(what))
-                .filter_map(|l| l.strip_prefix("netlens: ")?.split(' ').next()?.parse::<u64>().ok())
-                .max()
-                .unwrap_or(0)
-        };
-        said("events missed") + said("events lost")
+        self.lost() + self.missed()
+    }
+
+    /// Events netlens said the full ring buffer lost (its last report).
+    pub fn lost(&self) -> u64 {
+        self.said("events lost")
+    }
+
+    /// Events netlens said the kernel skipped (its last report).
+    pub fn missed(&self) -> u64 {
+        self.said("events missed")
+    }
+
+    /// Flow-table evictions netlens reported at exit (0 when it said nothing).
+    pub fn evictions(&self) -> u64 {
+        self.stderr
+            .iter()
+            .filter_map(|l| l.strip_prefix("netlens: the flow table evicted ")?.split(' ').next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The largest N of stderr lines `netlens: N <what>…`.
+    fn said(&self, what: &str) -> u64 {
+        self.stderr
+            .iter()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| l.strip_prefix("netlens: ")?.split(' ').next()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Events named `name`.
@@ -67,21 +88,49 @@ impl Netlens {
         Self::start_with_env(netns, args, &[])
     }
 
+    /// Starts `netlens ARGS` in network namespace `netns` with `nsenter
+    /// --net`, which (unlike `ip netns exec`) keeps the host's mounts in
+    /// view, the cgroup hierarchy among them.
+    pub fn start_nsenter(netns: &str, args: &[&str]) -> Result<Self> {
+        let mut full = vec!["--net=/run/netns/".to_string() + netns, binary().display().to_string()];
+        full.extend(args.iter().map(|a| a.to_string()));
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        Self::spawn("nsenter", &full, &[])
+    }
+
     /// [`Self::start_in`] with extra environment variables.
     pub fn start_with_env(netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let binary = binary();
+        let program = binary.display().to_string();
+        match netns {
+            Some(name) => {
+                let mut full = vec!["netns", "exec", name, &program];
+                full.extend_from_slice(args);
+                Self::spawn("ip", &full, env)
+            }
+            None => Self::spawn(&program, args, env),
+        }
+    }
+
+    /// Starts `WRAPPER… netlens ARGS` (e.g. `setpriv` with options) and
+    /// waits (bounded) for `netlens: attached`.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Self> {
+        let program = binary().display().to_string();
+        let (first, options) = wrapper.split_first().context("an empty wrapper")?;
+        let mut full: Vec<&str> = options.to_vec();
+        full.push(&program);
+        full.extend_from_slice(args);
+        Self::spawn(first, &full, &[])
+    }
+
+    /// Runs `program ARGS` (netlens, however wrapped) and waits (bounded)
+    /// for `netlens: attached`.
+    fn spawn(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let binary = binary();
         if !binary.exists() {
             bail!("{} not built: run the tests through `cargo xtask test`", binary.display());
         }
-        let mut command = match netns {
-            Some(name) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", name]).arg(&binary);
-                command
-            }
-            None => Command::new(&binary),
-        };
-        let mut child = command
+        let mut child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -122,6 +171,17 @@ impl Netlens {
     /// tested on a new one.
     pub fn trace_netns_without(inode: u32, hooks: &str) -> Result<Self> {
         Self::start_with_env(None, &["trace", "--json", "--netns", &inode.to_string()], &[("NETLENS_SKIP_HOOKS", hooks)])
+    }
+
+    /// Its process id (netlens's own, also under `ip netns exec`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` without waiting for anything (SIGSTOP, SIGCONT).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
     /// Stops it with SIGINT (it must exit 0 within 10 s) and returns what

@@ -3,9 +3,13 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
-use crate::event::{ConnEvent, Direction};
+use crate::{
+    event::{ConnEvent, Direction},
+    service::Service,
+};
 
 /// `--by`: how connections are grouped into endpoints.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -20,6 +24,9 @@ pub enum EndpointBy {
     Remote,
     /// By local listening port; connections we opened count as `outbound`.
     LocalPort,
+    /// By the service of the local process: its systemd unit or container
+    /// id, else its cgroup path (`unknown` when that is gone).
+    Service,
     /// No endpoint dimension.
     None,
 }
@@ -30,6 +37,9 @@ pub enum EndpointKey {
     RemoteHost(IpAddr),
     Listener(u16),
     Outbound,
+    Service(Arc<Service>),
+    /// `--by service` for a cgroup netlens could not resolve.
+    UnknownService,
 }
 
 impl fmt::Display for EndpointKey {
@@ -39,6 +49,8 @@ impl fmt::Display for EndpointKey {
             EndpointKey::RemoteHost(ip) => write!(f, "{ip}"),
             EndpointKey::Listener(port) => write!(f, "*:{port}"),
             EndpointKey::Outbound => f.write_str("outbound"),
+            EndpointKey::Service(service) => write!(f, "{service}"),
+            EndpointKey::UnknownService => f.write_str("unknown"),
         }
     }
 }
@@ -64,6 +76,7 @@ impl EndpointBy {
         let active = opened_by_us(event);
         match self {
             EndpointBy::None => None,
+            EndpointBy::Service => Some(event.service.clone().map_or(EndpointKey::UnknownService, EndpointKey::Service)),
             EndpointBy::Auto if active => Some(EndpointKey::Remote(event.remote)),
             EndpointBy::Auto => Some(EndpointKey::Listener(event.local.port())),
             EndpointBy::Remote if active => Some(EndpointKey::Remote(event.remote)),
@@ -93,6 +106,18 @@ mod tests {
         assert_eq!(EndpointBy::Remote.key(&passive).unwrap().to_string(), "::1");
         assert_eq!(EndpointBy::LocalPort.key(&active).unwrap().to_string(), "outbound");
         assert_eq!(EndpointBy::None.key(&active), None);
+    }
+
+    #[test]
+    fn service_names_the_unit_else_the_path() {
+        let mut event = with_direction(Some(Direction::Passive));
+        assert_eq!(EndpointBy::Service.key(&event), Some(EndpointKey::UnknownService));
+        assert_eq!(EndpointBy::Service.key(&event).unwrap().to_string(), "unknown");
+        event.service = Some(Arc::new(Service::from_path("/system.slice/nginx.service/worker".into())));
+        assert_eq!(EndpointBy::Service.key(&event).unwrap().to_string(), "nginx.service");
+        event.service = Some(Arc::new(Service::from_path("/batch/jobs".into())));
+        assert_eq!(EndpointBy::Service.key(&event).unwrap().to_string(), "/batch/jobs");
+        assert!(!EndpointBy::Service.key(&event).unwrap().is_listener());
     }
 
     #[test]

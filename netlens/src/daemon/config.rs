@@ -109,6 +109,8 @@ mod tests {
         let unknown = FileConfig::parse("listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err().to_string();
         assert!(unknown.starts_with("line 2: unknown field `bogus`"), "{unknown}");
         assert!(!unknown.contains('\n'));
+        let service = FileConfig::parse("by = \"service\"").unwrap().merge(FileConfig::default()).unwrap();
+        assert_eq!(service.by, EndpointBy::Service);
         let bad_by = FileConfig::parse("by = \"everything\"").unwrap_err().to_string();
         assert!(bad_by.contains("unknown variant"), "{bad_by}");
     }

@@ -73,7 +73,9 @@ pub async fn run(options: DoctorOptions) -> Result<()> {
         };
         source.drain(&options.filter, |event| watch.record(&event));
         if stop {
-            // The last second's listen overflows, and a last census.
+            // Events still waiting for their service, the last second's
+            // listen overflows, and a last census.
+            source.flush(|event| watch.record(&event));
             source.read_overflows(&options.filter, |event| watch.record(&event));
             take_census(&mut watch);
             break;

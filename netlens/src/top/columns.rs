@@ -166,10 +166,11 @@ impl TableRow for ConnectionRow {
     }
 }
 
-static PROCESS_COLUMNS: [Column<ProcessRow>; 8] = [
+static PROCESS_COLUMNS: [Column<ProcessRow>; 9] = [
     // PIDs are names, not magnitudes: ascending like ps.
     ProcessColumn::num("PID", 7, |r| r.pid.to_string(), |r| num(r.pid as f64)).ascending_first(),
     ProcessColumn::text("COMM", 16, |r| r.comm.clone(), |r| text(&r.comm)),
+    ProcessColumn::text("SERVICE", 24, |r| r.service.clone().unwrap_or_else(|| "-".into()), |r| text(r.service.as_deref().unwrap_or(""))),
     ProcessColumn::num("CONNS", 7, |r| r.connections.to_string(), |r| num(r.connections as f64)),
     ProcessColumn::num("CONN/S", 7, |r| format::rate(r.conn_per_s), |r| num(r.conn_per_s)),
     ProcessColumn::num("HS P50", 8, |r| format::micros_opt(r.handshake.p50_us), |r| SortKey::num(r.handshake.p50_us)),
@@ -185,7 +186,7 @@ impl TableRow for ProcessRow {
         &PROCESS_COLUMNS
     }
     fn matches(&self, needle: &str) -> bool {
-        contains_ci(&self.comm, needle)
+        contains_ci(&self.comm, needle) || self.service.as_deref().is_some_and(|service| contains_ci(service, needle))
     }
     fn identity(&self) -> String {
         self.pid.to_string()

@@ -52,11 +52,20 @@ impl Totals {
     }
 }
 
+/// One process's row before it is shown.
+#[derive(Default)]
+struct ProcessStats {
+    comm: String,
+    /// Its unit or container (else cgroup path), from its latest event.
+    service: Option<std::sync::Arc<crate::service::Service>>,
+    stats: ConnStats,
+}
+
 pub struct Feed {
     aggregator: Aggregator,
-    /// By pid: the command name is kept with the statistics (no key
-    /// allocation per event).
-    processes: TopK<u32, (String, ConnStats)>,
+    /// By pid: the command name and service are kept with the statistics
+    /// (no key allocation per event).
+    processes: TopK<u32, ProcessStats>,
     previous: HashMap<String, Totals>,
     previous_processes: HashMap<u32, Totals>,
     previous_host: Totals,
@@ -127,11 +136,14 @@ impl Feed {
         self.findings.record(event);
         if let (Some(pid), Some(comm)) = (event.pid, &event.comm) {
             let weight = u64::from(matches!(event.detail, crate::event::Detail::Handshake { .. }));
-            if let Some((name, stats)) = self.processes.get_or_admit(&pid, weight) {
-                if name != comm {
-                    name.clone_from(comm);
+            if let Some(process) = self.processes.get_or_admit(&pid, weight) {
+                if &process.comm != comm {
+                    process.comm.clone_from(comm);
                 }
-                stats.record(event);
+                if event.service.is_some() && process.service != event.service {
+                    process.service.clone_from(&event.service);
+                }
+                process.stats.record(event);
             }
         }
     }
@@ -204,13 +216,14 @@ impl Feed {
         let processes = self
             .processes
             .iter()
-            .map(|(pid, (comm, stats))| {
+            .map(|(pid, ProcessStats { comm, service, stats })| {
                 let now = Totals::of(stats);
                 let before = self.previous_processes.get(pid).copied().unwrap_or_default();
                 previous_processes.insert(*pid, now);
                 ProcessRow {
                     pid: *pid,
                     comm: comm.clone(),
+                    service: service.as_ref().map(|s| s.to_string()),
                     connections: now.opened,
                     conn_per_s: rate(now.opened, before.opened, seconds),
                     handshake: quantiles(&stats.handshake_us),

@@ -95,6 +95,9 @@ pub struct ConnectionRow {
 pub struct ProcessRow {
     pub pid: u32,
     pub comm: String,
+    /// The systemd unit or container id, else the cgroup path; `None`
+    /// while unknown.
+    pub service: Option<String>,
     pub connections: u64,
     pub conn_per_s: f64,
     pub handshake: Quantiles,

@@ -88,6 +88,7 @@ fn snapshot() -> Snapshot {
         processes: vec![ProcessRow {
             pid: 4242,
             comm: "nginx".to_string(),
+            service: Some("nginx.service".to_string()),
             connections: 9,
             conn_per_s: 1.0,
             handshake: Quantiles::default(),
