@@ -82,7 +82,8 @@ pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     fs::write(dir.join("guest.sh"), GUEST_SCRIPT)?;
-    fs::write(dir.join("plan.tsv"), plan(&inputs.netlens, &inputs.tests, test_args))?;
+    let tests: Vec<&TestBinary> = inputs.tests.iter().filter(|test| crate::matrix::runs_in(label, &test.name)).collect();
+    fs::write(dir.join("plan.tsv"), plan(&inputs.netlens, &tests, test_args))?;
     // The command travels base64-encoded on the kernel command line (2 KiB
     // at most): keep it short, the plan is in a file.
     let script = dir.join("guest.sh");
@@ -104,7 +105,7 @@ pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[
 }
 
 /// plan.tsv: what guest.sh runs, one tab-separated record a line.
-fn plan(netlens: &Path, tests: &[TestBinary], test_args: &[String]) -> String {
+fn plan(netlens: &Path, tests: &[&TestBinary], test_args: &[String]) -> String {
     let mut plan = format!("netlens\t{}\n", netlens.display());
     for (name, limit) in [("check", CHECK_LIMIT), ("smoke", SMOKE_LIMIT), ("test", TEST_BINARY_LIMIT)] {
         let _ = writeln!(plan, "limit\t{name}\t{}", limit.as_secs());
