@@ -3,7 +3,11 @@
 //! drop in output would return EPERM to the sender instead of losing the
 //! packet). Needs root.
 
-use std::{collections::HashSet, net::SocketAddr, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Duration,
+};
 
 use anyhow::Result;
 use netlens_tests::{traffic::{clients, Server}, Netlens, Netns};
@@ -58,17 +62,25 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
     assert!(syn_retrans > 0, "20 % SYN loss over 60 connects retransmitted nothing");
     assert_close(syn_retransmits.len() as u64, syn_retrans, traced.unaccounted(), "SYN_SENT retransmits vs TcpExtTCPSynRetrans");
     let retried: HashSet<u16> = syn_retransmits.iter().map(|e| port_of(e, "sport")).collect();
+    let connect_us: HashMap<u16, f64> = conns.iter().map(|c| (c.local_port, c.connect_us)).collect();
+    let slack_us = netlens_tests::timing_slack_us(1000.0);
     let mut slow = 0;
     for e in traced.named("handshake").filter(|e| e["direction"] == "active") {
         let handshake_us = e["handshake_us"].as_f64().unwrap_or(0.0);
-        if retried.contains(&port_of(e, "sport")) {
+        let port = port_of(e, "sport");
+        // What the client measured around connect() bounds it from above
+        // (a starved guest vCPU once made a loss-free handshake 561 ms).
+        let client_us = connect_us.get(&port).copied().unwrap_or(f64::MAX);
+        assert!(handshake_us <= client_us + slack_us, "port {port}: handshake {handshake_us} µs > connect() {client_us} µs");
+        if retried.contains(&port) {
             // The SYN's retransmission timer is 1 s in jiffies: it can fire
             // up to one tick (10 ms at HZ=100) before 1 s of nanosecond
             // clock has passed (998.4 ms measured on Debian's 6.12, HZ=250).
             assert!(handshake_us >= 990_000.0, "retransmitted SYN but handshake {handshake_us} µs");
             slow += 1;
         } else {
-            assert!(handshake_us < 100_000.0, "no SYN retransmit but handshake {handshake_us} µs");
+            // No retransmission timeout inside it.
+            assert!(handshake_us < 990_000.0, "no SYN retransmit but handshake {handshake_us} µs");
         }
     }
     assert_eq!(slow, retried.len());
@@ -111,7 +123,9 @@ fn synack_loss_shows_in_passive_handshake_time() -> Result<()> {
         if delayed.contains(&port_of(e, "dport")) {
             assert!(handshake_us >= 900_000.0, "SYN-ACK retransmitted but passive handshake {handshake_us} µs");
         } else {
-            assert!(handshake_us < 100_000.0, "passive handshake {handshake_us} µs without SYN-ACK loss");
+            // No SYN-ACK retransmission timeout (1 s) inside it; a fixed
+            // 100 ms bound failed where a busy host starved the guest.
+            assert!(handshake_us < 900_000.0, "passive handshake {handshake_us} µs without SYN-ACK loss");
         }
     }
     Ok(())
