@@ -378,7 +378,7 @@ fn pmtu_blackhole_is_found() -> Result<()> {
         thread::sleep(Duration::from_millis(7_000));
         Ok(())
     });
-    client.join().expect("client thread")?;
+    client.join().expect("client thread")??;
     let findings = findings(doctor)?;
     let found = assert_only(&findings, "pmtu_blackhole", "127.0.0.1:8109");
     eprintln!("pmtu: doctor: {}", found["evidence"]);
