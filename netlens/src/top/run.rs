@@ -109,7 +109,7 @@ pub fn require_terminal(options: &TopOptions) -> Result<()> {
 pub async fn run(options: TopOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let source = EventSource::start()?;
+    let source = EventSource::start(&options.filter)?;
     let mut collector = Collector {
         source,
         feed: Feed::for_port(options.filter.port),
