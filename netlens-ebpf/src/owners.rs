@@ -79,8 +79,9 @@ pub fn unlistening(sk: u64) -> Result<(), i32> {
 
 /// A passive connection of `flow.netns` on local `port` was just
 /// established: it belongs to the listener's process for now. Its own BPF
-/// function: inlined, passive_established's register pressure made LLVM
-/// emit code the verifier rejects (a register read before written).
+/// function: inlined into passive_established, the program was rejected
+/// by the 6.18 verifier ("R3 !read_ok", a spilled register read back on a
+/// path that never wrote it).
 #[inline(never)]
 pub fn claim(flow: &mut Flow, port: u16) {
     let key = ListenerKey { netns: flow.netns, port, _pad: 0 };

@@ -52,8 +52,11 @@ fn seed_listener_owners(probes: &mut Probes, only_netns: Option<u32>) {
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the listener census panicked")))
     });
-    if let Err(err) = found.and_then(|listeners| probes.seed_listener_owners(&listeners)) {
-        eprintln!("netlens: connections to listeners older than netlens carry no process until accept(): {err:#}");
+    let consequence = "connections to listeners older than netlens carry no process until accept()";
+    match found.and_then(|found| probes.seed_listener_owners(&found.listeners).map(|_| found.skipped)) {
+        Ok(None) => {}
+        Ok(Some((skipped, err))) => eprintln!("netlens: in {skipped} network namespaces, {consequence}: {err}"),
+        Err(err) => eprintln!("netlens: {consequence}: {err:#}"),
     }
 }
 

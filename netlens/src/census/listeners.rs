@@ -26,13 +26,23 @@ pub struct ListenerProcess {
     pub process: Process,
 }
 
+/// What [`listener_processes`] found, and what it could not look at.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub listeners: Vec<ListenerProcess>,
+    /// Namespaces that could not be dumped (entering another namespace
+    /// needs CAP_SYS_ADMIN), with the first error.
+    pub skipped: Option<(usize, String)>,
+}
+
 /// The listeners of `namespaces` and their processes; listeners no
-/// process holds (closed meanwhile) are left out. A namespace that cannot
-/// be dumped is skipped; fails only when none could be.
-pub fn listener_processes(namespaces: &[Namespace]) -> Result<Vec<ListenerProcess>> {
+/// process holds (closed meanwhile, or /proc/PID/fd unreadable without
+/// CAP_SYS_PTRACE) are left out. A namespace that cannot be dumped is
+/// skipped and counted; fails only when none could be.
+pub fn listener_processes(namespaces: &[Namespace]) -> Result<Found> {
     let mut listeners = Vec::new();
     let mut first_error = None;
-    let mut dumped = 0;
+    let (mut dumped, mut failed) = (0, 0);
     for namespace in namespaces {
         match listeners_of(namespace) {
             Ok(found) => {
@@ -40,19 +50,23 @@ pub fn listener_processes(namespaces: &[Namespace]) -> Result<Vec<ListenerProces
                 listeners.extend(found.into_iter().map(|(port, inode)| (namespace.inode, port, inode)));
             }
             Err(err) => {
+                failed += 1;
                 first_error.get_or_insert(err);
             }
         }
     }
-    if let (Some(err), 0) = (first_error, dumped) {
-        return Err(err);
+    if let (Some(err), 0) = (&first_error, dumped) {
+        return Err(anyhow::anyhow!("{err:#}"));
     }
     let inodes: HashSet<u32> = listeners.iter().map(|&(_, _, inode)| inode).collect();
     let holders = owners::holders(&inodes);
-    Ok(listeners
-        .into_iter()
-        .filter_map(|(netns, port, inode)| Some(ListenerProcess { netns, port, process: holders.get(&inode)?.clone() }))
-        .collect())
+    Ok(Found {
+        listeners: listeners
+            .into_iter()
+            .filter_map(|(netns, port, inode)| Some(ListenerProcess { netns, port, process: holders.get(&inode)?.clone() }))
+            .collect(),
+        skipped: first_error.map(|err| (failed, format!("{err:#}"))),
+    })
 }
 
 /// (port, inode) of each listening socket of `namespace`.
@@ -79,7 +93,8 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
         let found = listener_processes(&netns::watched(Some(own)).unwrap()).unwrap();
-        let mine = found.iter().find(|l| l.port == port).expect("the listener is listed");
+        assert!(found.skipped.is_none());
+        let mine = found.listeners.iter().find(|l| l.port == port).expect("the listener is listed");
         assert_eq!(mine.netns, own);
         assert_eq!(mine.process.pid, std::process::id());
     }

@@ -32,9 +32,14 @@ pub struct Namespace {
 
 impl Namespace {
     /// Runs `work` with the calling thread inside this namespace, then
-    /// returns the thread to the namespace it was in.
+    /// returns the thread to the namespace it was in. In the thread's own
+    /// namespace it just runs: setns needs CAP_SYS_ADMIN (and systemd's
+    /// RestrictNamespaces= forbids it), the dump of one's own does not.
     pub fn enter<T>(&self, work: impl FnOnce() -> T) -> Result<T> {
         let home = File::open("/proc/thread-self/ns/net").context("opening /proc/thread-self/ns/net")?;
+        if home.metadata().is_ok_and(|meta| meta.ino() as u32 == self.inode) {
+            return Ok(work());
+        }
         set_netns(&self.file, self.inode)?;
         let result = work();
         set_netns(&home, 0).context("returning to netlens's own network namespace")?;
