@@ -171,7 +171,60 @@ fn figures(info: &TcpInfo, len: usize, state: u8) -> TcpFigures {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        net::{TcpListener, TcpStream},
+        os::unix::fs::MetadataExt,
+        time::Instant,
+    };
+
     use super::*;
+    use crate::census::netns;
+
+    /// `pairs` connected pairs on loopback, both ends kept open.
+    fn connected_pairs(pairs: usize) -> (SocketAddr, Vec<(TcpStream, TcpStream)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let pairs = (0..pairs).map(|_| (TcpStream::connect(address).unwrap(), listener.accept().unwrap().0)).collect();
+        (address, pairs)
+    }
+
+    fn own_namespace() -> Vec<Namespace> {
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
+        netns::watched(Some(own)).unwrap()
+    }
+
+    #[test]
+    fn kernel_list_is_capped_but_counts_every_connection() {
+        let (address, pairs) = connected_pairs(30);
+        let full = list(&own_namespace(), usize::MAX).unwrap();
+        let ours = full.connections.iter().filter(|c| c.local == address || c.remote == address).count();
+        assert_eq!(ours, 60, "both ends of 30 connections");
+        assert!(full.connections.iter().all(|c| c.tcp.is_some() || c.state == tcp_state::FIN_WAIT2));
+        let capped = list(&own_namespace(), 10).unwrap();
+        assert_eq!(capped.connections.len(), 10);
+        assert!(capped.total >= 60, "the total counts past the cap: {}", capped.total);
+        drop(pairs);
+    }
+
+    /// Scale check, not run by default: `cargo test ... connections --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn kernel_list_of_4000_sockets() {
+        let (_, pairs) = connected_pairs(2_000);
+        let namespaces = own_namespace();
+        let mut durations: Vec<_> = (0..20)
+            .map(|_| {
+                let started = Instant::now();
+                let listed = list(&namespaces, 2_000).unwrap();
+                assert!(listed.total >= 4_000);
+                started.elapsed()
+            })
+            .collect();
+        durations.sort();
+        eprintln!("list() of 4000 sockets, capped at 2000: min {:?}, median {:?}, max {:?}", durations[0], durations[10], durations[19]);
+        drop(pairs);
+    }
 
     #[test]
     fn states_are_spelled_as_ss_does() {
