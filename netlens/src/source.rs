@@ -53,10 +53,20 @@ fn seed_listener_owners(probes: &mut Probes, only_netns: Option<u32>) {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the listener census panicked")))
     });
     let consequence = "connections to listeners older than netlens carry no process until accept()";
-    match found.and_then(|found| probes.seed_listener_owners(&found.listeners).map(|_| found.skipped)) {
-        Ok(None) => {}
-        Ok(Some((skipped, err))) => eprintln!("netlens: in {skipped} network namespaces, {consequence}: {err}"),
-        Err(err) => eprintln!("netlens: {consequence}: {err:#}"),
+    let found = match found.and_then(|found| probes.seed_listener_owners(&found.listeners).map(|_| found)) {
+        Ok(found) => found,
+        Err(err) => return eprintln!("netlens: {consequence}: {err:#}"),
+    };
+    if let Some((skipped, err)) = found.skipped {
+        eprintln!("netlens: in {skipped} network namespaces, {consequence}: {err}");
+    }
+    // A listener closed meanwhile is no concern; one whose holder could
+    // not be read is.
+    if found.unnamed > 0 && found.unreadable > 0 {
+        eprintln!(
+            "netlens: for {} listeners, {consequence}: the file descriptors of {} processes are unreadable without CAP_SYS_PTRACE",
+            found.unnamed, found.unreadable
+        );
     }
 }
 

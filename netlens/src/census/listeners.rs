@@ -33,6 +33,11 @@ pub struct Found {
     /// Namespaces that could not be dumped (entering another namespace
     /// needs CAP_SYS_ADMIN), with the first error.
     pub skipped: Option<(usize, String)>,
+    /// Listeners no process was found for, and processes whose
+    /// descriptors could not be read (CAP_SYS_PTRACE): together, the
+    /// likely reason.
+    pub unnamed: usize,
+    pub unreadable: usize,
 }
 
 /// The listeners of `namespaces` and their processes; listeners no
@@ -60,12 +65,15 @@ pub fn listener_processes(namespaces: &[Namespace]) -> Result<Found> {
     }
     let inodes: HashSet<u32> = listeners.iter().map(|&(_, _, inode)| inode).collect();
     let holders = owners::holders(&inodes);
+    let unnamed = inodes.iter().filter(|inode| !holders.found.contains_key(inode)).count();
     Ok(Found {
         listeners: listeners
             .into_iter()
-            .filter_map(|(netns, port, inode)| Some(ListenerProcess { netns, port, process: holders.get(&inode)?.clone() }))
+            .filter_map(|(netns, port, inode)| Some(ListenerProcess { netns, port, process: holders.found.get(&inode)?.clone() }))
             .collect(),
         skipped: first_error.map(|err| (failed, format!("{err:#}"))),
+        unnamed,
+        unreadable: holders.unreadable,
     })
 }
 

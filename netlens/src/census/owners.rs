@@ -16,14 +16,25 @@ pub struct Process {
     pub comm: String,
 }
 
+/// What a walk of /proc found.
+#[derive(Debug, Default)]
+pub struct Holders {
+    /// By socket inode.
+    pub found: HashMap<u32, Process>,
+    /// Processes whose descriptors could not be read: another user's, or
+    /// one with capabilities we lack, without CAP_SYS_PTRACE.
+    pub unreadable: usize,
+}
+
 /// The processes holding the sockets of `wanted` inodes, by inode. When
 /// several hold one (a forked server's workers), the lowest pid, which
 /// is normally the parent that opened it. One walk over every process's
 /// file descriptors; stops early once every inode is found.
-pub fn holders(wanted: &HashSet<u32>) -> HashMap<u32, Process> {
-    let mut found = HashMap::new();
+pub fn holders(wanted: &HashSet<u32>) -> Holders {
+    let mut holders = Holders::default();
+    let found = &mut holders.found;
     if wanted.is_empty() {
-        return found;
+        return holders;
     }
     let mut pids: Vec<u32> = read_dir(Path::new("/proc"))
         .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
@@ -31,9 +42,29 @@ pub fn holders(wanted: &HashSet<u32>) -> HashMap<u32, Process> {
     pids.sort_unstable();
     for pid in pids {
         let mut comm = None;
-        for fd in read_dir(&Path::new("/proc").join(pid.to_string()).join("fd")) {
-            // A process may close the fd or exit meanwhile: skip it.
-            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+        let denied = |err: &std::io::Error| err.kind() == std::io::ErrorKind::PermissionDenied;
+        let fds = match std::fs::read_dir(Path::new("/proc").join(pid.to_string()).join("fd")) {
+            Ok(fds) => fds,
+            Err(err) if denied(&err) => {
+                holders.unreadable += 1;
+                continue;
+            }
+            // Exited meanwhile.
+            Err(_) => continue,
+        };
+        for fd in fds.filter_map(Result::ok) {
+            // The directory may list where the links cannot be read (root
+            // without CAP_SYS_PTRACE, looking at a process with more
+            // capabilities): one such process is enough to say so.
+            let target = match std::fs::read_link(fd.path()) {
+                Ok(target) => target,
+                Err(err) if denied(&err) => {
+                    holders.unreadable += 1;
+                    break;
+                }
+                // Closed meanwhile.
+                Err(_) => continue,
+            };
             let Some(inode) = target.to_str().and_then(socket_inode) else { continue };
             if !wanted.contains(&inode) || found.contains_key(&inode) {
                 continue;
@@ -45,7 +76,7 @@ pub fn holders(wanted: &HashSet<u32>) -> HashMap<u32, Process> {
             break;
         }
     }
-    found
+    holders
 }
 
 fn read_dir(directory: &Path) -> impl Iterator<Item = std::fs::DirEntry> {
@@ -84,9 +115,9 @@ mod tests {
             .unwrap()
             .ino() as u32;
         let found = holders(&HashSet::from([inode]));
-        let process = found.get(&inode).expect("this process holds it");
+        let process = found.found.get(&inode).expect("this process holds it");
         assert_eq!(process.pid, std::process::id());
         assert_eq!(process.comm, read_comm(std::process::id()));
-        assert!(holders(&HashSet::new()).is_empty());
+        assert!(holders(&HashSet::new()).found.is_empty());
     }
 }

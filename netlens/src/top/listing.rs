@@ -110,7 +110,7 @@ impl Holders {
         let due = self.last_walk.is_none_or(|walked| walked.elapsed() >= HOLDERS_INTERVAL);
         if !unknown.is_empty() && due {
             self.last_walk = Some(Instant::now());
-            let mut found = owners::holders(&unknown);
+            let mut found = owners::holders(&unknown).found;
             // Held by no process (not yet accepted, or closed by it): not
             // looked for again until the socket is gone.
             for inode in unknown {
