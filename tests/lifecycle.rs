@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use anyhow::Result;
 use netlens_tests::{
-    traffic::{churn_server, clients, paced_churn, Server},
+    traffic::{churn_server, clients, paced_churn, Server, ServerProcess},
     Netlens, Netns,
 };
 use serde_json::Value;
@@ -179,4 +179,44 @@ fn resets_sent_without_socket_traced() -> bool {
         Some("degraded") => false,
         other => panic!("resets is {other:?} in {report}"),
     }
+}
+
+/// Passive handshakes and closes carry the server's process: for a listener
+/// that was listening before netlens started (named from sock_diag's inode
+/// and /proc/PID/fd) and for one opened after (named at listen()). The
+/// servers are processes of their own, not threads of this test.
+#[test]
+fn passive_connections_carry_the_servers_process() -> Result<()> {
+    const CONNECTIONS: usize = 20;
+    let netns = Netns::new()?;
+    let binary = env!("CARGO_BIN_EXE_netlens-serve");
+    let older: SocketAddr = "127.0.0.1:8110".parse()?;
+    let newer: SocketAddr = "127.0.0.1:8111".parse()?;
+    let older_server = ServerProcess::start(&netns, older, binary)?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let newer_server = ServerProcess::start(&netns, newer, binary)?;
+    for server in [older, newer] {
+        clients(&netns, server, CONNECTIONS, 2, 100)?;
+    }
+    netns.wait_closed(std::time::Duration::from_secs(20))?;
+    let traced = netlens.stop()?;
+    let slack = traced.unaccounted() as usize;
+    for (server, addr) in [(&older_server, older), (&newer_server, newer)] {
+        for name in ["handshake", "close"] {
+            let passive: Vec<&Value> = traced
+                .named(name)
+                .filter(|e| e["direction"] == "passive" && port_of(e, "sport") == addr.port())
+                .collect();
+            assert!(
+                passive.len() <= CONNECTIONS && CONNECTIONS - passive.len() <= slack,
+                "{addr}: {} passive {name} events (missed {slack})",
+                passive.len()
+            );
+            for event in passive {
+                assert_eq!(event["pid"], server.pid, "{addr}: {event}");
+                assert_eq!(event["comm"], "netlens-serve", "{addr}: {event}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! 2 % loss and another does not. Needs root.
 
 use std::{
+    io::Read,
     net::SocketAddr,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -13,7 +14,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use netlens_tests::{
     netlens::binary,
-    traffic::{clients, retry_without_backoff, Server},
+    traffic::{clients, idle_connections, retry_without_backoff, Server},
     Netlens, Netns,
 };
 
@@ -191,5 +192,98 @@ fn live_view_in_a_real_terminal() -> Result<()> {
     tmux.wait_for(Duration::from_secs(5), |s| s.contains("TOP_EXITED=0"))?;
     assert_eq!(tmux.query("#{alternate_on}")?, "0", "alternate screen left on");
     assert_eq!(tmux.query("#{cursor_flag}")?, "1", "cursor hidden");
+    Ok(())
+}
+
+/// `ss -tinH` in `netns`: for the socket from `local` to `remote`, its state
+/// and the `bytes_sent` / `bytes_received` of its tcp_info (0 when ss leaves
+/// one out, which it does for zero).
+fn ss_socket(netns: &Netns, local: SocketAddr, remote: SocketAddr) -> Result<(String, u64, u64)> {
+    let output = netns.exec(&["ss", "-tinH", "state", "all"])?;
+    let lines: Vec<&str> = output.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 5 || fields[3] != local.to_string() || fields[4] != remote.to_string() {
+            continue;
+        }
+        let info = lines.get(i + 1).filter(|next| next.starts_with(char::is_whitespace)).copied().unwrap_or("");
+        let counter = |name: &str| {
+            info.split_whitespace().find_map(|field| field.strip_prefix(name)?.strip_prefix(':')?.parse::<u64>().ok()).unwrap_or(0)
+        };
+        return Ok((fields[0].to_string(), counter("bytes_sent"), counter("bytes_received")));
+    }
+    bail!("ss lists no socket {local} -> {remote}:\n{output}")
+}
+
+/// The Connections view's row for `local` -> `remote` in a batch JSON snapshot.
+fn connection_row(snapshot: &serde_json::Value, local: SocketAddr, remote: SocketAddr) -> Option<serde_json::Value> {
+    snapshot["rows"]
+        .as_array()?
+        .iter()
+        .find(|row| row["local"] == local.to_string() && row["remote"] == remote.to_string())
+        .cloned()
+}
+
+/// Connections opened before netlens (keep-alive connections of a server
+/// that was running when the incident began) are listed, with the state
+/// and byte counts the kernel has for them: the client's own counts and
+/// `ss -tin`'s. Their process comes from /proc/PID/fd (they are this test's).
+#[test]
+fn connections_opened_before_netlens_are_listed_with_kernel_counts() -> Result<()> {
+    let netns = Netns::new()?;
+    let server: SocketAddr = "127.0.0.1:8098".parse()?;
+    let idle = idle_connections(&netns, server, 4, 3_000, 70_000)?;
+    let inode = netns.inode()?.to_string();
+    let top = Netlens::start(&["top", "--json", "--view", "connections", "-n", "2", "-d", "1", "--netns", &inode])?;
+    let traced = top.wait_exit(Duration::from_secs(15))?;
+    let last = traced.events.last().context("no snapshot")?;
+    assert_eq!(last["view"], "connections");
+    eprintln!("rows: {}", last["rows"]);
+    let comm = std::fs::read_to_string("/proc/self/comm")?.trim_end().to_string();
+    for conn in &idle {
+        let (client, server_end) = (conn.client.local_addr()?, conn.server.local_addr()?);
+        for (local, remote, sent, received) in [(client, server_end, conn.sent, conn.received), (server_end, client, conn.received, conn.sent)] {
+            let row = connection_row(last, local, remote).with_context(|| format!("no row for {local} -> {remote}"))?;
+            let (ss_state, ss_sent, ss_received) = ss_socket(&netns, local, remote)?;
+            assert_eq!(ss_state, "ESTAB");
+            assert_eq!(row["state"], "ESTAB", "{row}");
+            assert_eq!(row["bytes_sent"], sent, "{local}: what the client measured ({row})");
+            assert_eq!(row["bytes_received"], received, "{local}: what the client measured ({row})");
+            assert_eq!((ss_sent, ss_received), (sent, received), "ss -tin for {local}");
+            assert_eq!(row["pid"], std::process::id(), "{row}");
+            assert_eq!(row["comm"], comm.as_str(), "{row}");
+            assert!(row["age_us"].is_null(), "opened before netlens: age unknown ({row})");
+        }
+    }
+    assert_eq!(last["connections_total"], 8, "four connections, two ends each");
+    Ok(())
+}
+
+/// A connection the server half-closed shows as `ss` shows it: CLOSE-WAIT on
+/// the client's end, FIN-WAIT-2 on the server's (not ESTAB, which is all
+/// the flow table could say).
+#[test]
+fn half_closed_connections_show_their_tcp_state() -> Result<()> {
+    let netns = Netns::new()?;
+    let inode = netns.inode()?.to_string();
+    let top = Netlens::start(&["top", "--json", "--view", "connections", "-n", "4", "-d", "1", "--netns", &inode])?;
+    let server: SocketAddr = "127.0.0.1:8099".parse()?;
+    let idle = idle_connections(&netns, server, 1, 100, 200)?;
+    let conn = &idle[0];
+    conn.server.shutdown(std::net::Shutdown::Write)?;
+    // The client reads the FIN (EOF) and keeps its end open.
+    let mut rest = Vec::new();
+    (&conn.client).read_to_end(&mut rest)?;
+    let traced = top.wait_exit(Duration::from_secs(15))?;
+    let last = traced.events.last().context("no snapshot")?;
+    let (client, server_end) = (conn.client.local_addr()?, conn.server.local_addr()?);
+    for (local, remote, state, received) in [(client, server_end, "CLOSE-WAIT", conn.received), (server_end, client, "FIN-WAIT-2", conn.sent)] {
+        let row = connection_row(last, local, remote).with_context(|| format!("no row for {local} -> {remote}: {}", last["rows"]))?;
+        assert_eq!(ss_socket(&netns, local, remote)?.0, state, "ss");
+        assert_eq!(row["state"], state, "{row}");
+        // The peer's FIN is no payload.
+        assert_eq!(row["bytes_received"], received, "{row}");
+        assert!(row["age_us"].as_u64().is_some(), "opened after netlens: its age is known ({row})");
+    }
     Ok(())
 }

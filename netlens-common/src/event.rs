@@ -252,6 +252,22 @@ pub struct ListenerKey {
     pub _pad: u16,
 }
 
+/// The process that owns a listening port (`LISTENER_OWNERS`, keyed by
+/// [`ListenerKey`]): recorded at listen() (process context), by the first
+/// accept() seen, or by userspace for listeners older than netlens (from
+/// sock_diag's inode and `/proc/PID/fd`). Passive connections carry it
+/// until accept() names the exact accepting process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerOwner {
+    /// The listening socket when the kernel side recorded it; 0 when
+    /// userspace did (it knows the socket's inode, not its address).
+    pub sk: u64,
+    pub pid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)], integer and byte-array fields only, explicit padding.
@@ -260,5 +276,6 @@ mod pod {
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::ListenOverflow {}
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::ListenerOwner {}
     unsafe impl aya::Pod for crate::histogram::PacketHistograms {}
 }

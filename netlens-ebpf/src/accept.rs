@@ -26,7 +26,7 @@ use crate::{
     events::{counted, emit, stamp},
     flows,
     kernel::{member, slot, Record, Tuple},
-    overflow,
+    overflow, owners,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -41,6 +41,7 @@ static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_T
 fn accepted(listener: u64, child: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = overflow::known_listener(listener);
+    let _ = owners::accepting(listener);
     // No entry or not established yet: a connection from before we
     // attached.
     let Some(flow) = flows::lookup_mut(child) else { return Ok(()) };

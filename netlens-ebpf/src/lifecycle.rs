@@ -29,7 +29,7 @@ use netlens_common::{direction, kind, program, reason, tcp_state, Flow, TupleKey
 use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
-    dynamics, flows, probe,
+    dynamics, flows, owners, probe,
     kernel::{member, slot, sock_netns, sock_tuple, Tuple},
     overflow,
     retransmit::take_synack_start,
@@ -56,8 +56,8 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // gets the 512-byte stack to itself.
     let result = match (old, new) {
         // Listeners: remembered by port for overflow.rs (not flows).
-        (_, tcp_state::LISTEN) if is_tcp(sk) => overflow::listening(sk),
-        (tcp_state::LISTEN, tcp_state::CLOSE) => overflow::unlistening(sk),
+        (_, tcp_state::LISTEN) if is_tcp(sk) => listening(sk),
+        (tcp_state::LISTEN, tcp_state::CLOSE) => unlistening(sk),
         (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => Ok(()),
         (tcp_state::CLOSE, tcp_state::SYN_SENT) if is_tcp(sk) => active_open(sk),
         (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(sk),
@@ -68,6 +68,20 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     };
     counted(program::INET_SOCK_SET_STATE, result);
     0
+}
+
+/// listen(), in the server's process: remembered by port for overflow.rs
+/// and for the process passive connections carry (owners.rs).
+#[inline(never)]
+fn listening(sk: u64) -> Result<(), i32> {
+    let remembered = overflow::listening(sk);
+    owners::listening(sk).and(remembered)
+}
+
+#[inline(never)]
+fn unlistening(sk: u64) -> Result<(), i32> {
+    let forgotten = overflow::unlistening(sk);
+    owners::unlistening(sk).and(forgotten)
 }
 
 /// SCTP and MPTCP sockets pass the same tracepoint: only TCP goes on.
@@ -138,6 +152,8 @@ fn passive_established(sk: u64) -> Result<(), i32> {
     // The child starts with the SYN-ACK retransmissions in its total.
     flow.total_retrans = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
     flow.direction = direction::PASSIVE;
+    // The listener's process until accept() names the accepting one.
+    owners::claim(flow, tuple.sport);
     tuple.store(flow);
     dynamics::established(flow, now);
     flows::insert(sk, flow);

@@ -14,6 +14,7 @@ mod flows;
 mod kernel;
 mod lifecycle;
 mod overflow;
+mod owners;
 mod probe;
 mod reset;
 mod retransmit;

@@ -14,7 +14,7 @@ use aya::{
     programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use netlens_common::{counter, program, Config, Flow, ListenOverflow, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
+use netlens_common::{counter, program, Config, Flow, ListenOverflow, ListenerKey, ListenerOwner, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
 
 use crate::{
     features::{self, FeatureStatus},
@@ -558,6 +558,29 @@ impl Probes {
             }
         }
         Ok(counts)
+    }
+
+    /// Names the processes of listeners older than netlens in the kernel's
+    /// LISTENER_OWNERS table (see owners.rs in netlens-ebpf), never over an
+    /// entry the kernel side made. Returns how many were new.
+    pub fn seed_listener_owners(&mut self, listeners: &[crate::census::listeners::ListenerProcess]) -> Result<usize> {
+        let map = self.ebpf.map_mut("LISTENER_OWNERS").ok_or_else(|| anyhow!("LISTENER_OWNERS map missing"))?;
+        let mut owners: BpfHashMap<&mut MapData, ListenerKey, ListenerOwner> = BpfHashMap::try_from(map)?;
+        let mut seeded = 0;
+        for listener in listeners {
+            let key = ListenerKey { netns: listener.netns, port: listener.port, _pad: 0 };
+            let mut owner = ListenerOwner { pid: listener.process.pid, ..ListenerOwner::default() };
+            let comm = listener.process.comm.as_bytes();
+            // The kernel's comm: 15 bytes and a NUL.
+            let len = comm.len().min(owner.comm.len() - 1);
+            owner.comm[..len].copy_from_slice(&comm[..len]);
+            // BPF_NOEXIST (1): EEXIST means the kernel side saw this
+            // listener listen or accept, which is exact.
+            if owners.insert(key, owner, 1).is_ok() {
+                seeded += 1;
+            }
+        }
+        Ok(seeded)
     }
 
     /// The flow table's occupancy and evictions. Walks every key (up to

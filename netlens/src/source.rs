@@ -12,6 +12,7 @@ use netlens_common::RawEvent;
 use tokio::{io::unix::AsyncFd, time::Interval};
 
 use crate::{
+    census,
     event::ConnEvent,
     kernel::progstats::ProgramStats,
     filter::Filter,
@@ -38,15 +39,51 @@ pub struct EventSource {
     attribution: Attribution,
 }
 
+/// Names the processes of listeners that were listening before netlens
+/// attached, so their passive connections carry them from the first event
+/// on (listen() and accept() name the others in the kernel). A failure
+/// costs only that: one line says so.
+fn seed_listener_owners(probes: &mut Probes, only_netns: Option<u32>) {
+    // On a thread of its own: the dump enters each namespace (setns), and
+    // this thread's namespace is the one the daemon serves metrics in.
+    let found = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let namespaces = census::netns::watched(only_netns)?;
+                census::listeners::listener_processes(&namespaces)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the listener census panicked")))
+    });
+    let consequence = "connections to listeners older than netlens carry no process until accept()";
+    let found = match found.and_then(|found| probes.seed_listener_owners(&found.listeners).map(|_| found)) {
+        Ok(found) => found,
+        Err(err) => return eprintln!("netlens: {consequence}: {err:#}"),
+    };
+    if let Some((skipped, err)) = found.skipped {
+        eprintln!("netlens: in {skipped} network namespaces, {consequence}: {err}");
+    }
+    // A listener closed meanwhile is no concern; one whose holder could
+    // not be read is.
+    if found.unnamed > 0 && found.unreadable > 0 {
+        eprintln!(
+            "netlens: for {} listeners, {consequence}: the file descriptors of {} processes are unreadable without CAP_SYS_PTRACE",
+            found.unnamed, found.unreadable
+        );
+    }
+}
+
 /// Listen overflows are read from the kernel this often: one
 /// `listen_overflow` event per listener per period while it drops.
 const OVERFLOW_PERIOD: Duration = Duration::from_secs(1);
 
 impl EventSource {
     /// Attaches everything and announces it on stderr, like bpftrace's
-    /// "Attaching N probes".
-    pub fn start() -> Result<Self> {
+    /// "Attaching N probes". Listeners of the namespaces `filter` watches
+    /// that are older than netlens get their processes named first.
+    pub fn start(filter: &Filter) -> Result<Self> {
         let mut probes = Probes::attach_all()?;
+        seed_listener_owners(&mut probes, filter.netns);
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so
         // the fd stays open for as long as it is registered.
         let ring = unsafe { AsyncFd::register(probes.take_events()?) }

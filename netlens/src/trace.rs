@@ -22,7 +22,7 @@ pub struct TraceOptions {
 }
 
 pub async fn run(options: TraceOptions) -> Result<()> {
-    let mut source = EventSource::start()?;
+    let mut source = EventSource::start(&options.filter)?;
     let clock = WallClock::now();
     let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if !options.json {

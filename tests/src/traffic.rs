@@ -371,3 +371,90 @@ pub fn listener_with_backlog(port: u16, backlog: i32) -> Result<TcpListener> {
         Ok(listener)
     }
 }
+
+/// `netlens-serve` (tests/src/bin) running in a namespace: a server with a
+/// process of its own. Stopped on drop.
+pub struct ServerProcess {
+    child: std::process::Child,
+    /// Its pid (`ip netns exec` execs it, so the child's pid is the server's).
+    pub pid: u32,
+}
+
+impl ServerProcess {
+    /// Starts `binary` (the test's `env!("CARGO_BIN_EXE_netlens-serve")`)
+    /// listening on `addr` inside `netns`; returns once it listens.
+    pub fn start(netns: &Netns, addr: SocketAddr, binary: &str) -> Result<Self> {
+        use std::{io::BufRead, process::{Command, Stdio}};
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &netns.name, binary, &addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (line_tx, line_rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = line_tx.send(line);
+        });
+        let pid = child.id();
+        let server = Self { child, pid };
+        match line_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.trim() == "listening" => Ok(server),
+            other => anyhow::bail!("netlens-serve on {addr} did not start: {other:?}"),
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // Closing its stdin stops it; kill in case it does not.
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One idle connection and what its client measured.
+pub struct IdleConnection {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    /// Payload bytes the client wrote and read.
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// `count` connections to a listener on `addr` in `netns` that each carry
+/// one request of `request` bytes and one answer of `reply` bytes, then
+/// stay open and idle, both ends held by the caller (like HTTP/2 or
+/// database connections). The listener is closed before returning.
+pub fn idle_connections(netns: &Netns, addr: SocketAddr, count: usize, request: usize, reply: usize) -> Result<Vec<IdleConnection>> {
+    netns
+        .spawn(move || -> Result<Vec<IdleConnection>> {
+            let listener = TcpListener::bind(addr)?;
+            (0..count)
+                .map(|_| {
+                    let client = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                    let (server, _) = listener.accept()?;
+                    for stream in [&client, &server] {
+                        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    }
+                    // Each direction's writer and reader at once: a large
+                    // write would otherwise wait on the socket buffers.
+                    thread::scope(|scope| -> Result<()> {
+                        let writer = scope.spawn(|| (&client).write_all(&vec![b'q'; request]));
+                        (&server).read_exact(&mut vec![0; request])?;
+                        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+                        let writer = scope.spawn(|| (&server).write_all(&vec![b'a'; reply]));
+                        (&client).read_exact(&mut vec![0; reply])?;
+                        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+                        Ok(())
+                    })?;
+                    Ok(IdleConnection { client, server, sent: request as u64, received: reply as u64 })
+                })
+                .collect()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("idle connection thread panicked"))??
+}

@@ -16,6 +16,10 @@
 //! addresses, and it runs every few seconds in the daemon, so it stays cheap.
 
 mod cache;
+pub mod connections;
+pub mod listeners;
+pub mod netns;
+pub mod owners;
 mod sockdiag;
 
 use std::{
@@ -28,7 +32,7 @@ use netlens_common::tcp_state::LISTEN as TCP_LISTEN;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 
 pub use cache::CensusCache;
-use sockdiag::SockDiag;
+use sockdiag::{DumpRequest, SockDiag};
 
 /// The sysctl holding the range `connect()` picks local ports from. Under
 /// /proc/sys/net, so it is the calling thread's network namespace, like the dump.
@@ -88,7 +92,7 @@ impl Census {
         // One socket, one sequence number per family: replies are matched to
         // the dump that asked for them.
         for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
-            sock_diag.dump_tcp(family, sequence, |socket| {
+            sock_diag.dump_tcp(&DumpRequest::census(family), sequence, |socket, _| {
                 let id = &socket.socket_id;
                 let remote = SocketAddr::new(id.destination_address, id.destination_port);
                 tally.record(socket.state, id.source_port, remote);

@@ -1,5 +1,5 @@
-//! The netlink side of the census: one SOCK_DIAG_BY_FAMILY dump of every
-//! TCP socket of a family, read to its end.
+//! The netlink side of the census and of top's connection list: one
+//! SOCK_DIAG_BY_FAMILY dump of the TCP sockets of a family, read to its end.
 
 use std::io;
 
@@ -23,14 +23,41 @@ const RECEIVE_BUFFER_LEN: usize = 64 * 1024;
 /// Netlink messages inside a datagram start on 4-byte boundaries.
 const NLMSG_ALIGN: usize = 4;
 
+/// `struct inet_diag_msg`: the fixed part of each socket record; the
+/// attributes asked for (INET_DIAG_INFO, ...) follow it.
+const INET_DIAG_MSG_LEN: usize = 72;
+
+/// What one dump asks the kernel for.
+#[derive(Clone, Debug)]
+pub(crate) struct DumpRequest {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    /// Bits `1 << state` of the TCP states wanted.
+    pub states: StateFlags,
+    /// Attributes wanted with each socket (INET_DIAG_INFO: `tcp_info`).
+    pub extensions: ExtensionFlags,
+}
+
+impl DumpRequest {
+    /// Every TCP state, no attributes: what the census counts.
+    pub(crate) fn census(family: u8) -> Self {
+        // StateFlags::all() stops at TCP_CLOSING; ask for TCP_NEW_SYN_RECV too.
+        // (Not TCP_BOUND_INACTIVE, 13: bound-but-unused sockets are not connections.)
+        let states = StateFlags::from_bits_retain(StateFlags::all().bits() | 1 << TCP_NEW_SYN_RECV);
+        Self { family, states, extensions: ExtensionFlags::empty() }
+    }
+}
+
 /// A NETLINK_SOCK_DIAG socket plus the buffer its dumps are read into.
-pub(super) struct SockDiag {
+pub(crate) struct SockDiag {
     socket: Socket,
     receive_buffer: Vec<u8>,
 }
 
 impl SockDiag {
-    pub(super) fn open() -> Result<Self> {
+    /// A socket for the calling thread's network namespace (the kernel
+    /// binds it to the namespace it is created in, for good).
+    pub(crate) fn open() -> Result<Self> {
         let socket = Socket::new(NETLINK_SOCK_DIAG).context(
             "socket census: cannot open a NETLINK_SOCK_DIAG socket; \
              is the kernel built with CONFIG_INET_DIAG?",
@@ -45,15 +72,16 @@ impl SockDiag {
         Ok(Self { socket, receive_buffer: vec![0; RECEIVE_BUFFER_LEN] })
     }
 
-    /// Dumps every TCP socket of `family`, calling `on_socket` for each. Reads
-    /// the multi-part reply until NLMSG_DONE.
-    pub(super) fn dump_tcp(
+    /// Dumps the TCP sockets `request` asks for, calling `on_socket` with
+    /// each one's fixed part and its attributes (netlink attributes, as
+    /// the kernel sent them). Reads the multi-part reply until NLMSG_DONE.
+    pub(crate) fn dump_tcp(
         &mut self,
-        family: u8,
+        request: &DumpRequest,
         sequence: u32,
-        mut on_socket: impl FnMut(&InetResponseHeader),
+        mut on_socket: impl FnMut(&InetResponseHeader, &[u8]),
     ) -> Result<()> {
-        let family_name = if family == AF_INET { "IPv4" } else { "IPv6" };
+        let family_name = if request.family == AF_INET { "IPv4" } else { "IPv6" };
         let fail = |what: String| {
             anyhow!(
                 "socket census: netlink sock_diag dump of {family_name} TCP sockets failed: \
@@ -61,7 +89,7 @@ impl SockDiag {
             )
         };
 
-        let request = dump_request(family, sequence);
+        let request = dump_request(request, sequence);
         self.socket.send(&request, 0).map_err(|e| fail(format!("send: {e}")))?;
 
         loop {
@@ -87,7 +115,8 @@ impl SockDiag {
                         SOCK_DIAG_BY_FAMILY => {
                             let socket = InetResponseHeader::parse(message.payload())
                                 .map_err(|e| fail(format!("malformed socket record: {e}")))?;
-                            on_socket(&socket);
+                            let attributes = message.payload().get(INET_DIAG_MSG_LEN..).unwrap_or_default();
+                            on_socket(&socket, attributes);
                         }
                         NLMSG_DONE => {
                             // The payload of a dump's DONE is the dump's
@@ -123,13 +152,10 @@ impl SockDiag {
     }
 }
 
-/// The serialized SOCK_DIAG_BY_FAMILY dump request: TCP, every state, no
-/// extensions.
-fn dump_request(family: u8, sequence: u32) -> Vec<u8> {
+/// The serialized SOCK_DIAG_BY_FAMILY dump request.
+fn dump_request(request: &DumpRequest, sequence: u32) -> Vec<u8> {
+    let DumpRequest { family, states, extensions } = request.clone();
     let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
-    // StateFlags::all() stops at TCP_CLOSING; ask for TCP_NEW_SYN_RECV too.
-    // (Not TCP_BOUND_INACTIVE, 13: bound-but-unused sockets are not connections.)
-    let states = StateFlags::from_bits_retain(StateFlags::all().bits() | 1 << TCP_NEW_SYN_RECV);
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = sequence;
@@ -138,7 +164,7 @@ fn dump_request(family: u8, sequence: u32) -> Vec<u8> {
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
+            extensions,
             states,
             socket_id,
         })
@@ -176,7 +202,7 @@ mod tests {
 
     #[test]
     fn dump_request_asks_for_all_states_and_no_extensions() {
-        let bytes = dump_request(AF_INET6, 7);
+        let bytes = dump_request(&DumpRequest::census(AF_INET6), 7);
         // nlmsghdr (16) + inet_diag_req_v2 (56)
         assert_eq!(bytes.len(), 72);
         let message = NetlinkBuffer::new_checked(&bytes[..]).unwrap();
@@ -189,5 +215,20 @@ mod tests {
         assert_eq!(payload[2], 0, "no INET_DIAG extensions");
         let states = u32::from_ne_bytes(payload[4..8].try_into().unwrap());
         assert_eq!(states, 0b1_1111_1111_1110, "TCP states 1..=12");
+    }
+
+    #[test]
+    fn dump_request_carries_states_and_extensions() {
+        let request = DumpRequest {
+            family: AF_INET,
+            states: StateFlags::ESTABLISHED | StateFlags::CLOSE_WAIT,
+            extensions: ExtensionFlags::INFO,
+        };
+        let bytes = dump_request(&request, 1);
+        let message = NetlinkBuffer::new_checked(&bytes[..]).unwrap();
+        let payload = message.payload();
+        assert_eq!(payload[2], 1 << (2 - 1), "INET_DIAG_INFO");
+        let states = u32::from_ne_bytes(payload[4..8].try_into().unwrap());
+        assert_eq!(states, 1 << 1 | 1 << 8);
     }
 }

@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::header::{findings_line, header_lines, plain_lines};
 use super::model::{Header, Snapshot};
 use super::table::{columns_that_fit, pad, visible_rows, TableRow};
-use super::view::{View, ViewSettings};
+use super::view::{capped_note, View, ViewSettings};
 
 /// The summary header and the current view's table as aligned plain text,
 /// ending in a newline. Columns are as wide as their content; right-most
@@ -30,6 +30,9 @@ pub fn batch_text(settings: &ViewSettings, snapshot: &Snapshot, width: usize) ->
     );
     if !settings.filter.is_empty() {
         status.push_str(&format!(", filter \"{}\"", settings.filter));
+    }
+    if let Some(note) = capped_note(settings.view, snapshot) {
+        status.push_str(&format!(", {note}"));
     }
     out.push('\n');
     out.push_str(&status);
@@ -65,23 +68,32 @@ struct BatchJson<'a, R: Serialize> {
     view: &'static str,
     header: &'a Header,
     rows: Vec<&'a R>,
+    /// Connections view: how many connections the kernel holds (more than
+    /// the rows when the list was capped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connections_total: Option<u64>,
 }
 
-fn to_json<R: TableRow + Serialize>(settings: &ViewSettings, header: &Header, rows: &[R]) -> String {
-    let doc =
-        BatchJson { view: settings.view.name(), header, rows: visible_rows(rows, settings.sort(), &settings.filter) };
+fn to_json<R: TableRow + Serialize>(settings: &ViewSettings, snapshot: &Snapshot, rows: &[R]) -> String {
+    let doc = BatchJson {
+        view: settings.view.name(),
+        header: &snapshot.header,
+        rows: visible_rows(rows, settings.sort(), &settings.filter),
+        connections_total: (settings.view == View::Connections).then_some(snapshot.connections_total),
+    };
     // Plain data with string keys cannot fail to serialize; still, never
     // panic in an output path.
     serde_json::to_string(&doc).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string())
 }
 
 /// One line of JSON (no trailing newline): `{"view", "header", "rows"}` with
-/// the current view's rows in the current order and filter.
+/// the current view's rows in the current order and filter (and
+/// `connections_total` in the Connections view).
 pub fn batch_json(settings: &ViewSettings, snapshot: &Snapshot) -> String {
     match settings.view {
-        View::Endpoints => to_json(settings, &snapshot.header, &snapshot.endpoints),
-        View::Connections => to_json(settings, &snapshot.header, &snapshot.connections),
-        View::Processes => to_json(settings, &snapshot.header, &snapshot.processes),
-        View::Findings => to_json(settings, &snapshot.header, &snapshot.findings),
+        View::Endpoints => to_json(settings, snapshot, &snapshot.endpoints),
+        View::Connections => to_json(settings, snapshot, &snapshot.connections),
+        View::Processes => to_json(settings, snapshot, &snapshot.processes),
+        View::Findings => to_json(settings, snapshot, &snapshot.findings),
     }
 }

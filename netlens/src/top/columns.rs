@@ -117,6 +117,10 @@ impl TableRow for EndpointRow {
     }
 }
 
+fn count_opt(value: Option<u32>) -> String {
+    value.map_or_else(|| NONE.to_string(), |count| count.to_string())
+}
+
 fn pid_comm(r: &ConnectionRow) -> String {
     match (r.pid, &r.comm) {
         (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
@@ -130,14 +134,27 @@ static CONNECTION_COLUMNS: [Column<ConnectionRow>; 11] = [
     ConnectionColumn::text("LOCAL", 21, |r| r.local.to_string(), |r| Some(SortKey::Addr(r.local))),
     ConnectionColumn::text("REMOTE", 21, |r| r.remote.to_string(), |r| Some(SortKey::Addr(r.remote))),
     ConnectionColumn::text("PID/COMM", 16, pid_comm, |r| r.pid.map(|p| SortKey::Num(p as f64))),
-    ConnectionColumn::num("AGE", 7, |r| format::age(r.age_us), |r| num(r.age_us as f64)),
+    // Unknown age: opened before netlens, so older than every known one.
+    ConnectionColumn::num("AGE", 7, |r| r.age_us.map_or_else(|| NONE.to_string(), format::age), |r| {
+        num(r.age_us.map_or(f64::INFINITY, |age| age as f64))
+    }),
     ConnectionColumn::text("STATE", 11, |r| r.state.clone(), |r| text(&r.state)),
-    ConnectionColumn::num("SRTT", 8, |r| format::micros(r.srtt_us as u64), |r| num(r.srtt_us as f64)),
-    ConnectionColumn::num("CWND", 5, |r| r.cwnd.to_string(), |r| num(r.cwnd as f64)),
-    ConnectionColumn::num("RETR", 5, |r| r.retransmits.to_string(), |r| num(r.retransmits as f64))
-        .trouble(|r| warn_if_positive(r.retransmits as f64)),
-    ConnectionColumn::num("HOL", 8, |r| format::micros(r.hol_stall_us), |r| num(r.hol_stall_us as f64))
-        .trouble(|r| bad_above(Some(r.hol_stall_us as f64), HOL_P99_BAD_US)),
+    ConnectionColumn::num(
+        "SRTT",
+        8,
+        |r| format::micros_opt(r.srtt_us.map(f64::from)),
+        |r| SortKey::num(r.srtt_us.map(f64::from)),
+    ),
+    ConnectionColumn::num("CWND", 5, |r| count_opt(r.cwnd), |r| SortKey::num(r.cwnd.map(f64::from))),
+    ConnectionColumn::num("RETR", 5, |r| count_opt(r.retransmits), |r| SortKey::num(r.retransmits.map(f64::from)))
+        .trouble(|r| warn_if_positive(r.retransmits.map_or(0.0, f64::from))),
+    ConnectionColumn::num(
+        "HOL",
+        8,
+        |r| format::micros_opt(r.hol_stall_us.map(|us| us as f64)),
+        |r| SortKey::num(r.hol_stall_us.map(|us| us as f64)),
+    )
+    .trouble(|r| bad_above(r.hol_stall_us.map(|us| us as f64), HOL_P99_BAD_US)),
     ConnectionColumn::num(
         "SENT",
         7,

@@ -1,6 +1,6 @@
 //! Turns the event stream into the [`Snapshot`] each refresh shows: the
 //! aggregator's cumulative statistics, differenced against the previous
-//! refresh for per-second rates, plus live flows and the socket census.
+//! refresh for per-second rates, plus the connections and the socket census.
 
 use std::{collections::HashMap, time::Instant};
 
@@ -12,8 +12,7 @@ use super::model::{
 use crate::{
     aggregate::{buckets::Buckets, endpoint::EndpointBy, stats::ConnStats, topk::TopK, Aggregator},
     doctor::live::{self, LiveFindings},
-    event::{ConnEvent, Direction},
-    loader::LiveFlow,
+    event::ConnEvent,
 };
 
 /// Endpoints and processes top keeps (the rest is not shown).
@@ -23,7 +22,10 @@ const FINDINGS_PER_KIND: usize = 50;
 
 /// What a refresh needs besides the events.
 pub struct Extras {
-    pub flows: Vec<LiveFlow>,
+    /// The Connections view's rows (see connections.rs), and how many
+    /// connections there are in all.
+    pub connections: Vec<ConnectionRow>,
+    pub connections_total: u64,
     pub time_wait: Option<u64>,
     pub events_lost: u64,
     pub bpf_errors: u64,
@@ -234,30 +236,6 @@ impl Feed {
             .collect();
         self.previous_processes = previous_processes;
 
-        let connections = extras
-            .flows
-            .iter()
-            .map(|flow| ConnectionRow {
-                local: flow.local,
-                remote: flow.remote,
-                pid: flow.pid,
-                comm: flow.comm.clone(),
-                age_us: extras.now_ns.saturating_sub(flow.start_ns) / 1_000,
-                state: match (flow.established_ns, flow.direction) {
-                    (0, Some(Direction::Active)) => "SYN_SENT",
-                    (0, _) => "SYN_RECV",
-                    _ => "ESTABLISHED",
-                }
-                .to_string(),
-                srtt_us: flow.srtt_us,
-                cwnd: flow.cwnd,
-                retransmits: flow.retransmits,
-                hol_stall_us: flow.hol_stall_ns / 1_000,
-                bytes_sent: None,
-                bytes_received: None,
-            })
-            .collect();
-
         let findings = self
             .findings
             .active(FINDINGS_PER_KIND)
@@ -275,7 +253,14 @@ impl Feed {
             })
             .collect();
 
-        Snapshot { header, findings, endpoints, connections, processes }
+        Snapshot {
+            header,
+            findings,
+            endpoints,
+            connections: extras.connections,
+            connections_total: extras.connections_total,
+            processes,
+        }
     }
 
     /// Ends an epoch of the endpoint and process tables: idle rows leave,
@@ -289,7 +274,7 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{sample, Detail, Dynamics};
+    use crate::event::{sample, Detail, Direction, Dynamics};
 
     fn from_client(detail: Detail) -> ConnEvent {
         let mut event = sample(detail);
@@ -316,7 +301,7 @@ mod tests {
             spurious_retransmits: 0,
             transport: Dynamics { segs_out: 1_000, ..Dynamics::default() },
         }));
-        let snapshot = feed.snapshot(Extras { flows: Vec::new(), time_wait: None, events_lost: 0, bpf_errors: 0, now_ns: 10 });
+        let snapshot = feed.snapshot(Extras { connections: Vec::new(), connections_total: 0, time_wait: None, events_lost: 0, bpf_errors: 0, now_ns: 10 });
         let row = snapshot.endpoints.iter().find(|row| row.endpoint == "[::1]:40000").expect("the endpoint's row");
         assert_eq!(row.retransmits_per_1k_segs, Some(2.0), "5 live retransmits are not over the closed one's segments");
         assert!(row.retransmits_per_s > 0.0, "the live retransmits still show in RETR/S");

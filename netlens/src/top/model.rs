@@ -74,19 +74,34 @@ pub struct EndpointRow {
     pub hol_stall_bars: Vec<Bar>,
 }
 
+/// One TCP connection: every one the kernel lists in the watched
+/// namespaces (sock_diag), with what netlens saw of it merged in.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConnectionRow {
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// Network namespace inode.
+    pub netns: u32,
+    /// The opener, the accepting process, the listener's process until
+    /// accept(), or for a connection older than netlens the process
+    /// holding its socket (`/proc/PID/fd`, as `ss -p`).
     pub pid: Option<u32>,
     pub comm: Option<String>,
-    pub age_us: u64,
-    /// `ESTABLISHED`, `SYN_SENT`, … as `ss` spells them.
+    /// `None` for a connection opened before netlens attached.
+    pub age_us: Option<u64>,
+    /// `ESTAB`, `SYN-SENT`, `FIN-WAIT-2`, `CLOSE-WAIT`, … as `ss` spells them.
     pub state: String,
-    pub srtt_us: u32,
-    pub cwnd: u32,
-    pub retransmits: u32,
-    pub hol_stall_us: u64,
+    /// From `tcp_info`, else the flow table; `None` when neither has them
+    /// (a FIN-WAIT-2 socket its process closed keeps no `tcp_info`).
+    pub srtt_us: Option<u32>,
+    pub cwnd: Option<u32>,
+    /// Retransmitted segments over the connection's life.
+    pub retransmits: Option<u32>,
+    /// Head-of-line stall time netlens saw; `None` for a connection older
+    /// than netlens.
+    pub hol_stall_us: Option<u64>,
+    /// Payload bytes, from the kernel's `tcp_info`; `None` until the next
+    /// listing for a connection opened since the last one.
     pub bytes_sent: Option<u64>,
     pub bytes_received: Option<u64>,
 }
@@ -127,5 +142,8 @@ pub struct Snapshot {
     pub findings: Vec<FindingRow>,
     pub endpoints: Vec<EndpointRow>,
     pub connections: Vec<ConnectionRow>,
+    /// Connections the kernel holds in all: more than `connections.len()`
+    /// when the list was capped.
+    pub connections_total: u64,
     pub processes: Vec<ProcessRow>,
 }

@@ -95,6 +95,9 @@ impl App {
         }
         spans.push(Span::raw(format!("  sort {}", table.title_with_marker(table.sort_column))));
         spans.push(Span::raw(format!("  rows {}/{}", table.rows.len(), table.total_rows)));
+        if let Some(note) = super::view::capped_note(self.settings.view, self.displayed()) {
+            spans.push(Span::styled(format!("  {note}"), Style::new().fg(Color::Yellow)));
+        }
         if !self.settings.filter.is_empty() {
             spans.push(Span::raw("  "));
             spans.push(Span::styled(format!("filter \"{}\"", self.settings.filter), Style::new().fg(Color::Yellow)));

@@ -15,8 +15,9 @@ use tokio::{
 
 use super::{
     app::{App, Control},
-    batch,
+    batch, connections,
     feed::{Extras, Feed},
+    listing::Lister,
     terminal::{self, TerminalGuard},
     view::ViewSettings,
 };
@@ -28,7 +29,8 @@ use crate::{
     source::{monotonic_ns, EventSource},
 };
 
-/// Live connections shown at most (the flow table can hold 65,536).
+/// Connections shown at most (listed from the kernel, and the flow table
+/// can hold 65,536).
 const MAX_CONNECTIONS: usize = 2_000;
 /// The TIME_WAIT census is retaken at most this often.
 const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
@@ -50,6 +52,8 @@ struct Collector {
     feed: Feed,
     filter: Filter,
     census: CensusCache,
+    /// Every connection of the watched namespaces, listed on its own thread.
+    listing: Lister,
     last_epoch: Instant,
     /// Kernel counters: the last good read (a failed one is no reset).
     counters: LastGood<KernelCounters>,
@@ -74,23 +78,30 @@ impl Collector {
         if let Some(census) = self.census.latest() {
             self.feed.findings.record_census(census);
         }
-        let filter = &self.filter;
-        let flows = self
+        let flows: Vec<_> = self
             .source
             .live_flows(MAX_CONNECTIONS)
             .unwrap_or_default()
             .into_iter()
             .filter(|flow| flow.established_ns != 0 || flow.local.port() != 0)
-            .filter(|flow| filter.matches_connection(&flow.local, &flow.remote, flow.pid, flow.comm.as_deref(), flow.netns))
             .collect();
+        // A failed listing leaves the flow table's rows; top cannot print
+        // over its screen.
+        let _ = self.listing.take_failure();
+        let now_ns = monotonic_ns();
+        let (mut connections, connections_total) =
+            connections::merge(self.listing.latest().as_deref(), &flows, now_ns, MAX_CONNECTIONS);
+        let filter = &self.filter;
+        connections.retain(|row| filter.matches_connection(&row.local, &row.remote, row.pid, row.comm.as_deref(), row.netns));
         let counters = self.counters.update(self.source.counters());
         let bpf_errors = self.bpf_errors.update(self.source.program_errors().map(|errors| errors.iter().map(|(_, n)| n).sum()));
         self.feed.snapshot(Extras {
-            flows,
+            connections,
+            connections_total,
             time_wait: self.census.latest().map(|census| census.count("time_wait")),
             events_lost: counters.events_lost + counters.events_missed,
             bpf_errors,
-            now_ns: monotonic_ns(),
+            now_ns,
         })
     }
 }
@@ -109,12 +120,13 @@ pub fn require_terminal(options: &TopOptions) -> Result<()> {
 pub async fn run(options: TopOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let source = EventSource::start()?;
+    let source = EventSource::start(&options.filter)?;
     let mut collector = Collector {
         source,
         feed: Feed::for_port(options.filter.port),
         filter: options.filter.clone(),
         census: CensusCache::new(CENSUS_INTERVAL),
+        listing: Lister::start(options.filter.netns, MAX_CONNECTIONS),
         last_epoch: Instant::now(),
         counters: LastGood::default(),
         bpf_errors: LastGood::default(),

@@ -34,14 +34,15 @@ fn connection(local: &str, remote: &str, comm: &str, age_us: u64) -> ConnectionR
     ConnectionRow {
         local: local.parse().unwrap(),
         remote: remote.parse().unwrap(),
+        netns: 4026531840,
         pid: Some(4242),
         comm: Some(comm.to_string()),
-        age_us,
-        state: "ESTABLISHED".to_string(),
-        srtt_us: 250,
-        cwnd: 10,
-        retransmits: 1,
-        hol_stall_us: 0,
+        age_us: Some(age_us),
+        state: "ESTAB".to_string(),
+        srtt_us: Some(250),
+        cwnd: Some(10),
+        retransmits: Some(1),
+        hol_stall_us: Some(0),
         bytes_sent: Some(2048),
         bytes_received: None,
     }
@@ -85,6 +86,7 @@ fn snapshot() -> Snapshot {
             connection("10.0.0.1:40000", "10.0.0.7:443", "curl", 2_000_000),
             connection("10.0.0.1:8080", "10.0.0.50:51000", "nginx", 90_000_000),
         ],
+        connections_total: 2,
         processes: vec![ProcessRow {
             pid: 4242,
             comm: "nginx".to_string(),
@@ -332,6 +334,7 @@ fn line_of_str(lines: &[&str], needle: &str) -> usize {
 
 #[test]
 fn batch_json_is_one_parseable_line_in_view_order() {
+    assert!(!batch_json(&ViewSettings::default(), &snapshot()).contains("connections_total"), "Connections view only");
     let mut settings = ViewSettings::default();
     let line = batch_json(&settings, &snapshot());
     assert!(!line.contains('\n'));
@@ -347,6 +350,7 @@ fn batch_json_is_one_parseable_line_in_view_order() {
     assert_eq!(doc["view"], "connections");
     assert_eq!(doc["rows"].as_array().unwrap().len(), 1);
     assert_eq!(doc["rows"][0]["remote"], "10.0.0.7:443");
+    assert_eq!(doc["connections_total"], 2);
 
     settings.sort_by_title("retr").unwrap();
     assert!(settings.sort_by_title("nope").unwrap_err().contains("LOCAL"));
@@ -390,4 +394,17 @@ fn findings_line_and_view() {
     let json: serde_json::Value = serde_json::from_str(&batch_json(&settings, &with_findings)).unwrap();
     assert_eq!(json["view"], "findings");
     assert_eq!(json["rows"][0]["finding"], "syn_loss");
+}
+
+/// A capped connection list says so, in batch text and on the status line.
+#[test]
+fn a_capped_connection_list_says_so() {
+    let settings = ViewSettings { view: View::Connections, ..ViewSettings::default() };
+    let mut capped = snapshot();
+    assert!(!batch_text(&settings, &capped, 0).contains("connections,"), "not capped: no note");
+    capped.connections_total = 15_301;
+    let text = batch_text(&settings, &capped, 0);
+    assert!(text.contains("Connections: 2 of 2 rows, sorted by AGE▼, first 2 of 15301 connections"), "{text}");
+    let endpoints = ViewSettings::default();
+    assert!(!batch_text(&endpoints, &capped, 0).contains("15301"));
 }

@@ -130,3 +130,11 @@ impl ViewSettings {
         }
     }
 }
+
+/// For the Connections view when the kernel holds more connections than
+/// were listed: "first 2000 of 15301 connections".
+pub fn capped_note(view: View, snapshot: &Snapshot) -> Option<String> {
+    let listed = snapshot.connections.len() as u64;
+    (view == View::Connections && snapshot.connections_total > listed)
+        .then(|| format!("first {listed} of {} connections", snapshot.connections_total))
+}

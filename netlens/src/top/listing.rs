@@ -1,0 +1,122 @@
+//! Keeps the kernel's list of connections fresh for the Connections view,
+//! on a thread of its own: the dump enters each watched namespace (setns
+//! changes the calling thread) and, on a host with many sockets, takes
+//! longer than a frame should wait. The UI loop only takes the newest
+//! listing.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{mpsc, Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::connections::Listing;
+use crate::{
+    census::{connections, netns, owners},
+    source::monotonic_ns,
+};
+
+/// How often the dump is retaken.
+pub const LISTING_INTERVAL: Duration = Duration::from_secs(2);
+/// The walk of /proc/PID/fd for the processes of sockets not seen before is
+/// retaken at most this often (it reads every process's descriptors).
+const HOLDERS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long start-up waits for the first listing, so the first frame has it.
+const FIRST_LISTING_WAIT: Duration = Duration::from_secs(2);
+
+/// The newest listing, and the first failure to take one (top shows it
+/// in place of rows it cannot list; it cannot print over its screen).
+#[derive(Default)]
+struct Latest {
+    listing: Option<Arc<Listing>>,
+    failure: Option<String>,
+}
+
+/// The lister thread; it stops when this is dropped.
+pub struct Lister {
+    latest: Arc<Mutex<Latest>>,
+    _stop: mpsc::Sender<()>,
+}
+
+impl Lister {
+    /// Starts listing the connections of `only_netns` (`--netns`), else of
+    /// every namespace, at most `cap` of them; waits briefly for the first.
+    pub fn start(only_netns: Option<u32>, cap: usize) -> Self {
+        let latest = Arc::new(Mutex::new(Latest::default()));
+        let (stop, stopped) = mpsc::channel::<()>();
+        let (first_tx, first) = mpsc::channel::<()>();
+        let shared = latest.clone();
+        thread::Builder::new()
+            .name("netlens-listing".into())
+            .spawn(move || run(only_netns, cap, &shared, &stopped, first_tx))
+            .map(|_| ())
+            .unwrap_or_else(|err| latest.lock().unwrap_or_else(|p| p.into_inner()).failure = Some(err.to_string()));
+        let _ = first.recv_timeout(FIRST_LISTING_WAIT);
+        Self { latest, _stop: stop }
+    }
+
+    /// The newest listing, if one was taken.
+    pub fn latest(&self) -> Option<Arc<Listing>> {
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).listing.clone()
+    }
+
+    /// The first failure to list connections, once taken.
+    pub fn take_failure(&self) -> Option<String> {
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).failure.take()
+    }
+}
+
+fn run(only_netns: Option<u32>, cap: usize, latest: &Mutex<Latest>, stopped: &mpsc::Receiver<()>, first: mpsc::Sender<()>) {
+    let mut holders = Holders::default();
+    let mut failed_before = false;
+    loop {
+        let taken_ns = monotonic_ns();
+        let result = netns::watched(only_netns).and_then(|namespaces| connections::list(&namespaces, cap));
+        match result {
+            Ok(list) => {
+                let inodes = list.connections.iter().map(|c| c.inode).filter(|&inode| inode != 0).collect();
+                let listing = Listing { list, holders: holders.of(inodes), taken_ns };
+                latest.lock().unwrap_or_else(|p| p.into_inner()).listing = Some(Arc::new(listing));
+            }
+            Err(err) if !failed_before => {
+                failed_before = true;
+                latest.lock().unwrap_or_else(|p| p.into_inner()).failure = Some(format!("{err:#}"));
+            }
+            Err(_) => {}
+        }
+        let _ = first.send(());
+        // Disconnected: the Lister was dropped.
+        if !matches!(stopped.recv_timeout(LISTING_INTERVAL), Err(mpsc::RecvTimeoutError::Timeout)) {
+            return;
+        }
+    }
+}
+
+/// Socket inode → holding process, remembered between listings (a
+/// socket's holder rarely changes), looked up for new inodes at most
+/// every [`HOLDERS_INTERVAL`].
+#[derive(Default)]
+struct Holders {
+    known: HashMap<u32, Option<owners::Process>>,
+    last_walk: Option<Instant>,
+}
+
+impl Holders {
+    fn of(&mut self, inodes: HashSet<u32>) -> HashMap<u32, owners::Process> {
+        // Forget sockets that are gone: inodes are reused.
+        self.known.retain(|inode, _| inodes.contains(inode));
+        let unknown: HashSet<u32> = inodes.iter().copied().filter(|inode| !self.known.contains_key(inode)).collect();
+        let due = self.last_walk.is_none_or(|walked| walked.elapsed() >= HOLDERS_INTERVAL);
+        if !unknown.is_empty() && due {
+            self.last_walk = Some(Instant::now());
+            let mut found = owners::holders(&unknown).found;
+            // Held by no process (not yet accepted, or closed by it): not
+            // looked for again until the socket is gone.
+            for inode in unknown {
+                self.known.insert(inode, found.remove(&inode));
+            }
+        }
+        self.known.iter().filter_map(|(inode, holder)| Some((*inode, holder.clone()?))).collect()
+    }
+}
