@@ -181,6 +181,8 @@ fn trace_stops_by_itself_after_duration() {
     let started = std::time::Instant::now();
     let (code, _, stderr) = netlens(&["trace", "--duration", "0.5", "--json"], false);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.lines().next().unwrap_or("").starts_with("netlens: attached"), "{stderr}");
+    // Other lines may come first (a degraded feature, a listener whose
+    // process cannot be named).
+    assert!(stderr.lines().any(|line| line.starts_with("netlens: attached")), "{stderr}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }

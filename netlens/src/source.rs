@@ -67,7 +67,7 @@ fn seed_listener_owners(probes: &mut Probes, only_netns: Option<u32>) {
     // not be read is.
     if found.unnamed > 0 && found.unreadable > 0 {
         eprintln!(
-            "netlens: for {} listeners, {consequence}: the file descriptors of {} processes are unreadable without CAP_SYS_PTRACE",
+            "netlens: for {} listeners, {consequence}: the file descriptors of {} processes could not be read (that needs CAP_SYS_PTRACE, and every capability the process holds)",
             found.unnamed, found.unreadable
         );
     }
