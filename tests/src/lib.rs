@@ -12,7 +12,7 @@ pub mod netns;
 pub mod traffic;
 
 pub use netlens::{Netlens, Traced};
-pub use netns::Netns;
+pub use netns::{Netns, NsThread};
 
 /// Inside a software-emulated guest of the kernel matrix (`cargo xtask
 /// test --kernel`, which sets `NETLENS_GUEST=1`), where a loopback

@@ -5,12 +5,31 @@ use std::{
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
+
+/// A thread of [`Netns::spawn`]. Its result comes back over a channel,
+/// not through `JoinHandle::join()`: in the 5.10 and 6.1 guests `join()`
+/// now and then panicked inside std ("threads should not terminate
+/// unexpectedly") on a thread that had finished its work.
+pub struct NsThread<T> {
+    result: mpsc::Receiver<T>,
+}
+
+impl<T> NsThread<T> {
+    /// Waits for the thread's result, as `JoinHandle::join()` does; `Err`
+    /// when it panicked.
+    pub fn join(self) -> thread::Result<T> {
+        self.result.recv().map_err(|_| Box::new("the namespace thread panicked") as Box<dyn std::any::Any + Send>)
+    }
+}
 
 /// A network namespace made for one test, deleted on drop (with its
 /// nftables rules and sockets).
@@ -62,19 +81,22 @@ impl Netns {
 
     /// Runs `work` on a thread that lives in this namespace, so every socket
     /// it opens is inside.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> thread::JoinHandle<Result<T>> {
+    pub fn spawn<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> NsThread<Result<T>> {
         let path = format!("/run/netns/{}", self.name);
-        thread::spawn(move || {
-            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-            // SAFETY: valid fd; setns affects only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {path}: {}", std::io::Error::last_os_error());
-            }
-            Ok(work())
-        })
+        let (result_tx, result) = mpsc::channel();
+        // Detached: the result comes back on the channel (see NsThread).
+        drop(thread::spawn(move || {
+            let outcome = (|| {
+                let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+                // SAFETY: valid fd; setns affects only this thread.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns {path}: {}", std::io::Error::last_os_error());
+                }
+                Ok(work())
+            })();
+            let _ = result_tx.send(outcome);
+        }));
+        NsThread { result }
     }
 
     /// Waits (bounded) until no TCP socket but listeners and TIME-WAIT is

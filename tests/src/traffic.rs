@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::Netns;
+use crate::{netns::NsThread, Netns};
 
 /// Longest any server keeps running, whatever the test does.
 const SERVER_LIFETIME: Duration = Duration::from_secs(300);
@@ -26,7 +26,7 @@ pub struct Server {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     pub received: Arc<Mutex<HashMap<u16, u64>>>,
-    handle: Option<thread::JoinHandle<Result<Result<()>>>>,
+    handle: Option<NsThread<Result<Result<()>>>>,
 }
 
 impl Server {
