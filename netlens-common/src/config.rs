@@ -274,17 +274,6 @@ pub struct AcceptQueueConfig {
     /// the return value after them.
     pub syn_recv_sock_args: u8,
     pub _pad: [u8; 2],
-    /// `[start, end)` of `tcp_rcv_state_process`: a SYN it consumes went
-    /// through the listener's `conn_request` (kallsyms).
-    pub syn_consumer_start: u64,
-    pub syn_consumer_end: u64,
-    /// `[start, end)` of `cookie_v4_check` and `cookie_v6_check`: an ACK
-    /// carrying a SYN cookie whose child could not be queued is freed
-    /// there (reason `NO_SOCKET`, `rx_sk` the listener).
-    pub cookie_v4_start: u64,
-    pub cookie_v4_end: u64,
-    pub cookie_v6_start: u64,
-    pub cookie_v6_end: u64,
     /// `syscalls:sys_enter_accept4`/`sys_enter_accept`: `fd`;
     /// `sys_exit_accept4`/`sys_exit_accept`: `ret` (same offsets in both).
     pub accept_enter_fd: u16,
@@ -295,6 +284,25 @@ pub struct AcceptQueueConfig {
 
 /// An argument position a kernel does not have.
 pub const NO_ARG: u8 = u8::MAX;
+
+/// Kernel functions whose code the accept-queue tracepoint programs test a
+/// caller address against, by index in the `CODE_RANGES` map (`[start,
+/// end)`, from /proc/kallsyms). A map, not `Config`: reading kallsyms takes
+/// ~40 ms of kernel time, so userspace reads it while the other programs
+/// load and fills the map before these programs attach.
+pub mod code_range {
+    /// `tcp_rcv_state_process`: a SYN it consumes went through the
+    /// listener's `conn_request`.
+    pub const SYN_CONSUMER: u32 = 0;
+    /// `cookie_v4_check` and `cookie_v6_check`: an ACK carrying a SYN
+    /// cookie whose child could not be queued is freed there (reason
+    /// `NO_SOCKET`, `rx_sk` the listener).
+    pub const COOKIE_V4: u32 = 1;
+    pub const COOKIE_V6: u32 = 2;
+    pub const COUNT: u32 = 3;
+    /// Their names in /proc/kallsyms, by index.
+    pub const FUNCTIONS: [&str; COUNT as usize] = ["tcp_rcv_state_process", "cookie_v4_check", "cookie_v6_check"];
+}
 
 /// Everything the programs need to know about the running kernel.
 #[repr(C)]

@@ -62,6 +62,15 @@ pub fn remove(sk: u64) {
     }
 }
 
+/// Drops the entry at `sk` that belongs to an earlier socket at the same
+/// address (its close was missed). Not counted as a removal: like an LRU
+/// eviction, it is a connection whose end we did not see, and it shows in
+/// the evictions (inserts - removals - live).
+#[inline(always)]
+pub fn discard_stale(sk: u64) {
+    let _ = FLOWS.remove(sk);
+}
+
 /// The tracked flow of `sk`, in place, for updates.
 #[inline(always)]
 pub fn lookup_mut(sk: u64) -> Option<&'static mut Flow> {

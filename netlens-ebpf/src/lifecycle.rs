@@ -112,6 +112,13 @@ fn active_established(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // No entry: the connect() began before netlens attached.
     let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
+    // connect() put an active flow without endpoints here. Anything else
+    // is an earlier socket's, at the same address, whose close we missed
+    // (see `closed`): not this connection.
+    if flow.direction != direction::ACTIVE || flow.family != 0 {
+        flows::discard_stale(sk);
+        return Ok(());
+    }
     let tuple = sock_tuple(sk)?;
     tuple.store(flow);
     dynamics::established(flow, now);
@@ -173,6 +180,11 @@ fn passive_established(sk: u64) -> Result<(), i32> {
 fn connect_failed(sk: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(flow) = flows::lookup(sk) else { return Ok(()) };
+    // Not connect()'s flow: an earlier socket's (see `active_established`).
+    if flow.direction != direction::ACTIVE || flow.family != 0 {
+        flows::discard_stale(sk);
+        return Ok(());
+    }
     let reported = report_connect_failure(sk, flow, now);
     // Only after the report: a removed LRU entry can be handed to another
     // CPU's insert at once, and `flow` would then read a new connection.
@@ -206,6 +218,10 @@ fn closed(sk: u64) -> Result<(), i32> {
     // A TCP connection opened before netlens attached still reports its
     // totals, with an unknown direction and lifetime.
     match flows::lookup_mut(sk) {
+        Some(flow) if !owns(flow, sk) => {
+            flows::discard_stale(sk);
+            report_close(sk, flows::unknown(sk, slot::SET_STATE).ok_or(-1)?, now)
+        }
         Some(flow) => {
             probe::end_stall_drained_at_close(flow, sk);
             let reported = report_close(sk, flow, now);
@@ -215,6 +231,25 @@ fn closed(sk: u64) -> Result<(), i32> {
         }
         None if is_tcp(sk) => report_close(sk, flows::unknown(sk, slot::SET_STATE).ok_or(-1)?, now),
         None => Ok(()),
+    }
+}
+
+/// Whether `flow`, found at the address of `sk`, is this socket's own.
+/// The table is keyed by socket address, and the kernel reuses a freed
+/// socket's memory at once: when a close goes unseen (the kernel skips a
+/// program that would nest in itself on a CPU, as `events missed` counts),
+/// that socket's entry stays, and the next socket at the address would find
+/// it, with the other socket's direction, endpoints and pid. A flow whose
+/// endpoints are known names its local port; the socket still holds its
+/// own in `inet_sport` at close (unlike `skc_num`, cleared on unhash).
+#[inline(always)]
+fn owns(flow: &Flow, sk: u64) -> bool {
+    if flow.family == 0 {
+        return true;
+    }
+    match member::<u16>(sk, cfg_field!(kernel.inet_sport)) {
+        Ok(sport) => u16::from_be(sport) == flow.sport,
+        Err(_) => true,
     }
 }
 

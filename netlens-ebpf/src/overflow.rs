@@ -46,7 +46,7 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext},
     EbpfContext,
 };
-use netlens_common::{mode, program, ListenOverflow, ListenerKey, DROP_REASONS, LISTENER_TABLE_ENTRIES};
+use netlens_common::{code_range, mode, program, ListenOverflow, ListenerKey, DROP_REASONS, LISTENER_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
@@ -79,6 +79,20 @@ static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP
 /// Bits of `netlens_common::mode`, written by userspace after it attached.
 #[map]
 static MODES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `[start, end)` of the functions in `netlens_common::code_range`, written
+/// by userspace before these programs attach.
+#[map]
+static CODE_RANGES: Array<[u64; 2]> = Array::with_max_entries(code_range::COUNT, 0);
+
+/// Whether `location` is inside function `index` of `code_range`.
+#[inline(always)]
+fn called_from(index: u32, location: u64) -> bool {
+    match CODE_RANGES.get(index) {
+        Some(&[start, end]) => location >= start && location < end,
+        None => false,
+    }
+}
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -368,8 +382,7 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
         counted(program::KFREE_SKB, final_ack_overflow(&ctx, false));
     } else if reason == config.no_socket_reason {
         let Some(location) = raw_arg(&ctx, config.kfree_skb_location_arg) else { return 0 };
-        let in_cookie_check = (location >= config.cookie_v4_start && location < config.cookie_v4_end)
-            || (location >= config.cookie_v6_start && location < config.cookie_v6_end);
+        let in_cookie_check = called_from(code_range::COOKIE_V4, location) || called_from(code_range::COOKIE_V6, location);
         if in_cookie_check {
             counted(program::KFREE_SKB, final_ack_overflow(&ctx, true));
         }
@@ -413,7 +426,7 @@ fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<()
 pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     let config = cfg_field!(accept_queue);
     let Some(location) = raw_arg(&ctx, config.consume_skb_location_arg) else { return 0 };
-    if location < config.syn_consumer_start || location >= config.syn_consumer_end {
+    if !called_from(code_range::SYN_CONSUMER, location) {
         return 0;
     }
     counted(program::CONSUME_SKB, syn_consumed(ctx.arg(0)));

@@ -144,9 +144,12 @@ pub(crate) fn kernel_btf() -> Result<&'static Btf, HookError> {
 
 /// Resolves this kernel's offsets (tracefs + BTF).
 pub fn resolve_config() -> Result<KernelFacts> {
+    let started = Instant::now();
     let tracefs = tracefs::ensure_mounted()?;
     let btf = KernelBtf::load()?;
+    timing(started, "kernel BTF indexed");
     let offsets = offsets::resolve(&tracefs, &btf)?;
+    timing(started, "offsets resolved");
     Ok(KernelFacts { tracefs, btf, offsets })
 }
 
@@ -186,6 +189,21 @@ pub fn attach(ebpf: &mut Ebpf, facts: &KernelFacts, hook: &Hook) -> Result<(), H
 
 /// Loads (once) and attaches one hook's program.
 pub(crate) fn load_and_attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
+    let started = Instant::now();
+    let result = load_and_attach_inner(ebpf, hook);
+    timing(started, &format!("{} {}", hook.describe(), if result.is_ok() { "attached" } else { "failed" }));
+    result
+}
+
+/// `NETLENS_ATTACH_TIMINGS=1`: where start-up time goes, on stderr.
+fn timing(since: Instant, what: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("NETLENS_ATTACH_TIMINGS").is_some()) {
+        eprintln!("netlens: timing: {what}: {:.1} ms", since.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
+fn load_and_attach_inner(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
     let program = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| HookError::Load(anyhow!("program {} missing from the eBPF object", hook.program)))?;
@@ -229,6 +247,14 @@ pub(crate) fn load_and_attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookEr
     Ok(())
 }
 
+/// Why a kprobe cannot work here.
+pub(crate) const NO_KPROBES: &str = "this kernel has no kprobes (CONFIG_KPROBES off)";
+
+/// Whether the kernel has the kprobe PMU that kprobes attach through.
+pub(crate) fn kprobes_exist() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe").exists()
+}
+
 /// Why `hook` cannot work on this kernel, found without loading anything.
 fn unavailable(facts: &KernelFacts, hook: &Hook) -> Option<String> {
     let skipped = std::env::var(SKIP_HOOKS_ENV).unwrap_or_default();
@@ -242,9 +268,7 @@ fn unavailable(facts: &KernelFacts, hook: &Hook) -> Option<String> {
                 return Some(format!("this kernel has no tracepoint {}:{}", hook.category, hook.target));
             }
         }
-        Attach::KProbe | Attach::KRetProbe if !Path::new("/sys/bus/event_source/devices/kprobe").exists() => {
-            return Some("this kernel has no kprobes (CONFIG_KPROBES off)".into());
-        }
+        Attach::KProbe | Attach::KRetProbe if !kprobes_exist() => return Some(NO_KPROBES.into()),
         Attach::FEntry | Attach::FExit | Attach::KProbe | Attach::KRetProbe => {
             if !facts.btf.has_function(hook.target) {
                 return Some(format!("this kernel has no function {} (inlined or renamed)", hook.target));
@@ -305,6 +329,54 @@ pub struct Probes {
     drop_reason_names: Vec<(u32, String)>,
 }
 
+/// Verifies, two at a time, the tracepoint programs of each feature's best
+/// way this kernel has: verification is most of the time attaching takes,
+/// the kernel verifies programs independently, and `load_and_attach` then
+/// finds them loaded. A program that fails here is left for
+/// `load_and_attach` to load again and report.
+fn preload(ebpf: &mut Ebpf, facts: &KernelFacts) {
+    let best: Vec<&'static str> = features::FEATURES
+        .iter()
+        .filter_map(|feature| {
+            feature.ways.iter().find(|way| {
+                way.programs.iter().all(|program| {
+                    HOOKS.iter().any(|hook| {
+                        hook.program == *program
+                            && matches!(hook.attach, Attach::Record | Attach::Raw)
+                            && unavailable(facts, hook).is_none()
+                    })
+                })
+            })
+        })
+        .flat_map(|way| way.programs.iter().copied())
+        .collect();
+    // In the order of `best` (the costliest, lifecycle and retransmits,
+    // first), dealt alternately to the two threads.
+    let mut programs: Vec<(usize, &mut aya::programs::Program)> = ebpf
+        .programs_mut()
+        .filter(|(_, program)| program.fd().is_err())
+        .filter_map(|(name, program)| Some((best.iter().position(|b| *b == name)?, program)))
+        .collect();
+    programs.sort_by_key(|(rank, _)| *rank);
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for (index, (_, program)) in programs.into_iter().enumerate() {
+        if index % 2 == 0 { first.push(program) } else { second.push(program) }
+    }
+    let load_all = |programs: Vec<&mut aya::programs::Program>| {
+        for program in programs {
+            let _ = match program {
+                aya::programs::Program::TracePoint(p) => p.load(),
+                aya::programs::Program::RawTracePoint(p) => p.load(),
+                _ => Ok(()),
+            };
+        }
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| load_all(first));
+        load_all(second);
+    });
+}
+
 /// Attaches, for every feature, the first way this kernel allows (see
 /// [`features::resolve`]); each program at most once. Returns the hooks
 /// attached and every hook tried with its outcome.
@@ -312,6 +384,9 @@ pub fn attach_features(
     ebpf: &mut Ebpf,
     facts: &KernelFacts,
 ) -> (Vec<FeatureStatus>, Vec<(&'static Hook, Result<(), String>)>) {
+    let started = Instant::now();
+    preload(ebpf, facts);
+    timing(started, "best ways' programs verified, two at a time");
     let mut tried: Vec<(&'static Hook, Result<(), String>)> = Vec::new();
     let mut statuses = features::resolve(|program| {
         let Some(hook) = HOOKS.iter().find(|h| h.program == program) else {
@@ -415,8 +490,11 @@ impl Probes {
         // do that while we resolve our own offsets.
         let loader = std::thread::spawn(EbpfLoader::new);
         let facts = resolve_config()?;
+        let t = |what: &str| timing(started, &format!("since start, {what}"));
         let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
+        t("loader ready");
         let mut ebpf = open_with(loader, &facts.offsets.config)?;
+        t("object opened, maps created");
         // The fentry variants need aya's own parse of the kernel's BTF
         // (~20 ms): while the tracepoints load.
         let btf = std::thread::spawn(|| kernel_btf().is_ok());
@@ -424,10 +502,12 @@ impl Probes {
         if let Some(missing) = features.iter().find(|f| f.feature.required && f.level == features::Level::Missing) {
             anyhow::bail!("{} cannot be traced on this kernel: {} (run `netlens check`)", missing.feature.name, missing.why);
         }
+        t("features attached");
         let _ = btf.join();
-        let optional = attach_optional(&mut ebpf, &facts.offsets.config);
+        let optional = attach_optional(&mut ebpf, &facts.offsets.config, &facts.offsets.code_ranges);
         features.extend(optional.iter().filter_map(optional::FeatureStatus::as_feature));
         let attached = tried.into_iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| hook).collect();
+        t("optional features attached");
         let drop_reason_names = drop_reason_names(&facts.btf.enum_members("skb_drop_reason").unwrap_or_default());
         Ok(Self { ebpf, attached, features, attach_time: started.elapsed(), optional, drop_reason_names })
     }

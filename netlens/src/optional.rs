@@ -7,18 +7,23 @@ use aya::{maps::{Array, MapData}, Ebpf};
 use netlens_common::{mode, Config};
 
 use crate::{
-    kernel::offsets::AcceptQueueSupport,
+    kernel::offsets::{AcceptQueueSupport, CodeRanges},
     features::{self, Level},
-    loader::{load_and_attach, Attach, Hook, SKIP_HOOKS_ENV},
+    loader::{self, load_and_attach, Attach, Hook, SKIP_HOOKS_ENV},
 };
 
-/// `NETLENS_SKIP_HOOKS` names this hook's program: as if the kernel lacked it.
+/// `NETLENS_SKIP_HOOKS` names this hook's program (as if the kernel lacked
+/// it), or the hook is a kprobe on a kernel without kprobes: then it is not
+/// loaded at all (verifying a program that cannot attach costs start-up).
 fn skipped(hook: &Hook) -> Result<(), String> {
     let skip = std::env::var(SKIP_HOOKS_ENV).unwrap_or_default();
-    match skip.split(',').any(|name| name.trim() == hook.program) {
-        true => Err(format!("{}: left out by {SKIP_HOOKS_ENV}", hook.describe())),
-        false => Ok(()),
+    if skip.split(',').any(|name| name.trim() == hook.program) {
+        return Err(format!("{}: left out by {SKIP_HOOKS_ENV}", hook.describe()));
     }
+    if matches!(hook.attach, Attach::KProbe | Attach::KRetProbe) && !loader::kprobes_exist() {
+        return Err(format!("{}: {}", hook.describe(), loader::NO_KPROBES));
+    }
+    Ok(())
 }
 
 /// One way to serve an optional feature: hooks that must all attach.
@@ -155,8 +160,15 @@ impl FeatureStatus {
 
 /// Attaches each optional feature with the first family that works, and
 /// tells the programs which ones serve (the `MODES` map).
-pub fn attach_optional(ebpf: &mut Ebpf, config: &Config) -> Vec<FeatureStatus> {
-    let support = AcceptQueueSupport::of(&config.accept_queue);
+pub fn attach_optional(ebpf: &mut Ebpf, config: &Config, code_ranges: &CodeRanges) -> Vec<FeatureStatus> {
+    let code_ranges = code_ranges.get();
+    let support = AcceptQueueSupport::of(&config.accept_queue, &code_ranges);
+    // Before any program that tests them attaches.
+    if let Some(Ok(mut map)) = ebpf.map_mut("CODE_RANGES").map(Array::<&mut MapData, [u64; 2]>::try_from) {
+        for (index, (start, end)) in (0u32..).zip(code_ranges) {
+            let _ = map.set(index, [start, end], 0);
+        }
+    }
     let mut statuses: Vec<FeatureStatus> = Vec::new();
     for feature in OPTIONAL {
         let attached: Vec<&str> = statuses.iter().filter(|s| s.served_by.is_some()).map(|s| s.feature).collect();

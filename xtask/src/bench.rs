@@ -95,14 +95,14 @@ fn run_workload(load: &Path, workload: &str, seconds: u32) -> Result<f64> {
 
 /// Starts `netlens trace --json > /dev/null`; returns it and the time from
 /// spawn to its `netlens: attached` line.
-fn start_tracer(netlens: &Path) -> Result<(Child, Duration)> {
+pub(crate) fn start_tracer(netlens: &Path) -> Result<(Child, Duration)> {
     start_netlens(netlens, &["trace", "--json"], "netlens: attached")
 }
 
 /// Starts `netlens ARGS` with stdout to /dev/null; returns it once stderr
 /// shows a line starting with `ready`, and how long that took. Later stderr
 /// lines are kept for [`stop_netlens`].
-fn start_netlens(netlens: &Path, args: &[&str], ready: &str) -> Result<(Child, Duration)> {
+pub(crate) fn start_netlens(netlens: &Path, args: &[&str], ready: &str) -> Result<(Child, Duration)> {
     let started = Instant::now();
     let mut child = Command::new(netlens)
         .args(args)
@@ -139,7 +139,7 @@ thread_local! {
     static STDERR: std::cell::RefCell<Option<mpsc::Receiver<String>>> = const { std::cell::RefCell::new(None) };
 }
 
-fn stop_netlens(mut child: Child) -> Result<Vec<String>> {
+pub(crate) fn stop_netlens(mut child: Child) -> Result<Vec<String>> {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait()?;
@@ -208,7 +208,7 @@ pub fn daemon(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -217,7 +217,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// (user, system) CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised comm; utime and stime are 14th and 15th.
     let rest = stat.rsplit_once(')').context("bad stat")?.1;

@@ -1,6 +1,8 @@
 //! `cargo xtask`: build, run, test and benchmark netlens.
 
 mod bench;
+mod bench_all;
+mod bpfstats;
 mod bounded;
 mod guest;
 mod kernels;
@@ -42,7 +44,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against a run without netlens: `churn`, `bulk`, `daemon`, `top`.
+    /// Benchmarks against a run without netlens: `churn`, `bulk`, `daemon`, `top`, `all` (one table of every goal figure).
     Bench {
         #[arg(default_value = "churn")]
         which: String,
@@ -87,7 +89,8 @@ fn run_task(task: Task) -> Result<()> {
                 "bulk" => bench::bulk(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
                 "daemon" => bench::daemon(&binary, pairs.unwrap_or(1), seconds.unwrap_or(30)),
                 "top" => bench::top(&binary, pairs.unwrap_or(3), seconds.unwrap_or(10)),
-                other => bail!("unknown benchmark `{other}`; available: churn, bulk, daemon, top"),
+                "all" => bench_all::all(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
+                other => bail!("unknown benchmark `{other}`; available: churn, bulk, daemon, top, all"),
             }
         }
     }

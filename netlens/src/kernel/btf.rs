@@ -4,7 +4,9 @@
 //! than a general BTF crate: those parse all ~150,000 vmlinux types into
 //! owned values up front (230 ms here, most of netlens's start-up), while we
 //! need some twenty members. This indexes the types in one pass over the
-//! bytes and decodes only what a lookup touches.
+//! bytes and decodes only what a lookup touches. Named types of the kinds
+//! looked up by name are indexed by a hash of (kind, name) in the same pass:
+//! scanning all types per lookup cost ~130 ms of netlens's start-up.
 
 use std::fs;
 
@@ -40,10 +42,24 @@ pub struct KernelBtf {
     strings_len: usize,
     /// Byte offset of each type's header; index = type id (0 is void).
     types: Vec<usize>,
-    /// Types found by name so far: each lookup scans every type, and the
-    /// same structs (sock, sk_buff) are asked for many times.
-    found: std::cell::RefCell<std::collections::HashMap<(u32, String), Option<TypeHeader>>>,
+    /// (key, id) of the named types of the kinds looked up by name, sorted:
+    /// ids with an equal [`name_key`] ascend (collisions are checked on
+    /// lookup). A sorted vector: no allocation per type.
+    by_name: Vec<(u64, u32)>,
 }
+
+/// The kinds [`KernelBtf`] looks up by name.
+const NAMED_KINDS: [u32; 5] = [KIND_STRUCT, KIND_ENUM, KIND_TYPEDEF, KIND_FUNC, KIND_UNION];
+
+/// FNV-1a of a type's kind and name: the index key.
+fn name_key(kind: u32, name: &[u8]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ u64::from(kind);
+    for &byte in name {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
 
 /// A struct or union member as found by a lookup.
 #[derive(Clone, Copy)]
@@ -91,13 +107,20 @@ impl KernelBtf {
         if types_end > data.len() || strings + strings_len > data.len() {
             bail!("BTF sections run past the end of the data");
         }
-        let mut btf = Self { data, strings, strings_len, types: vec![0], found: Default::default() };
+        let mut btf = Self { data, strings, strings_len, types: vec![0], by_name: Default::default() };
         let mut at = types_start;
+        let mut by_name = Vec::new();
         while at < types_end {
+            let id = btf.types.len() as u32;
             btf.types.push(at);
             let header = btf.header_at(at)?;
+            if header.name_off != 0 && NAMED_KINDS.contains(&header.kind) {
+                by_name.push((name_key(header.kind, btf.name(header.name_off)), id));
+            }
             at = header.body + btf.body_len(&header);
         }
+        by_name.sort_unstable();
+        btf.by_name = by_name;
         Ok(btf)
     }
 
@@ -141,19 +164,20 @@ impl KernelBtf {
         self.header_at(at)
     }
 
+    /// The types of `kind` named `name`, in id order.
+    fn named<'a>(&'a self, name: &'a str, kind: u32) -> impl Iterator<Item = TypeHeader> + 'a {
+        let key = name_key(kind, name.as_bytes());
+        let first = self.by_name.partition_point(|&(k, _)| k < key);
+        self.by_name[first..].iter().take_while(move |&&(k, _)| k == key).filter_map(move |&(_, id)| {
+            let header = self.header(id).ok()?;
+            (header.kind == kind && self.name(header.name_off) == name.as_bytes()).then_some(header)
+        })
+    }
+
     /// The first type of `kind` named `name` (for structs: one with members,
     /// not a forward declaration).
     fn find(&self, name: &str, kind: u32) -> Option<TypeHeader> {
-        if let Some(found) = self.found.borrow().get(&(kind, name.to_string())) {
-            return *found;
-        }
-        let found = (1..self.types.len()).find_map(|id| {
-            let header = self.header(id as u32).ok()?;
-            (header.kind == kind && header.vlen > 0 && self.name(header.name_off) == name.as_bytes())
-                .then_some(header)
-        });
-        self.found.borrow_mut().insert((kind, name.to_string()), found);
-        found
+        self.named(name, kind).find(|header| header.vlen > 0)
     }
 
     /// Follows typedefs and qualifiers to the underlying type.
@@ -254,9 +278,7 @@ impl KernelBtf {
     /// Whether the kernel has a function `name` (a BTF FUNC): what fentry
     /// programs attach to.
     pub fn has_function(&self, name: &str) -> bool {
-        (1..self.types.len()).any(|id| {
-            self.header(id as u32).is_ok_and(|h| h.kind == KIND_FUNC && self.name(h.name_off) == name.as_bytes())
-        })
+        self.find_named(name, KIND_FUNC).is_some()
     }
 
     /// Size in bytes of a (stripped) type, where it has one.
@@ -279,10 +301,7 @@ impl KernelBtf {
 
     /// The first type of `kind` named `name`, whatever its vlen.
     fn find_named(&self, name: &str, kind: u32) -> Option<TypeHeader> {
-        (1..self.types.len()).find_map(|id| {
-            let header = self.header(id as u32).ok()?;
-            (header.kind == kind && self.name(header.name_off) == name.as_bytes()).then_some(header)
-        })
+        self.named(name, kind).next()
     }
 
     /// A type as C spells it, roughly: `struct sock *`, `void *`, `enum x`.

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use netlens_common::{
+use netlens_common::{code_range, 
     CongStateFields, Config, KernelOffsets, ProbeOffsets, ReceiveResetFields, RetransmitFields, SendResetFields, SockTupleOffsets,
     SynackFields, TupleFields, Window, AcceptQueueConfig, FIELD_ABSENT, NO_ARG, PROBE_WINDOWS, RECORD_MAX,
 };
@@ -32,6 +32,33 @@ fn tuple(format: &Format) -> Result<TupleFields> {
 pub struct Resolved {
     pub config: Config,
     pub unavailable: Vec<(&'static str, String)>,
+    /// The accept-queue tracepoints' code ranges, still being read.
+    pub code_ranges: CodeRanges,
+}
+
+/// `[start, end)` of each function in `code_range::FUNCTIONS`, read from
+/// /proc/kallsyms on a thread of its own (~40 ms of kernel time): the
+/// programs that need them load last, and [`CodeRanges::get`] waits then.
+pub struct CodeRanges {
+    reading: std::sync::Mutex<Option<std::thread::JoinHandle<Result<Ranges>>>>,
+    read: std::sync::OnceLock<Ranges>,
+}
+
+pub type Ranges = [(u64, u64); code_range::COUNT as usize];
+
+impl CodeRanges {
+    fn start() -> Self {
+        let reading = std::thread::spawn(|| super::kallsyms::function_ranges(&code_range::FUNCTIONS));
+        Self { reading: std::sync::Mutex::new(Some(reading)), read: std::sync::OnceLock::new() }
+    }
+
+    /// The ranges (waiting for the read); unreadable ones are `(0, 0)`.
+    pub fn get(&self) -> Ranges {
+        *self.read.get_or_init(|| {
+            let reading = self.reading.lock().ok().and_then(|mut reading| reading.take());
+            reading.and_then(|thread| thread.join().ok()).and_then(Result::ok).unwrap_or_default()
+        })
+    }
 }
 
 impl Resolved {
@@ -45,9 +72,9 @@ impl Resolved {
 /// socket's identity and counters) are required; each tracepoint's record
 /// is resolved on its own.
 pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved> {
-    // Reading /proc/kallsyms costs ~50 ms of kernel time: on its own
-    // thread, while the rest resolves.
-    let code_ranges = std::thread::spawn(|| super::kallsyms::function_ranges(&CODE_RANGES));
+    // Reading /proc/kallsyms costs ~40 ms of kernel time: on its own
+    // thread, while the rest resolves and the other programs load.
+    let code_ranges = CodeRanges::start();
     let mut config = Config {
         kernel: kernel_offsets(btf).context("resolving kernel struct offsets from BTF")?,
         ..Config::default()
@@ -106,13 +133,10 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved> {
     optional("tcp_probe", probe_offsets(btf).context("resolving tcp_sock members for tcp_probe").map(|probe| {
         config.probe = probe;
     }));
-    config.accept_queue = accept_queue(tracefs, btf, code_ranges.join().ok().and_then(Result::ok).unwrap_or_default());
-    Ok(Resolved { config, unavailable })
+    config.accept_queue = accept_queue(tracefs, btf);
+    Ok(Resolved { config, unavailable, code_ranges })
 }
 
-/// The kernel functions whose code ranges the accept-queue programs test
-/// (see overflow.rs in netlens-ebpf).
-const CODE_RANGES: [&str; 3] = ["tcp_rcv_state_process", "cookie_v4_check", "cookie_v6_check"];
 
 /// `tcp:tcp_send_reset` has had two layouts: sockaddr buffers (6.10+) and
 /// the 4-tuple fields of its siblings (before).
@@ -138,7 +162,7 @@ fn send_reset(f: &Format) -> Result<SendResetFields> {
 
 /// The accept-queue facts this kernel has; what it lacks stays zero (or
 /// [`NO_ARG`]) and [`AcceptQueueSupport`] tells which hooks can work.
-fn accept_queue(tracefs: &Path, btf: &KernelBtf, code_ranges: [(u64, u64); CODE_RANGES.len()]) -> AcceptQueueConfig {
+fn accept_queue(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
     let member = |name: &str, path: &str| btf.optional_offset(name, path).unwrap_or(MISSING);
     let position = |args: &[String], wanted: &str| {
         args.iter().position(|arg| arg == wanted).map_or(NO_ARG, |at| at as u8)
@@ -150,8 +174,6 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf, code_ranges: [(u64, u64); CODE_
         [_, location, ..] if location == "void *" => 1,
         _ => NO_ARG,
     };
-    let [(syn_consumer_start, syn_consumer_end), (cookie_v4_start, cookie_v4_end), (cookie_v6_start, cookie_v6_end)] =
-        code_ranges;
     let accept_args = btf.function_params("inet_csk_accept").map_or(0, |params| params.len() as u8);
     let param_count = |function: &str| btf.function_params(function).map_or(0, |params| params.len() as u8);
     let syn_recv_sock_args = match (param_count("tcp_v4_syn_recv_sock"), param_count("tcp_v6_syn_recv_sock")) {
@@ -185,12 +207,6 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf, code_ranges: [(u64, u64); CODE_
         consume_skb_location_arg: location,
         inet_csk_accept_args: accept_args,
         syn_recv_sock_args,
-        syn_consumer_start,
-        syn_consumer_end,
-        cookie_v4_start,
-        cookie_v4_end,
-        cookie_v6_start,
-        cookie_v6_end,
         ..AcceptQueueConfig::default()
     };
     // accept and accept4 must agree: one program serves both.
@@ -239,8 +255,9 @@ fn need(ok: bool, missing: &str) -> Result<(), String> {
 }
 
 impl AcceptQueueSupport {
-    pub fn of(config: &AcceptQueueConfig) -> Self {
+    pub fn of(config: &AcceptQueueConfig, code_ranges: &Ranges) -> Self {
         let c = config;
+        let (syn_consumer_start, syn_consumer_end) = code_ranges[code_range::SYN_CONSUMER as usize];
         let has = |members: &[u32]| members.iter().all(|&m| m != MISSING);
         let queue = need(
             has(&[c.sock_ack_backlog, c.sock_max_ack_backlog, c.sock_state, c.skb_protocol, c.skb_head, c.skb_network_header, c.skb_transport_header]),
@@ -263,7 +280,7 @@ impl AcceptQueueSupport {
                 need(c.kfree_skb_reason_arg != NO_ARG && c.kfree_skb_rx_sk_arg != NO_ARG, "kfree_skb has no reason or no rx_sk (before 6.11)")
                     .and(need(c.listen_overflow_reason != u32::MAX, "enum skb_drop_reason has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"))
                     .and(need(c.consume_skb_location_arg != NO_ARG, "consume_skb has no location argument"))
-                    .and(need(c.syn_consumer_start != 0 && c.syn_consumer_end > c.syn_consumer_start, "tcp_rcv_state_process not in /proc/kallsyms"))
+                    .and(need(syn_consumer_start != 0 && syn_consumer_end > syn_consumer_start, "tcp_rcv_state_process not in /proc/kallsyms"))
                     .and(need(has(&[c.skb_head, c.skb_transport_header, c.skb_refdst, c.dst_dev]), "sk_buff/dst_entry members missing from BTF")),
             ),
             queue,

@@ -4,6 +4,8 @@
 //! `netlens-load churn SECONDS`: open/close connections as fast as possible;
 //! prints `netns=INODE` first (so a tracer can attach to it), then
 //! `connections=N seconds=S rate=R`.
+//! `netlens-load churn SECONDS RATE`: the same at about RATE connections a
+//! second (paced; for measuring a view's cost at a fixed load).
 //! `netlens-load bulk SECONDS`: one bulk transfer, sender pinned to CPU 0
 //! and receiver to CPU 1; prints `bytes=N seconds=S rate=GBIT_PER_S`.
 
@@ -36,7 +38,10 @@ fn run() -> Result<()> {
             // Give a tracer that attaches after reading netns= a moment.
             std::thread::sleep(Duration::from_millis(200));
             let started = Instant::now();
-            let count = traffic::churn(&netns, addr, Duration::from_secs_f64(seconds), 2)?;
+            let count = match args.get(3) {
+                Some(rate) => paced_churn(&netns, addr, Duration::from_secs_f64(seconds), rate.parse().context("RATE must be a number")?)?,
+                None => traffic::churn(&netns, addr, Duration::from_secs_f64(seconds), 2)?,
+            };
             let elapsed = started.elapsed().as_secs_f64();
             println!("connections={count} seconds={elapsed:.2} rate={:.0}", count as f64 / elapsed);
         }
@@ -48,4 +53,27 @@ fn run() -> Result<()> {
         other => bail!("unknown workload `{other}`"),
     }
     Ok(())
+}
+
+/// Connections at `rate` a second for `duration`, from one thread: each
+/// opens, half-closes and reads to EOF, then waits for its slot.
+fn paced_churn(netns: &Netns, addr: SocketAddr, duration: Duration, rate: f64) -> Result<u64> {
+    use std::io::Read;
+    let handle = netns.spawn(move || -> Result<u64> {
+        let started = Instant::now();
+        let mut done = 0u64;
+        let mut buffer = [0u8; 16];
+        while started.elapsed() < duration {
+            let mut stream = std::net::TcpStream::connect(addr)?;
+            stream.shutdown(std::net::Shutdown::Write)?;
+            while stream.read(&mut buffer)? > 0 {}
+            done += 1;
+            let due = Duration::from_secs_f64(done as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(done)
+    });
+    Ok(handle.join().map_err(|_| anyhow::anyhow!("churn thread panicked"))???)
 }

@@ -1,0 +1,289 @@
+//! `cargo xtask bench all`: every goal figure of the per-connection cost
+//! work in one table, each beside the same workload with no netlens and
+//! with a minimal reference (a bpftrace script timing handshakes on the
+//! same tracepoint; an empty program on tcp_probe), as ratios within one
+//! run. Program costs are the kernel's own accounting (bpf_stats).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    bench::{cpu_seconds, rss_kib, start_netlens, start_tracer, stop_netlens},
+    bpfstats::{self, EmptyProgram, StatsOn},
+    capture, workspace_root,
+};
+
+/// The bpftrace reference: handshake times from inet_sock_set_state, what
+/// a one-off script on that tracepoint costs.
+const BPFTRACE_HANDSHAKES: &str = "tracepoint:sock:inet_sock_set_state /args->newstate == 2/ { @start[args->skaddr] = nsecs; } \
+tracepoint:sock:inet_sock_set_state /args->oldstate == 2 && @start[args->skaddr]/ { @us = hist((nsecs - @start[args->skaddr]) / 1000); delete(@start[args->skaddr]); }";
+
+/// One churn run: rate and connections.
+struct Churn {
+    rate: f64,
+    connections: f64,
+}
+
+fn churn(seconds: u32, rate: Option<u32>) -> Result<Churn> {
+    let load = workspace_root().join("target/release/netlens-load");
+    let mut command = Command::new(load);
+    command.args(["churn", &seconds.to_string()]);
+    if let Some(rate) = rate {
+        command.arg(rate.to_string());
+    }
+    let output = command.output().context("running netlens-load")?;
+    if !output.status.success() {
+        bail!("netlens-load failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let field = |name: &str| stdout.split_whitespace().find_map(|w| w.strip_prefix(name)?.parse::<f64>().ok());
+    Ok(Churn {
+        rate: field("rate=").context("netlens-load printed no rate")?,
+        connections: field("connections=").context("netlens-load printed no count")?,
+    })
+}
+
+fn bulk(seconds: u32) -> Result<f64> {
+    let load = workspace_root().join("target/release/netlens-load");
+    let output = Command::new(load).args(["bulk", &seconds.to_string()]).output().context("running netlens-load")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout.split_whitespace().find_map(|w| w.strip_prefix("rate=")?.parse().ok()).context("netlens-load printed no rate")
+}
+
+/// Kernel time per connection and per run of the programs loaded after
+/// `newer_than`, over one churn run with stats on.
+fn churn_measured(seconds: u32, newer_than: u32) -> Result<(Churn, f64, Vec<(String, u64, u64)>)> {
+    let _stats = StatsOn::new()?;
+    let before = bpfstats::snapshot()?;
+    let run = churn(seconds, None)?;
+    let ran = bpfstats::ran_since(&before, &bpfstats::snapshot()?, newer_than);
+    let ns: u64 = ran.iter().map(|(_, _, ns)| ns).sum();
+    let per_connection = ns as f64 / run.connections;
+    Ok((run, per_connection, ran))
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+#[derive(Default)]
+struct Figures {
+    none: Vec<f64>,
+    trace: Vec<f64>,
+    daemon: Vec<f64>,
+    reference: Vec<f64>,
+    trace_ns_per_conn: Vec<f64>,
+    reference_ns_per_conn: Vec<f64>,
+    attach_ms: Vec<f64>,
+    daemon_rss_mib: Vec<(f64, f64)>,
+    daemon_user_per_10k: Vec<f64>,
+    bulk_none: Vec<f64>,
+    bulk_netlens: Vec<f64>,
+    bulk_empty: Vec<f64>,
+    probe_ns: Vec<f64>,
+    empty_ns: Vec<f64>,
+    top_cpu_pct: Vec<(f64, f64)>,
+}
+
+pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
+    let mut f = Figures::default();
+    for pair in 1..=pairs {
+        // Churn: no netlens, trace, daemon, bpftrace.
+        let none = churn(seconds, None)?;
+        f.none.push(none.rate);
+
+        let newer_than = bpfstats::highest_id()?;
+        let (tracer, attached) = start_tracer(netlens)?;
+        let measured = churn_measured(seconds, newer_than);
+        stop_netlens(tracer)?;
+        let (run, per_connection, programs) = measured?;
+        f.trace.push(run.rate);
+        f.trace_ns_per_conn.push(per_connection);
+        f.attach_ms.push(attached.as_secs_f64() * 1e3);
+        let busiest: Vec<String> = {
+            let mut p = programs.clone();
+            p.sort_by_key(|(_, _, ns)| std::cmp::Reverse(*ns));
+            p.iter().take(4).map(|(name, runs, ns)| format!("{name} {runs}×{:.0} ns", *ns as f64 / (*runs).max(1) as f64)).collect()
+        };
+        println!(
+            "pair {pair}: churn none {:.0}/s, trace {:.0}/s, {per_connection:.0} ns kernel/conn ({}), attached {:.1} ms",
+            none.rate,
+            run.rate,
+            busiest.join(", "),
+            attached.as_secs_f64() * 1e3
+        );
+
+        let (daemon, _) = start_netlens(netlens, &["daemon", "--listen", "127.0.0.1:9979"], "netlens: serving")?;
+        let pid = daemon.id();
+        let (rss_start, cpu_start) = (rss_kib(pid)?, cpu_seconds(pid)?);
+        let run = churn(seconds, None);
+        let (rss_end, cpu_end) = (rss_kib(pid)?, cpu_seconds(pid)?);
+        stop_netlens(daemon)?;
+        let run = run?;
+        f.daemon.push(run.rate);
+        f.daemon_rss_mib.push((rss_start as f64 / 1024.0, rss_end as f64 / 1024.0));
+        f.daemon_user_per_10k.push((cpu_end.0 - cpu_start.0) / run.connections * 10_000.0);
+        println!("pair {pair}: churn daemon {:.0}/s, RSS {:.1} → {:.1} MiB", run.rate, rss_start as f64 / 1024.0, rss_end as f64 / 1024.0);
+
+        let newer_than = bpfstats::highest_id()?;
+        let mut bpftrace = Command::new("bpftrace")
+            .args(["-e", BPFTRACE_HANDSHAKES])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting bpftrace (apt-get install bpftrace)")?;
+        let stdout = bpftrace.stdout.take().context("bpftrace stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let started = Instant::now();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("Attaching") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("bpftrace did not attach"),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("bpftrace did not attach within 30 s");
+            }
+        }
+        let measured = churn_measured(seconds, newer_than);
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(bpftrace.id() as i32, libc::SIGINT) };
+        let _ = thread::spawn(move || for _ in lines {});
+        let _ = bpftrace.wait();
+        let (run, per_connection, _) = measured?;
+        f.reference.push(run.rate);
+        f.reference_ns_per_conn.push(per_connection);
+        println!("pair {pair}: churn bpftrace {:.0}/s, {per_connection:.0} ns kernel/conn", run.rate);
+
+        // Bulk, pinned: no netlens, netlens, an empty program on tcp_probe.
+        f.bulk_none.push(bulk(seconds)?);
+        let newer_than = bpfstats::highest_id()?;
+        let (tracer, _) = start_tracer(netlens)?;
+        let stats = StatsOn::new()?;
+        let before = bpfstats::snapshot()?;
+        let rate = bulk(seconds);
+        let ran = bpfstats::ran_since(&before, &bpfstats::snapshot()?, newer_than);
+        drop(stats);
+        stop_netlens(tracer)?;
+        f.bulk_netlens.push(rate?);
+        if let Some((_, runs, ns)) = ran.iter().find(|(name, _, _)| name == "tcp_probe") {
+            f.probe_ns.push(*ns as f64 / (*runs).max(1) as f64);
+        }
+        let empty = EmptyProgram::attach("tcp_probe")?;
+        let stats = StatsOn::new()?;
+        let before = bpfstats::snapshot()?;
+        let rate = bulk(seconds);
+        let ran = bpfstats::ran_since(&before, &bpfstats::snapshot()?, empty.id - 1);
+        drop(stats);
+        drop(empty);
+        f.bulk_empty.push(rate?);
+        if let Some((_, runs, ns)) = ran.iter().find(|(name, _, _)| name == "empty_ref") {
+            f.empty_ns.push(*ns as f64 / (*runs).max(1) as f64);
+        }
+        println!(
+            "pair {pair}: bulk none {:.2}, netlens {:.2}, empty program {:.2} Gbit/s; tcp_probe {:.0} ns/run, empty {:.0} ns/run",
+            f.bulk_none.last().unwrap_or(&0.0),
+            f.bulk_netlens.last().unwrap_or(&0.0),
+            f.bulk_empty.last().unwrap_or(&0.0),
+            f.probe_ns.last().unwrap_or(&0.0),
+            f.empty_ns.last().unwrap_or(&0.0)
+        );
+    }
+    // top at 10,000 connections a second.
+    f.top_cpu_pct.push(top_at(netlens, seconds.max(10), 10_000)?);
+    print_table(&f, pairs);
+    Ok(())
+}
+
+/// `netlens top` in tmux under paced churn: (% of one core, conn/s).
+fn top_at(netlens: &Path, seconds: u32, rate: u32) -> Result<(f64, f64)> {
+    let tmux = |args: &[&str]| capture(Command::new("tmux").args(args));
+    let session = format!("netlens-bench-all-{}", std::process::id());
+    tmux(&["new-session", "-d", "-s", &session, "-x", "200", "-y", "50", &format!("exec {} top -d 1", netlens.display())])?;
+    let started = Instant::now();
+    loop {
+        let screen = tmux(&["capture-pane", "-p", "-t", &session]).unwrap_or_default();
+        if screen.contains("ENDPOINT") && screen.contains("Quit") {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = tmux(&["kill-session", "-t", &session]);
+            bail!("top drew no frame within 30 s");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let pid: u32 = tmux(&["display-message", "-p", "-t", &session, "#{pane_pid}"])?.trim().parse().context("pane pid")?;
+    let before = cpu_seconds(pid)?;
+    let churn_started = Instant::now();
+    let run = churn(seconds, Some(rate));
+    let after = cpu_seconds(pid);
+    let elapsed = churn_started.elapsed().as_secs_f64();
+    let _ = tmux(&["send-keys", "-t", &session, "q"]);
+    thread::sleep(Duration::from_millis(200));
+    let _ = tmux(&["kill-session", "-t", &session]);
+    let (run, after) = (run?, after?);
+    let cpu = (after.0 - before.0) + (after.1 - before.1);
+    Ok((cpu / elapsed * 100.0, run.rate))
+}
+
+fn print_table(f: &Figures, pairs: u32) {
+    let range = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        format!("[{lo:.0}..{hi:.0}]")
+    };
+    let kept = |with: &[f64]| mean(with) / mean(&f.none);
+    let machine = capture(Command::new("uname").arg("-r")).unwrap_or_default();
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    println!();
+    println!("bench all: {pairs} pairs, kernel {}, {cores} cores, means over pairs", machine.trim());
+    println!("| figure | no netlens | netlens | reference | netlens / floor | goal |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| churn rate kept, `trace --json > /dev/null` | {:.0}/s {} | {:.0}/s ({:.3}) | bpftrace {:.0}/s ({:.3}) | {:.3} | ≥ 0.97 |",
+        mean(&f.none),
+        range(&f.none),
+        mean(&f.trace),
+        kept(&f.trace),
+        mean(&f.reference),
+        kept(&f.reference),
+        kept(&f.trace)
+    );
+    println!("| churn rate kept, `daemon` | {:.0}/s | {:.0}/s ({:.3}) | | {:.3} | ≥ 0.97 |", mean(&f.none), mean(&f.daemon), kept(&f.daemon), kept(&f.daemon));
+    println!(
+        "| kernel time per connection (BPF stats) | 0 | {:.0} ns | bpftrace {:.0} ns | {:.1}× bpftrace | ≤ 2,000 ns |",
+        mean(&f.trace_ns_per_conn),
+        mean(&f.reference_ns_per_conn),
+        mean(&f.trace_ns_per_conn) / mean(&f.reference_ns_per_conn).max(1.0)
+    );
+    println!(
+        "| tcp_probe per run (BPF stats on) | | {:.0} ns | empty program {:.0} ns | +{:.0} ns | ≤ 100 ns, ≤ +40 ns |",
+        mean(&f.probe_ns),
+        mean(&f.empty_ns),
+        mean(&f.probe_ns) - mean(&f.empty_ns)
+    );
+    println!(
+        "| bulk throughput kept (pinned) | {:.2} Gbit/s | {:.2} Gbit/s ({:.3}) | empty program {:.2} Gbit/s ({:.3}) | {:.3} | ≥ 0.98 |",
+        mean(&f.bulk_none),
+        mean(&f.bulk_netlens),
+        mean(&f.bulk_netlens) / mean(&f.bulk_none),
+        mean(&f.bulk_empty),
+        mean(&f.bulk_empty) / mean(&f.bulk_none),
+        mean(&f.bulk_netlens) / mean(&f.bulk_empty)
+    );
+    let worst_attach = f.attach_ms.iter().cloned().fold(0.0, f64::max);
+    println!("| attached after start | | {:.1} ms mean, {worst_attach:.1} ms max | | | ≤ 50 ms |", mean(&f.attach_ms));
+    for (cpu, rate) in &f.top_cpu_pct {
+        println!("| `top` CPU at {rate:.0} conn/s | | {cpu:.2} % of one core | | | ≤ 2 % at 10,000/s |");
+    }
+    for (start, end) in &f.daemon_rss_mib {
+        println!("| daemon RSS under churn | | {start:.1} → {end:.1} MiB | | | ≤ 30 MB, flat |");
+    }
+    println!("| daemon user CPU per 10,000 connections | | {:.4} s | | | ≤ 0.02 s |", mean(&f.daemon_user_per_10k));
+}
