@@ -97,6 +97,8 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
     let netns = Netns::new()?;
     let inode = netns.inode()?.to_string();
     let daemon = Netlens::start_in(Some(&netns.name), &["daemon", "--netns", &inode])?;
+    // `trace --drops` beside it: its `drop` lines must add up the same.
+    let trace = Netlens::start_in(Some(&netns.name), &["trace", "--json", "--drops", "--netns", &inode])?;
     let before_nstat = netns.nstat()?;
     let before = drops(&scrape(&netns)?);
 
@@ -109,6 +111,9 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
     let after_nstat = netns.nstat()?;
     let after = drops(&scrape(&netns)?);
     drop(daemon);
+    // Past its next once-a-second read.
+    thread::sleep(Duration::from_millis(1_100));
+    let traced = trace.stop()?;
 
     let nstat = |key: &str| after_nstat.get(key).copied().unwrap_or(0) - before_nstat.get(key).copied().unwrap_or(0);
     let netlens = |reason: &str| after.get(reason).copied().unwrap_or(0.0) - before.get(reason).copied().unwrap_or(0.0);
@@ -137,5 +142,13 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
         let reasons = netlens("tcp_invalid_sequence") + netlens("tcp_invalid_end_sequence");
         assert_eq!(reasons, beyond as f64, "tcp_invalid_sequence + tcp_invalid_end_sequence vs TcpExtBeyondWindow");
     }
+    // trace --drops: a line per reason and second, packets adding up to
+    // the kernel's counts (trace attached before the first nstat read).
+    let traced_drops = |reason: &str| -> u64 {
+        traced.named("drop").filter(|e| e["reason"] == reason).map(|e| e["packets"].as_u64().unwrap_or(0)).sum()
+    };
+    assert!(traced.named("drop").all(|e| e["ts_ns"].as_u64().is_some() && e["packets"].as_u64() > Some(0)), "{:?}", traced.events);
+    assert_eq!(traced_drops("proto_mem"), rcvq + ofo, "trace --drops proto_mem vs TcpExtTCPRcvQDrop + TcpExtTCPOFODrop");
+    assert_eq!(traced_drops("tcp_zerowindow"), zero_window, "trace --drops tcp_zerowindow vs TcpExtTCPZeroWindowDrop");
     Ok(())
 }

@@ -135,6 +135,11 @@ pub struct TraceArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
     pub duration: Option<Duration>,
+    /// Also print TCP packets the kernel dropped, by its reason: one `drop`
+    /// line per reason per second while it drops (host-wide: filters do
+    /// not apply; kernels 5.17+).
+    #[arg(long)]
+    pub drops: bool,
     #[command(flatten)]
     pub filter: FilterArgs,
 }

@@ -19,3 +19,4 @@ pub mod service;
 pub mod source;
 pub mod top;
 pub mod trace;
+mod trace_drops;

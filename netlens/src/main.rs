@@ -47,6 +47,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Trace(args) => attached(trace::run(TraceOptions {
             json: args.json,
             duration: args.duration,
+            drops: args.drops,
             filter: args.filter.to_filter(),
         })),
         Command::Top(args) => {

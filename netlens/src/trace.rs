@@ -12,12 +12,15 @@ use crate::{
     event::{state_name, ConnEvent, Detail},
     filter::Filter,
     jsonl,
-    source::EventSource,
+    source::{monotonic_ns, EventSource},
+    trace_drops::{self, DropWatch},
 };
 
 pub struct TraceOptions {
     pub json: bool,
     pub duration: Option<Duration>,
+    /// Print `drop` lines (see trace_drops.rs).
+    pub drops: bool,
     pub filter: Filter,
 }
 
@@ -33,6 +36,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
     let deadline = tokio::time::sleep(options.duration.unwrap_or(Duration::MAX));
     tokio::pin!(deadline);
     let mut reported = Reported::default();
+    let mut drops = options.drops.then(|| drop_watch(&source)).flatten();
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
     let mut write_error = None;
     loop {
@@ -43,6 +47,9 @@ pub async fn run(options: TraceOptions) -> Result<()> {
             _ = &mut deadline, if options.duration.is_some() => true,
             _ = lost_check.tick() => {
                 report_losses(&source, &mut reported);
+                if let Some(watch) = drops.as_mut() {
+                    write_error = write_error.or(write_drops(&mut out, &source, watch, options.json, &clock).err());
+                }
                 false
             }
         };
@@ -62,6 +69,9 @@ pub async fn run(options: TraceOptions) -> Result<()> {
         if stop {
             source.flush(&mut print);
             source.read_overflows(&options.filter, &mut print);
+            if let Some(watch) = drops.as_mut() {
+                write_error = write_error.or(write_drops(&mut out, &source, watch, options.json, &clock).err());
+            }
         }
         if let Some(err) = write_error.take() {
             // `netlens trace | head`: the reader left; that is a normal end.
@@ -87,6 +97,44 @@ pub async fn run(options: TraceOptions) -> Result<()> {
     }
     if source.undecodable > 0 {
         eprintln!("netlens: {} events could not be decoded (kernel side newer than this netlens?)", source.undecodable);
+    }
+    Ok(())
+}
+
+/// `--drops` where the kernel counts drops by reason; else one line says why not.
+fn drop_watch(source: &EventSource) -> Option<DropWatch> {
+    let feature = source.features().iter().find(|f| f.feature.name == "drop_reasons");
+    match feature {
+        Some(f) if f.level != crate::features::Level::Missing => Some(DropWatch::default()),
+        Some(f) => {
+            eprintln!("netlens: --drops: no drop lines on this kernel: {}", f.why);
+            None
+        }
+        None => None,
+    }
+}
+
+/// The drops that grew since the last call, a line per reason.
+fn write_drops(out: &mut impl Write, source: &EventSource, watch: &mut DropWatch, json: bool, clock: &WallClock) -> io::Result<()> {
+    // A failed read is retried at the next tick: the counts are cumulative.
+    let Ok(counts) = source.drop_reasons() else { return Ok(()) };
+    for line in watch.grown(&counts, monotonic_ns()) {
+        if json {
+            trace_drops::write_json(out, &line)?;
+        } else {
+            writeln!(
+                out,
+                "{:<15} {:<17} {:>7} {:<15} {:<40} {:<40} {} packets={}",
+                clock.format(line.ts_ns),
+                line.event,
+                "-",
+                "-",
+                "-",
+                "-",
+                line.reason,
+                line.packets
+            )?;
+        }
     }
     Ok(())
 }

@@ -7,7 +7,8 @@ use std::{collections::HashMap, time::Instant};
 use hdrhistogram::Histogram;
 
 use super::model::{
-    Bar, ConnectionRow, EndpointKind, EndpointRow, FindingRow, Header, ProcessRow, Quantiles, Snapshot,
+    Bar, ConnectionRow, DropRate, EndpointKind, EndpointRow, FindingRow, Header, ProcessRow, Quantiles, Snapshot,
+    TOP_DROP_REASONS,
 };
 use crate::{
     aggregate::{buckets::Buckets, endpoint::EndpointBy, stats::ConnStats, topk::TopK, Aggregator},
@@ -29,7 +30,23 @@ pub struct Extras {
     pub time_wait: Option<u64>,
     pub events_lost: u64,
     pub bpf_errors: u64,
+    /// Cumulative TCP drops by reason; `None` where the kernel has none.
+    pub drops: Option<Vec<(String, u64)>>,
     pub now_ns: u64,
+}
+
+/// Drops per second over the last refresh: the total, and the reasons that
+/// grew most (ties by name, so the line does not flicker).
+fn drop_rates(now: &[(String, u64)], before: &HashMap<String, u64>, seconds: f64) -> (f64, Vec<DropRate>) {
+    let mut rates: Vec<DropRate> = now
+        .iter()
+        .map(|(reason, count)| DropRate { reason: reason.clone(), per_s: rate(*count, before.get(reason).copied().unwrap_or(0), seconds) })
+        .filter(|r| r.per_s > 0.0)
+        .collect();
+    let total = rates.iter().map(|r| r.per_s).sum();
+    rates.sort_by(|a, b| b.per_s.total_cmp(&a.per_s).then_with(|| a.reason.cmp(&b.reason)));
+    rates.truncate(TOP_DROP_REASONS);
+    (total, rates)
 }
 
 /// Cumulative values at the previous refresh, for rates.
@@ -71,6 +88,8 @@ pub struct Feed {
     previous: HashMap<String, Totals>,
     previous_processes: HashMap<u32, Totals>,
     previous_host: Totals,
+    /// Cumulative drops by reason at the previous refresh.
+    previous_drops: HashMap<String, u64>,
     last_refresh: Instant,
     /// The doctor's rules over 60 s windows (the line under the header and
     /// the Findings view).
@@ -128,6 +147,7 @@ impl Feed {
             previous: HashMap::new(),
             previous_processes: HashMap::new(),
             previous_host: Totals::default(),
+            previous_drops: HashMap::new(),
             last_refresh: Instant::now(),
             findings: LiveFindings::new(live::WINDOW, None),
         }
@@ -176,7 +196,16 @@ impl Feed {
             time_wait: extras.time_wait,
             events_lost: extras.events_lost,
             bpf_errors: extras.bpf_errors,
+            drops_per_s: None,
+            top_drop_reasons: Vec::new(),
         };
+        let mut header = header;
+        if let Some(drops) = &extras.drops {
+            let (total, top) = drop_rates(drops, &self.previous_drops, seconds);
+            header.drops_per_s = Some(total);
+            header.top_drop_reasons = top;
+            self.previous_drops = drops.iter().cloned().collect();
+        }
 
         let mut previous = HashMap::with_capacity(self.aggregator.endpoints.len());
         let endpoints = self
@@ -301,9 +330,28 @@ mod tests {
             spurious_retransmits: 0,
             transport: Dynamics { segs_out: 1_000, ..Dynamics::default() },
         }));
-        let snapshot = feed.snapshot(Extras { connections: Vec::new(), connections_total: 0, time_wait: None, events_lost: 0, bpf_errors: 0, now_ns: 10 });
+        let snapshot = feed.snapshot(Extras { connections: Vec::new(), connections_total: 0, time_wait: None, events_lost: 0, bpf_errors: 0, drops: None, now_ns: 10 });
         let row = snapshot.endpoints.iter().find(|row| row.endpoint == "[::1]:40000").expect("the endpoint's row");
         assert_eq!(row.retransmits_per_1k_segs, Some(2.0), "5 live retransmits are not over the closed one's segments");
         assert!(row.retransmits_per_s > 0.0, "the live retransmits still show in RETR/S");
+    }
+
+    /// The header's drops: what grew since the last refresh, the two
+    /// reasons that grew most first, ties by name.
+    #[test]
+    fn drop_rates_name_what_grew_most() {
+        let before: HashMap<String, u64> = [("tcp_ofo_drop".to_string(), 10), ("tcp_zerowindow".to_string(), 5)].into();
+        let now = vec![
+            ("tcp_ofo_drop".to_string(), 10),
+            ("tcp_zerowindow".to_string(), 25),
+            ("socket_backlog".to_string(), 4),
+            ("proto_mem".to_string(), 4),
+        ];
+        let (total, top) = drop_rates(&now, &before, 2.0);
+        assert_eq!(total, 14.0);
+        assert_eq!(top, vec![
+            DropRate { reason: "tcp_zerowindow".into(), per_s: 10.0 },
+            DropRate { reason: "proto_mem".into(), per_s: 2.0 },
+        ]);
     }
 }

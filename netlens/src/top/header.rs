@@ -69,9 +69,24 @@ pub fn header_lines(h: &Header) -> Vec<HeaderLine> {
                     format!("{}/s", format::rate(h.zero_window_stalls_per_s)),
                     warn_if_positive(h.zero_window_stalls_per_s),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(drop_fields(h))
+            .collect(),
         },
     ]
+}
+
+/// TCP drops per second and the reasons that dropped most, where the
+/// kernel gives reasons: "drops 12.0/s  tcp_zerowindow 10.0/s, …".
+fn drop_fields(h: &Header) -> Vec<Field> {
+    let Some(per_s) = h.drops_per_s else { return Vec::new() };
+    let mut fields = vec![flagged("drops", format!("{}/s", format::rate(per_s)), warn_if_positive(per_s))];
+    if !h.top_drop_reasons.is_empty() {
+        let reasons: Vec<String> = h.top_drop_reasons.iter().map(|r| format!("{} {}/s", r.reason, format::rate(r.per_s))).collect();
+        fields.push(field("top", reasons.join(", ")));
+    }
+    fields
 }
 
 /// The line under the header: the doctor's findings holding now, most

@@ -38,6 +38,21 @@ pub struct Header {
     /// Failures inside netlens's eBPF programs since start (shown when
     /// non-zero: some figures then miss what those runs saw).
     pub bpf_errors: u64,
+    /// TCP packets the kernel dropped per second, host-wide (`None` where
+    /// the kernel gives no drop reasons), and the reasons that dropped
+    /// most, most first (at most [`TOP_DROP_REASONS`]).
+    pub drops_per_s: Option<f64>,
+    pub top_drop_reasons: Vec<DropRate>,
+}
+
+/// How many drop reasons the header names.
+pub const TOP_DROP_REASONS: usize = 2;
+
+/// One `enum skb_drop_reason` (lower case, no prefix) and its rate.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DropRate {
+    pub reason: String,
+    pub per_s: f64,
 }
 
 /// Remote endpoints (clients' view) or local listening ports (servers').

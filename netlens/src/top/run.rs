@@ -58,6 +58,8 @@ struct Collector {
     /// Kernel counters: the last good read (a failed one is no reset).
     counters: LastGood<KernelCounters>,
     bpf_errors: LastGood<u64>,
+    /// TCP drops by reason (empty where the kernel has no reasons).
+    drops: LastGood<Option<Vec<(String, u64)>>>,
 }
 
 impl Collector {
@@ -101,6 +103,7 @@ impl Collector {
             time_wait: self.census.latest().map(|census| census.count("time_wait")),
             events_lost: counters.events_lost + counters.events_missed,
             bpf_errors,
+            drops: self.drops.update(self.source.drop_reasons().map(Some)).filter(|drops| !drops.is_empty()),
             now_ns,
         })
     }
@@ -130,6 +133,7 @@ pub async fn run(options: TopOptions) -> Result<()> {
         last_epoch: Instant::now(),
         counters: LastGood::default(),
         bpf_errors: LastGood::default(),
+        drops: LastGood::default(),
     };
     if options.batch || options.json {
         return run_batch(&mut collector, &options, &mut sigterm, &mut sigint).await;

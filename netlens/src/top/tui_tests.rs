@@ -61,6 +61,18 @@ fn header_shows_bpf_errors_only_when_there_are_some() {
     assert!(labels(&header).contains(&("bpf errors", "2".to_string())), "{:?}", labels(&header));
 }
 
+#[test]
+fn header_names_the_top_drop_reasons_where_the_kernel_has_them() {
+    let mut header = snapshot().header;
+    let labels = |header: &Header| {
+        super::header::header_lines(header).iter().flat_map(|line| line.fields.iter().map(|f| (f.label, f.value.clone()))).collect::<Vec<_>>()
+    };
+    assert!(labels(&header).contains(&("top", "tcp_zerowindow 10.0/s".to_string())), "{:?}", labels(&header));
+    header.drops_per_s = None;
+    header.top_drop_reasons.clear();
+    assert!(!labels(&header).iter().any(|(label, _)| *label == "drops"), "no drops field without drop reasons");
+}
+
 fn snapshot() -> Snapshot {
     Snapshot {
         header: Header {
@@ -75,6 +87,8 @@ fn snapshot() -> Snapshot {
             time_wait: Some(42),
             events_lost: 3,
             bpf_errors: 0,
+            drops_per_s: Some(12.0),
+            top_drop_reasons: vec![DropRate { reason: "tcp_zerowindow".into(), per_s: 10.0 }],
         },
         findings: Vec::new(),
         endpoints: vec![
