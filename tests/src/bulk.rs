@@ -36,9 +36,20 @@ pub struct Transfer {
     /// (time since the transfer started, bytes read so far) after every
     /// read.
     pub reads: Vec<(Duration, u64)>,
+    /// The reader thread's time runnable but not running (its run-queue
+    /// delay, /proc/thread-self/schedstat) so far, after every read: a
+    /// wait for data is the time between two reads less what this grew.
+    pub read_run_delays: Vec<Duration>,
     /// When the client started writing its second burst (same clock).
     pub second_burst_at: Duration,
     pub elapsed: Duration,
+}
+
+/// The calling thread's run-queue delay so far (the second field of
+/// /proc/thread-self/schedstat, ns); zero where the kernel keeps none.
+fn run_delay() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    Duration::from_nanos(stat.split_whitespace().nth(1).and_then(|ns| ns.parse().ok()).unwrap_or(0))
 }
 
 /// Pins the calling thread to one CPU.
@@ -78,7 +89,7 @@ impl Bulk {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let base = Instant::now();
         let server_opts = self.clone();
-        let server = netns.spawn(move || -> Result<(Vec<(Duration, u64)>, u64)> {
+        let server = netns.spawn(move || -> Result<(Vec<(Duration, u64)>, Vec<Duration>, u64)> {
             if let Some(cpu) = server_opts.cpu {
                 pin(cpu)?;
             }
@@ -88,6 +99,7 @@ impl Bulk {
             stream.set_read_timeout(Some(Duration::from_secs(120)))?;
             std::thread::sleep(server_opts.reader_pause);
             let mut reads = Vec::new();
+            let mut run_delays = Vec::new();
             let mut total = 0u64;
             let mut buffer = vec![0u8; 64 * 1024];
             loop {
@@ -97,8 +109,9 @@ impl Bulk {
                 }
                 total += n as u64;
                 reads.push((base.elapsed(), total));
+                run_delays.push(run_delay());
             }
-            Ok((reads, total))
+            Ok((reads, run_delays, total))
         });
         ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
         let client_opts = self.clone();
@@ -131,7 +144,7 @@ impl Bulk {
             Ok((port, started.elapsed(), second_burst_at))
         });
         let (client_port, elapsed, second_burst_at) = client.join().map_err(|_| anyhow::anyhow!("client panicked"))???;
-        let (reads, received) = server.join().map_err(|_| anyhow::anyhow!("server panicked"))???;
-        Ok(Transfer { client_port, received, reads, second_burst_at, elapsed })
+        let (reads, read_run_delays, received) = server.join().map_err(|_| anyhow::anyhow!("server panicked"))???;
+        Ok(Transfer { client_port, received, reads, read_run_delays, second_burst_at, elapsed })
     }
 }
