@@ -77,6 +77,11 @@ fn listen_overflows_match_nstat(port: u16, backlog: i32, clients: usize, hold_ac
         events.len(),
         delta("TcpExtSyncookiesRecv")
     );
+    if dropped != overflows {
+        for event in &events {
+            eprintln!("  {event}");
+        }
+    }
     assert_eq!(dropped, overflows, "netlens dropped vs TcpExtListenOverflows");
     for event in &events {
         assert_eq!(port_of(event, "sport"), addr.port(), "{event}");

@@ -221,8 +221,22 @@ pub struct TupleKey {
     pub _pad: [u8; 6],
 }
 
-/// Listen overflows of one listening socket, kept in the kernel's
-/// `LISTEN_OVERFLOWS` map (keyed by the listener's address) and read by
+/// A listening endpoint, the key of the kernel's `LISTEN_OVERFLOWS` map:
+/// the listener's identity, not its address, which a listener opened
+/// after one closed can be given (its drops would be reported as the old
+/// one's). Listeners sharing a port (SO_REUSEPORT) share an entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerEndpoint {
+    pub netns: u32,
+    pub family: u16,
+    /// Local port, host byte order.
+    pub port: u16,
+    /// Local address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+}
+
+/// Listen overflows of one [`ListenerEndpoint`], per CPU, read by
 /// userspace once a second: `dropped` only grows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -234,13 +248,7 @@ pub struct ListenOverflow {
     pub last_ns: u64,
     /// `sk_max_ack_backlog` at the latest drop.
     pub backlog: u32,
-    pub netns: u32,
-    pub family: u16,
-    /// Local port, host byte order.
-    pub port: u16,
     pub _pad: u32,
-    /// Local address (IPv4 in the first 4 bytes).
-    pub addr: [u8; 16],
 }
 
 /// Key of the listener table: a listening port in one network namespace.
@@ -275,6 +283,7 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::ListenOverflow {}
+    unsafe impl aya::Pod for super::ListenerEndpoint {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::ListenerOwner {}
     unsafe impl aya::Pod for crate::histogram::PacketHistograms {}

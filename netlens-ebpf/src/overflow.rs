@@ -46,7 +46,9 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext},
     EbpfContext,
 };
-use netlens_common::{code_range, mode, program, ListenOverflow, ListenerKey, DROP_REASONS, LISTENER_TABLE_ENTRIES};
+use netlens_common::{
+    code_range, mode, program, ListenOverflow, ListenerEndpoint, ListenerKey, DROP_REASONS, LISTENER_TABLE_ENTRIES,
+};
 
 use crate::{
     config::cfg_field,
@@ -55,12 +57,11 @@ use crate::{
     synstart,
 };
 
-/// Cumulative overflows by listener socket address, per CPU (several CPUs
-/// drop for one listener, and BPF has no portable atomic add): userspace
-/// sums `dropped` over CPUs and takes the identity from the CPU that
-/// filled it in.
+/// Cumulative overflows by listening endpoint, per CPU (several CPUs drop
+/// for one listener, and BPF has no portable atomic add): userspace sums
+/// `dropped` over CPUs.
 #[map]
-static LISTEN_OVERFLOWS: LruPerCpuHashMap<u64, ListenOverflow> =
+static LISTEN_OVERFLOWS: LruPerCpuHashMap<ListenerEndpoint, ListenOverflow> =
     LruPerCpuHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
 
 /// Listening sockets by (namespace, port), for the SYN tracepoint path.
@@ -190,42 +191,28 @@ fn accept_queue_full(listener: u64) -> Option<u32> {
     (queued > backlog).then_some(backlog)
 }
 
-/// Counts one overflow of `listener`.
+/// Counts one overflow of `listener`. Keyed by what the listener is, read
+/// now (a few reads, on drops only), not by its address: a listener
+/// opened where a closed one was must not inherit its entry.
 #[inline(always)]
 fn overflowed(listener: u64, backlog: u32, slot: u32) -> Result<(), i32> {
+    let tuple = sock_tuple_in(listener, slot)?;
+    let endpoint = ListenerEndpoint { netns: sock_netns(listener), family: tuple.family, port: tuple.sport, addr: tuple.saddr };
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(entry) = LISTEN_OVERFLOWS.get_ptr_mut(&listener) {
+    if let Some(entry) = LISTEN_OVERFLOWS.get_ptr_mut(&endpoint) {
         // SAFETY: this CPU's slot of a live map value; nothing else writes
         // it while we run.
         let entry = unsafe { &mut *entry };
         entry.dropped += 1;
         entry.last_ns = now;
         entry.backlog = backlog;
-        if entry.family != 0 {
-            return Ok(());
-        }
-        // First drop on this CPU: its slot was zeroed; name the listener.
-        let tuple = sock_tuple_in(listener, slot)?;
-        entry.netns = sock_netns(listener);
-        entry.family = tuple.family;
-        entry.port = tuple.sport;
-        entry.addr = tuple.saddr;
         return Ok(());
     }
-    let tuple = sock_tuple_in(listener, slot)?;
-    let entry = ListenOverflow {
-        dropped: 1,
-        last_ns: now,
-        backlog,
-        netns: sock_netns(listener),
-        family: tuple.family,
-        port: tuple.sport,
-        _pad: 0,
-        addr: tuple.saddr,
-    };
-    if LISTEN_OVERFLOWS.insert(&listener, &entry, BPF_NOEXIST as u64).is_err() {
-        // Another CPU created the entry meanwhile: count in our slot.
-        let slot = LISTEN_OVERFLOWS.get_ptr_mut(&listener).ok_or(-1)?;
+    let entry = ListenOverflow { dropped: 1, last_ns: now, backlog, _pad: 0 };
+    if LISTEN_OVERFLOWS.insert(&endpoint, &entry, BPF_NOEXIST as u64).is_err() {
+        // Another CPU created the entry meanwhile (our slot zeroed): count
+        // in our slot.
+        let slot = LISTEN_OVERFLOWS.get_ptr_mut(&endpoint).ok_or(-1)?;
         // SAFETY: this CPU's slot, as above.
         unsafe { *slot = entry };
     }

@@ -295,21 +295,26 @@ impl ConnEvent {
 
 impl ConnEvent {
     /// The `listen_overflow` event of a listener whose count grew by
-    /// `dropped` since the last one (`entry` from the kernel's table).
-    pub fn listen_overflow(entry: &netlens_common::ListenOverflow, dropped: u64) -> Option<Self> {
-        let (local_ip, _) = addresses(entry.family, &entry.addr, &[0; 16])?;
+    /// `dropped` since the last one, the latest at `last_ns` with `backlog`.
+    pub fn listen_overflow(
+        endpoint: &netlens_common::ListenerEndpoint,
+        last_ns: u64,
+        backlog: u32,
+        dropped: u64,
+    ) -> Option<Self> {
+        let (local_ip, _) = addresses(endpoint.family, &endpoint.addr, &[0; 16])?;
         let any = if local_ip.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
         Some(Self {
-            ts_ns: entry.last_ns,
-            local: SocketAddr::new(local_ip, entry.port),
+            ts_ns: last_ns,
+            local: SocketAddr::new(local_ip, endpoint.port),
             remote: SocketAddr::new(any, 0),
             pid: None,
             comm: None,
-            netns: entry.netns,
+            netns: endpoint.netns,
             cgroup: 0,
             service: None,
             direction: Some(Direction::Passive),
-            detail: Detail::ListenOverflow { dropped, backlog: entry.backlog },
+            detail: Detail::ListenOverflow { dropped, backlog },
         })
     }
 }
@@ -404,9 +409,9 @@ mod tests {
         record.backlog = 128;
         let event = ConnEvent::decode(&record).unwrap();
         assert_eq!(event.detail, Detail::Accepted { wait_ns: 300_000_000, queue_len: 1, backlog: 128 });
-        let mut entry = netlens_common::ListenOverflow { family: AF_INET, port: 8080, backlog: 2, last_ns: 7, ..Default::default() };
-        entry.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        let overflow = ConnEvent::listen_overflow(&entry, 5).unwrap();
+        let mut endpoint = netlens_common::ListenerEndpoint { family: AF_INET, port: 8080, ..Default::default() };
+        endpoint.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let overflow = ConnEvent::listen_overflow(&endpoint, 7, 2, 5).unwrap();
         assert_eq!(overflow.local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(overflow.remote, "0.0.0.0:0".parse().unwrap());
         assert_eq!(overflow.detail, Detail::ListenOverflow { dropped: 5, backlog: 2 });

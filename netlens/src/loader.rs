@@ -14,7 +14,7 @@ use aya::{
     programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use netlens_common::{counter, program, Config, Flow, ListenOverflow, ListenerKey, ListenerOwner, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
+use netlens_common::{counter, program, Config, Flow, ListenOverflow, ListenerEndpoint, ListenerKey, ListenerOwner, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
 
 use crate::{
     features::{self, FeatureStatus},
@@ -582,24 +582,24 @@ impl Probes {
         Ok(total)
     }
 
-    /// Cumulative listen overflows by listener (LISTEN_OVERFLOWS), keyed by
-    /// the listener's socket address, summed over CPUs. A few syscalls per
-    /// listener that ever overflowed: once a second is fine.
-    pub fn listen_overflows(&self) -> Result<Vec<(u64, ListenOverflow)>> {
+    /// Cumulative listen overflows by listening endpoint (LISTEN_OVERFLOWS),
+    /// summed over CPUs; the backlog is the latest drop's. A few syscalls
+    /// per listener that ever overflowed: once a second is fine.
+    pub fn listen_overflows(&self) -> Result<Vec<(ListenerEndpoint, ListenOverflow)>> {
         let Some(map) = self.ebpf.map("LISTEN_OVERFLOWS") else { return Ok(Vec::new()) };
-        let table: PerCpuHashMap<&MapData, u64, ListenOverflow> = PerCpuHashMap::try_from(map)?;
+        let table: PerCpuHashMap<&MapData, ListenerEndpoint, ListenOverflow> = PerCpuHashMap::try_from(map)?;
         let mut listeners = Vec::new();
         for entry in table.iter() {
-            let (listener, per_cpu) = entry?;
+            let (endpoint, per_cpu) = entry?;
             let mut total = ListenOverflow::default();
             for cpu in per_cpu.iter() {
-                if cpu.family != 0 {
-                    total = ListenOverflow { dropped: total.dropped, last_ns: total.last_ns, ..*cpu };
+                if cpu.last_ns > total.last_ns {
+                    total.last_ns = cpu.last_ns;
+                    total.backlog = cpu.backlog;
                 }
                 total.dropped += cpu.dropped;
-                total.last_ns = total.last_ns.max(cpu.last_ns);
             }
-            listeners.push((listener, total));
+            listeners.push((endpoint, total));
         }
         Ok(listeners)
     }

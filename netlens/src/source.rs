@@ -33,7 +33,7 @@ pub struct EventSource {
     pub undecodable: u64,
     /// Listen overflows already reported, by listener; when they were
     /// last read.
-    overflows_reported: HashMap<u64, u64>,
+    overflows_reported: HashMap<netlens_common::ListenerEndpoint, u64>,
     overflows_read: Instant,
     /// Each event's service, resolved off the event path.
     attribution: Attribution,
@@ -153,14 +153,14 @@ impl EventSource {
     pub fn read_overflows(&mut self, filter: &Filter, mut sink: impl FnMut(ConnEvent)) {
         self.overflows_read = Instant::now();
         let Ok(listeners) = self.probes.listen_overflows() else { return };
-        for (listener, entry) in listeners {
-            let reported = self.overflows_reported.entry(listener).or_insert(0);
+        for (endpoint, entry) in listeners {
+            let reported = self.overflows_reported.entry(endpoint).or_insert(0);
             let dropped = entry.dropped.saturating_sub(*reported);
             *reported = entry.dropped;
             if dropped == 0 {
                 continue;
             }
-            match ConnEvent::listen_overflow(&entry, dropped) {
+            match ConnEvent::listen_overflow(&endpoint, entry.last_ns, entry.backlog, dropped) {
                 Some(event) if filter.matches(&event) => sink(event),
                 Some(_) => {}
                 None => self.undecodable += 1,
