@@ -62,9 +62,12 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
     assert!(syn_retrans > 0, "20 % SYN loss over 60 connects retransmitted nothing");
     assert_close(syn_retransmits.len() as u64, syn_retrans, traced.unaccounted(), "SYN_SENT retransmits vs TcpExtTCPSynRetrans");
     let retried: HashSet<u16> = syn_retransmits.iter().map(|e| port_of(e, "sport")).collect();
+    // A retransmit event netlens reported missing (a skipped program run)
+    // leaves its handshake slow with no retransmit seen: at most that many.
+    let missing_retransmits = syn_retrans.saturating_sub(syn_retransmits.len() as u64);
     let connect_us: HashMap<u16, f64> = conns.iter().map(|c| (c.local_port, c.connect_us)).collect();
     let slack_us = netlens_tests::timing_slack_us(1000.0);
-    let mut slow = 0;
+    let (mut slow, mut slow_unexplained) = (0, Vec::new());
     for e in traced.named("handshake").filter(|e| e["direction"] == "active") {
         let handshake_us = e["handshake_us"].as_f64().unwrap_or(0.0);
         let port = port_of(e, "sport");
@@ -78,11 +81,15 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
             // clock has passed (998.4 ms measured on Debian's 6.12, HZ=250).
             assert!(handshake_us >= 990_000.0, "retransmitted SYN but handshake {handshake_us} µs");
             slow += 1;
-        } else {
-            // No retransmission timeout inside it.
-            assert!(handshake_us < 990_000.0, "no SYN retransmit but handshake {handshake_us} µs");
+        } else if handshake_us >= 990_000.0 {
+            // A retransmission timeout inside it, and no event for it.
+            slow_unexplained.push((port, handshake_us));
         }
     }
+    assert!(
+        slow_unexplained.len() as u64 <= missing_retransmits,
+        "handshakes >= 1 s without a SYN retransmit event: {slow_unexplained:?} (netlens missed {missing_retransmits} retransmits)"
+    );
     assert_eq!(slow, retried.len());
     eprintln!("syn loss: {} SYN_SENT retransmits, nstat TcpExtTCPSynRetrans {syn_retrans}, {slow} of {} handshakes >= 1 s", syn_retransmits.len(), conns.len());
     assert_eq!(traced.named("handshake").filter(|e| e["direction"] == "active").count(), conns.len());

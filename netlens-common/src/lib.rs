@@ -91,7 +91,8 @@ pub mod program {
     pub const KRETPROBE_INET_CSK_ACCEPT: u32 = 20;
     pub const SYS_ENTER_ACCEPT: u32 = 21;
     pub const SYS_EXIT_ACCEPT: u32 = 22;
-    pub const COUNT: u32 = 23;
+    pub const FEXIT_TCP_CONN_REQUEST: u32 = 23;
+    pub const COUNT: u32 = 24;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -118,6 +119,7 @@ pub mod program {
         "kretprobe_inet_csk_accept",
         "sys_enter_accept",
         "sys_exit_accept",
+        "fexit_tcp_conn_request",
     ];
 
     /// The slot of the program named `name`.

@@ -10,12 +10,13 @@
 //!   reason `TCP_LISTEN_OVERFLOW` (6.x) by `tcp_v4/v6_rcv()`, or, when it
 //!   carried a SYN cookie, with reason `NO_SOCKET` by `cookie_v4/v6_check()`
 //!   (measured on 6.18 with backlog 0); `rx_sk` (6.11+) is the listener.
-//! Where fentry/fexit exist: the SYN-time test is applied at the entry of
-//! `tcp_conn_request`, and a `tcp_v4/v6_syn_recv_sock` that returns no
-//! child is a final-ACK overflow (fexit). Testing the queue at that
-//! function's entry instead missed drops: with two CPUs completing
-//! handshakes, the queue could fill between our test and the kernel's
-//! (9 counted of 10 in the 6.1 guest). The other ways the function fails
+//! Where fentry/fexit exist: a `tcp_conn_request` during which the
+//! listener's `sk_drops` grew with its queue full dropped its SYN (fentry
+//! and fexit), and a `tcp_v4/v6_syn_recv_sock` that returns no child is a
+//! final-ACK overflow (fexit). Testing the queue at either function's
+//! entry missed drops: with two CPUs completing handshakes, the queue
+//! could fill between our test and the kernel's (9 counted of 10 in the
+//! 6.1 guest). The other ways the function fails
 //! (no memory for the child, no route, a port it cannot inherit) are rare
 //! and drop the connection as well; the kernel counts them in ListenDrops.
 //! With kprobes only, both tests run at function entry (a kretprobe has no
@@ -245,11 +246,68 @@ fn is_ipv4(skb: u64) -> bool {
 
 // fentry/fexit: the kernel function's arguments, typed by BTF.
 
+/// What `fentry_tcp_conn_request` saw, for its fexit on the same CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SynAtEntry {
+    skb: u64,
+    /// The listener's `sk_drops`, when `has_drops`.
+    drops: u32,
+    has_drops: u8,
+    /// Whether the accept queue was full.
+    full: u8,
+    _pad: u16,
+}
+
+/// One slot per CPU: `tcp_conn_request` runs in softirq, or in process
+/// context (a listener's backlog) where a softirq can nest on the same CPU
+/// or the task migrate; the fexit checks the slot is its SYN's.
+#[map]
+static SYN_AT_ENTRY: PerCpuArray<SynAtEntry> = PerCpuArray::with_max_entries(1, 0);
+
 #[fentry(function = "tcp_conn_request")]
 pub fn fentry_tcp_conn_request(ctx: FEntryContext) -> i32 {
     let (listener, skb) = (ctx.arg(2), ctx.arg(3));
     syn_arrived(listener, skb, program::FENTRY_TCP_CONN_REQUEST);
-    check_listener(listener, program::FENTRY_TCP_CONN_REQUEST);
+    if let Some(seen) = SYN_AT_ENTRY.get_ptr_mut(0) {
+        let drops = sk_drops(listener);
+        let entry = SynAtEntry {
+            skb,
+            drops: drops.unwrap_or(0),
+            has_drops: drops.is_some() as u8,
+            full: accept_queue_full(listener).is_some() as u8,
+            _pad: 0,
+        };
+        // SAFETY: this CPU's slot; nothing else writes it while we run.
+        unsafe { *seen = entry };
+    }
+    0
+}
+
+/// Whether `tcp_conn_request` dropped its SYN for a full accept queue.
+/// The kernel tests the queue after our entry: another CPU queueing a
+/// child in between fills it (the 6.1 guest counted 15 of 16 when we
+/// tested at entry). So: the listener's `sk_drops` grew while the function
+/// ran (its drop path, `tcp_listendrop()`, adds one), and the queue was
+/// full at entry or is at exit. Without `sk_drops`, or when the slot is
+/// not this SYN's (nested or migrated), one test of the queue decides.
+#[fexit(function = "tcp_conn_request")]
+pub fn fexit_tcp_conn_request(ctx: FExitContext) -> i32 {
+    let (listener, skb): (u64, u64) = (ctx.arg(2), ctx.arg(3));
+    // SAFETY: copied out at once.
+    let seen = SYN_AT_ENTRY.get(0).copied().filter(|seen| seen.skb == skb);
+    let full_now = accept_queue_full(listener).is_some();
+    let dropped = match (seen, sk_drops(listener)) {
+        (Some(seen), Some(drops)) if seen.has_drops != 0 => {
+            (drops.wrapping_sub(seen.drops) as i32) > 0 && (seen.full != 0 || full_now)
+        }
+        (Some(seen), _) => seen.full != 0,
+        (None, _) => full_now,
+    };
+    if dropped {
+        let backlog: u32 = member(listener, cfg_field!(accept_queue.sock_max_ack_backlog)).unwrap_or(0);
+        counted(program::FEXIT_TCP_CONN_REQUEST, overflowed(listener, backlog, slot::SYN));
+    }
     0
 }
 
