@@ -234,15 +234,19 @@ fn closes_keep_their_direction() -> Result<()> {
     let pid = std::process::id();
     let runs = if netlens_tests::in_guest() { 2 } else { 10 };
     for run in 0..runs {
+        let started = std::time::Instant::now();
         let netns = Netns::new()?;
         let addr: SocketAddr = "127.0.0.1:8090".parse()?;
         let netlens = Netlens::trace_netns(netns.inode()?)?;
         let _server = Server::start(&netns, addr, 1000)?;
         let mut conns = clients(&netns, addr, 294, 10, 100)?;
+        eprintln!("run {run}: 294 short connections in {:.1} s", started.elapsed().as_secs_f64());
         netns.nft("table inet loss {\n chain pre {\n  type filter hook prerouting priority 0;\n  tcp dport 8090 numgen random mod 1000 < 20 drop\n }\n}\n")?;
         conns.extend(clients(&netns, addr, 6, 3, 2 << 20)?);
+        eprintln!("run {run}: 6 bulk connections done at {:.1} s", started.elapsed().as_secs_f64());
         netns.wait_closed(std::time::Duration::from_secs(30))?;
         let traced = netlens.stop()?;
+        eprintln!("run {run}: netlens stopped at {:.1} s", started.elapsed().as_secs_f64());
 
         let closes: Vec<&Value> = traced.named("close").collect();
         let wrong: Vec<&&Value> = closes

@@ -103,7 +103,8 @@ pub struct Conn {
 /// unexpectedly") on a thread that had finished its work. A thread that
 /// sends nothing within the bound is an error naming how many answered.
 pub fn clients(netns: &Netns, addr: SocketAddr, count: usize, threads: usize, send: usize) -> Result<Vec<Conn>> {
-    // Each thread's connects: 70 s at most each to connect, 60 s to read.
+    // Each thread's connects: 70 s at most each to connect, 60 s per
+    // blocked write or read.
     const THREAD_LIMIT: Duration = Duration::from_secs(300);
     let per_thread = count.div_ceil(threads);
     let (results_tx, results) = mpsc::channel();
@@ -139,6 +140,7 @@ fn client(addr: SocketAddr, send: usize) -> Result<Conn> {
     let connect_us = started.elapsed().as_secs_f64() * 1e6;
     let local_port = stream.local_addr()?.port();
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(60)))?;
     let payload = vec![b'x'; send.min(1 << 20)];
     let mut sent = 0;
     while sent < send {

@@ -85,7 +85,7 @@ while IFS="$tab" read -r kind name dir binary; do
     echo "guest: test binary $name"
     {
         (cd "$dir" && NETLENS_BIN="$netlens" NETLENS_GUEST=1 CARGO_MANIFEST_DIR="$dir" \
-            timeout -k 10 "$test_limit" "$binary" --test-threads=1 "$@" </dev/null 2>&1)
+            timeout -k 10 "$test_limit" "$binary" --test-threads=1 --nocapture "$@" </dev/null 2>&1)
         echo $? >"$out/status"
     } | tee -a "$out/tests.log"
     step "test:$name" "$(cat "$out/status")"

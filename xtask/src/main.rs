@@ -175,6 +175,9 @@ pub struct TestCounts {
     /// `Error:` line.
     pub failures: Vec<(String, String)>,
     block: FailureBlock,
+    /// The test libtest last said it runs (`test NAME ... `), for output
+    /// printed as it happens (--nocapture).
+    running: Option<String>,
 }
 
 /// Where we are in libtest's report of a failed test.
@@ -191,7 +194,7 @@ enum FailureBlock {
 
 impl Default for TestCounts {
     fn default() -> Self {
-        Self { passed: 0, failed: 0, all_exited_ok: true, failures: Vec::new(), block: FailureBlock::Outside }
+        Self { passed: 0, failed: 0, all_exited_ok: true, failures: Vec::new(), block: FailureBlock::Outside, running: None }
     }
 }
 
@@ -209,12 +212,31 @@ impl TestCounts {
             self.block = FailureBlock::Outside;
             return;
         }
+        if let Some((name, _)) = line.strip_prefix("test ").and_then(|l| l.split_once(" ... ")) {
+            self.running = Some(name.to_string());
+        }
         if let Some(name) = line.strip_prefix("---- ").and_then(|l| l.strip_suffix(" stdout ----")) {
             self.block = FailureBlock::Reading(name.to_string());
             return;
         }
         self.block = match std::mem::replace(&mut self.block, FailureBlock::Outside) {
-            FailureBlock::Outside => FailureBlock::Outside,
+            // With --nocapture (the guests) a test's panic is printed where
+            // it happens, named by its thread: the test's name.
+            FailureBlock::Outside => match line.strip_prefix("thread '").and_then(|l| l.split_once(" panicked at ")) {
+                Some((thread, at)) => FailureBlock::PanicAt {
+                    test: thread.split('\'').next().unwrap_or(thread).to_string(),
+                    location: at.trim_end_matches(':').to_string(),
+                },
+                None => {
+                    if let (Some(error), Some(test)) = (line.find("Error: "), &self.running) {
+                        // After `test NAME ... ` on the same line, or alone.
+                        if error == 0 || line.starts_with("test ") {
+                            self.failures.push((test.clone(), line[error..].to_string()));
+                        }
+                    }
+                    FailureBlock::Outside
+                }
+            },
             FailureBlock::Reading(test) => {
                 if let Some((_, at)) = line.strip_prefix("thread '").and_then(|l| l.split_once(" panicked at ")) {
                     FailureBlock::PanicAt { test, location: at.trim_end_matches(':').to_string() }
@@ -285,6 +307,25 @@ mod tests {
         let mut counts = TestCounts::default();
         output.lines().for_each(|line| counts.add_line(line));
         assert_eq!((counts.passed, counts.failed), (3, 2));
+        assert_eq!(
+            counts.failures,
+            vec![
+                ("a".into(), "assertion `left == right` failed; left: 0; right: 1 (at tests/x.rs:1:2)".into()),
+                ("b".into(), "Error: netlens did not attach".into())
+            ]
+        );
+    }
+
+    /// --nocapture (the guests): output and panics come as they happen.
+    #[test]
+    fn failure_messages_printed_as_they_happen() {
+        let output = "running 3 tests\ntest a ... some log\nthread 'a' (884) panicked at tests/x.rs:1:2:\n\
+                      assertion `left == right` failed\n  left: 0\n right: 1\nFAILED\ntest b ... Error: netlens did not attach\nFAILED\n\
+                      test c ... ok\n\nfailures:\n    a\n    b\n\n\
+                      test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.0s\n";
+        let mut counts = TestCounts::default();
+        output.lines().for_each(|line| counts.add_line(line));
+        assert_eq!((counts.passed, counts.failed), (1, 2));
         assert_eq!(
             counts.failures,
             vec![
