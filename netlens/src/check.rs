@@ -84,7 +84,7 @@ fn inspect() -> Report {
                     let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);
                     features = statuses;
                     // The accept-queue features choose among hook families.
-                    let optional = crate::optional::attach_optional(&mut ebpf, &facts.offsets.config, &facts.offsets.code_ranges);
+                    let optional = crate::optional::attach_optional(&mut ebpf, &facts);
                     features.extend(optional.iter().filter_map(crate::optional::FeatureStatus::as_feature));
                     hooks = HOOKS
                         .iter()

@@ -127,19 +127,25 @@ fn flow_table_entries() -> Result<Option<u32>> {
 }
 
 /// This kernel's facts, resolved once: where tracefs is, its BTF, and the
-/// offsets handed to the programs.
+/// offsets handed to the programs. Dropped once everything is attached:
+/// the parsed BTF is most of netlens's memory while it lives.
 pub struct KernelFacts {
     pub tracefs: PathBuf,
     pub btf: KernelBtf,
     pub offsets: offsets::Resolved,
+    /// aya's own parse of the kernel's BTF, which fentry/fexit loads need
+    /// (~20 ms, ~18 MB): made on first use.
+    fentry_btf: std::sync::OnceLock<Option<Btf>>,
 }
 
-/// The kernel's BTF for fentry/fexit, parsed once (aya's own parser).
-pub(crate) fn kernel_btf() -> Result<&'static Btf, HookError> {
-    static BTF: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
-    BTF.get_or_init(|| Btf::from_sys_fs().ok())
-        .as_ref()
-        .ok_or_else(|| HookError::Load(anyhow!("kernel BTF unreadable for fentry")))
+impl KernelFacts {
+    /// The kernel's BTF as aya parses it, for fentry/fexit.
+    pub(crate) fn fentry_btf(&self) -> Result<&Btf, HookError> {
+        self.fentry_btf
+            .get_or_init(|| Btf::from_sys_fs().ok())
+            .as_ref()
+            .ok_or_else(|| HookError::Load(anyhow!("kernel BTF unreadable for fentry")))
+    }
 }
 
 /// Resolves this kernel's offsets (tracefs + BTF).
@@ -150,7 +156,7 @@ pub fn resolve_config() -> Result<KernelFacts> {
     timing(started, "kernel BTF indexed");
     let offsets = offsets::resolve(&tracefs, &btf)?;
     timing(started, "offsets resolved");
-    Ok(KernelFacts { tracefs, btf, offsets })
+    Ok(KernelFacts { tracefs, btf, offsets, fentry_btf: std::sync::OnceLock::new() })
 }
 
 /// Parses the object and fills in `CONFIG`; nothing is loaded yet.
@@ -184,13 +190,13 @@ pub fn attach(ebpf: &mut Ebpf, facts: &KernelFacts, hook: &Hook) -> Result<(), H
     if let Some(why) = unavailable(facts, hook) {
         return Err(HookError::Unavailable(why));
     }
-    load_and_attach(ebpf, hook)
+    load_and_attach(ebpf, facts, hook)
 }
 
 /// Loads (once) and attaches one hook's program.
-pub(crate) fn load_and_attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
+pub(crate) fn load_and_attach(ebpf: &mut Ebpf, facts: &KernelFacts, hook: &Hook) -> Result<(), HookError> {
     let started = Instant::now();
-    let result = load_and_attach_inner(ebpf, hook);
+    let result = load_and_attach_inner(ebpf, facts, hook);
     timing(started, &format!("{} {}", hook.describe(), if result.is_ok() { "attached" } else { "failed" }));
     result
 }
@@ -203,7 +209,7 @@ fn timing(since: Instant, what: &str) {
     }
 }
 
-fn load_and_attach_inner(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> {
+fn load_and_attach_inner(ebpf: &mut Ebpf, facts: &KernelFacts, hook: &Hook) -> Result<(), HookError> {
     let program = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| HookError::Load(anyhow!("program {} missing from the eBPF object", hook.program)))?;
@@ -228,12 +234,12 @@ fn load_and_attach_inner(ebpf: &mut Ebpf, hook: &Hook) -> Result<(), HookError> 
         }
         Attach::FEntry => {
             let program: &mut FEntry = program.try_into().map_err(load)?;
-            program.load(hook.target, kernel_btf()?).map_err(load)?;
+            program.load(hook.target, facts.fentry_btf()?).map_err(load)?;
             program.attach().map_err(attach)?;
         }
         Attach::FExit => {
             let program: &mut FExit = program.try_into().map_err(load)?;
-            program.load(hook.target, kernel_btf()?).map_err(load)?;
+            program.load(hook.target, facts.fentry_btf()?).map_err(load)?;
             program.attach().map_err(attach)?;
         }
         Attach::KProbe | Attach::KRetProbe => {
@@ -497,18 +503,24 @@ impl Probes {
         t("object opened, maps created");
         // The fentry variants need aya's own parse of the kernel's BTF
         // (~20 ms): while the tracepoints load.
-        let btf = std::thread::spawn(|| kernel_btf().is_ok());
-        let (mut features, tried) = attach_features(&mut ebpf, &facts);
+        let (mut features, tried) = std::thread::scope(|scope| {
+            scope.spawn(|| facts.fentry_btf().is_ok());
+            attach_features(&mut ebpf, &facts)
+        });
         if let Some(missing) = features.iter().find(|f| f.feature.required && f.level == features::Level::Missing) {
             anyhow::bail!("{} cannot be traced on this kernel: {} (run `netlens check`)", missing.feature.name, missing.why);
         }
         t("features attached");
-        let _ = btf.join();
-        let optional = attach_optional(&mut ebpf, &facts.offsets.config, &facts.offsets.code_ranges);
+        let optional = attach_optional(&mut ebpf, &facts);
         features.extend(optional.iter().filter_map(optional::FeatureStatus::as_feature));
         let attached = tried.into_iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| hook).collect();
         t("optional features attached");
         let drop_reason_names = drop_reason_names(&facts.btf.enum_members("skb_drop_reason").unwrap_or_default());
+        drop(facts);
+        // The BTF parses just freed are many small allocations: give the
+        // heap they grew back to the system (a daemon's RSS is watched).
+        // SAFETY: plain libc call.
+        unsafe { libc::malloc_trim(0) };
         Ok(Self { ebpf, attached, features, attach_time: started.elapsed(), optional, drop_reason_names })
     }
 

@@ -4,12 +4,12 @@
 //! tracepoints). A feature no family serves is off, said in one line.
 
 use aya::{maps::{Array, MapData}, Ebpf};
-use netlens_common::{mode, Config};
+use netlens_common::mode;
 
 use crate::{
-    kernel::offsets::{AcceptQueueSupport, CodeRanges},
+    kernel::offsets::AcceptQueueSupport,
     features::{self, Level},
-    loader::{self, load_and_attach, Attach, Hook, SKIP_HOOKS_ENV},
+    loader::{self, load_and_attach, Attach, Hook, KernelFacts, SKIP_HOOKS_ENV},
 };
 
 /// `NETLENS_SKIP_HOOKS` names this hook's program (as if the kernel lacked
@@ -161,8 +161,8 @@ impl FeatureStatus {
 
 /// Attaches each optional feature with the first family that works, and
 /// tells the programs which ones serve (the `MODES` map).
-pub fn attach_optional(ebpf: &mut Ebpf, config: &Config, code_ranges: &CodeRanges) -> Vec<FeatureStatus> {
-    let code_ranges = code_ranges.get();
+pub fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts) -> Vec<FeatureStatus> {
+    let (config, code_ranges) = (&facts.offsets.config, facts.offsets.code_ranges.get());
     let support = AcceptQueueSupport::of(&config.accept_queue, &code_ranges);
     // Before any program that tests them attaches.
     if let Some(Ok(mut map)) = ebpf.map_mut("CODE_RANGES").map(Array::<&mut MapData, [u64; 2]>::try_from) {
@@ -178,7 +178,7 @@ pub fn attach_optional(ebpf: &mut Ebpf, config: &Config, code_ranges: &CodeRange
             let result = (family.ready)(&support, &attached).map_err(|missing| format!("{}: {missing}", family.name)).and_then(|()| {
                 family.hooks.iter().try_for_each(|hook| {
                     skipped(hook)?;
-                    load_and_attach(ebpf, hook).map_err(|err| format!("{}: {}: {err}", family.name, hook.describe()))
+                    load_and_attach(ebpf, facts, hook).map_err(|err| format!("{}: {}: {err}", family.name, hook.describe()))
                 })
             });
             match result {

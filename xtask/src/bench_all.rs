@@ -110,7 +110,7 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         let busiest: Vec<String> = {
             let mut p = programs.clone();
             p.sort_by_key(|(_, _, ns)| std::cmp::Reverse(*ns));
-            p.iter().take(4).map(|(name, runs, ns)| format!("{name} {runs}×{:.0} ns", *ns as f64 / (*runs).max(1) as f64)).collect()
+            p.iter().take(8).map(|(name, runs, ns)| format!("{name} {runs}×{:.0} ns", *ns as f64 / (*runs).max(1) as f64)).collect()
         };
         println!(
             "pair {pair}: churn none {:.0}/s, trace {:.0}/s, {per_connection:.0} ns kernel/conn ({}), attached {:.1} ms",
