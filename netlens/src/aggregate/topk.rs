@@ -8,7 +8,11 @@
 //! with a bounded Space-Saving sketch and the heaviest fill the slots freed at
 //! the next epoch.
 
-use std::{collections::HashMap, hash::Hash};
+use std::hash::Hash;
+
+// Hashed per event: foldhash, not std's DoS-resistant SipHash (the keys
+// are our own endpoints, not attacker-chosen strings).
+use foldhash::{HashMap, HashMapExt};
 
 /// Candidates kept per tracked slot while the table is full.
 const CANDIDATES_PER_SLOT: usize = 4;

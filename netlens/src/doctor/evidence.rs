@@ -7,10 +7,10 @@
 //! connection, zero windows per side, per-process connect failures and
 //! retransmits per segment net of spurious ones.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-};
+use std::net::SocketAddr;
+
+// Hashed per event: foldhash, not std's SipHash.
+use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     aggregate::{

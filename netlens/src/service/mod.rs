@@ -14,7 +14,7 @@ pub mod cgroupfs;
 pub mod name;
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     fmt,
     sync::{
         mpsc::{self, Receiver, SyncSender, TrySendError},
@@ -22,6 +22,9 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+// Looked up per event: foldhash, not std's SipHash.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use crate::event::ConnEvent;
 
@@ -229,7 +232,8 @@ mod tests {
 
     #[test]
     fn events_keep_their_order_and_get_their_service() {
-        let paths = HashMap::from([(7, "/system.slice/nginx.service".to_string()), (8, "/".to_string())]);
+        let paths: std::collections::HashMap<u64, String> =
+            [(7, "/system.slice/nginx.service".to_string()), (8, "/".to_string())].into();
         let mut attribution = Attribution::with_resolver(Box::new(move |id| paths.get(&id).cloned()));
         let mut out = Vec::new();
         for (ts, cgroup) in [(1, 7), (2, 0), (3, 8), (4, 7), (5, 99)] {
