@@ -25,7 +25,7 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{member, slot, Record, Tuple},
+    kernel::{listener_key, member, slot, Record, Tuple},
     overflow, owners,
 };
 
@@ -40,8 +40,10 @@ static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_T
 #[inline(always)]
 fn accepted(listener: u64, child: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = overflow::known_listener(listener);
-    let _ = owners::accepting(listener);
+    if let Ok(key) = listener_key(listener) {
+        let _ = overflow::known_listener(listener, &key);
+        owners::accepting(listener, &key);
+    }
     // No entry or not established yet: a connection from before we
     // attached.
     let Some(flow) = flows::lookup_mut(child) else { return Ok(()) };

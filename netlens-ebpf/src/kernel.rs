@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
-use netlens_common::{TupleFields, Window, AF_INET, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
+use netlens_common::{ListenerKey, TupleFields, Window, AF_INET, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
 
 use crate::config::cfg_field;
 
@@ -239,6 +239,14 @@ pub fn sock_tuple_in(sk: u64, slot: u32) -> Result<Tuple, i32> {
         tuple.daddr = head.get(offsets.v6_daddr)?;
     }
     Ok(tuple)
+}
+
+/// The key of the listener tables (overflow.rs, owners.rs): the
+/// listening socket's namespace and port.
+#[inline(always)]
+pub fn listener_key(sk: u64) -> Result<ListenerKey, i32> {
+    let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
+    Ok(ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 })
 }
 
 /// The inode number of the socket's network namespace (what `ip netns

@@ -54,7 +54,7 @@ use netlens_common::{
 use crate::{
     config::cfg_field,
     events::{count_error, counted},
-    kernel::{member, slot, sock_netns, sock_tuple_in},
+    kernel::{listener_key, member, slot, sock_netns, sock_tuple_in},
     synstart,
 };
 
@@ -105,8 +105,7 @@ const TCP_FLAG_SYN: u8 = 0x02;
 /// A socket entered LISTEN (lifecycle.rs): remember it by port.
 #[inline(always)]
 pub fn listening(sk: u64) -> Result<(), i32> {
-    let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
-    let key = ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 };
+    let key = listener_key(sk)?;
     LISTENERS.insert(&key, &sk, 0).map_err(|e| e as i32)?;
     all_drops_accounted(sk);
     Ok(())
@@ -161,8 +160,7 @@ fn syn_dropped(listener: u64) -> bool {
 /// A listening socket closed.
 #[inline(always)]
 pub fn unlistening(sk: u64) -> Result<(), i32> {
-    let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
-    let key = ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 };
+    let key = listener_key(sk)?;
     // SAFETY: the value is copied out before the entry may be removed.
     if unsafe { LISTENERS.get(&key).copied() } == Some(sk) {
         let _ = LISTENERS.remove(&key);
@@ -170,14 +168,13 @@ pub fn unlistening(sk: u64) -> Result<(), i32> {
     Ok(())
 }
 
-/// Remembers a listener seen elsewhere (accept()), if it is new.
+/// Remembers a listener seen elsewhere (accept()), under `key`, if it is
+/// new.
 #[inline(always)]
-pub fn known_listener(sk: u64) -> Result<(), i32> {
-    let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
-    let key = ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 };
+pub fn known_listener(sk: u64, key: &ListenerKey) -> Result<(), i32> {
     // SAFETY: copied out at once.
-    if unsafe { LISTENERS.get(&key).copied() } != Some(sk) {
-        LISTENERS.insert(&key, &sk, 0).map_err(|e| e as i32)?;
+    if unsafe { LISTENERS.get(key).copied() } != Some(sk) {
+        LISTENERS.insert(key, &sk, 0).map_err(|e| e as i32)?;
         all_drops_accounted(sk);
     }
     Ok(())

@@ -22,21 +22,12 @@ use aya_ebpf::{
 };
 use netlens_common::{Flow, ListenerKey, ListenerOwner, LISTENER_TABLE_ENTRIES};
 
-use crate::{
-    config::cfg_field,
-    kernel::{member, sock_netns},
-};
+use crate::kernel::listener_key;
 
 /// The owning process of each listening port.
 #[map]
 static LISTENER_OWNERS: LruHashMap<ListenerKey, ListenerOwner> =
     LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
-
-#[inline(always)]
-fn key_of(sk: u64) -> Result<ListenerKey, i32> {
-    let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
-    Ok(ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 })
-}
 
 #[inline(always)]
 fn current(sk: u64) -> ListenerOwner {
@@ -51,23 +42,25 @@ fn current(sk: u64) -> ListenerOwner {
 /// `sk` entered LISTEN: listen() runs in the server's process.
 #[inline(always)]
 pub fn listening(sk: u64) -> Result<(), i32> {
-    LISTENER_OWNERS.insert(&key_of(sk)?, &current(sk), 0).map_err(|e| e as i32)
+    LISTENER_OWNERS.insert(&listener_key(sk)?, &current(sk), 0).map_err(|e| e as i32)
 }
 
-/// accept() on `listener`, in the calling process: names the owner of a
-/// listener older than netlens if nothing did yet.
+/// accept() on `listener` (under `key`), in the calling process: names the
+/// owner of a listener older than netlens if nothing did yet.
 #[inline(always)]
-pub fn accepting(listener: u64) -> Result<(), i32> {
-    // Already known (EEXIST) is the common case, not a failure.
-    let _ = LISTENER_OWNERS.insert(&key_of(listener)?, &current(listener), BPF_NOEXIST as u64);
-    Ok(())
+pub fn accepting(listener: u64, key: &ListenerKey) {
+    // Looked up first: already known is the common case, and an LRU insert
+    // takes a free node (and its lock) before it finds the key exists.
+    if LISTENER_OWNERS.get_ptr(key).is_none() {
+        let _ = LISTENER_OWNERS.insert(key, &current(listener), BPF_NOEXIST as u64);
+    }
 }
 
 /// `sk` stopped listening: forget its owner, unless another socket (a
 /// later listen() on the same port) took the entry over.
 #[inline(always)]
 pub fn unlistening(sk: u64) -> Result<(), i32> {
-    let key = key_of(sk)?;
+    let key = listener_key(sk)?;
     // SAFETY: copied out at once.
     let owner_sk = unsafe { LISTENER_OWNERS.get(&key).map(|owner| owner.sk) };
     // 0: filled by userspace, which cannot tell its listeners apart.

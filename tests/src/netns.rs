@@ -29,6 +29,18 @@ impl<T> NsThread<T> {
     pub fn join(self) -> thread::Result<T> {
         self.result.recv().map_err(|_| Box::new("the namespace thread panicked") as Box<dyn std::any::Any + Send>)
     }
+
+    /// [`Self::join`], giving up at `deadline`: `None` when the thread has
+    /// not finished by then, `Some(Err)` when it panicked.
+    pub fn join_until(&self, deadline: std::time::Instant) -> Option<thread::Result<T>> {
+        match self.result.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(value) => Some(Ok(value)),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Some(Err(Box::new("the namespace thread panicked") as Box<dyn std::any::Any + Send>))
+            }
+        }
+    }
 }
 
 /// A network namespace made for one test, deleted on drop (with its

@@ -7,7 +7,7 @@ use std::{
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc, Mutex,
+        Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -98,34 +98,28 @@ pub struct Conn {
 /// Opens `count` connections over `threads` threads; each sends `send`
 /// bytes, half-closes, reads the reply to EOF and closes.
 ///
-/// Results come back over a channel, not through `join()`: in the 6.1 guest
-/// `join()` twice panicked inside std ("threads should not terminate
-/// unexpectedly") on a thread that had finished its work. A thread that
-/// sends nothing within the bound is an error naming how many answered.
+/// The threads are [`crate::netns::NsThread`]s (their results come over a
+/// channel, see there), waited for within one bound: a thread that has
+/// not answered by then is an error naming how many did.
 pub fn clients(netns: &Netns, addr: SocketAddr, count: usize, threads: usize, send: usize) -> Result<Vec<Conn>> {
     // Each thread's connects: 70 s at most each to connect, 60 s per
     // blocked write or read.
     const THREAD_LIMIT: Duration = Duration::from_secs(300);
     let per_thread = count.div_ceil(threads);
-    let (results_tx, results) = mpsc::channel();
-    let mut started = 0;
-    for t in 0..threads {
-        let n = per_thread.min(count.saturating_sub(t * per_thread));
-        let results_tx = results_tx.clone();
-        // Detached: the result arrives on the channel.
-        drop(netns.spawn(move || {
-            let _ = results_tx.send((0..n).map(|_| client(addr, send)).collect::<Result<Vec<Conn>>>());
-        }));
-        started += 1;
-    }
-    drop(results_tx);
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let n = per_thread.min(count.saturating_sub(t * per_thread));
+            netns.spawn(move || (0..n).map(|_| client(addr, send)).collect::<Result<Vec<Conn>>>())
+        })
+        .collect();
     let deadline = Instant::now() + THREAD_LIMIT;
     let mut conns = Vec::with_capacity(count);
-    for answered in 0..started {
-        let result = results
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| anyhow::anyhow!("{answered} of {started} client threads answered within {THREAD_LIMIT:?}"))?;
-        conns.extend(result?);
+    for (answered, worker) in workers.iter().enumerate() {
+        let result = worker
+            .join_until(deadline)
+            .ok_or_else(|| anyhow::anyhow!("{answered} of {threads} client threads answered within {THREAD_LIMIT:?}"))?
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+        conns.extend(result??);
     }
     Ok(conns)
 }

@@ -236,33 +236,61 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
 /// `cargo xtask bench top`: `netlens top` in a real terminal (tmux): time
 /// from start to the first full frame, then its own CPU while connections
 /// churn as fast as the machine allows.
-pub fn top(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
-    let load = workspace_root().join("target/release/netlens-load");
-    let tmux = |args: &[&str]| capture(Command::new("tmux").args(args));
-    for run in 1..=pairs {
-        let session = format!("netlens-bench-{}-{run}", std::process::id());
+/// `netlens top -d 1` in a detached 200×50 tmux session, once its first
+/// full frame is drawn: the session, how long that frame took, and the
+/// pid of netlens inside.
+pub(crate) struct TopSession {
+    name: String,
+    pub first_frame: Duration,
+    pub pid: u32,
+}
+
+fn tmux(args: &[&str]) -> Result<String> {
+    capture(Command::new("tmux").args(args))
+}
+
+impl TopSession {
+    pub(crate) fn start(netlens: &Path, name: String) -> Result<Self> {
         let started = Instant::now();
-        tmux(&["new-session", "-d", "-s", &session, "-x", "200", "-y", "50", &format!("exec {} top -d 1", netlens.display())])?;
+        tmux(&["new-session", "-d", "-s", &name, "-x", "200", "-y", "50", &format!("exec {} top -d 1", netlens.display())])?;
         let first_frame = loop {
-            let screen = tmux(&["capture-pane", "-p", "-t", &session]).unwrap_or_default();
+            let screen = tmux(&["capture-pane", "-p", "-t", &name]).unwrap_or_default();
             if screen.contains("ENDPOINT") && screen.contains("Quit") {
                 break started.elapsed();
             }
             if started.elapsed() > Duration::from_secs(30) {
-                let _ = tmux(&["kill-session", "-t", &session]);
-                bail!("no frame within 30 s:\n{screen}");
+                let _ = tmux(&["kill-session", "-t", &name]);
+                bail!("top drew no frame within 30 s:\n{screen}");
             }
             thread::sleep(Duration::from_millis(5));
         };
-        let pid: u32 = tmux(&["display-message", "-p", "-t", &session, "#{pane_pid}"])?.trim().parse().context("pane pid")?;
-        let cpu_before = cpu_seconds(pid)?;
+        // From here on, dropping the session quits top.
+        let mut session = Self { name, first_frame, pid: 0 };
+        session.pid = tmux(&["display-message", "-p", "-t", &session.name, "#{pane_pid}"])?.trim().parse().context("pane pid")?;
+        Ok(session)
+    }
+}
+
+impl Drop for TopSession {
+    /// Quits top as a user would (`q`), then removes the session.
+    fn drop(&mut self) {
+        let _ = tmux(&["send-keys", "-t", &self.name, "q"]);
+        thread::sleep(Duration::from_millis(200));
+        let _ = tmux(&["kill-session", "-t", &self.name]);
+    }
+}
+
+pub fn top(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
+    let load = workspace_root().join("target/release/netlens-load");
+    for run in 1..=pairs {
+        let top = TopSession::start(netlens, format!("netlens-bench-{}-{run}", std::process::id()))?;
+        let cpu_before = cpu_seconds(top.pid)?;
         let churn_started = Instant::now();
         let rate = run_load(&load, seconds);
-        let cpu_after = cpu_seconds(pid);
+        let cpu_after = cpu_seconds(top.pid);
         let elapsed = churn_started.elapsed().as_secs_f64();
-        let _ = tmux(&["send-keys", "-t", &session, "q"]);
-        thread::sleep(Duration::from_millis(200));
-        let _ = tmux(&["kill-session", "-t", &session]);
+        let first_frame = top.first_frame;
+        drop(top);
         let (rate, cpu_after) = (rate?, cpu_after?);
         let (user, system) = (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1);
         println!(

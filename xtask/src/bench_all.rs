@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench::{cpu_seconds, rss_kib, start_netlens, start_tracer, stop_netlens},
+    bench::{cpu_seconds, rss_kib, start_netlens, start_tracer, stop_netlens, TopSession},
     bpfstats::{self, EmptyProgram, StatsOn},
     capture, workspace_root,
 };
@@ -204,30 +204,13 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
 
 /// `netlens top` in tmux under paced churn: (% of one core, conn/s).
 fn top_at(netlens: &Path, seconds: u32, rate: u32) -> Result<(f64, f64)> {
-    let tmux = |args: &[&str]| capture(Command::new("tmux").args(args));
-    let session = format!("netlens-bench-all-{}", std::process::id());
-    tmux(&["new-session", "-d", "-s", &session, "-x", "200", "-y", "50", &format!("exec {} top -d 1", netlens.display())])?;
-    let started = Instant::now();
-    loop {
-        let screen = tmux(&["capture-pane", "-p", "-t", &session]).unwrap_or_default();
-        if screen.contains("ENDPOINT") && screen.contains("Quit") {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = tmux(&["kill-session", "-t", &session]);
-            bail!("top drew no frame within 30 s");
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    let pid: u32 = tmux(&["display-message", "-p", "-t", &session, "#{pane_pid}"])?.trim().parse().context("pane pid")?;
-    let before = cpu_seconds(pid)?;
+    let top = TopSession::start(netlens, format!("netlens-bench-all-{}", std::process::id()))?;
+    let before = cpu_seconds(top.pid)?;
     let churn_started = Instant::now();
     let run = churn(seconds, Some(rate));
-    let after = cpu_seconds(pid);
+    let after = cpu_seconds(top.pid);
     let elapsed = churn_started.elapsed().as_secs_f64();
-    let _ = tmux(&["send-keys", "-t", &session, "q"]);
-    thread::sleep(Duration::from_millis(200));
-    let _ = tmux(&["kill-session", "-t", &session]);
+    drop(top);
     let (run, after) = (run?, after?);
     let cpu = (after.0 - before.0) + (after.1 - before.1);
     Ok((cpu / elapsed * 100.0, run.rate))

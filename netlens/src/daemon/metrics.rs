@@ -2,13 +2,14 @@
 //! families at scrape time, so the series are exactly the tracked endpoints
 //! plus `other`, never more (README, "Metrics" has the bound).
 
-use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
+
+use super::proto::{counter, family, gauge, histogram, label, log2_histogram, summary};
 
 use crate::features::{FeatureStatus, Level};
 use crate::{
     aggregate::{
-        buckets::Buckets,
-        recent::{self, Recent},
+        recent,
         stats::{ConnStats, DIRECTIONS, FAIL_REASONS, PASSIVE, RESET_DIRECTIONS, RETRANSMIT_KINDS, WINDOW_SIDES},
         Aggregator,
     },
@@ -17,10 +18,7 @@ use crate::{
     kernel::progstats::ProgramStats,
     loader::KernelCounters,
 };
-use netlens_common::{PacketHistograms, LOG2_BUCKETS};
-
-/// Quantiles of the `_recent_seconds` summaries.
-const QUANTILES: [f64; 3] = [0.5, 0.99, 0.999];
+use netlens_common::PacketHistograms;
 
 /// Everything one scrape renders.
 pub struct Inputs<'a> {
@@ -44,105 +42,6 @@ pub struct Inputs<'a> {
     pub map_read_failures: u64,
     /// The doctor's findings holding now (at most top_k per kind).
     pub findings: &'a [Finding],
-}
-
-fn label(name: &str, value: &str) -> LabelPair {
-    let mut pair = LabelPair::default();
-    pair.set_name(name.to_string());
-    pair.set_value(value.to_string());
-    pair
-}
-
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
-    let mut family = MetricFamily::default();
-    family.set_name(name.to_string());
-    family.set_help(help.to_string());
-    family.set_field_type(kind);
-    family.set_metric(metrics);
-    family
-}
-
-fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
-    let mut metric = Metric::from_label(labels);
-    let mut counter = Counter::default();
-    counter.set_value(value);
-    metric.set_counter(counter);
-    metric
-}
-
-fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
-    let mut metric = Metric::from_label(labels);
-    let mut gauge = Gauge::default();
-    gauge.set_value(value);
-    metric.set_gauge(gauge);
-    metric
-}
-
-fn histogram(labels: Vec<LabelPair>, buckets: &Buckets) -> Metric {
-    let mut histogram = Histogram::default();
-    histogram.set_sample_count(buckets.count());
-    histogram.set_sample_sum(buckets.sum);
-    histogram.set_bucket(
-        buckets
-            .cumulative()
-            .map(|(bound, count)| {
-                let mut bucket = Bucket::default();
-                bucket.set_upper_bound(bound);
-                bucket.set_cumulative_count(count);
-                bucket
-            })
-            .collect(),
-    );
-    let mut metric = Metric::from_label(labels);
-    metric.set_histogram(histogram);
-    metric
-}
-
-/// A log2 histogram from the kernel: bucket i holds [2^(i-1), 2^i) in
-/// `unit`s, so its upper bound is 2^i units.
-fn log2_histogram(counts: &[u64; LOG2_BUCKETS], unit_seconds: f64) -> Metric {
-    let mut histogram = Histogram::default();
-    let mut running = 0;
-    let mut sum = 0.0;
-    let mut buckets = Vec::with_capacity(LOG2_BUCKETS);
-    for (index, count) in counts.iter().enumerate() {
-        running += count;
-        let upper = if index == 0 { 0.0 } else { (1u64 << index) as f64 * unit_seconds };
-        // The middle of the bucket stands for its samples in the sum.
-        sum += *count as f64 * upper * 0.75;
-        let mut bucket = Bucket::default();
-        bucket.set_upper_bound(upper);
-        bucket.set_cumulative_count(running);
-        buckets.push(bucket);
-    }
-    histogram.set_sample_count(running);
-    histogram.set_sample_sum(sum);
-    histogram.set_bucket(buckets);
-    let mut metric = Metric::default();
-    metric.set_histogram(histogram);
-    metric
-}
-
-fn summary(labels: Vec<LabelPair>, recent: &Recent, now_ns: u64) -> Metric {
-    let window = recent.window(now_ns, &QUANTILES);
-    let mut summary = Summary::default();
-    summary.set_sample_count(window.count);
-    summary.set_sample_sum(window.sum_seconds);
-    summary.set_quantile(
-        window
-            .quantiles
-            .iter()
-            .map(|(q, value)| {
-                let mut quantile = Quantile::default();
-                quantile.set_quantile(*q);
-                quantile.set_value(*value);
-                quantile
-            })
-            .collect(),
-    );
-    let mut metric = Metric::from_label(labels);
-    metric.set_summary(summary);
-    metric
 }
 
 /// The tracked endpoints and `other`, with the label to put on each; just

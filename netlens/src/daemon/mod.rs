@@ -8,6 +8,7 @@
 pub mod config;
 pub mod http;
 pub mod metrics;
+mod proto;
 
 use std::{
     sync::{atomic::Ordering, Arc},

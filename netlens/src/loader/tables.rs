@@ -1,0 +1,226 @@
+//! What the loaded programs produce, read out of their maps as plain
+//! values for the views: the event ring buffer, counters, program
+//! statistics and errors, the flow table, listen overflows, drop reasons.
+
+use std::os::fd::AsFd;
+
+use anyhow::{anyhow, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use netlens_common::{counter, program, Flow, ListenOverflow, ListenerEndpoint, ListenerKey, ListenerOwner, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
+
+use super::Probes;
+use crate::kernel::progstats::{self, ProgramStats};
+
+/// The flow table right now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTable {
+    /// Flows tracked right now.
+    pub live: u64,
+    /// Flows the LRU pushed out to make room.
+    pub evictions: u64,
+}
+
+/// One live connection from the kernel's flow table, as plain values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveFlow {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub netns: u32,
+    pub direction: Option<crate::event::Direction>,
+    /// CLOCK_MONOTONIC ns when the handshake started / completed (0: not yet).
+    pub start_ns: u64,
+    pub established_ns: u64,
+    pub srtt_us: u32,
+    pub cwnd: u32,
+    pub retransmits: u32,
+    pub hol_stall_ns: u64,
+}
+
+impl LiveFlow {
+    fn from_flow(flow: &Flow) -> Option<Self> {
+        let (local_ip, remote_ip) = crate::event::addresses(flow.family, &flow.saddr, &flow.daddr)?;
+        let comm_len = flow.comm.iter().position(|&b| b == 0).unwrap_or(flow.comm.len());
+        Some(Self {
+            local: std::net::SocketAddr::new(local_ip, flow.sport),
+            remote: std::net::SocketAddr::new(remote_ip, flow.dport),
+            pid: (flow.pid != 0).then_some(flow.pid),
+            comm: (comm_len > 0).then(|| String::from_utf8_lossy(&flow.comm[..comm_len]).into_owned()),
+            netns: flow.netns,
+            direction: crate::event::Direction::decode(flow.direction),
+            start_ns: flow.start_ns,
+            established_ns: flow.established_ns,
+            srtt_us: flow.transport.srtt_us,
+            cwnd: flow.transport.cwnd,
+            retransmits: flow.total_retrans,
+            hol_stall_ns: flow.transport.hol_stall_ns,
+        })
+    }
+}
+
+/// Counters the kernel side keeps, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Events dropped because the ring buffer was full.
+    pub events_lost: u64,
+    /// Hook firings the kernel skipped because the program was already
+    /// running on that CPU (see [`progstats::ProgramStats`]).
+    pub events_missed: u64,
+}
+
+impl Probes {
+    /// The event ring buffer; can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("EVENTS map missing"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// The kernel's statistics for each attached program, by program name.
+    pub fn program_stats(&self) -> Vec<(&'static str, ProgramStats)> {
+        let mut programs: Vec<&'static str> =
+            self.attached.iter().copied().chain(self.optional_hooks()).map(|hook| hook.program).collect();
+        programs.dedup();
+        programs
+            .into_iter()
+            .filter_map(|program| {
+                let fd = self.ebpf.program(program)?.fd().ok()?;
+                Some((program, progstats::read(fd.as_fd()).ok()?))
+            })
+            .collect()
+    }
+
+    /// One per-CPU counter (`netlens_common::counter`), summed over CPUs.
+    fn counter(&self, index: u32) -> Result<u64> {
+        let per_cpu: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
+        Ok(per_cpu.get(&index, 0)?.iter().copied().fold(0u64, u64::wrapping_add))
+    }
+
+    /// The counters; `programs` is [`Self::program_stats`], read by the
+    /// caller (the kernel-skipped count is their recursion misses).
+    pub fn counters(&self, programs: &[(&'static str, ProgramStats)]) -> Result<KernelCounters> {
+        let events_missed = programs.iter().map(|(_, stats)| stats.recursion_misses).sum();
+        Ok(KernelCounters {
+            events_lost: self.counter(counter::EVENTS_LOST)?,
+            events_missed,
+        })
+    }
+
+    /// Up to `limit` connections from the flow table (those whose endpoints
+    /// are known). Two syscalls per entry: for a view's refresh, not a hot
+    /// path.
+    pub fn live_flows(&self, limit: usize) -> Result<Vec<LiveFlow>> {
+        let flows: BpfHashMap<&MapData, u64, Flow> =
+            BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
+        Ok(flows.iter().filter_map(Result::ok).filter_map(|(_, flow)| LiveFlow::from_flow(&flow)).take(limit).collect())
+    }
+
+    /// The per-segment log2 histograms, summed over CPUs.
+    pub fn packet_histograms(&self) -> Result<PacketHistograms> {
+        let per_cpu: PerCpuArray<&MapData, PacketHistograms> = PerCpuArray::try_from(
+            self.ebpf.map("PACKET_HISTOGRAMS").ok_or_else(|| anyhow!("PACKET_HISTOGRAMS map missing"))?,
+        )?;
+        let mut total = PacketHistograms::default();
+        for cpu in per_cpu.get(&0, 0)?.iter() {
+            for bucket in 0..LOG2_BUCKETS {
+                total.srtt_us[bucket] += cpu.srtt_us[bucket];
+                total.cwnd[bucket] += cpu.cwnd[bucket];
+            }
+        }
+        Ok(total)
+    }
+
+    /// Cumulative listen overflows by listening endpoint (LISTEN_OVERFLOWS),
+    /// summed over CPUs; the backlog is the latest drop's. A few syscalls
+    /// per listener that ever overflowed: once a second is fine.
+    pub fn listen_overflows(&self) -> Result<Vec<(ListenerEndpoint, ListenOverflow)>> {
+        let Some(map) = self.ebpf.map("LISTEN_OVERFLOWS") else { return Ok(Vec::new()) };
+        let table: PerCpuHashMap<&MapData, ListenerEndpoint, ListenOverflow> = PerCpuHashMap::try_from(map)?;
+        let mut listeners = Vec::new();
+        for entry in table.iter() {
+            let (endpoint, per_cpu) = entry?;
+            let mut total = ListenOverflow::default();
+            for cpu in per_cpu.iter() {
+                if cpu.last_ns > total.last_ns {
+                    total.last_ns = cpu.last_ns;
+                    total.backlog = cpu.backlog;
+                }
+                total.dropped += cpu.dropped;
+            }
+            listeners.push((endpoint, total));
+        }
+        Ok(listeners)
+    }
+
+    /// Failures inside each attached program (`netlens_common::program`),
+    /// summed over CPUs, by program name.
+    pub fn program_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        let map = self.ebpf.map("PROGRAM_ERRORS").ok_or_else(|| anyhow!("PROGRAM_ERRORS map missing"))?;
+        let per_cpu: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let mut names: Vec<&'static str> =
+            self.attached.iter().copied().chain(self.optional_hooks()).map(|hook| hook.program).collect();
+        names.dedup();
+        let mut errors = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(id) = program::id(name) else { continue };
+            errors.push((name, per_cpu.get(&id, 0)?.iter().copied().fold(0u64, u64::wrapping_add)));
+        }
+        Ok(errors)
+    }
+
+    /// TCP packets the kernel dropped, by reason (`enum skb_drop_reason`,
+    /// named as [`drop_reason_names`] does), summed over CPUs; empty
+    /// without the hook.
+    pub fn drop_reasons(&self) -> Result<Vec<(String, u64)>> {
+        if !self.optional.iter().any(|s| s.feature == "drop_reasons" && s.served_by.is_some()) {
+            return Ok(Vec::new());
+        }
+        let map = self.ebpf.map("DROP_REASON_COUNTS").ok_or_else(|| anyhow!("DROP_REASON_COUNTS map missing"))?;
+        let per_cpu: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let mut counts = Vec::new();
+        for reason in 0..DROP_REASONS {
+            let total = per_cpu.get(&reason, 0)?.iter().copied().fold(0u64, u64::wrapping_add);
+            if total > 0 {
+                let name = self.drop_reason_names.iter().find(|(value, _)| *value == reason).map(|(_, name)| name.clone());
+                counts.push((name.unwrap_or_else(|| format!("reason_{reason}")), total));
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Names the processes of listeners older than netlens in the kernel's
+    /// LISTENER_OWNERS table (see owners.rs in netlens-ebpf), never over an
+    /// entry the kernel side made. Returns how many were new.
+    pub fn seed_listener_owners(&mut self, listeners: &[crate::census::listeners::ListenerProcess]) -> Result<usize> {
+        let map = self.ebpf.map_mut("LISTENER_OWNERS").ok_or_else(|| anyhow!("LISTENER_OWNERS map missing"))?;
+        let mut owners: BpfHashMap<&mut MapData, ListenerKey, ListenerOwner> = BpfHashMap::try_from(map)?;
+        let mut seeded = 0;
+        for listener in listeners {
+            let key = ListenerKey { netns: listener.netns, port: listener.port, _pad: 0 };
+            let mut owner = ListenerOwner { pid: listener.process.pid, ..ListenerOwner::default() };
+            let comm = listener.process.comm.as_bytes();
+            // The kernel's comm: 15 bytes and a NUL.
+            let len = comm.len().min(owner.comm.len() - 1);
+            owner.comm[..len].copy_from_slice(&comm[..len]);
+            // BPF_NOEXIST (1): EEXIST means the kernel side saw this
+            // listener listen or accept, which is exact.
+            if owners.insert(key, owner, 1).is_ok() {
+                seeded += 1;
+            }
+        }
+        Ok(seeded)
+    }
+
+    /// The flow table's occupancy and evictions. Walks every key (up to
+    /// FLOW_TABLE_ENTRIES syscalls): for occasional use, not per second.
+    pub fn flow_table(&self) -> Result<FlowTable> {
+        let flows: BpfHashMap<&MapData, u64, Flow> =
+            BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
+        let live = flows.keys().filter(Result::is_ok).count() as u64;
+        let inserted = self.counter(counter::FLOW_INSERTS)?;
+        let removed = self.counter(counter::FLOW_REMOVES)?;
+        Ok(FlowTable { live, evictions: inserted.saturating_sub(removed).saturating_sub(live) })
+    }
+}
+
