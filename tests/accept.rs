@@ -81,8 +81,19 @@ fn listen_overflows_match_nstat(port: u16, backlog: i32, clients: usize, hold_ac
         for event in &events {
             eprintln!("  {event}");
         }
+        for line in &traced.stderr {
+            eprintln!("  netlens said: {line}");
+        }
     }
-    assert_eq!(dropped, overflows, "netlens dropped vs TcpExtListenOverflows");
+    // Exact, unless netlens said the kernel skipped runs of the programs
+    // that count these (a program is not run again on a CPU it is running
+    // on): then short by at most that many.
+    let skipped = traced.counts_missed() + traced.missed();
+    if skipped == 0 {
+        assert_eq!(dropped, overflows, "netlens dropped vs TcpExtListenOverflows");
+    } else {
+        assert!(dropped <= overflows && overflows - dropped <= skipped, "netlens {dropped}, kernel {overflows}, skipped runs {skipped}");
+    }
     for event in &events {
         assert_eq!(port_of(event, "sport"), addr.port(), "{event}");
         assert_eq!(event["saddr"], "127.0.0.1");

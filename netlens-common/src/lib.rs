@@ -122,6 +122,18 @@ pub mod program {
         "fexit_tcp_conn_request",
     ];
 
+    /// Programs that only add to per-CPU counts (packet drop reasons, listen
+    /// overflows): a run the kernel skips makes a count short, not an event
+    /// go missing. Most of what the first two see is not TCP at all.
+    pub const COUNT_ONLY: [&str; 6] = [
+        "kfree_skb",
+        "consume_skb",
+        "fexit_tcp_conn_request",
+        "fexit_tcp_v4_syn_recv_sock",
+        "fexit_tcp_v6_syn_recv_sock",
+        "kprobe_tcp_v4_syn_recv_sock",
+    ];
+
     /// The slot of the program named `name`.
     pub fn id(name: &str) -> Option<u32> {
         NAMES.iter().position(|n| *n == name).map(|i| i as u32)

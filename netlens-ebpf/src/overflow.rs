@@ -129,6 +129,21 @@ fn all_drops_accounted(listener: u64) {
     }
 }
 
+/// The final-ACK path just dropped for `listener`, adding `count` to its
+/// `sk_drops`: account for exactly those. Not "all drops so far": a SYN
+/// dropped on another CPU in between would be taken as accounted too, and
+/// its own check would then find nothing left (the host counted 13 of 15
+/// that way). A listener seen first now: everything so far.
+#[inline(always)]
+fn drops_accounted(listener: u64, count: u32) {
+    match LISTENER_DROPS.get_ptr_mut(&listener) {
+        // SAFETY: a live map value; the read-modify-write can race with
+        // another CPU's only within these instructions.
+        Some(accounted) => unsafe { *accounted = (*accounted).wrapping_add(count) },
+        None => all_drops_accounted(listener),
+    }
+}
+
 /// Whether the SYN `listener` just handled, with its accept queue full,
 /// was dropped: `tcp_listendrop()` counted it in `sk_drops`, beyond what
 /// was accounted for. Our test of the queue runs microseconds after the
@@ -456,9 +471,11 @@ fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<()
     } else {
         member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?
     };
-    // This path adds to `sk_drops` too (more than once: tcp_listendrop()
-    // and the discard), all of it accounted for here.
-    all_drops_accounted(listener);
+    // This path adds to `sk_drops` too: tcp_listendrop() when
+    // syn_recv_sock fails, and, from tcp_v4/v6_rcv, the discard of the
+    // segment (one; a GRO-merged final ACK would add more, then counted
+    // as drops not yet accounted). The cookie check frees it itself.
+    drops_accounted(listener, if test_queue { 1 } else { 2 });
     overflowed(listener, backlog, slot::DROP)
 }
 

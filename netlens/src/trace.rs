@@ -171,6 +171,7 @@ fn report_costs(source: &EventSource) {
 struct Reported {
     lost: u64,
     missed: u64,
+    counts_missed: u64,
 }
 
 /// Says on stderr when events were lost since the last report: lost events
@@ -187,6 +188,13 @@ fn report_losses(source: &EventSource, reported: &mut Reported) {
             counters.events_missed
         );
         reported.missed = counters.events_missed;
+    }
+    if counters.counts_missed > reported.counts_missed {
+        eprintln!(
+            "netlens: {} runs of counting programs skipped so far (already running on that CPU): drop and listen-overflow counts may be short",
+            counters.counts_missed
+        );
+        reported.counts_missed = counters.counts_missed;
     }
 }
 

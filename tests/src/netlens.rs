@@ -51,6 +51,12 @@ impl Traced {
         self.said("events missed")
     }
 
+    /// Runs of counting programs (drop reasons, listen overflows) netlens
+    /// said the kernel skipped (its last report).
+    pub fn counts_missed(&self) -> u64 {
+        self.said("runs of counting programs skipped")
+    }
+
     /// Flow-table evictions netlens reported at exit (0 when it said nothing).
     pub fn evictions(&self) -> u64 {
         self.stderr

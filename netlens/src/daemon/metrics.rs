@@ -318,6 +318,12 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
         inputs.programs.iter().map(|(name, stats)| counter(vec![label("program", name)], stats.run_count as f64)).collect(),
     ));
     families.push(family(
+        "netlens_bpf_program_skipped_runs_total",
+        "Times the kernel skipped each netlens eBPF program because it was already running on that CPU (events or counts missed).",
+        MetricType::COUNTER,
+        inputs.programs.iter().map(|(name, stats)| counter(vec![label("program", name)], stats.recursion_misses as f64)).collect(),
+    ));
+    families.push(family(
         "netlens_finding_active",
         "1 while the doctor's finding holds for the endpoint (the rules of `netlens doctor` over 60 s windows); absent otherwise.",
         MetricType::GAUGE,

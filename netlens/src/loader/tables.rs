@@ -65,8 +65,12 @@ pub struct KernelCounters {
     /// Events dropped because the ring buffer was full.
     pub events_lost: u64,
     /// Hook firings the kernel skipped because the program was already
-    /// running on that CPU (see [`progstats::ProgramStats`]).
+    /// running on that CPU (see [`progstats::ProgramStats`]), in programs
+    /// that send or feed events: events that may be missing.
     pub events_missed: u64,
+    /// The same in programs that only count (`program::COUNT_ONLY`): drop
+    /// and listen-overflow counts that may be short.
+    pub counts_missed: u64,
 }
 
 impl Probes {
@@ -100,11 +104,14 @@ impl Probes {
     /// The counters; `programs` is [`Self::program_stats`], read by the
     /// caller (the kernel-skipped count is their recursion misses).
     pub fn counters(&self, programs: &[(&'static str, ProgramStats)]) -> Result<KernelCounters> {
-        let events_missed = programs.iter().map(|(_, stats)| stats.recursion_misses).sum();
-        Ok(KernelCounters {
-            events_lost: self.counter(counter::EVENTS_LOST)?,
-            events_missed,
-        })
+        let missed = |count_only: bool| {
+            programs
+                .iter()
+                .filter(|(name, _)| program::COUNT_ONLY.contains(name) == count_only)
+                .map(|(_, stats)| stats.recursion_misses)
+                .sum()
+        };
+        Ok(KernelCounters { events_lost: self.counter(counter::EVENTS_LOST)?, events_missed: missed(false), counts_missed: missed(true) })
     }
 
     /// Up to `limit` connections from the flow table (those whose endpoints
