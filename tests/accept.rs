@@ -17,6 +17,18 @@ use anyhow::Result;
 use netlens_tests::{Netlens, Netns};
 use serde_json::Value;
 
+/// One test at a time: run side by side (libtest's default on the host),
+/// two netlens instances and two loads share the 2 cores, and the
+/// tracepoint path's re-test of a SYN's listener, microseconds after the
+/// kernel's, then came out one short now and then (50 of 51 in CI run 3;
+/// never when run alone, 0 in 27 parallel runs here). What the race is
+/// remains open; the counts stay exact.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn port_of(event: &Value, key: &str) -> u16 {
     event[key].as_u64().unwrap_or(0) as u16
 }
@@ -29,6 +41,7 @@ fn port_of(event: &Value, key: &str) -> u16 {
 /// that handshakes complete on their data instead, after the queue filled:
 /// overflows at final-ACK time rather than at the SYN.
 fn listen_overflows_match_nstat(port: u16, backlog: i32, clients: usize, hold_acks: bool) -> Result<()> {
+    let _serial = one_at_a_time();
     let netns = Netns::new()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let netlens = Netlens::trace_netns(netns.inode()?)?;
@@ -126,6 +139,7 @@ fn final_ack_listen_overflows_match_nstat_exactly() -> Result<()> {
 #[test]
 fn accept_waits_match_the_server() -> Result<()> {
     const CLIENTS: usize = 5;
+    let _serial = one_at_a_time();
     let netns = Netns::new()?;
     let addr: SocketAddr = "127.0.0.1:8091".parse()?;
     let netlens = Netlens::trace_netns(netns.inode()?)?;
