@@ -42,14 +42,13 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
-    macros::{fentry, fexit, kprobe, map, raw_tracepoint},
-    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray},
-    programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext},
-    EbpfContext,
+    macros::{fentry, fexit, kprobe, map},
+    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    programs::{FEntryContext, FExitContext, ProbeContext},
 };
-use netlens_common::{
-    code_range, mode, program, ListenOverflow, ListenerEndpoint, ListenerKey, DROP_REASONS, LISTENER_TABLE_ENTRIES,
-};
+use netlens_common::{program, ListenOverflow, ListenerEndpoint, ListenerKey, LISTENER_TABLE_ENTRIES};
+
+mod tracepoint;
 
 use crate::{
     config::cfg_field,
@@ -74,33 +73,7 @@ static LISTENERS: LruHashMap<ListenerKey, u64> = LruHashMap::with_max_entries(LI
 #[map]
 static LISTENER_DROPS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
 
-/// Packets freed by `kfree_skb`, per CPU, by `enum skb_drop_reason` value.
-#[map]
-static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
-
-/// Bits of `netlens_common::mode`, written by userspace after it attached.
-#[map]
-static MODES: Array<u32> = Array::with_max_entries(1, 0);
-
-/// `[start, end)` of the functions in `netlens_common::code_range`, written
-/// by userspace before these programs attach.
-#[map]
-static CODE_RANGES: Array<[u64; 2]> = Array::with_max_entries(code_range::COUNT, 0);
-
-/// Whether `location` is inside function `index` of `code_range`.
-#[inline(always)]
-fn called_from(index: u32, location: u64) -> bool {
-    match CODE_RANGES.get(index) {
-        Some(&[start, end]) => location >= start && location < end,
-        None => false,
-    }
-}
-
 const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
-const TCP_LISTEN: u8 = 10;
-const TCP_FLAG_SYN: u8 = 0x02;
 
 /// A socket entered LISTEN (lifecycle.rs): remember it by port.
 #[inline(always)]
@@ -263,12 +236,12 @@ fn is_ipv4(skb: u64) -> bool {
 #[derive(Clone, Copy)]
 struct SynAtEntry {
     skb: u64,
-    /// The listener's `sk_drops`, when `has_drops`.
+    /// The listener's `sk_drops` (0 on kernels without it, where the fexit
+    /// does not read it either).
     drops: u32,
-    has_drops: u8,
     /// Whether the accept queue was full.
     full: u8,
-    _pad: u16,
+    _pad: [u8; 3],
 }
 
 /// One slot per CPU: `tcp_conn_request` runs in softirq, or in process
@@ -282,13 +255,11 @@ pub fn fentry_tcp_conn_request(ctx: FEntryContext) -> i32 {
     let (listener, skb) = (ctx.arg(2), ctx.arg(3));
     syn_arrived(listener, skb, program::FENTRY_TCP_CONN_REQUEST);
     if let Some(seen) = SYN_AT_ENTRY.get_ptr_mut(0) {
-        let drops = sk_drops(listener);
         let entry = SynAtEntry {
             skb,
-            drops: drops.unwrap_or(0),
-            has_drops: drops.is_some() as u8,
+            drops: sk_drops(listener).unwrap_or(0),
             full: accept_queue_full(listener).is_some() as u8,
-            _pad: 0,
+            _pad: [0; 3],
         };
         // SAFETY: this CPU's slot; nothing else writes it while we run.
         unsafe { *seen = entry };
@@ -310,23 +281,23 @@ pub fn fexit_tcp_conn_request(ctx: FExitContext) -> i32 {
     let seen = SYN_AT_ENTRY.get(0).copied().filter(|seen| seen.skb == skb);
     let full_now = accept_queue_full(listener).is_some();
     let dropped = match (seen, sk_drops(listener)) {
-        (Some(seen), Some(drops)) if seen.has_drops != 0 => {
+        (Some(seen), Some(drops)) => {
             (drops.wrapping_sub(seen.drops) as i32) > 0 && (seen.full != 0 || full_now)
         }
         (Some(seen), _) => seen.full != 0,
         (None, _) => full_now,
     };
     if dropped {
-        let backlog: u32 = member(listener, cfg_field!(accept_queue.sock_max_ack_backlog)).unwrap_or(0);
-        counted(program::FEXIT_TCP_CONN_REQUEST, overflowed(listener, backlog, slot::SYN));
+        dropped_now(listener, program::FEXIT_TCP_CONN_REQUEST);
     }
     0
 }
 
-/// `tcp_v4/v6_syn_recv_sock` returned no child: the listener dropped the
-/// completed handshake. The backlog reported is the listener's, read now.
+/// An fexit found that `listener` dropped a connection (a SYN, or a
+/// completed handshake when `tcp_v4/v6_syn_recv_sock` returned no child).
+/// The backlog reported is the listener's, read now.
 #[inline(always)]
-fn no_child(listener: u64, program: u32) {
+fn dropped_now(listener: u64, program: u32) {
     let backlog: u32 = member(listener, cfg_field!(accept_queue.sock_max_ack_backlog)).unwrap_or(0);
     counted(program, overflowed(listener, backlog, slot::SYN));
 }
@@ -341,7 +312,7 @@ fn returned_child(ctx: &FExitContext) -> u64 {
 #[fexit(function = "tcp_v4_syn_recv_sock")]
 pub fn fexit_tcp_v4_syn_recv_sock(ctx: FExitContext) -> i32 {
     if returned_child(&ctx) == 0 {
-        no_child(ctx.arg(0), program::FEXIT_TCP_V4_SYN_RECV_SOCK);
+        dropped_now(ctx.arg(0), program::FEXIT_TCP_V4_SYN_RECV_SOCK);
     }
     0
 }
@@ -349,7 +320,7 @@ pub fn fexit_tcp_v4_syn_recv_sock(ctx: FExitContext) -> i32 {
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn fexit_tcp_v6_syn_recv_sock(ctx: FExitContext) -> i32 {
     if returned_child(&ctx) == 0 && !is_ipv4(ctx.arg(1)) {
-        no_child(ctx.arg(0), program::FEXIT_TCP_V6_SYN_RECV_SOCK);
+        dropped_now(ctx.arg(0), program::FEXIT_TCP_V6_SYN_RECV_SOCK);
     }
     0
 }
@@ -381,144 +352,4 @@ pub fn kprobe_tcp_v6_syn_recv_sock(ctx: ProbeContext) -> u32 {
         }
     }
     0
-}
-
-// Tracepoints only.
-
-/// A raw tracepoint argument at a position known only at load time. Read
-/// through the helper, not as a context access: the verifier wants those
-/// at constant offsets, and the kernel refuses to attach a program that
-/// reads past the tracepoint's last argument (fewer on older kernels).
-#[inline(always)]
-fn raw_arg(ctx: &RawTracePointContext, position: u8) -> Option<u64> {
-    if position > 4 {
-        return None;
-    }
-    member::<u64>(ctx.as_ptr() as u64, position as u32 * 8).ok()
-}
-
-/// Whether `skb` carries TCP over IPv4, or over IPv6 without extension
-/// headers (the protocol byte of its IP header).
-#[inline(always)]
-fn is_tcp_skb(skb: u64) -> bool {
-    let config = cfg_field!(accept_queue);
-    let (Ok(head), Ok(network), Ok(protocol)) = (
-        member::<u64>(skb, config.skb_head),
-        member::<u16>(skb, config.skb_network_header),
-        member::<u16>(skb, config.skb_protocol),
-    ) else {
-        return false;
-    };
-    let ip = head + network as u64;
-    let next = if protocol == ETH_P_IP.to_be() {
-        member::<u8>(ip, 9)
-    } else if protocol == ETH_P_IPV6.to_be() {
-        member::<u8>(ip, 6)
-    } else {
-        return false;
-    };
-    next == Ok(IPPROTO_TCP)
-}
-
-/// Every freed packet passes here: count its reason, and leave unless it
-/// is a listen overflow.
-#[raw_tracepoint(tracepoint = "kfree_skb")]
-pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
-    let config = cfg_field!(accept_queue);
-    let Some(reason) = raw_arg(&ctx, config.kfree_skb_reason_arg) else { return 0 };
-    let reason = reason as u32;
-    // Counted as TCP drops (netlens_tcp_drops_total): other protocols'
-    // drops pass this tracepoint too.
-    if reason < DROP_REASONS && is_tcp_skb(ctx.arg(0)) {
-        if let Some(count) = DROP_REASON_COUNTS.get_ptr_mut(reason) {
-            // SAFETY: this CPU's slot; nothing else writes it while we run.
-            unsafe { *count += 1 };
-        }
-    }
-    if reason == config.listen_overflow_reason {
-        counted(program::KFREE_SKB, final_ack_overflow(&ctx, false));
-    } else if reason == config.no_socket_reason {
-        let Some(location) = raw_arg(&ctx, config.kfree_skb_location_arg) else { return 0 };
-        let in_cookie_check = called_from(code_range::COOKIE_V4, location) || called_from(code_range::COOKIE_V6, location);
-        if in_cookie_check {
-            counted(program::KFREE_SKB, final_ack_overflow(&ctx, true));
-        }
-    }
-    0
-}
-
-/// The final ACK found the queue full: `syn_recv_sock` failed in
-/// `tcp_check_req` (reason TCP_LISTEN_OVERFLOW), or in `cookie_v4/v6_check`
-/// for an ACK carrying a SYN cookie (reason NO_SOCKET, which other
-/// failures there share: `test_queue` applies the kernel's test again).
-/// `rx_sk` is the listener. Counted only when the tracepoint hooks serve
-/// listen overflows (else fentry/kprobes do).
-#[inline(never)]
-fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<(), i32> {
-    let modes = MODES.get(0).copied().unwrap_or(0);
-    if modes & mode::OVERFLOWS_FROM_TRACEPOINTS == 0 {
-        return Ok(());
-    }
-    let listener = raw_arg(ctx, cfg_field!(accept_queue.kfree_skb_rx_sk_arg)).ok_or(-1)?;
-    // No receiving socket, or (cookie check) a queue that is not full: a
-    // drop for another reason, not one to count.
-    if listener == 0 {
-        return Ok(());
-    }
-    let backlog = if test_queue {
-        let Some(backlog) = accept_queue_full(listener) else { return Ok(()) };
-        backlog
-    } else {
-        member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?
-    };
-    // This path adds to `sk_drops` too: tcp_listendrop() when
-    // syn_recv_sock fails, and, from tcp_v4/v6_rcv, the discard of the
-    // segment (one; a GRO-merged final ACK would add more, then counted
-    // as drops not yet accounted). The cookie check frees it itself.
-    drops_accounted(listener, if test_queue { 1 } else { 2 });
-    overflowed(listener, backlog, slot::DROP)
-}
-
-/// Every consumed packet passes here; only SYNs consumed by
-/// `tcp_rcv_state_process()` (the listener's `conn_request` has run) go on.
-#[raw_tracepoint(tracepoint = "consume_skb")]
-pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
-    let config = cfg_field!(accept_queue);
-    let Some(location) = raw_arg(&ctx, config.consume_skb_location_arg) else { return 0 };
-    if !called_from(code_range::SYN_CONSUMER, location) {
-        return 0;
-    }
-    counted(program::CONSUME_SKB, syn_consumed(ctx.arg(0)));
-    0
-}
-
-#[inline(never)]
-fn syn_consumed(skb: u64) -> Result<(), i32> {
-    let config = cfg_field!(accept_queue);
-    let head: u64 = member(skb, config.skb_head)?;
-    let transport: u16 = member(skb, config.skb_transport_header)?;
-    let th = head + transport as u64;
-    // struct tcphdr: ports at 0 and 2, flags in byte 13.
-    let dport = u16::from_be(member(th, 2)?);
-    let flags: u8 = member(th, 13)?;
-    if flags & TCP_FLAG_SYN == 0 {
-        return Ok(());
-    }
-    // tcp_v4_rcv() cleared skb->dev; the input route still names it.
-    let refdst: u64 = member(skb, config.skb_refdst)?;
-    let dev: u64 = member(refdst & !1, config.dst_dev)?;
-    let net: u64 = member(dev, cfg_field!(kernel.netdev_net))?;
-    let netns: u32 = member(net, cfg_field!(kernel.net_inum))?;
-    let key = ListenerKey { netns, port: dport, _pad: 0 };
-    // SAFETY: copied out at once.
-    let Some(listener) = (unsafe { LISTENERS.get(&key).copied() }) else { return Ok(()) };
-    if member::<u8>(listener, config.sock_state)? != TCP_LISTEN {
-        return Ok(());
-    }
-    if let Some(backlog) = accept_queue_full(listener) {
-        if syn_dropped(listener) {
-            overflowed(listener, backlog, slot::SYN)?;
-        }
-    }
-    Ok(())
 }

@@ -1,0 +1,28 @@
+//! Unit tests of the matrix table and its notes.
+
+use super::*;
+
+#[test]
+fn selection_refuses_unknown_kernels() {
+    assert!(Selection::parse("4.19").is_err());
+    assert_eq!(Selection::parse("all").map(|s| s.0.len()).ok(), Some(1 + GUEST_KERNELS.len()));
+    assert!(matches!(Selection::parse("6.12").map(|s| s.0[0]), Ok(Target::Guest(k)) if k.suite == "trixie"));
+}
+
+#[test]
+fn check_json_features_and_failed_checks() {
+    let json = r#"{"kernel":"6.1.0","ready":false,"checks":[{"check":"btf","ok":true,"detail":""},{"check":"hook sock:sk_data_ready","ok":false,"detail":"no such tracepoint"}],
+        "features":[{"feature":"hol_stall","status":"degraded","hook":"tcp_probe","why":"no sk_data_ready"}]}"#;
+    let report = parse_check(Some(json), None, false, "exit 1".into());
+    assert!(report.json);
+    assert_eq!(report.features[0].status, "degraded");
+    assert_eq!(report.failed_checks, vec![("hook sock:sk_data_ready".to_string(), "no such tracepoint".to_string())]);
+}
+
+#[test]
+fn check_plain_table_fallback() {
+    let table = "CHECK                 STATUS  DETAIL\nkernel                ok      6.1.0\ntracepoint sock:x     FAIL    missing here\nnetlens cannot run here: fix the FAIL rows.\n";
+    let report = parse_check(None, Some(table), false, "exit 1".into());
+    assert!(!report.json);
+    assert_eq!(report.failed_checks, vec![("tracepoint sock:x".to_string(), "missing here".to_string())]);
+}
