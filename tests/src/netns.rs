@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
-    process::Command,
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
         mpsc,
@@ -134,14 +134,41 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = sh(Command::new("ip").args(["netns", "del", &self.name]));
     }
 }
 
-fn sh(command: &mut Command) -> Result<String> {
-    let output = command.output().with_context(|| format!("running {command:?}"))?;
+/// Longest any helper command (`ip`, `ethtool`, `nft`, `nstat`, `ss`) may
+/// run: a hung one fails the test with its name instead of hanging the
+/// test binary until the runner kills it without a word.
+const COMMAND_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs `command` within [`COMMAND_LIMIT`]; returns its stdout, or an
+/// error with its stderr when it fails.
+pub fn sh(command: &mut Command) -> Result<String> {
+    let shown = format!("{command:?}");
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {shown}"))?;
+    let pid = child.id();
+    let (done_tx, done) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done_tx.send(child.wait_with_output());
+    });
+    let output = match done.recv_timeout(COMMAND_LIMIT) {
+        Ok(output) => output.with_context(|| format!("waiting for {shown}"))?,
+        Err(_) => {
+            // SAFETY: plain kill(2) on our own child, not yet reaped (the
+            // waiting thread has not returned).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            bail!("{shown} did not finish within {COMMAND_LIMIT:?}: killed");
+        }
+    };
     if !output.status.success() {
-        bail!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        bail!("{shown} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -49,6 +49,32 @@ while IFS="$tab" read -r kind a b c; do
     esac
 done <"$out/plan.tsv"
 
+# Run netlens and the test binaries from guest RAM, not from the 9p share:
+# a page fault on a 9p-backed executable waits on the host's 9p server,
+# and under TCG that wait has no bound the tests can see.
+bin=/run/netlens-guest
+mkdir -p "$bin" && { mountpoint -q "$bin" || mount -t tmpfs -o size=512m tmpfs "$bin"; }
+in_ram() { # path: a copy in guest RAM, or the path itself when that fails
+    copy="$bin/$(basename "$1")"
+    if cp "$1" "$copy" 2>/dev/null; then echo "$copy"; else echo "$1"; fi
+}
+[ -n "$netlens" ] && netlens=$(in_ram "$netlens")
+
+# What every user process is doing: state, wait channel and kernel stack
+# of each thread. Printed just before a test binary is killed at its
+# limit, so a hang leaves its cause behind.
+dump_processes() {
+    echo "guest: processes at the limit (pid tid comm state wchan; kernel stack):"
+    for task in /proc/[0-9]*/task/[0-9]*; do
+        pid=${task%/task/*}; pid=${pid#/proc/}
+        # stat after the ")" that ends comm: state ppid ...
+        set -- $(sed 's/.*) //' "$task/stat" 2>/dev/null) - -
+        [ "$pid" = 2 ] || [ "$2" = 2 ] && continue # kernel threads
+        echo "  $pid ${task##*/} $(cat "$task/comm" 2>/dev/null) $1 $(cat "$task/wchan" 2>/dev/null)"
+        sed 's/^/      /' "$task/stack" 2>/dev/null | head -12
+    done
+}
+
 uname -r >"$out/uname"
 : >"$out/steps.tsv"
 : >"$out/tests.log"
@@ -83,10 +109,14 @@ step check "$status"
 while IFS="$tab" read -r kind name dir binary; do
     [ "$kind" = test ] || continue
     echo "guest: test binary $name"
+    binary=$(in_ram "$binary")
     {
+        (sleep "$((test_limit - 10))" >/dev/null 2>&1; dump_processes) 2>&1 &
+        watchdog=$!
         (cd "$dir" && NETLENS_BIN="$netlens" NETLENS_GUEST=1 CARGO_MANIFEST_DIR="$dir" \
             timeout -k 10 "$test_limit" "$binary" --test-threads=1 --nocapture "$@" </dev/null 2>&1)
         echo $? >"$out/status"
+        kill "$watchdog" 2>/dev/null
     } | tee -a "$out/tests.log"
     step "test:$name" "$(cat "$out/status")"
 done <"$out/plan.tsv"
