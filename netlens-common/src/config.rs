@@ -270,7 +270,7 @@ pub struct AcceptQueueConfig {
     /// Raw `kfree_skb` argument: `location` (the caller).
     pub kfree_skb_location_arg: u8,
     /// Parameters of `tcp_v4_syn_recv_sock` and `tcp_v6_syn_recv_sock`
-    /// (6 on every kernel netlens knows, 0 when they differ): fexit finds
+    /// (6, or 7 with `opt_child_init`; 0 when they differ): fexit finds
     /// the return value after them.
     pub syn_recv_sock_args: u8,
     pub _pad: [u8; 2],

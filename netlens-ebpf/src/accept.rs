@@ -25,7 +25,7 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{listener_key, member, slot, Record, Tuple},
+    kernel::{fexit_return, listener_key, member, slot, Record, Tuple},
     overflow, owners,
 };
 
@@ -79,11 +79,7 @@ fn is_pointer(value: u64) -> bool {
 pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
     let listener: u64 = ctx.arg(0);
     // The return value follows the parameters (4 before 6.10, 2 since).
-    let child: u64 = match cfg_field!(accept_queue.inet_csk_accept_args) {
-        2 => ctx.arg(2),
-        4 => ctx.arg(4),
-        _ => 0,
-    };
+    let child = fexit_return::<4>(&ctx, cfg_field!(accept_queue.inet_csk_accept_args)).unwrap_or(0);
     if is_pointer(child) {
         counted(program::FEXIT_INET_CSK_ACCEPT, accepted(listener, child));
     }

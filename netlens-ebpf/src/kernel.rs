@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, generated},
     macros::map,
     maps::PerCpuArray,
-    programs::TracePointContext,
+    programs::{FExitContext, TracePointContext},
     EbpfContext,
 };
 use netlens_common::{ListenerKey, TupleFields, Window, AF_INET, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
@@ -294,4 +294,23 @@ pub fn skb_netns(skb: u64) -> u32 {
         return 0;
     }
     member(net, cfg_field!(kernel.net_inum)).unwrap_or(0)
+}
+
+/// The return value of the function an fexit program traced, which the
+/// kernel places after its `params` parameters. Where `params` is `OLD`
+/// (the layout of the kernels before `bpf_get_func_ret`, 5.17), read as a
+/// context field at a constant offset; else through that helper. Not
+/// `ctx.arg(params)`: LLVM turns a choice of positions into one computed
+/// offset, and the verifier refuses a context read at a computed offset
+/// ("dereference of modified ctx ptr", seen on 6.12). `params` is a
+/// constant the verifier knows (CONFIG), so it explores only one path.
+#[inline(always)]
+pub fn fexit_return<const OLD: usize>(ctx: &FExitContext, params: u8) -> Option<u64> {
+    if params as usize == OLD {
+        return Some(ctx.arg(OLD));
+    }
+    let mut value = 0u64;
+    // SAFETY: the helper writes one u64 into `value`.
+    let ret = unsafe { generated::bpf_get_func_ret(ctx.as_ptr(), &mut value) };
+    (ret == 0).then_some(value)
 }

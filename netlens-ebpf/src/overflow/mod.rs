@@ -53,7 +53,7 @@ mod tracepoint;
 use crate::{
     config::cfg_field,
     events::{count_error, counted},
-    kernel::{listener_key, member, slot, sock_netns, sock_tuple_in},
+    kernel::{fexit_return, listener_key, member, slot, sock_netns, sock_tuple_in},
     synstart,
 };
 
@@ -302,16 +302,16 @@ fn dropped_now(listener: u64, program: u32) {
     counted(program, overflowed(listener, backlog, slot::SYN));
 }
 
-/// The child socket `tcp_v4/v6_syn_recv_sock` returned (after its 6
-/// parameters; the loader attaches these only where BTF says 6).
+/// The child socket `tcp_v4/v6_syn_recv_sock` returned (after 6
+/// parameters, or 7 with `opt_child_init`: see [`fexit_return`]).
 #[inline(always)]
-fn returned_child(ctx: &FExitContext) -> u64 {
-    ctx.arg(6)
+fn returned_child(ctx: &FExitContext) -> Option<u64> {
+    fexit_return::<6>(ctx, cfg_field!(accept_queue.syn_recv_sock_args))
 }
 
 #[fexit(function = "tcp_v4_syn_recv_sock")]
 pub fn fexit_tcp_v4_syn_recv_sock(ctx: FExitContext) -> i32 {
-    if returned_child(&ctx) == 0 {
+    if returned_child(&ctx) == Some(0) {
         dropped_now(ctx.arg(0), program::FEXIT_TCP_V4_SYN_RECV_SOCK);
     }
     0
@@ -319,7 +319,7 @@ pub fn fexit_tcp_v4_syn_recv_sock(ctx: FExitContext) -> i32 {
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn fexit_tcp_v6_syn_recv_sock(ctx: FExitContext) -> i32 {
-    if returned_child(&ctx) == 0 && !is_ipv4(ctx.arg(1)) {
+    if returned_child(&ctx) == Some(0) && !is_ipv4(ctx.arg(1)) {
         dropped_now(ctx.arg(0), program::FEXIT_TCP_V6_SYN_RECV_SOCK);
     }
     0

@@ -175,11 +175,10 @@ fn accept_queue(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         _ => NO_ARG,
     };
     let accept_args = btf.function_params("inet_csk_accept").map_or(0, |params| params.len() as u8);
-    let param_count = |function: &str| btf.function_params(function).map_or(0, |params| params.len() as u8);
-    let syn_recv_sock_args = match (param_count("tcp_v4_syn_recv_sock"), param_count("tcp_v6_syn_recv_sock")) {
-        (v4, v6) if v4 == v6 => v4,
-        _ => 0,
-    };
+    let syn_recv_sock_args = syn_recv_sock_args(
+        &btf.function_params("tcp_v4_syn_recv_sock").unwrap_or_default(),
+        &btf.function_params("tcp_v6_syn_recv_sock").unwrap_or_default(),
+    );
     let mut config = AcceptQueueConfig {
         sock_ack_backlog: member("sock", "sk_ack_backlog"),
         sock_max_ack_backlog: member("sock", "sk_max_ack_backlog"),
@@ -267,8 +266,8 @@ impl AcceptQueueSupport {
         Self {
             fexit_accept: with_queue(need(matches!(c.inet_csk_accept_args, 2 | 4), "inet_csk_accept has neither 2 nor 4 parameters in BTF")),
             fexit_syn_recv_sock: with_queue(need(
-                c.syn_recv_sock_args == 6,
-                "tcp_v4_syn_recv_sock and tcp_v6_syn_recv_sock do not both have 6 parameters in BTF",
+                matches!(c.syn_recv_sock_args, 6 | 7),
+                "tcp_v4_syn_recv_sock and tcp_v6_syn_recv_sock do not both take (sock *, sk_buff *, ...) with 6 or 7 parameters in BTF",
             )),
             accept_syscalls: with_queue(need(
                 c.accept_exit_len != 0 && has(&[c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds, c.file_private_data, c.socket_sk]),
@@ -286,6 +285,16 @@ impl AcceptQueueSupport {
             queue,
         }
     }
+}
+
+/// The parameter count fexit programs find the return value after, when
+/// `tcp_v4_syn_recv_sock` and `tcp_v6_syn_recv_sock` take the same
+/// parameters, the listener and the packet first (6 until Debian's 6.12
+/// stable updates added `opt_child_init`, 7 since); else 0.
+fn syn_recv_sock_args(v4: &[String], v6: &[String]) -> u8 {
+    let listener_and_packet_first =
+        v4.first().is_some_and(|t| t.ends_with("struct sock *")) && v4.get(1).is_some_and(|t| t.ends_with("struct sk_buff *"));
+    if v4 == v6 && listener_and_packet_first { v4.len() as u8 } else { 0 }
 }
 
 fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
@@ -453,6 +462,19 @@ fn group_windows<const N: usize>(members: &[(u32, u32); N]) -> Result<([Window; 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syn_recv_sock_return_follows_6_or_7_parameters() {
+        let types = |list: &[&str]| list.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        let six = types(&["const struct sock *", "struct sk_buff *", "struct request_sock *", "struct dst_entry *", "struct request_sock *", "bool *"]);
+        let mut seven = six.clone();
+        seven.push("void *".into());
+        assert_eq!(syn_recv_sock_args(&six, &six), 6);
+        assert_eq!(syn_recv_sock_args(&seven, &seven), 7, "Debian 6.12.117 added opt_child_init");
+        assert_eq!(syn_recv_sock_args(&six, &seven), 0, "v4 and v6 differ");
+        assert_eq!(syn_recv_sock_args(&six[1..], &six[1..]), 0, "the listener is not first");
+        assert_eq!(syn_recv_sock_args(&[], &[]), 0, "not in BTF");
+    }
 
     #[test]
     fn close_members_share_one_window() {
