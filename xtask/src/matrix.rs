@@ -141,6 +141,35 @@ struct Feature {
     why: String,
 }
 
+impl Feature {
+    /// The matrix cell: the status and the kind of hook serving it, e.g.
+    /// `ok (fentry)`, so a kernel that fell back to a lesser hook shows.
+    fn cell(&self) -> String {
+        match hook_kind(&self.hook) {
+            Some(kind) => format!("{} ({kind})", self.status),
+            None => self.status.clone(),
+        }
+    }
+}
+
+/// The kind of the hooks `netlens check` names for a feature (`fentry
+/// tcp_conn_request + fexit tcp_v4_syn_recv_sock`): fentry (fexit too),
+/// kprobe (kretprobe too) or tp (tracepoints, raw or not); `mixed` when
+/// they differ, `None` when none is named.
+fn hook_kind(hooks: &str) -> Option<&'static str> {
+    let kinds: Vec<&str> = hooks
+        .split(" + ")
+        .filter_map(|hook| match hook.split_whitespace().next()? {
+            "fentry" | "fexit" => Some("fentry"),
+            "kprobe" | "kretprobe" => Some("kprobe"),
+            "tracepoint" | "raw" => Some("tp"),
+            _ => None,
+        })
+        .collect();
+    let first = *kinds.first()?;
+    Some(if kinds.iter().all(|k| *k == first) { first } else { "mixed" })
+}
+
 pub fn run(selection: &Selection, test_args: &[String]) -> Result<()> {
     if !crate::is_root() {
         bail!("the kernel matrix needs root: run `sudo -E cargo xtask test --kernel ...`");
@@ -413,7 +442,7 @@ fn render(columns: &[Column], total: Duration) -> String {
         rows.push(row(name, &|c| match &c.check {
             None => "-".into(),
             Some(check) if !check.json => "?".into(),
-            Some(check) => check.features.iter().find(|f| f.name == *name).map_or("-".into(), |f| f.status.clone()),
+            Some(check) => check.features.iter().find(|f| f.name == *name).map_or("-".into(), Feature::cell),
         }));
     }
     rows.push(row("netlens check", &|c| c.check.as_ref().map_or("not run".into(), |check| {
