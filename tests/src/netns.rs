@@ -27,7 +27,7 @@ impl<T> NsThread<T> {
     /// Waits for the thread's result, as `JoinHandle::join()` does; `Err`
     /// when it panicked.
     pub fn join(self) -> thread::Result<T> {
-        self.result.recv().map_err(|_| Box::new("the namespace thread panicked") as Box<dyn std::any::Any + Send>)
+        self.result.recv().map_err(|_| panicked())
     }
 
     /// [`Self::join`], giving up at `deadline`: `None` when the thread has
@@ -36,11 +36,15 @@ impl<T> NsThread<T> {
         match self.result.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
             Ok(value) => Some(Ok(value)),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                Some(Err(Box::new("the namespace thread panicked") as Box<dyn std::any::Any + Send>))
-            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(panicked())),
         }
     }
+}
+
+/// What `join` reports for a thread that dropped its channel unanswered:
+/// it panicked.
+fn panicked() -> Box<dyn std::any::Any + Send> {
+    Box::new("the namespace thread panicked")
 }
 
 /// A network namespace made for one test, deleted on drop (with its

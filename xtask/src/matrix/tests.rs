@@ -1,6 +1,6 @@
 //! Unit tests of the matrix table and its notes.
 
-use super::*;
+use super::{check::hook_kind, *};
 
 #[test]
 fn selection_refuses_unknown_kernels() {
