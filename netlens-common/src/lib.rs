@@ -125,13 +125,14 @@ pub mod program {
     /// Programs that only add to per-CPU counts (packet drop reasons, listen
     /// overflows): a run the kernel skips makes a count short, not an event
     /// go missing. Most of what the first two see is not TCP at all.
-    pub const COUNT_ONLY: [&str; 6] = [
+    pub const COUNT_ONLY: [&str; 7] = [
         "kfree_skb",
         "consume_skb",
         "fexit_tcp_conn_request",
         "fexit_tcp_v4_syn_recv_sock",
         "fexit_tcp_v6_syn_recv_sock",
         "kprobe_tcp_v4_syn_recv_sock",
+        "kprobe_tcp_v6_syn_recv_sock",
     ];
 
     /// The slot of the program named `name`.

@@ -492,4 +492,18 @@ mod tests {
         let members = [("SKB_DROP_REASON_NOT_SPECIFIED".to_string(), 2), ("SKB_DROP_REASON_TCP_OFOMERGE".to_string(), 9), ("SKB_DROP_REASON_MAX".to_string(), 90)];
         assert_eq!(super::drop_reason_names(&members), [(2, "not_specified".to_string()), (9, "tcp_ofomerge".to_string())]);
     }
+
+    /// Counting programs are programs, and an IPv4 one's IPv6 twin counts
+    /// too (kprobe_tcp_v6_syn_recv_sock was once left out, its skipped
+    /// runs reported as missed events).
+    #[test]
+    fn count_only_programs_exist_and_come_in_v4_v6_pairs() {
+        use netlens_common::program;
+        for name in program::COUNT_ONLY {
+            assert!(program::id(name).is_some(), "{name} is not a program");
+            if let Some(v6) = name.contains("_v4_").then(|| name.replace("_v4_", "_v6_")) {
+                assert!(program::COUNT_ONLY.contains(&v6.as_str()), "{name} counts but {v6} does not");
+            }
+        }
+    }
 }
