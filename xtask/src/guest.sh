@@ -73,6 +73,10 @@ dump_processes() {
         echo "  $pid ${task##*/} $(cat "$task/comm" 2>/dev/null) $1 $(cat "$task/wchan" 2>/dev/null)"
         sed 's/^/      /' "$task/stack" 2>/dev/null | head -12
     done
+    # An RCU stall or a soft lockup names the CPU and the code that holds
+    # everyone else up (a process stuck in synchronize_rcu only waits).
+    echo "guest: the kernel's last messages:"
+    dmesg 2>/dev/null | tail -n 60 | sed 's/^/  /'
 }
 
 uname -r >"$out/uname"
