@@ -92,7 +92,10 @@ pub mod program {
     pub const SYS_ENTER_ACCEPT: u32 = 21;
     pub const SYS_EXIT_ACCEPT: u32 = 22;
     pub const FEXIT_TCP_CONN_REQUEST: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// BTF-tracepoint builds of the lifecycle and tcp_probe (sock.rs).
+    pub const INET_SOCK_SET_STATE_BTF: u32 = 24;
+    pub const TCP_PROBE_BTF: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -120,6 +123,8 @@ pub mod program {
         "sys_enter_accept",
         "sys_exit_accept",
         "fexit_tcp_conn_request",
+        "inet_sock_set_state_btf",
+        "tcp_probe_btf",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen

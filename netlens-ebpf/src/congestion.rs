@@ -27,6 +27,6 @@ fn on_cong_state(record: &Record) -> Result<(), i32> {
     let state: u8 = record.get(cfg_field!(cong_state.cong_state))?;
     let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
-    ca_state_seen(flow, sk, state, unsafe { bpf_ktime_get_ns() });
+    ca_state_seen(flow, crate::sock::Probed(sk), state, unsafe { bpf_ktime_get_ns() });
     Ok(())
 }

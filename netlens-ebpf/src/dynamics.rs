@@ -8,7 +8,8 @@ use netlens_common::{ca_state, kind, side, Flow, Transport, NEVER};
 use crate::{
     config::cfg_field,
     events::{emit, stamp},
-    kernel::{member, window_slot, Tuple, Windows},
+    kernel::{member, window_slot, Tuple},
+    sock::Sock,
 };
 
 /// A flow became established: its dynamics start now.
@@ -64,7 +65,7 @@ fn end_ca_episode(flow: &mut Flow, now: u64) {
 /// (kernels before 6.3: a change is seen at the next ACK or RTO
 /// retransmission after it happened).
 #[inline(always)]
-pub fn ca_state_seen(flow: &mut Flow, sk: u64, state: u8, now: u64) {
+pub fn ca_state_seen<S: Sock>(flow: &mut Flow, sk: S, state: u8, now: u64) {
     if state == flow.ca_state || flow.established_ns == 0 {
         return;
     }
@@ -80,7 +81,7 @@ pub fn ca_state_seen(flow: &mut Flow, sk: u64, state: u8, now: u64) {
     if state == ca_state::RECOVERY || state == ca_state::LOSS {
         // The window as of the last ACK: entering Loss already cut it to 1.
         let cwnd = match flow.transport.cwnd {
-            0 => member(sk, cfg_field!(kernel.tcp_snd_cwnd)).unwrap_or(0),
+            0 => sk.get(cfg_field!(kernel.tcp_snd_cwnd)).unwrap_or(0),
             cwnd => cwnd,
         };
         exit_slow_start(flow, now, cwnd);
@@ -114,7 +115,7 @@ pub fn end_zero_window(flow: &mut Flow, which: u8, since: u64, until: u64) {
 /// open count up to now; cwnd, RTTs and the algorithm are read from the
 /// socket one last time.
 #[inline(always)]
-pub fn at_close(sk: u64, flow: &Flow, now: u64, transport: &mut Transport) {
+pub fn at_close<S: Sock>(sk: S, flow: &Flow, now: u64, transport: &mut Transport) {
     *transport = flow.transport;
     if flow.established_ns == 0 {
         return;
@@ -125,15 +126,13 @@ pub fn at_close(sk: u64, flow: &Flow, now: u64, transport: &mut Transport) {
             transport.zero_window_ns += now.saturating_sub(since);
         }
     }
-    let probe = cfg_field!(probe);
-    if let Ok(tp) = Windows::copy(sk, &probe.windows, window_slot::SET_STATE) {
-        let cwnd: u32 = tp.get(probe.snd_cwnd).unwrap_or(0);
-        transport.cwnd = cwnd;
-        transport.max_cwnd = transport.max_cwnd.max(cwnd);
-        transport.srtt_us = tp.get::<u32>(probe.srtt_us).unwrap_or(0) >> 3;
-        transport.min_rtt_us = tp.get(probe.min_rtt).unwrap_or(0);
+    if let Ok(tp) = sk.tcp_now(window_slot::SET_STATE) {
+        transport.cwnd = tp.snd_cwnd;
+        transport.max_cwnd = transport.max_cwnd.max(tp.snd_cwnd);
+        transport.srtt_us = tp.srtt_us >> 3;
+        transport.min_rtt_us = tp.min_rtt_us;
     }
-    let ops: u64 = member(sk, cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
+    let ops: u64 = sk.get(cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
     if ops != 0 {
         transport.congestion = member(ops, cfg_field!(kernel.ca_ops_name)).unwrap_or([0; 16]);
     }

@@ -15,7 +15,8 @@ use netlens_common::{counter, Flow, FLOW_TABLE_ENTRIES};
 
 use crate::{
     events::count,
-    kernel::{slot, sock_cgroup, sock_netns},
+    kernel::slot,
+    sock::{Probed, Sock},
 };
 
 #[map]
@@ -93,18 +94,27 @@ pub fn known_or_unknown(sk: u64, slot: u32) -> Option<&'static Flow> {
     if let Some(flow) = lookup(sk) {
         return Some(flow);
     }
-    unknown(sk, slot).map(|flow| &*flow)
+    if sk == 0 {
+        return blank(slot).map(|flow| &*flow);
+    }
+    unknown_of(Probed(sk), slot).map(|flow| &*flow)
 }
 
-/// A stand-in flow for a socket we do not track, in scratch `slot`.
+/// A stand-in flow for socket `sk`, which we do not track, in scratch
+/// `slot`: it knows the socket's namespace and cgroup.
 #[inline(always)]
-pub fn unknown(sk: u64, slot: u32) -> Option<&'static mut Flow> {
+pub fn unknown_of<S: Sock>(sk: S, slot: u32) -> Option<&'static mut Flow> {
+    let flow = blank(slot)?;
+    flow.netns = sk.netns();
+    flow.cgroup = sk.cgroup();
+    Some(flow)
+}
+
+/// A blank flow in scratch `slot`.
+#[inline(always)]
+pub fn blank(slot: u32) -> Option<&'static mut Flow> {
     // SAFETY: this CPU's slot for this program.
     let flow = unsafe { &mut *SCRATCH.get_ptr_mut(slot)? };
     *flow = Flow::default();
-    if sk != 0 {
-        flow.netns = sock_netns(sk);
-        flow.cgroup = sock_cgroup(sk);
-    }
     Some(flow)
 }

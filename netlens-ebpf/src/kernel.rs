@@ -17,7 +17,10 @@ use aya_ebpf::{
 };
 use netlens_common::{ListenerKey, TupleFields, Window, AF_INET, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
 
-use crate::config::cfg_field;
+use crate::{
+    config::cfg_field,
+    sock::{Probed, Sock},
+};
 
 /// A copy of one tracepoint record.
 #[repr(C, align(8))]
@@ -212,13 +215,8 @@ pub fn tuple(record: &Record, fields: &TupleFields, sk: u64) -> Result<Tuple, i3
     Ok(tuple)
 }
 
-/// A socket's endpoints, from its `sock_common` head (one copy).
-#[inline(always)]
-pub fn sock_tuple(sk: u64) -> Result<Tuple, i32> {
-    sock_tuple_in(sk, slot::SET_STATE)
-}
-
-/// [`sock_tuple`], copying the head into scratch `slot`.
+/// A socket's endpoints, from its `sock_common` head (one copy into
+/// scratch `slot`).
 #[inline(always)]
 pub fn sock_tuple_in(sk: u64, slot: u32) -> Result<Tuple, i32> {
     let offsets = cfg_field!(kernel.sock_tuple);
@@ -246,37 +244,7 @@ pub fn sock_tuple_in(sk: u64, slot: u32) -> Result<Tuple, i32> {
 #[inline(always)]
 pub fn listener_key(sk: u64) -> Result<ListenerKey, i32> {
     let port: u16 = member(sk, cfg_field!(kernel.inet_sport))?;
-    Ok(ListenerKey { netns: sock_netns(sk), port: u16::from_be(port), _pad: 0 })
-}
-
-/// The inode number of the socket's network namespace (what `ip netns
-/// identify` and `/proc/PID/ns/net` show).
-#[inline(always)]
-pub fn sock_netns(sk: u64) -> u32 {
-    let net: u64 = member(sk, cfg_field!(kernel.sock_net)).unwrap_or(0);
-    if net == 0 {
-        return 0;
-    }
-    member(net, cfg_field!(kernel.net_inum)).unwrap_or(0)
-}
-
-/// The id of the cgroup the socket was created in (the same id
-/// `bpf_get_current_cgroup_id` returns for that process), or 0.
-#[inline(always)]
-pub fn sock_cgroup(sk: u64) -> u64 {
-    let offset = cfg_field!(kernel.sock_cgroup);
-    if offset == 0 {
-        return 0;
-    }
-    let cgroup: u64 = member(sk, offset).unwrap_or(0);
-    if cgroup == 0 {
-        return 0;
-    }
-    let kn: u64 = member(cgroup, cfg_field!(kernel.cgroup_kn)).unwrap_or(0);
-    if kn == 0 {
-        return 0;
-    }
-    member(kn, cfg_field!(kernel.kernfs_node_id)).unwrap_or(0)
+    Ok(ListenerKey { netns: Probed(sk).netns(), port: u16::from_be(port), _pad: 0 })
 }
 
 /// The network namespace of the device an skb arrived on, or 0.

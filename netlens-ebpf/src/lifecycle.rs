@@ -21,8 +21,8 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use netlens_common::{direction, kind, program, reason, tcp_state, Flow, TupleKey};
 
@@ -30,13 +30,13 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     dynamics, flows, owners, probe,
-    kernel::{member, slot, sock_netns, sock_tuple, Tuple},
+    kernel::{slot, Tuple},
     overflow,
     retransmit::take_synack_start,
+    sock::{Probed, Sock, Typed},
     synstart,
 };
 
-const IPPROTO_TCP: u16 = 6;
 const ECONNREFUSED: i32 = 111;
 const ETIMEDOUT: i32 = 110;
 const EHOSTUNREACH: i32 = 113;
@@ -45,29 +45,43 @@ const ENETUNREACH: i32 = 101;
 /// A raw tracepoint: every TCP state change of every socket passes here, so
 /// we take the arguments (sk, oldstate, newstate) as they are instead of
 /// having the kernel format a record, and leave at once on the transitions
-/// we do not need (the FIN dance, listeners).
+/// we do not need (the FIN dance, listeners). The fallback where the
+/// kernel refuses the BTF tracepoint below.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let old = ctx.arg::<i32>(1) as u8;
-    let new = ctx.arg::<i32>(2) as u8;
-    // Sockets we track are TCP; the others are checked where they first
-    // appear. Each handler is its own BPF function (inline(never)), so each
-    // gets the 512-byte stack to itself.
-    let result = match (old, new) {
+    let result = set_state(Probed(ctx.arg(0)), ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8);
+    counted(program::INET_SOCK_SET_STATE, result);
+    0
+}
+
+/// The same tracepoint with its arguments typed by BTF: the socket's
+/// members are plain loads (see sock.rs). Sockets that are not TCP leave
+/// at the first check.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let Some(sk) = Typed::of(ctx.arg(0)) else { return 0 };
+    let result = set_state(sk, ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8);
+    counted(program::INET_SOCK_SET_STATE_BTF, result);
+    0
+}
+
+/// Sockets we track are TCP; the others are checked where they first
+/// appear (a typed socket is TCP already). Each handler is its own BPF
+/// function (inline(never)), so each gets the 512-byte stack to itself.
+#[inline(always)]
+fn set_state<S: Sock>(sk: S, old: u8, new: u8) -> Result<(), i32> {
+    match (old, new) {
         // Listeners: remembered by port for overflow.rs (not flows).
-        (_, tcp_state::LISTEN) if is_tcp(sk) => listening(sk),
-        (tcp_state::LISTEN, tcp_state::CLOSE) => unlistening(sk),
+        (_, tcp_state::LISTEN) if sk.is_tcp() => listening(sk.addr()),
+        (tcp_state::LISTEN, tcp_state::CLOSE) => unlistening(sk.addr()),
         (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => Ok(()),
-        (tcp_state::CLOSE, tcp_state::SYN_SENT) if is_tcp(sk) => active_open(sk),
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) if sk.is_tcp() => active_open(sk),
         (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(sk),
-        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) if is_tcp(sk) => passive_established(sk),
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) if sk.is_tcp() => passive_established(sk),
         (tcp_state::SYN_SENT, tcp_state::CLOSE) => connect_failed(sk),
         (_, tcp_state::CLOSE) => closed(sk),
         _ => Ok(()),
-    };
-    counted(program::INET_SOCK_SET_STATE, result);
-    0
+    }
 }
 
 /// listen(), in the server's process: remembered by port for overflow.rs
@@ -84,42 +98,36 @@ fn unlistening(sk: u64) -> Result<(), i32> {
     owners::unlistening(sk).and(forgotten)
 }
 
-/// SCTP and MPTCP sockets pass the same tracepoint: only TCP goes on.
-#[inline(always)]
-fn is_tcp(sk: u64) -> bool {
-    member::<u16>(sk, cfg_field!(kernel.sock_protocol)) == Ok(IPPROTO_TCP)
-}
-
 /// connect(): runs in the calling process, so pid and comm are the opener's.
 #[inline(never)]
-fn active_open(sk: u64) -> Result<(), i32> {
+fn active_open<S: Sock>(sk: S) -> Result<(), i32> {
     let flow = Flow {
         start_ns: unsafe { bpf_ktime_get_ns() },
         // SAFETY: plain helper calls without arguments.
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or_default(),
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        netns: sock_netns(sk),
+        netns: sk.netns(),
         direction: direction::ACTIVE,
         ..Flow::default()
     };
-    flows::insert(sk, &flow);
+    flows::insert(sk.addr(), &flow);
     Ok(())
 }
 
 #[inline(never)]
-fn active_established(sk: u64) -> Result<(), i32> {
+fn active_established<S: Sock>(sk: S) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // No entry: the connect() began before netlens attached.
-    let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
+    let Some(flow) = flows::lookup_mut(sk.addr()) else { return Ok(()) };
     // connect() put an active flow without endpoints here. Anything else
     // is an earlier socket's, at the same address, whose close we missed
     // (see `closed`): not this connection.
     if flow.direction != direction::ACTIVE || flow.family != 0 {
-        flows::discard_stale(sk);
+        flows::discard_stale(sk.addr());
         return Ok(());
     }
-    let tuple = sock_tuple(sk)?;
+    let tuple = sk.tuple()?;
     tuple.store(flow);
     dynamics::established(flow, now);
     emit(|event| {
@@ -130,12 +138,12 @@ fn active_established(sk: u64) -> Result<(), i32> {
 }
 
 #[inline(never)]
-fn passive_established(sk: u64) -> Result<(), i32> {
+fn passive_established<S: Sock>(sk: S) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let tuple = sock_tuple(sk)?;
+    let tuple = sk.tuple()?;
     // Built in per-CPU scratch (a flow is too big for the BPF stack), with
     // the socket's namespace and cgroup, then copied into the table.
-    let flow = flows::unknown(sk, slot::SET_STATE).ok_or(-1)?;
+    let flow = flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?;
     let key = TupleKey {
         saddr: tuple.saddr,
         daddr: tuple.daddr,
@@ -151,19 +159,19 @@ fn passive_established(sk: u64) -> Result<(), i32> {
     let start_ns = match syn_ns.or(first_synack_ns) {
         Some(start_ns) => start_ns,
         None => {
-            let srtt_us: u32 = member(sk, cfg_field!(kernel.tcp_srtt_us)).unwrap_or(0);
+            let srtt_us: u32 = sk.get(cfg_field!(kernel.tcp_srtt_us)).unwrap_or(0);
             now.saturating_sub((srtt_us as u64 >> 3) * 1000)
         }
     };
     flow.start_ns = start_ns;
     // The child starts with the SYN-ACK retransmissions in its total.
-    flow.total_retrans = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
+    flow.total_retrans = sk.get(cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
     flow.direction = direction::PASSIVE;
     // The listener's process until accept() names the accepting one.
     owners::claim(flow, tuple.sport);
     tuple.store(flow);
     dynamics::established(flow, now);
-    flows::insert(sk, flow);
+    flows::insert(sk.addr(), flow);
     emit(|event| {
         stamp(event, kind::HANDSHAKE, now, &tuple, flow);
         event.duration_ns = now.saturating_sub(start_ns);
@@ -177,25 +185,25 @@ fn passive_established(sk: u64) -> Result<(), i32> {
 /// fails (EADDRNOTAVAIL, returned to the caller, not set in `sk_err`) it
 /// goes back to CLOSE with no source port, the destination still set.
 #[inline(never)]
-fn connect_failed(sk: u64) -> Result<(), i32> {
+fn connect_failed<S: Sock>(sk: S) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(flow) = flows::lookup(sk) else { return Ok(()) };
+    let Some(flow) = flows::lookup(sk.addr()) else { return Ok(()) };
     // Not connect()'s flow: an earlier socket's (see `active_established`).
     if flow.direction != direction::ACTIVE || flow.family != 0 {
-        flows::discard_stale(sk);
+        flows::discard_stale(sk.addr());
         return Ok(());
     }
     let reported = report_connect_failure(sk, flow, now);
     // Only after the report: a removed LRU entry can be handed to another
     // CPU's insert at once, and `flow` would then read a new connection.
-    flows::remove(sk);
+    flows::remove(sk.addr());
     reported
 }
 
 #[inline(always)]
-fn report_connect_failure(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
-    let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
-    let sk_err: i32 = member(sk, cfg_field!(kernel.sock_sk_err)).unwrap_or(0);
+fn report_connect_failure<S: Sock>(sk: S, flow: &Flow, now: u64) -> Result<(), i32> {
+    let tuple = Tuple::of(flow).map_or_else(|| sk.tuple(), Ok)?;
+    let sk_err: i32 = sk.get(cfg_field!(kernel.sock_sk_err)).unwrap_or(0);
     emit(|event| {
         stamp(event, kind::HANDSHAKE_FAILED, now, &tuple, flow);
         event.duration_ns = now.saturating_sub(flow.start_ns);
@@ -213,23 +221,23 @@ fn report_connect_failure(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
 
 /// Any other state → CLOSE: the connection is over; report what it did.
 #[inline(never)]
-fn closed(sk: u64) -> Result<(), i32> {
+fn closed<S: Sock>(sk: S) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // A TCP connection opened before netlens attached still reports its
     // totals, with an unknown direction and lifetime.
-    match flows::lookup_mut(sk) {
+    match flows::lookup_mut(sk.addr()) {
         Some(flow) if !owns(flow, sk) => {
-            flows::discard_stale(sk);
-            report_close(sk, flows::unknown(sk, slot::SET_STATE).ok_or(-1)?, now)
+            flows::discard_stale(sk.addr());
+            report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now)
         }
         Some(flow) => {
             probe::end_stall_drained_at_close(flow, sk);
             let reported = report_close(sk, flow, now);
             // After the report: see connect_failed().
-            flows::remove(sk);
+            flows::remove(sk.addr());
             reported
         }
-        None if is_tcp(sk) => report_close(sk, flows::unknown(sk, slot::SET_STATE).ok_or(-1)?, now),
+        None if sk.is_tcp() => report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now),
         None => Ok(()),
     }
 }
@@ -243,11 +251,11 @@ fn closed(sk: u64) -> Result<(), i32> {
 /// endpoints are known names its local port; the socket still holds its
 /// own in `inet_sport` at close (unlike `skc_num`, cleared on unhash).
 #[inline(always)]
-fn owns(flow: &Flow, sk: u64) -> bool {
+fn owns<S: Sock>(flow: &Flow, sk: S) -> bool {
     if flow.family == 0 {
         return true;
     }
-    match member::<u16>(sk, cfg_field!(kernel.inet_sport)) {
+    match sk.get::<u16>(cfg_field!(kernel.inet_sport)) {
         Ok(sport) => u16::from_be(sport) == flow.sport,
         Err(_) => true,
     }
@@ -255,21 +263,21 @@ fn owns(flow: &Flow, sk: u64) -> bool {
 
 /// Its own BPF function: the close report needs most of the stack.
 #[inline(never)]
-fn report_close(sk: u64, flow: &Flow, now: u64) -> Result<(), i32> {
-    let tuple = Tuple::of(flow).map_or_else(|| sock_tuple(sk), Ok)?;
+fn report_close<S: Sock>(sk: S, flow: &Flow, now: u64) -> Result<(), i32> {
+    let tuple = Tuple::of(flow).map_or_else(|| sk.tuple(), Ok)?;
     let lifetime_ns = if flow.start_ns != 0 { now.saturating_sub(flow.start_ns) } else { 0 };
     // Payload only: the kernel's byte counters also count SYN and FIN
     // sequence numbers (bytes_acked, bytes_received), or retransmissions
     // (bytes_sent). Sent = bytes_sent - bytes_retrans: each payload byte
     // once. Received = bytes_received - 1 if the peer's FIN arrived.
-    let sent: u64 = member(sk, cfg_field!(kernel.tcp_bytes_sent)).unwrap_or(0);
-    let retrans: u64 = member(sk, cfg_field!(kernel.tcp_bytes_retrans)).unwrap_or(0);
-    let received: u64 = member(sk, cfg_field!(kernel.tcp_bytes_received)).unwrap_or(0);
-    let sk_flags: u64 = member(sk, cfg_field!(kernel.sock_flags)).unwrap_or(0);
+    let sent: u64 = sk.get(cfg_field!(kernel.tcp_bytes_sent)).unwrap_or(0);
+    let retrans: u64 = sk.get(cfg_field!(kernel.tcp_bytes_retrans)).unwrap_or(0);
+    let received: u64 = sk.get(cfg_field!(kernel.tcp_bytes_received)).unwrap_or(0);
+    let sk_flags: u64 = sk.get(cfg_field!(kernel.sock_flags)).unwrap_or(0);
     let fin_received = (sk_flags >> (cfg_field!(kernel.sock_done_bit) & 63)) & 1;
-    let total_retrans: u32 = member(sk, cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
-    let dsack_dups: u32 = member(sk, cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
-    let segs_out: u32 = member(sk, cfg_field!(kernel.tcp_segs_out)).unwrap_or(0);
+    let total_retrans: u32 = sk.get(cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
+    let dsack_dups: u32 = sk.get(cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
+    let segs_out: u32 = sk.get(cfg_field!(kernel.tcp_segs_out)).unwrap_or(0);
     emit(|event| {
         stamp(event, kind::CLOSE, now, &tuple, flow);
         event.duration_ns = lifetime_ns;

@@ -18,6 +18,7 @@ mod owners;
 mod probe;
 mod reset;
 mod retransmit;
+mod sock;
 mod synstart;
 
 #[cfg(not(test))]

@@ -26,9 +26,9 @@
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{fentry, kprobe, map, raw_tracepoint},
+    macros::{btf_tracepoint, fentry, kprobe, map, raw_tracepoint},
     maps::PerCpuArray,
-    programs::{FEntryContext, ProbeContext, RawTracePointContext},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
 };
 use netlens_common::{kind, log2_bucket, program, Flow, PacketHistograms, NEVER};
 
@@ -37,7 +37,8 @@ use crate::{
     dynamics::{ca_state_of, ca_state_seen, exit_slow_start, zero_windows},
     events::{counted, emit, stamp},
     flows,
-    kernel::{member, window_slot, Tuple, Windows},
+    kernel::{member, window_slot, Tuple},
+    sock::{Probed, Sock, Typed},
 };
 
 /// `a` comes after `b` in sequence space (the kernel's after()).
@@ -64,53 +65,63 @@ fn count_segment(srtt_us: u32, cwnd: u32) {
     }
 }
 
+/// The fallback where the kernel refuses the BTF tracepoint below.
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    let skb: u64 = ctx.arg(1);
     // Connections we do not track (opened before we attached) cost one
     // lookup and nothing else.
     if let Some(flow) = flows::lookup_mut(sk) {
-        counted(program::TCP_PROBE, on_segment(flow, sk, skb));
+        counted(program::TCP_PROBE, on_segment(flow, Probed(sk), ctx.arg(1)));
+    }
+    0
+}
+
+/// The same tracepoint with BTF-typed arguments: the socket's members are
+/// plain loads (see sock.rs) instead of copies of its windows.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(flow) = flows::lookup_mut(sk) {
+        let result = Typed::of(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, ctx.arg(1)));
+        counted(program::TCP_PROBE_BTF, result);
     }
     0
 }
 
 #[inline(always)]
-fn on_segment(flow: &mut Flow, sk: u64, skb: u64) -> Result<(), i32> {
+fn on_segment<S: Sock>(flow: &mut Flow, sk: S, skb: u64) -> Result<(), i32> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let probe = cfg_field!(probe);
-    // One read per window of the tcp_sock members we need (one or two on
-    // most kernels), and the segment's seq/end_seq from its control block.
-    let tp = Windows::copy(sk, &probe.windows, window_slot::PROBE)?;
+    let tp = sk.tcp_now(window_slot::PROBE)?;
+    // The segment's seq/end_seq from its control block.
     let seqs: u64 = member(skb, cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq))?;
     let (seq, end_seq) = (seqs as u32, (seqs >> 32) as u32);
 
     // Sender side: the window and RTTs as of this ACK.
-    let cwnd: u32 = tp.get(probe.snd_cwnd)?;
-    let ssthresh: u32 = tp.get(probe.snd_ssthresh)?;
+    let cwnd = tp.snd_cwnd;
+    let ssthresh = tp.snd_ssthresh;
     let transport = &mut flow.transport;
     transport.cwnd = cwnd;
     transport.max_cwnd = transport.max_cwnd.max(cwnd);
     transport.ssthresh = ssthresh;
-    transport.srtt_us = tp.get::<u32>(probe.srtt_us)? >> 3;
-    transport.min_rtt_us = tp.get(probe.min_rtt)?;
+    transport.srtt_us = tp.srtt_us >> 3;
+    transport.min_rtt_us = tp.min_rtt_us;
     count_segment(transport.srtt_us, cwnd);
     // BBR keeps ssthresh infinite: it leaves slow start on loss only.
     if cwnd >= ssthresh && transport.slow_start_exit_ns == NEVER {
         exit_slow_start(flow, now, cwnd);
     }
     // A no-op where tcp:tcp_cong_state_set already reported the change.
-    if let Some(state) = ca_state_of(tp.get(probe.ca_state)?) {
+    if let Some(state) = ca_state_of(tp.ca_state_byte) {
         ca_state_seen(flow, sk, state, now);
     }
 
-    zero_windows(flow, tp.get(probe.snd_wnd)?, tp.get(probe.rcv_wnd)?, now);
+    zero_windows(flow, tp.snd_wnd, tp.rcv_wnd, now);
     flow.last_rx_ns = now;
 
     // Receiver side: data beyond rcv_nxt is held out of order.
-    let rcv_nxt: u32 = tp.get(probe.rcv_nxt)?;
+    let rcv_nxt = tp.rcv_nxt;
     let has_data = end_seq != seq;
     if flow.hol_start_ns != 0 {
         if !after(flow.hol_max_end, rcv_nxt) {
@@ -168,11 +179,11 @@ fn end_stall(flow: &mut Flow, end_ns: u64) {
 /// then, before the close reports the flow's totals. Its own BPF function:
 /// the close report next to it needs the stack.
 #[inline(never)]
-pub fn end_stall_drained_at_close(flow: &mut Flow, sk: u64) {
+pub fn end_stall_drained_at_close<S: Sock>(flow: &mut Flow, sk: S) {
     if flow.hol_start_ns == 0 {
         return;
     }
-    if let Ok(rcv_nxt) = member::<u32>(sk, cfg_field!(kernel.tcp_rcv_nxt)) {
+    if let Ok(rcv_nxt) = sk.get::<u32>(cfg_field!(kernel.tcp_rcv_nxt)) {
         if !after(flow.hol_max_end, rcv_nxt) {
             end_stall(flow, flow.hol_inorder_ns);
         }

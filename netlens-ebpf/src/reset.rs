@@ -8,6 +8,7 @@ use crate::{
     events::{counted, emit, stamp},
     flows,
     kernel::{skb_netns, slot, tuple, Record, Tuple},
+    sock::Probed,
 };
 
 #[tracepoint]
@@ -32,14 +33,13 @@ fn on_send_reset(record: &Record) -> Result<(), i32> {
     };
     let flow = match flows::lookup(sk) {
         Some(flow) => flow,
+        None if sk != 0 => flows::unknown_of(Probed(sk), slot::SEND_RESET).ok_or(-1)?,
         None => {
-            let unknown = flows::unknown(sk, slot::SEND_RESET).ok_or(-1)?;
-            if sk == 0 {
-                // No socket (a SYN to a closed port): the namespace is the
-                // one of the device the offending packet arrived on.
-                let skb: u64 = record.get(cfg_field!(send_reset.skbaddr))?;
-                unknown.netns = skb_netns(skb);
-            }
+            // No socket (a SYN to a closed port): the namespace is the one
+            // of the device the offending packet arrived on.
+            let unknown = flows::blank(slot::SEND_RESET).ok_or(-1)?;
+            let skb: u64 = record.get(cfg_field!(send_reset.skbaddr))?;
+            unknown.netns = skb_netns(skb);
             unknown
         }
     };

@@ -15,7 +15,8 @@ use crate::{
     dynamics::{ca_state_of, ca_state_seen},
     events::{counted, emit, stamp},
     flows,
-    kernel::{member, slot, sock_netns, tuple, Record},
+    kernel::{member, slot, tuple, Record},
+    sock::{Probed, Sock},
 };
 
 /// First SYN-ACK time (ns) of pending passive opens whose SYN-ACK was
@@ -71,7 +72,7 @@ fn on_retransmit(record: &Record) -> Result<(), i32> {
     // without tcp:tcp_cong_state_set this is where that episode starts.
     if let (Some(flow), Ok(byte)) = (flows::lookup_mut(sk), member::<u8>(sk, cfg_field!(kernel.icsk_ca_state))) {
         if let Some(ca) = ca_state_of(byte) {
-            ca_state_seen(flow, sk, ca, now);
+            ca_state_seen(flow, Probed(sk), ca, now);
         }
     }
     // Which segment, and how large: the same sequence number retransmitted
@@ -112,7 +113,7 @@ fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
     let listener: u64 = record.get(cfg_field!(synack.skaddr))?;
     let req: u64 = record.get(cfg_field!(synack.req))?;
     let tuple = tuple(record, &cfg_field!(synack.tuple), req)?;
-    let netns = sock_netns(listener);
+    let netns = Probed(listener).netns();
     let key = TupleKey {
         saddr: tuple.saddr,
         daddr: tuple.daddr,
@@ -127,7 +128,7 @@ fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
     let snt_synack_us: u64 = member(req, cfg_field!(kernel.treq_snt_synack)).unwrap_or(0);
     let first_ns = if snt_synack_us != 0 { snt_synack_us * 1000 } else { now };
     let _ = SYNACK_STARTS.insert(&key, &first_ns, BPF_NOEXIST as u64);
-    let listener_flow = flows::unknown(listener, slot::SYNACK).ok_or(-1)?;
+    let listener_flow = flows::unknown_of(Probed(listener), slot::SYNACK).ok_or(-1)?;
     listener_flow.direction = direction::PASSIVE;
     emit(|event| {
         stamp(event, kind::SYNACK_RETRANSMIT, now, &tuple, listener_flow);

@@ -10,7 +10,8 @@ use netlens_common::{TupleKey, AF_INET, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
-    kernel::{member, sock_netns},
+    kernel::member,
+    sock::{Probed, Sock},
 };
 
 /// SYN arrival (ns) of pending passive opens, by 4-tuple as the child
@@ -55,7 +56,7 @@ fn record_syn(listener: u64, skb: u64) -> Result<(), i32> {
     let mut key = TupleKey {
         saddr: [0; 16],
         daddr: [0; 16],
-        netns: sock_netns(listener),
+        netns: Probed(listener).netns(),
         sport: u16::from_be(member(tcp, 2)?),
         dport: u16::from_be(member(tcp, 0)?),
         family,

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    programs::{FEntry, FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use netlens_common::Config;
@@ -35,6 +35,10 @@ pub enum Attach {
     /// A raw tracepoint: the tracepoint's arguments as they are, no record.
     /// For hot events, where formatting a record would cost every call.
     Raw,
+    /// A BTF tracepoint (`tp_btf`): a raw tracepoint whose arguments the
+    /// verifier knows by type, so socket members are plain loads (see the
+    /// eBPF side's sock.rs). Preferred over `Raw` where the kernel takes it.
+    Btf,
     /// fentry / fexit on a kernel function (BPF trampolines, typed
     /// arguments): what older kernels offer where a tracepoint is missing.
     /// Not on every kernel (refused on some, e.g. EPERM).
@@ -72,6 +76,7 @@ impl Hook {
         match self.attach {
             Attach::Record => format!("tracepoint {}:{}", self.category, self.target),
             Attach::Raw => format!("raw tracepoint {}:{}", self.category, self.target),
+            Attach::Btf => format!("tp_btf {}:{}", self.category, self.target),
             Attach::FEntry => format!("fentry {}", self.target),
             Attach::FExit => format!("fexit {}", self.target),
             Attach::KProbe => format!("kprobe {}", self.target),
@@ -90,17 +95,30 @@ impl Hook {
 
 /// Every hook; `features::FEATURES` says which ones serve what.
 pub const HOOKS: &[Hook] = &[
+    Hook::on("inet_sock_set_state_btf", "sock", "inet_sock_set_state", Attach::Btf),
     Hook::tracepoint("inet_sock_set_state", "sock", Attach::Raw),
     Hook::tracepoint("tcp_retransmit_skb", "tcp", Attach::Record),
     Hook::tracepoint("tcp_retransmit_synack", "tcp", Attach::Record),
     Hook::tracepoint("tcp_send_reset", "tcp", Attach::Record),
     Hook::tracepoint("tcp_receive_reset", "tcp", Attach::Record),
+    Hook::on("tcp_probe_btf", "tcp", "tcp_probe", Attach::Btf),
     Hook::tracepoint("tcp_probe", "tcp", Attach::Raw),
     Hook::tracepoint("sk_data_ready", "sock", Attach::Raw),
     Hook::function("tcp_data_ready_fentry", "tcp_data_ready", Attach::FEntry),
     Hook::function("tcp_data_ready_kprobe", "tcp_data_ready", Attach::KProbe),
     Hook::tracepoint("tcp_cong_state_set", "tcp", Attach::Record),
 ];
+
+/// Programs built twice on the eBPF side (sock.rs): the name features use,
+/// and the BTF-tracepoint build tried before it.
+const TYPED_BUILDS: &[(&str, &str)] =
+    &[("inet_sock_set_state", "inet_sock_set_state_btf"), ("tcp_probe", "tcp_probe_btf")];
+
+/// The programs that can serve `program`, best first.
+fn builds_of(program: &'static str) -> impl Iterator<Item = &'static str> {
+    let typed = TYPED_BUILDS.iter().find(|(name, _)| *name == program).map(|(_, typed)| *typed);
+    typed.into_iter().chain(std::iter::once(program))
+}
 
 /// Set to a comma-separated list of program names to leave those hooks
 /// out, as if the kernel lacked them: how the tests exercise the fallbacks
@@ -228,6 +246,13 @@ fn load_and_attach_inner(ebpf: &mut Ebpf, facts: &KernelFacts, hook: &Hook) -> R
             }
             program.attach(hook.target).map_err(attach)?;
         }
+        Attach::Btf => {
+            let program: &mut BtfTracePoint = program.try_into().map_err(load)?;
+            if !loaded {
+                program.load(hook.target, facts.fentry_btf()?).map_err(load)?;
+            }
+            program.attach().map_err(attach)?;
+        }
         Attach::FEntry => {
             let program: &mut FEntry = program.try_into().map_err(load)?;
             program.load(hook.target, facts.fentry_btf()?).map_err(load)?;
@@ -264,7 +289,7 @@ fn unavailable(facts: &KernelFacts, hook: &Hook) -> Option<String> {
         return Some(format!("left out by {SKIP_HOOKS_ENV}"));
     }
     match hook.attach {
-        Attach::Record | Attach::Raw => {
+        Attach::Record | Attach::Raw | Attach::Btf => {
             let dir = facts.tracefs.join("events").join(hook.category).join(hook.target);
             if !dir.is_dir() {
                 return Some(format!("this kernel has no tracepoint {}:{}", hook.category, hook.target));
@@ -277,7 +302,9 @@ fn unavailable(facts: &KernelFacts, hook: &Hook) -> Option<String> {
             }
         }
     }
-    facts.offsets.unavailable(hook.program).map(str::to_string)
+    // A typed build needs what its raw twin does.
+    let served = TYPED_BUILDS.iter().find(|(_, typed)| *typed == hook.program).map_or(hook.program, |(name, _)| *name);
+    facts.offsets.unavailable(served).map(str::to_string)
 }
 
 impl std::fmt::Display for HookError {
@@ -391,18 +418,23 @@ pub fn attach_features(
     timing(started, "best ways' programs verified, two at a time");
     let mut tried: Vec<(&'static Hook, Result<(), String>)> = Vec::new();
     let mut statuses = features::resolve(|program| {
-        let Some(hook) = HOOKS.iter().find(|h| h.program == program) else {
-            return Err(format!("no hook {program}"));
-        };
-        let outcome = match tried.iter().find(|(h, _)| h.program == program) {
-            Some((_, outcome)) => outcome.clone(),
-            None => {
-                let outcome = attach(ebpf, facts, hook).map_err(|err| format!("{}: {err}", hook.describe()));
-                tried.push((hook, outcome.clone()));
-                outcome
+        let mut outcome = Err(format!("no hook {program}"));
+        for build in builds_of(program) {
+            let Some(hook) = HOOKS.iter().find(|h| h.program == build) else { continue };
+            let result = match tried.iter().find(|(h, _)| h.program == build) {
+                Some((_, result)) => result.clone(),
+                None => {
+                    let result = attach(ebpf, facts, hook).map_err(|err| format!("{}: {err}", hook.describe()));
+                    tried.push((hook, result.clone()));
+                    result
+                }
+            };
+            outcome = result.map(|()| hook.describe());
+            if outcome.is_ok() {
+                break;
             }
-        };
-        outcome.map(|()| hook.describe())
+        }
+        outcome
     });
     degrade_for_layouts(&mut statuses, facts);
     (statuses, tried)

@@ -175,8 +175,11 @@ impl Netlens {
     /// The same, with `hooks` (program names, comma-separated) left out as
     /// if this kernel lacked them: how the fallbacks older kernels use are
     /// tested on a new one.
+    /// Hooks this test process was itself told to leave out stay out.
     pub fn trace_netns_without(inode: u32, hooks: &str) -> Result<Self> {
-        Self::start_with_env(None, &["trace", "--json", "--netns", &inode.to_string()], &[("NETLENS_SKIP_HOOKS", hooks)])
+        let inherited = std::env::var("NETLENS_SKIP_HOOKS").unwrap_or_default();
+        let skipped = if inherited.is_empty() { hooks.to_string() } else { format!("{inherited},{hooks}") };
+        Self::start_with_env(None, &["trace", "--json", "--netns", &inode.to_string()], &[("NETLENS_SKIP_HOOKS", &skipped)])
     }
 
     /// Its process id (netlens's own, also under `ip netns exec`).

@@ -173,7 +173,7 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         drop(stats);
         stop_netlens(tracer)?;
         f.bulk_netlens.push(rate?);
-        if let Some((_, runs, ns)) = ran.iter().find(|(name, _, _)| name == "tcp_probe") {
+        if let Some((_, runs, ns)) = ran.iter().find(|(name, _, _)| name == "tcp_probe" || name == "tcp_probe_btf") {
             f.probe_ns.push(*ns as f64 / (*runs).max(1) as f64);
         }
         let empty = EmptyProgram::attach("tcp_probe")?;

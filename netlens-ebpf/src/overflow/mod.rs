@@ -53,7 +53,8 @@ mod tracepoint;
 use crate::{
     config::cfg_field,
     events::{count_error, counted},
-    kernel::{fexit_return, listener_key, member, slot, sock_netns, sock_tuple_in},
+    kernel::{fexit_return, listener_key, member, slot, sock_tuple_in},
+    sock::{Probed, Sock},
     synstart,
 };
 
@@ -183,7 +184,7 @@ fn accept_queue_full(listener: u64) -> Option<u32> {
 #[inline(always)]
 fn overflowed(listener: u64, backlog: u32, slot: u32) -> Result<(), i32> {
     let tuple = sock_tuple_in(listener, slot)?;
-    let endpoint = ListenerEndpoint { netns: sock_netns(listener), family: tuple.family, port: tuple.sport, addr: tuple.saddr };
+    let endpoint = ListenerEndpoint { netns: Probed(listener).netns(), family: tuple.family, port: tuple.sport, addr: tuple.saddr };
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(entry) = LISTEN_OVERFLOWS.get_ptr_mut(&endpoint) {
         // SAFETY: this CPU's slot of a live map value; nothing else writes

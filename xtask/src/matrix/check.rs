@@ -37,20 +37,26 @@ impl Feature {
 
 /// The kind of the hooks `netlens check` names for a feature (`fentry
 /// tcp_conn_request + fexit tcp_v4_syn_recv_sock`): fentry (fexit too),
-/// kprobe (kretprobe too) or tp (tracepoints, raw or not); `mixed` when
-/// they differ, `None` when none is named.
-pub(super) fn hook_kind(hooks: &str) -> Option<&'static str> {
+/// kprobe (kretprobe too), tp (tracepoints, raw or not) or tp_btf (BTF
+/// tracepoints); kinds that differ are joined (`tp_btf+tp`), `None` when
+/// none is named.
+pub(super) fn hook_kind(hooks: &str) -> Option<String> {
     let kinds: Vec<&str> = hooks
         .split(" + ")
         .filter_map(|hook| match hook.split_whitespace().next()? {
             "fentry" | "fexit" => Some("fentry"),
             "kprobe" | "kretprobe" => Some("kprobe"),
             "tracepoint" | "raw" => Some("tp"),
+            "tp_btf" => Some("tp_btf"),
             _ => None,
         })
-        .collect();
-    let first = *kinds.first()?;
-    Some(if kinds.iter().all(|k| *k == first) { first } else { "mixed" })
+        .fold(Vec::new(), |mut kinds, kind| {
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+            kinds
+        });
+    (!kinds.is_empty()).then(|| kinds.join("+"))
 }
 
 /// Reads `netlens check --json` (or, from a netlens without it, the plain

@@ -29,10 +29,11 @@ fn check_plain_table_fallback() {
 
 #[test]
 fn cells_name_the_kind_of_hook() {
-    assert_eq!(hook_kind("fentry tcp_conn_request + fexit tcp_conn_request + fexit tcp_v4_syn_recv_sock"), Some("fentry"));
-    assert_eq!(hook_kind("kprobe inet_csk_accept + kretprobe inet_csk_accept"), Some("kprobe"));
-    assert_eq!(hook_kind("raw tracepoint tcp:tcp_probe + tracepoint tcp:tcp_cong_state_set"), Some("tp"));
-    assert_eq!(hook_kind("raw tracepoint tcp:tcp_probe + fentry tcp_data_ready"), Some("mixed"));
+    assert_eq!(hook_kind("fentry tcp_conn_request + fexit tcp_conn_request + fexit tcp_v4_syn_recv_sock").as_deref(), Some("fentry"));
+    assert_eq!(hook_kind("kprobe inet_csk_accept + kretprobe inet_csk_accept").as_deref(), Some("kprobe"));
+    assert_eq!(hook_kind("raw tracepoint tcp:tcp_probe + tracepoint tcp:tcp_cong_state_set").as_deref(), Some("tp"));
+    assert_eq!(hook_kind("tp_btf sock:inet_sock_set_state").as_deref(), Some("tp_btf"));
+    assert_eq!(hook_kind("tp_btf tcp:tcp_probe + fentry tcp_data_ready").as_deref(), Some("tp_btf+fentry"));
     assert_eq!(hook_kind(""), None);
     let feature = Feature { name: "accept_queue".into(), status: "ok".into(), hook: "fexit inet_csk_accept".into(), why: String::new() };
     assert_eq!(feature.cell(), "ok (fentry)");

@@ -1,0 +1,219 @@
+//! How a program reads the socket it was handed, in one of two ways:
+//!
+//! - [`Probed`]: the socket's address as a plain number (raw tracepoints,
+//!   kprobes): every member is copied out by `bpf_probe_read_kernel`, a
+//!   helper call that checks the address each time.
+//! - [`Typed`]: a `struct tcp_sock *` the verifier knows by its BTF type
+//!   (BTF tracepoints, after `bpf_skc_to_tcp_sock`): members are plain
+//!   loads, each checked once, when the program is loaded, against the
+//!   kernel's BTF at the offset userspace resolved from that same BTF.
+//!   A few nanoseconds each instead of a helper call.
+//!
+//! The programs that run for every socket state change and every segment
+//! are written once over [`Sock`] and built both ways; the loader attaches
+//! the typed build where the kernel accepts it.
+
+use aya_ebpf::helpers::generated;
+use netlens_common::{RECORD_MAX, AF_INET};
+
+use crate::{
+    config::cfg_field,
+    kernel::{member, slot, sock_tuple_in, Tuple, Windows},
+};
+
+/// A TCP socket a program can read members of. Offsets are from the start
+/// of the socket (`struct sock` and `struct tcp_sock` share it).
+pub trait Sock: Copy {
+    /// The socket's address: the flow table's key.
+    fn addr(self) -> u64;
+    /// The member of type `T` (at most 8 bytes) at `offset`.
+    fn get<T: Copy>(self, offset: u32) -> Result<T, i32>;
+    /// Whether the socket is TCP (SCTP and MPTCP's own sockets pass the
+    /// same tracepoints).
+    fn is_tcp(self) -> bool;
+    /// The socket's endpoints.
+    fn tuple(self) -> Result<Tuple, i32>;
+    /// The tcp_sock members tcp_probe and the close report read; a
+    /// [`Probed`] socket copies them into this CPU's window `slot`.
+    fn tcp_now(self, slot: u32) -> Result<TcpNow, i32>;
+
+    /// The inode number of the socket's network namespace, or 0. The net
+    /// pointer is read as a member; what it points to is probed (the
+    /// pointed-to types differ across kernels).
+    #[inline(always)]
+    fn netns(self) -> u32 {
+        let net: u64 = self.get(cfg_field!(kernel.sock_net)).unwrap_or(0);
+        if net == 0 {
+            return 0;
+        }
+        member(net, cfg_field!(kernel.net_inum)).unwrap_or(0)
+    }
+
+    /// The id of the cgroup the socket was created in, or 0 (see
+    /// `kernel::sock_cgroup`). Before 5.15 the member is a tagged union,
+    /// not a pointer, so it is read as a number and followed by probing.
+    #[inline(always)]
+    fn cgroup(self) -> u64 {
+        let offset = cfg_field!(kernel.sock_cgroup);
+        if offset == 0 {
+            return 0;
+        }
+        let cgroup: u64 = self.get(offset).unwrap_or(0);
+        if cgroup == 0 {
+            return 0;
+        }
+        let kn: u64 = member(cgroup, cfg_field!(kernel.cgroup_kn)).unwrap_or(0);
+        if kn == 0 {
+            return 0;
+        }
+        member(kn, cfg_field!(kernel.kernfs_node_id)).unwrap_or(0)
+    }
+}
+
+/// What tcp_probe and the close report read of a `tcp_sock`.
+#[derive(Clone, Copy, Default)]
+pub struct TcpNow {
+    pub snd_cwnd: u32,
+    pub snd_ssthresh: u32,
+    /// As the kernel keeps it: µs << 3.
+    pub srtt_us: u32,
+    pub min_rtt_us: u32,
+    pub snd_wnd: u32,
+    pub rcv_wnd: u32,
+    pub rcv_nxt: u32,
+    /// The byte holding the `icsk_ca_state` bitfield.
+    pub ca_state_byte: u8,
+}
+
+const IPPROTO_TCP: u16 = 6;
+
+/// A socket known by its address only.
+#[derive(Clone, Copy)]
+pub struct Probed(pub u64);
+
+impl Sock for Probed {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0
+    }
+
+    #[inline(always)]
+    fn get<T: Copy>(self, offset: u32) -> Result<T, i32> {
+        member(self.0, offset)
+    }
+
+    #[inline(always)]
+    fn is_tcp(self) -> bool {
+        self.get::<u16>(cfg_field!(kernel.sock_protocol)) == Ok(IPPROTO_TCP)
+    }
+
+    #[inline(always)]
+    fn tuple(self) -> Result<Tuple, i32> {
+        sock_tuple_in(self.0, slot::SET_STATE)
+    }
+
+    /// One copy per window of the members (one or two on most kernels).
+    #[inline(always)]
+    fn tcp_now(self, slot: u32) -> Result<TcpNow, i32> {
+        let probe = cfg_field!(probe);
+        let tp = Windows::copy(self.0, &probe.windows, slot)?;
+        Ok(TcpNow {
+            snd_cwnd: tp.get(probe.snd_cwnd)?,
+            snd_ssthresh: tp.get(probe.snd_ssthresh)?,
+            srtt_us: tp.get(probe.srtt_us)?,
+            min_rtt_us: tp.get(probe.min_rtt)?,
+            snd_wnd: tp.get(probe.snd_wnd)?,
+            rcv_wnd: tp.get(probe.rcv_wnd)?,
+            rcv_nxt: tp.get(probe.rcv_nxt)?,
+            ca_state_byte: tp.get(probe.ca_state)?,
+        })
+    }
+}
+
+/// A `struct tcp_sock *` typed by BTF.
+#[derive(Clone, Copy)]
+pub struct Typed(u64);
+
+impl Typed {
+    /// `sk`, a BTF-typed `struct sock *` (a BTF tracepoint's argument), as
+    /// a tcp_sock; `None` for sockets that are not TCP (SCTP, MPTCP's own).
+    #[inline(always)]
+    pub fn of(sk: u64) -> Option<Self> {
+        // SAFETY: the helper checks the socket's protocol and returns NULL
+        // for anything but a full TCP socket.
+        let tp = unsafe { generated::bpf_skc_to_tcp_sock(sk as *mut _) } as u64;
+        (tp != 0).then_some(Self(tp))
+    }
+
+    /// A member placed by the probe offsets, which give each member's place
+    /// in the copied windows (see `netlens_common::ProbeOffsets`): window
+    /// `field / RECORD_MAX` starts at its `start` in the socket.
+    #[inline(always)]
+    fn probe_field<T: Copy>(self, field: u16) -> Result<T, i32> {
+        let windows = cfg_field!(probe.windows);
+        let index = field as usize / RECORD_MAX;
+        let window = windows.get(index).ok_or(-1)?;
+        self.get(window.start + (field as usize % RECORD_MAX) as u32)
+    }
+}
+
+impl Sock for Typed {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0
+    }
+
+    #[inline(always)]
+    fn get<T: Copy>(self, offset: u32) -> Result<T, i32> {
+        // SAFETY: a plain load from a BTF-typed pointer; the verifier
+        // checked at load time that `offset` (a constant it knows from the
+        // frozen CONFIG) lies inside a member of `struct tcp_sock` wide
+        // enough for T, and a fault reads as zero.
+        Ok(unsafe { core::ptr::read_volatile((self.0 + offset as u64) as *const T) })
+    }
+
+    /// Checked when it was made ([`Typed::of`]).
+    #[inline(always)]
+    fn is_tcp(self) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn tuple(self) -> Result<Tuple, i32> {
+        let offsets = cfg_field!(kernel.sock_tuple);
+        let mut tuple = Tuple {
+            family: self.get(offsets.family as u32)?,
+            sport: u16::from_be(self.get(cfg_field!(kernel.inet_sport))?),
+            dport: u16::from_be(self.get(offsets.dport as u32)?),
+            ..Tuple::default()
+        };
+        if tuple.family == AF_INET {
+            tuple.saddr[..4].copy_from_slice(&self.get::<u32>(offsets.rcv_saddr as u32)?.to_ne_bytes());
+            tuple.daddr[..4].copy_from_slice(&self.get::<u32>(offsets.daddr as u32)?.to_ne_bytes());
+        } else {
+            // Two loads each: a load is at most 8 bytes.
+            for (half, at) in [(0, 0u32), (8, 8)] {
+                let saddr: u64 = self.get(offsets.v6_rcv_saddr as u32 + at)?;
+                let daddr: u64 = self.get(offsets.v6_daddr as u32 + at)?;
+                tuple.saddr[half..half + 8].copy_from_slice(&saddr.to_ne_bytes());
+                tuple.daddr[half..half + 8].copy_from_slice(&daddr.to_ne_bytes());
+            }
+        }
+        Ok(tuple)
+    }
+
+    #[inline(always)]
+    fn tcp_now(self, _slot: u32) -> Result<TcpNow, i32> {
+        let probe = cfg_field!(probe);
+        Ok(TcpNow {
+            snd_cwnd: self.probe_field(probe.snd_cwnd)?,
+            snd_ssthresh: self.probe_field(probe.snd_ssthresh)?,
+            srtt_us: self.probe_field(probe.srtt_us)?,
+            min_rtt_us: self.probe_field(probe.min_rtt)?,
+            snd_wnd: self.probe_field(probe.snd_wnd)?,
+            rcv_wnd: self.probe_field(probe.rcv_wnd)?,
+            rcv_nxt: self.probe_field(probe.rcv_nxt)?,
+            ca_state_byte: self.probe_field(probe.ca_state)?,
+        })
+    }
+}
