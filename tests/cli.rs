@@ -93,6 +93,9 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
     for required in ["lifecycle", "retransmits"] {
         assert_eq!(feature(&report, required)["status"], "ok", "{report}");
     }
+    // Every kernel netlens supports takes the BTF-tracepoint builds.
+    assert_eq!(feature(&report, "lifecycle")["hook"], "tp_btf sock:inet_sock_set_state", "{report}");
+    assert_eq!(feature(&report, "transport")["hook"], "tp_btf tcp:tcp_probe", "{report}");
     // Before 6.10, tcp:tcp_send_reset has the 4-tuple layout (a `sport`
     // field) and skips resets sent without a socket.
     let old_reset_layout = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().any(|root| {
@@ -106,20 +109,20 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
     let congestion = feature(&report, "congestion_episodes");
     if has_tracepoint("tcp", "tcp_cong_state_set") {
         assert_eq!(congestion["status"], "ok", "{congestion}");
-        assert_eq!(congestion["hook"], "tracepoint tcp:tcp_cong_state_set");
+        assert_eq!(congestion["hook"], "tp_btf tcp:tcp_cong_state_set");
     } else {
         assert_eq!(congestion["status"], "degraded", "{congestion}");
         assert!(congestion["why"].as_str().unwrap_or("").contains("tcp_cong_state_set"), "{congestion}");
     }
     let hol = feature(&report, "hol_stalls");
     if has_tracepoint("sock", "sk_data_ready") {
-        assert_eq!((&hol["status"], &hol["hook"]), (&"ok".into(), &"raw tracepoint tcp:tcp_probe + raw tracepoint sock:sk_data_ready".into()));
+        assert_eq!((&hol["status"], &hol["hook"]), (&"ok".into(), &"tp_btf tcp:tcp_probe + raw tracepoint sock:sk_data_ready".into()));
     } else {
         // The data-ready path from fentry or a kprobe, else degraded.
         let hook = hol["hook"].as_str().unwrap_or("");
         match hol["status"].as_str() {
             Some("ok") => assert!(hook.ends_with("tcp_data_ready"), "{hol}"),
-            Some("degraded") => assert_eq!(hook, "raw tracepoint tcp:tcp_probe"),
+            Some("degraded") => assert_eq!(hook, "tp_btf tcp:tcp_probe"),
             other => panic!("hol_stalls {other:?}: {hol}"),
         }
     }
@@ -138,11 +141,11 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
 /// in `check` and in one stderr line at the start of `trace`.
 #[test]
 fn a_missing_optional_hook_degrades_only_its_feature() {
-    let skip = [("NETLENS_SKIP_HOOKS", "tcp_cong_state_set,tcp_retransmit_synack")];
+    let skip = [("NETLENS_SKIP_HOOKS", "tcp_cong_state_set,tcp_cong_state_set_btf,tcp_retransmit_synack")];
     let (code, report) = check_json(&skip);
     assert_eq!(code, 0, "{report}");
     assert_eq!(feature(&report, "congestion_episodes")["status"], "degraded");
-    assert_eq!(feature(&report, "congestion_episodes")["hook"], "raw tracepoint tcp:tcp_probe");
+    assert_eq!(feature(&report, "congestion_episodes")["hook"], "tp_btf tcp:tcp_probe");
     let synack = feature(&report, "synack_retransmits");
     assert_eq!(synack["status"], "missing");
     assert!(synack["why"].as_str().unwrap_or("").contains("left out by NETLENS_SKIP_HOOKS"), "{synack}");

@@ -267,7 +267,7 @@ fn congestion_episodes_without_the_cong_state_tracepoint() -> Result<()> {
     let port = 8099;
     let long = Bulk { bytes: 50 << 20, congestion: Some("cubic"), ..Bulk::default() };
     let rule = format!("tcp dport {port} tcp flags & syn == 0 numgen random mod 1000 < 10 drop");
-    let (traced, transfer, _) = traced_transfer_without(port, long, Some(&rule), Some("tcp_cong_state_set"))?;
+    let (traced, transfer, _) = traced_transfer_without(port, long, Some(&rule), Some("tcp_cong_state_set,tcp_cong_state_set_btf"))?;
     assert!(
         traced.stderr.iter().any(|l| l.starts_with("netlens: congestion_episodes degraded: ")),
         "{:?}",

@@ -95,7 +95,8 @@ pub mod program {
     /// BTF-tracepoint builds of the lifecycle and tcp_probe (sock.rs).
     pub const INET_SOCK_SET_STATE_BTF: u32 = 24;
     pub const TCP_PROBE_BTF: u32 = 25;
-    pub const COUNT: u32 = 26;
+    pub const TCP_CONG_STATE_SET_BTF: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -125,6 +126,7 @@ pub mod program {
         "fexit_tcp_conn_request",
         "inet_sock_set_state_btf",
         "tcp_probe_btf",
+        "tcp_cong_state_set_btf",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen

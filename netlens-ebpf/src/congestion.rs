@@ -2,9 +2,14 @@
 //! after an RTO, CWR). It fires per episode, not per packet, so it uses the
 //! formatted record. Kernels without the congestion tracepoint (before
 //! 6.3) get the same episodes from the state read per segment in probe.rs
-//! (see `dynamics::ca_state_seen`).
+//! (see `dynamics::ca_state_seen`). Built twice (see sock.rs): as a BTF
+//! tracepoint, and on the formatted record where the kernel refuses that.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
 use netlens_common::program;
 
 use crate::{
@@ -13,7 +18,18 @@ use crate::{
     events::counted,
     flows,
     kernel::{slot, Record},
+    sock::{Probed, Typed},
 };
+
+#[btf_tracepoint(function = "tcp_cong_state_set")]
+pub fn tcp_cong_state_set_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let Some(flow) = flows::lookup_mut(sk) else { return 0 };
+    let Some(tp) = Typed::of(sk) else { return 0 };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    ca_state_seen(flow, tp, ctx.arg::<u8>(1), unsafe { bpf_ktime_get_ns() });
+    0
+}
 
 #[tracepoint]
 pub fn tcp_cong_state_set(ctx: TracePointContext) -> u32 {
@@ -27,6 +43,6 @@ fn on_cong_state(record: &Record) -> Result<(), i32> {
     let state: u8 = record.get(cfg_field!(cong_state.cong_state))?;
     let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
-    ca_state_seen(flow, crate::sock::Probed(sk), state, unsafe { bpf_ktime_get_ns() });
+    ca_state_seen(flow, Probed(sk), state, unsafe { bpf_ktime_get_ns() });
     Ok(())
 }

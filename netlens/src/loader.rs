@@ -106,13 +106,17 @@ pub const HOOKS: &[Hook] = &[
     Hook::tracepoint("sk_data_ready", "sock", Attach::Raw),
     Hook::function("tcp_data_ready_fentry", "tcp_data_ready", Attach::FEntry),
     Hook::function("tcp_data_ready_kprobe", "tcp_data_ready", Attach::KProbe),
+    Hook::on("tcp_cong_state_set_btf", "tcp", "tcp_cong_state_set", Attach::Btf),
     Hook::tracepoint("tcp_cong_state_set", "tcp", Attach::Record),
 ];
 
 /// Programs built twice on the eBPF side (sock.rs): the name features use,
 /// and the BTF-tracepoint build tried before it.
-const TYPED_BUILDS: &[(&str, &str)] =
-    &[("inet_sock_set_state", "inet_sock_set_state_btf"), ("tcp_probe", "tcp_probe_btf")];
+const TYPED_BUILDS: &[(&str, &str)] = &[
+    ("inet_sock_set_state", "inet_sock_set_state_btf"),
+    ("tcp_probe", "tcp_probe_btf"),
+    ("tcp_cong_state_set", "tcp_cong_state_set_btf"),
+];
 
 /// The programs that can serve `program`, best first.
 fn builds_of(program: &'static str) -> impl Iterator<Item = &'static str> {

@@ -111,9 +111,10 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
         bail!("the integration tests need root: run `sudo -E cargo xtask test`");
     }
     let mut counts = run_tests(&mut command)?;
-    // The raw-tracepoint builds of the lifecycle and tcp_probe serve where
-    // a kernel refuses their BTF-tracepoint builds (sock.rs); this kernel
-    // takes those, so their tests run again without them.
+    // The raw-tracepoint builds of the lifecycle, tcp_probe and the
+    // congestion state serve where a kernel refuses their BTF-tracepoint
+    // builds (sock.rs); this kernel takes those, so their tests run again
+    // without them.
     if args.is_empty() {
         let mut command = cargo();
         toolchain.apply(&mut command);
@@ -128,7 +129,7 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
 }
 
 /// The BTF-tracepoint builds, left out to test their raw fallbacks.
-const RAW_FALLBACK_SKIPS: &str = "inet_sock_set_state_btf,tcp_probe_btf";
+const RAW_FALLBACK_SKIPS: &str = "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf";
 
 /// Installs what is missing and builds; returns the netlens binary.
 fn build(with_test_tools: bool) -> Result<PathBuf> {
