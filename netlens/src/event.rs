@@ -4,6 +4,72 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use netlens_common::{direction, kind, reason, side, tcp_state, RawEvent, AF_INET, AF_INET6, NEVER};
 
+/// A process name as the kernel keeps it (`TASK_COMM_LEN`, 16 bytes with
+/// its NUL), held inline: decoding an event allocates nothing. Reads as a
+/// `&str`; bytes that are not UTF-8 read as U+FFFD replacement characters
+/// cut to fit.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Comm {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl Comm {
+    /// The name in `raw` (up to its first NUL); `None` when empty.
+    pub fn from_bytes(raw: &[u8]) -> Option<Self> {
+        let raw = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+        if raw.is_empty() {
+            return None;
+        }
+        let mut comm = Self { bytes: [0; 16], len: 0 };
+        match std::str::from_utf8(raw) {
+            // At most 16 bytes: it fits.
+            Ok(text) => {
+                comm.push(text);
+            }
+            Err(_) => {
+                for c in String::from_utf8_lossy(raw).chars() {
+                    if !comm.push(c.encode_utf8(&mut [0; 4])) {
+                        break;
+                    }
+                }
+            }
+        }
+        Some(comm)
+    }
+
+    /// Appends `text` if it fits whole; says whether it did.
+    fn push(&mut self, text: &str) -> bool {
+        let (at, end) = (self.len as usize, self.len as usize + text.len());
+        if end > self.bytes.len() {
+            return false;
+        }
+        self.bytes[at..end].copy_from_slice(text.as_bytes());
+        self.len = end as u8;
+        true
+    }
+}
+
+impl std::ops::Deref for Comm {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Only whole UTF-8 text is ever pushed.
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
     Active,
@@ -211,7 +277,7 @@ pub struct ConnEvent {
     pub remote: SocketAddr,
     /// The process that opened the connection (active opens only).
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     pub netns: u32,
     /// The cgroup id (its cgroup v2 directory's inode); 0 when unknown.
     pub cgroup: u64,
@@ -277,13 +343,12 @@ impl ConnEvent {
             kind::ACCEPTED => Detail::Accepted { wait_ns: raw.duration_ns, queue_len: raw.queue_len, backlog: raw.backlog },
             _ => return None,
         };
-        let comm_len = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());
         Some(Self {
             ts_ns: raw.ts_ns,
             local: SocketAddr::new(local_ip, raw.sport),
             remote: SocketAddr::new(remote_ip, raw.dport),
             pid: (raw.pid != 0).then_some(raw.pid),
-            comm: (comm_len > 0).then(|| String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned()),
+            comm: Comm::from_bytes(&raw.comm),
             netns: raw.netns,
             cgroup: raw.cgroup,
             service: None,
@@ -399,6 +464,19 @@ mod tests {
         assert_eq!(event.comm.as_deref(), Some("curl"));
         assert_eq!(event.pid, Some(42));
         assert_eq!(event.detail, Detail::Retransmit { state: tcp_state::SYN_SENT, segs: 1, bytes: 0, seq: 0 });
+    }
+
+    /// A comm fills all 16 bytes without a NUL at most; bytes that are not
+    /// UTF-8 become replacement characters, cut at a whole character.
+    #[test]
+    fn comm_reads_as_text_without_allocating() {
+        assert_eq!(Comm::from_bytes(b"\0junk"), None);
+        assert_eq!(Comm::from_bytes(b"nginx\0\0\0").as_deref(), Some("nginx"));
+        assert_eq!(Comm::from_bytes(b"0123456789abcdef").as_deref(), Some("0123456789abcdef"));
+        // 'a' then 15 invalid bytes: U+FFFD is 3 bytes, so 5 of them fit.
+        let mut raw = [0xffu8; 16];
+        raw[0] = b'a';
+        assert_eq!(Comm::from_bytes(&raw).as_deref(), Some("a\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}"));
     }
 
     #[test]

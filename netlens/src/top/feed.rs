@@ -159,8 +159,8 @@ impl Feed {
         if let (Some(pid), Some(comm)) = (event.pid, &event.comm) {
             let weight = u64::from(matches!(event.detail, crate::event::Detail::Handshake { .. }));
             if let Some(process) = self.processes.get_or_admit(&pid, weight) {
-                if &process.comm != comm {
-                    process.comm.clone_from(comm);
+                if process.comm != **comm {
+                    process.comm.replace_range(.., comm);
                 }
                 if event.service.is_some() && process.service != event.service {
                     process.service.clone_from(&event.service);
