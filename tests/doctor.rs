@@ -91,15 +91,19 @@ fn connection_churn_is_found() -> Result<()> {
     Ok(())
 }
 
-/// 30 % of SYNs dropped: connects of ~1 s and ~3 s.
+/// 20 % of SYNs dropped: connects of ~1 s and ~3 s. 60 connects: about 12
+/// slow ones (fewer than the rule's 3 about once in 5,000 runs). A connect
+/// that loses seven SYNs in a row outlasts the client's 70 s: at 30 % and
+/// 40 connects that was one run in about 115 (seen in the 6.1 guest), at
+/// 20 % and 60 connects one in about 1,300.
 #[test]
 fn syn_loss_is_found() -> Result<()> {
     let netns = Netns::new()?;
     let addr = addr(8102);
-    nft_prerouting(&netns, "tcp dport 8102 tcp flags & (syn | ack) == syn numgen random mod 1000 < 300 drop")?;
+    nft_prerouting(&netns, "tcp dport 8102 tcp flags & (syn | ack) == syn numgen random mod 1000 < 200 drop")?;
     let _server = Server::start(&netns, addr, 0)?;
     let doctor = doctor(&netns)?;
-    let conns = clients(&netns, addr, 40, 20, 10)?;
+    let conns = clients(&netns, addr, 60, 20, 10)?;
     let slow = conns.iter().filter(|c| c.connect_us >= 900_000.0).count();
     netns.wait_closed(Duration::from_secs(10))?;
     let findings = findings(doctor)?;

@@ -49,37 +49,66 @@ const ENETUNREACH: i32 = 101;
 /// kernel refuses the BTF tracepoint below.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
-    let result = set_state(Probed(ctx.arg(0)), ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8);
-    counted(program::INET_SOCK_SET_STATE, result);
+    let Some(change) = Change::of(ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8) else { return 0 };
+    counted(program::INET_SOCK_SET_STATE, set_state(Probed(ctx.arg(0)), change));
     0
 }
 
 /// The same tracepoint with its arguments typed by BTF: the socket's
 /// members are plain loads (see sock.rs). Sockets that are not TCP leave
-/// at the first check.
+/// at the first check, made only for the transitions we handle.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let Some(change) = Change::of(ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8) else { return 0 };
     let Some(sk) = Typed::of(ctx.arg(0)) else { return 0 };
-    let result = set_state(sk, ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8);
-    counted(program::INET_SOCK_SET_STATE_BTF, result);
+    counted(program::INET_SOCK_SET_STATE_BTF, set_state(sk, change));
     0
+}
+
+/// The state changes we act on; the rest (the FIN dance, a listener's
+/// request sockets) leave before the socket is looked at.
+#[derive(Clone, Copy)]
+enum Change {
+    /// Into LISTEN: remembered by port for overflow.rs (not flows).
+    Listen,
+    Unlisten,
+    ActiveOpen,
+    ActiveEstablished,
+    PassiveEstablished,
+    ConnectFailed,
+    Closed,
+}
+
+impl Change {
+    #[inline(always)]
+    fn of(old: u8, new: u8) -> Option<Self> {
+        Some(match (old, new) {
+            (_, tcp_state::LISTEN) => Change::Listen,
+            (tcp_state::LISTEN, tcp_state::CLOSE) => Change::Unlisten,
+            (tcp_state::LISTEN, _) => return None,
+            (tcp_state::CLOSE, tcp_state::SYN_SENT) => Change::ActiveOpen,
+            (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => Change::ActiveEstablished,
+            (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => Change::PassiveEstablished,
+            (tcp_state::SYN_SENT, tcp_state::CLOSE) => Change::ConnectFailed,
+            (_, tcp_state::CLOSE) => Change::Closed,
+            _ => return None,
+        })
+    }
 }
 
 /// Sockets we track are TCP; the others are checked where they first
 /// appear (a typed socket is TCP already). Each handler is its own BPF
 /// function (inline(never)), so each gets the 512-byte stack to itself.
 #[inline(always)]
-fn set_state<S: Sock>(sk: S, old: u8, new: u8) -> Result<(), i32> {
-    match (old, new) {
-        // Listeners: remembered by port for overflow.rs (not flows).
-        (_, tcp_state::LISTEN) if sk.is_tcp() => listening(sk.addr()),
-        (tcp_state::LISTEN, tcp_state::CLOSE) => unlistening(sk.addr()),
-        (tcp_state::LISTEN, _) | (_, tcp_state::LISTEN) => Ok(()),
-        (tcp_state::CLOSE, tcp_state::SYN_SENT) if sk.is_tcp() => active_open(sk),
-        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => active_established(sk),
-        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) if sk.is_tcp() => passive_established(sk),
-        (tcp_state::SYN_SENT, tcp_state::CLOSE) => connect_failed(sk),
-        (_, tcp_state::CLOSE) => closed(sk),
+fn set_state<S: Sock>(sk: S, change: Change) -> Result<(), i32> {
+    match change {
+        Change::Listen if sk.is_tcp() => listening(sk.addr()),
+        Change::Unlisten => unlistening(sk.addr()),
+        Change::ActiveOpen if sk.is_tcp() => active_open(sk),
+        Change::ActiveEstablished => active_established(sk),
+        Change::PassiveEstablished if sk.is_tcp() => passive_established(sk),
+        Change::ConnectFailed => connect_failed(sk),
+        Change::Closed => closed(sk),
         _ => Ok(()),
     }
 }

@@ -196,6 +196,10 @@ impl Attribution {
     }
 
     fn take_answers(&mut self) {
+        // Answers come only to requests: per event, this is the whole cost.
+        if self.requested.is_empty() {
+            return;
+        }
         while let Ok((id, path)) = self.answers.try_recv() {
             self.remember(id, path);
         }
