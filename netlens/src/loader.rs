@@ -363,43 +363,51 @@ pub struct Probes {
 }
 
 /// Verifies, two at a time, the tracepoint programs of each feature's best
-/// way this kernel has: verification is most of the time attaching takes,
-/// the kernel verifies programs independently, and `load_and_attach` then
-/// finds them loaded. A program that fails here is left for
-/// `load_and_attach` to load again and report.
+/// way this kernel has (each program's best build: the BTF one where it
+/// has one): verification is most of the time attaching takes, the kernel
+/// verifies programs independently, and `load_and_attach` then finds them
+/// loaded. A program that fails here is left for `load_and_attach` to load
+/// again and report.
 fn preload(ebpf: &mut Ebpf, facts: &KernelFacts) {
-    let best: Vec<&'static str> = features::FEATURES
-        .iter()
-        .filter_map(|feature| {
-            feature.ways.iter().find(|way| {
-                way.programs.iter().all(|program| {
-                    HOOKS.iter().any(|hook| {
-                        hook.program == *program
-                            && matches!(hook.attach, Attach::Record | Attach::Raw)
-                            && unavailable(facts, hook).is_none()
-                    })
-                })
-            })
+    let best_hook = |program: &'static str| {
+        let build = builds_of(program).next()?;
+        HOOKS.iter().find(|hook| {
+            hook.program == build
+                && matches!(hook.attach, Attach::Record | Attach::Raw | Attach::Btf)
+                && unavailable(facts, hook).is_none()
         })
-        .flat_map(|way| way.programs.iter().copied())
+    };
+    let best: Vec<&'static Hook> = features::FEATURES
+        .iter()
+        .filter_map(|feature| feature.ways.iter().find(|way| way.programs.iter().all(|program| best_hook(program).is_some())))
+        .flat_map(|way| way.programs.iter().filter_map(|program| best_hook(program)))
         .collect();
     // In the order of `best` (the costliest, lifecycle and retransmits,
     // first), dealt alternately to the two threads.
-    let mut programs: Vec<(usize, &mut aya::programs::Program)> = ebpf
+    let mut programs: Vec<(usize, &'static Hook, &mut aya::programs::Program)> = ebpf
         .programs_mut()
         .filter(|(_, program)| program.fd().is_err())
-        .filter_map(|(name, program)| Some((best.iter().position(|b| *b == name)?, program)))
+        .filter_map(|(name, program)| {
+            let rank = best.iter().position(|hook| hook.program == name)?;
+            Some((rank, best[rank], program))
+        })
         .collect();
-    programs.sort_by_key(|(rank, _)| *rank);
+    programs.sort_by_key(|(rank, _, _)| *rank);
     let (mut first, mut second) = (Vec::new(), Vec::new());
-    for (index, (_, program)) in programs.into_iter().enumerate() {
-        if index % 2 == 0 { first.push(program) } else { second.push(program) }
+    for (index, (_, hook, program)) in programs.into_iter().enumerate() {
+        if index % 2 == 0 { first.push((hook, program)) } else { second.push((hook, program)) }
     }
-    let load_all = |programs: Vec<&mut aya::programs::Program>| {
-        for program in programs {
+    let load_all = |programs: Vec<(&'static Hook, &mut aya::programs::Program)>| {
+        for (hook, program) in programs {
             let _ = match program {
-                aya::programs::Program::TracePoint(p) => p.load(),
-                aya::programs::Program::RawTracePoint(p) => p.load(),
+                aya::programs::Program::TracePoint(p) => p.load().map_err(drop),
+                aya::programs::Program::RawTracePoint(p) => p.load().map_err(drop),
+                // Waits for aya's parse of the kernel BTF, made meanwhile
+                // on a thread of its own (see `Probes::attach_all`).
+                aya::programs::Program::BtfTracePoint(p) => match facts.fentry_btf() {
+                    Ok(btf) => p.load(hook.target, btf).map_err(drop),
+                    Err(_) => Ok(()),
+                },
                 _ => Ok(()),
             };
         }
@@ -471,16 +479,18 @@ impl Probes {
         let loader = std::thread::spawn(EbpfLoader::new);
         let facts = resolve_config()?;
         let t = |what: &str| timing(started, &format!("since start, {what}"));
-        let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
-        t("loader ready");
-        let mut ebpf = open_with(loader, &facts.offsets.config)?;
-        t("object opened, maps created");
-        // The fentry variants need aya's own parse of the kernel's BTF
-        // (~20 ms): while the tracepoints load.
-        let (mut features, tried) = std::thread::scope(|scope| {
+        // The BTF-tracepoint and fentry programs need aya's own parse of
+        // the kernel's BTF (~20 ms): made while the maps are created and the
+        // other programs verified.
+        let (mut ebpf, mut features, tried) = std::thread::scope(|scope| {
             scope.spawn(|| facts.fentry_btf().is_ok());
-            attach_features(&mut ebpf, &facts)
-        });
+            let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
+            t("loader ready");
+            let mut ebpf = open_with(loader, &facts.offsets.config)?;
+            t("object opened, maps created");
+            let (features, tried) = attach_features(&mut ebpf, &facts);
+            anyhow::Ok((ebpf, features, tried))
+        })?;
         if let Some(missing) = features.iter().find(|f| f.feature.required && f.level == features::Level::Missing) {
             anyhow::bail!("{} cannot be traced on this kernel: {} (run `netlens check`)", missing.feature.name, missing.why);
         }

@@ -173,8 +173,11 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         drop(stats);
         stop_netlens(tracer)?;
         f.bulk_netlens.push(rate?);
-        if let Some((_, runs, ns)) = ran.iter().find(|(name, _, _)| name == "tcp_probe" || name == "tcp_probe_btf") {
-            f.probe_ns.push(*ns as f64 / (*runs).max(1) as f64);
+        // The build that served (the other may be loaded, never run).
+        let probe = ran.iter().filter(|(name, _, _)| name == "tcp_probe" || name == "tcp_probe_btf").max_by_key(|(_, runs, _)| *runs);
+        match probe {
+            Some((_, runs, ns)) => f.probe_ns.push(*ns as f64 / (*runs).max(1) as f64),
+            None => println!("pair {pair}: no tcp_probe program ran during bulk: {ran:?}"),
         }
         let empty = EmptyProgram::attach("tcp_probe")?;
         let stats = StatsOn::new()?;
