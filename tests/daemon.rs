@@ -101,7 +101,8 @@ fn counters_move_by_exactly_the_traffic() -> Result<()> {
     let errors: Vec<&Sample> = samples.iter().filter(|s| s.name == "netlens_bpf_errors_total").collect();
     eprintln!("bpf errors: {:?}", errors.iter().map(|s| (s.label("program").unwrap_or(""), s.value)).collect::<Vec<_>>());
     assert!(errors.len() >= 8, "one series per attached program: {errors:?}");
-    assert!(errors.iter().any(|s| s.label("program") == Some("tcp_probe")), "{errors:?}");
+    // The build that serves: BTF tracepoint, or raw (see netlens-ebpf's sock.rs).
+    assert!(errors.iter().any(|s| matches!(s.label("program"), Some("tcp_probe" | "tcp_probe_btf"))), "{errors:?}");
     assert_eq!(errors.iter().map(|s| s.value).sum::<f64>(), 0.0, "{errors:?}");
     assert_eq!(sum(&samples, "netlens_map_read_failures_total", &[]), 0.0);
 

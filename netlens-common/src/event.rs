@@ -62,8 +62,9 @@ pub mod reason {
     pub const NO_LOCAL_PORT: u8 = 6;
 }
 
-/// One event from the ring buffer. Which fields mean something depends on
-/// `kind`; the rest are zero.
+/// One event from the ring buffer: all most kinds carry. Which fields mean
+/// something depends on `kind`; the rest are zero. A `CLOSE` carries more:
+/// it is a [`RawClose`], this and then the connection's dynamics.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawEvent {
@@ -79,6 +80,8 @@ pub struct RawEvent {
     pub bytes_sent: u64,
     /// `CLOSE`: payload bytes received in order. `RETRANSMIT`: the skb's
     /// first sequence number (same number again: the same segment again).
+    /// `HOL_STALL`: the bytes held, the highest out-of-order end minus
+    /// rcv_nxt at the start.
     pub bytes_received: u64,
     /// Local address: 4 bytes for IPv4 (rest zero), 16 for IPv6.
     pub saddr: [u8; 16],
@@ -88,7 +91,8 @@ pub struct RawEvent {
     pub pid: u32,
     pub netns: u32,
     /// `RETRANSMIT`: segments in the retransmitted skb; `CLOSE`: total
-    /// retransmitted segments of the connection.
+    /// retransmitted segments of the connection; `HOL_STALL`: segments
+    /// queued out of order meanwhile; `SLOW_START_EXIT`: cwnd at the exit.
     pub segs: u32,
     /// `CLOSE`: retransmitted segments the peer reported as duplicates (DSACK).
     pub spurious_retransmits: u32,
@@ -105,16 +109,20 @@ pub struct RawEvent {
     /// `HANDSHAKE_FAILED`: one of [`reason`]; `ZERO_WINDOW`: one of [`side`].
     pub reason: u8,
     pub _pad: [u8; 6],
-    /// Transport dynamics: `CLOSE` carries all of these; `HOL_STALL` carries
-    /// `bytes_held` and `ooo_segments` (its duration in `duration_ns`);
-    /// `SLOW_START_EXIT` carries `cwnd` (time since established in
-    /// `duration_ns`).
-    pub transport: Transport,
     /// `ACCEPTED`: the listener's accept queue length (`sk_ack_backlog`)
     /// right after accept() took this connection, and its limit
     /// (`sk_max_ack_backlog`).
     pub queue_len: u32,
     pub backlog: u32,
+}
+
+/// A `CLOSE` event: the event, then the connection's dynamics. The other
+/// kinds leave the dynamics out of the ring buffer (about half the bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawClose {
+    pub event: RawEvent,
+    pub transport: Transport,
 }
 
 /// A connection's transport dynamics, kept per flow and reported at close.
@@ -145,13 +153,12 @@ pub struct Transport {
     pub hol_stalls: u32,
     /// Segments received beyond rcv_nxt (queued out of order).
     pub ooo_segments: u32,
-    /// `HOL_STALL`: highest out-of-order end minus rcv_nxt at the start.
-    pub bytes_held: u32,
     /// Segments sent (`tcp_sock.segs_out`), at close: the denominator of
     /// retransmits per 1,000 segments.
     pub segs_out: u32,
     /// The congestion control algorithm's name ("cubic", "bbr", ...).
     pub congestion: [u8; 16],
+    pub _pad: u32,
 }
 
 /// Per-connection state kept in the kernel's flow table, keyed by socket
@@ -280,6 +287,7 @@ pub struct ListenerOwner {
 mod pod {
     // SAFETY: #[repr(C)], integer and byte-array fields only, explicit padding.
     unsafe impl aya::Pod for super::RawEvent {}
+    unsafe impl aya::Pod for super::RawClose {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::ListenOverflow {}

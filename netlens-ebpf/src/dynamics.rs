@@ -34,7 +34,7 @@ pub fn exit_slow_start(flow: &mut Flow, now: u64, cwnd: u32) {
     emit(|event| {
         stamp(event, kind::SLOW_START_EXIT, now, &tuple, flow);
         event.duration_ns = after_ns;
-        event.transport.cwnd = cwnd;
+        event.segs = cwnd;
     });
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use netlens_common::{counter, program, Flow, RawEvent, Transport, RING_BYTES};
+use netlens_common::{counter, program, Flow, RawEvent, RING_BYTES};
 
 use crate::kernel::Tuple;
 
@@ -54,16 +54,17 @@ pub fn counted<T, E>(program: u32, result: Result<T, E>) {
 
 /// Sends one event, built by `fill` in place in the ring buffer (no copy
 /// on the 512-byte stack), or counts it as lost when the ring buffer is
-/// full. `fill` must start with [`stamp`], which writes every field.
+/// full. `fill` must start with [`stamp`], which writes every field of a
+/// [`RawEvent`]; a `RawClose`'s dynamics are the caller's to write.
 #[inline(always)]
-pub fn emit(fill: impl FnOnce(&mut RawEvent)) {
-    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+pub fn emit<T: Copy + 'static>(fill: impl FnOnce(&mut T)) {
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
         count(counter::EVENTS_LOST, 1);
         return;
     };
-    // SAFETY: the reserved slot holds one RawEvent, and RawEvent is plain
-    // old data: any bytes are a valid value; `stamp` then writes them all.
-    // (Not zeroed first: that costs a memset call per event.)
+    // SAFETY: the reserved slot holds one T, a plain-old-data record: any
+    // bytes are a valid value, and `fill` writes them all. (Not zeroed
+    // first: that costs a memset call per event.)
     fill(unsafe { &mut *entry.as_mut_ptr() });
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
@@ -85,7 +86,6 @@ pub fn stamp(event: &mut RawEvent, kind: u8, now: u64, tuple: &Tuple, flow: &Flo
     event.state = 0;
     event.reason = 0;
     event._pad = [0; 6];
-    event.transport = Transport::default();
     event.queue_len = 0;
     event.backlog = 0;
     event.ts_ns = now;

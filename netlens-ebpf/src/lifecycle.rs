@@ -24,7 +24,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use netlens_common::{direction, kind, program, reason, tcp_state, Flow, TupleKey};
+use netlens_common::{direction, kind, program, reason, tcp_state, Flow, RawClose, TupleKey};
 
 use crate::{
     config::cfg_field,
@@ -307,15 +307,16 @@ fn report_close<S: Sock>(sk: S, flow: &Flow, now: u64) -> Result<(), i32> {
     let total_retrans: u32 = sk.get(cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
     let dsack_dups: u32 = sk.get(cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
     let segs_out: u32 = sk.get(cfg_field!(kernel.tcp_segs_out)).unwrap_or(0);
-    emit(|event| {
+    emit(|close: &mut RawClose| {
+        let event = &mut close.event;
         stamp(event, kind::CLOSE, now, &tuple, flow);
         event.duration_ns = lifetime_ns;
         event.bytes_sent = sent.saturating_sub(retrans);
         event.bytes_received = received.saturating_sub(fin_received);
         event.segs = total_retrans;
         event.spurious_retransmits = dsack_dups;
-        dynamics::at_close(sk, flow, now, &mut event.transport);
-        event.transport.segs_out = segs_out;
+        dynamics::at_close(sk, flow, now, &mut close.transport);
+        close.transport.segs_out = segs_out;
     });
     Ok(())
 }

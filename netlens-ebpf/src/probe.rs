@@ -159,8 +159,8 @@ fn report_stall(flow: &Flow, end_ns: u64) -> u64 {
         emit(|event| {
             stamp(event, kind::HOL_STALL, end_ns, &tuple, flow);
             event.duration_ns = stall_ns;
-            event.transport.bytes_held = bytes_held;
-            event.transport.ooo_segments = ooo_segments;
+            event.bytes_received = u64::from(bytes_held);
+            event.segs = ooo_segments;
         });
     }
     stall_ns

@@ -2,7 +2,15 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use netlens_common::{direction, kind, reason, side, tcp_state, RawEvent, AF_INET, AF_INET6, NEVER};
+use netlens_common::{direction, kind, reason, side, tcp_state, RawClose, RawEvent, Transport, AF_INET, AF_INET6, NEVER};
+
+/// A plain-old-data record of type T at the start of `bytes`, if they hold
+/// one.
+fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: T is plain old data (any bytes are a valid value) and the
+    // slice holds at least one; read_unaligned copes with any alignment.
+    (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
 
 /// A process name as the kernel keeps it (`TASK_COMM_LEN`, 16 bytes with
 /// its NUL), held inline: decoding an event allocates nothing. Reads as a
@@ -295,9 +303,21 @@ impl ConnEvent {
         if self.local.is_ipv4() { 4 } else { 6 }
     }
 
-    /// Decodes a ring-buffer record; `None` for a record of unknown kind or
-    /// family (a newer kernel side than this userspace).
-    pub fn decode(raw: &RawEvent) -> Option<Self> {
+    /// Decodes one ring-buffer record: a `RawEvent`, or for a close a
+    /// `RawClose`; `None` for one too short for its kind.
+    pub fn from_record(record: &[u8]) -> Option<Self> {
+        let raw: RawEvent = read_record(record)?;
+        let transport = match raw.kind {
+            kind::CLOSE => Some(read_record::<RawClose>(record)?.transport),
+            _ => None,
+        };
+        Self::decode(&raw, transport.as_ref())
+    }
+
+    /// Decodes an event, with a close's dynamics; `None` for a record of
+    /// unknown kind or family (a newer kernel side than this userspace), or
+    /// a close without its dynamics.
+    pub fn decode(raw: &RawEvent, transport: Option<&Transport>) -> Option<Self> {
         let (local_ip, remote_ip) = addresses(raw.family, &raw.saddr, &raw.daddr)?;
         let detail = match raw.kind {
             kind::HANDSHAKE => Detail::Handshake {
@@ -324,12 +344,12 @@ impl ConnEvent {
                 bytes_received: raw.bytes_received,
                 retransmits: raw.segs,
                 spurious_retransmits: raw.spurious_retransmits,
-                transport: Dynamics::decode(&raw.transport),
+                transport: Dynamics::decode(transport?),
             },
             kind::HOL_STALL => Detail::HolStall {
                 stall_ns: raw.duration_ns,
-                bytes_held: raw.transport.bytes_held,
-                ooo_segments: raw.transport.ooo_segments,
+                bytes_held: raw.bytes_received as u32,
+                ooo_segments: raw.segs,
             },
             kind::ZERO_WINDOW => Detail::ZeroWindow {
                 side: match raw.reason {
@@ -339,7 +359,7 @@ impl ConnEvent {
                 },
                 stall_ns: raw.duration_ns,
             },
-            kind::SLOW_START_EXIT => Detail::SlowStartExit { after_ns: raw.duration_ns, cwnd: raw.transport.cwnd },
+            kind::SLOW_START_EXIT => Detail::SlowStartExit { after_ns: raw.duration_ns, cwnd: raw.segs },
             kind::ACCEPTED => Detail::Accepted { wait_ns: raw.duration_ns, queue_len: raw.queue_len, backlog: raw.backlog },
             _ => return None,
         };
@@ -440,7 +460,7 @@ mod tests {
         let mut record = raw(kind::HANDSHAKE);
         record.direction = direction::PASSIVE;
         record.duration_ns = 1_500_000;
-        let event = ConnEvent::decode(&record).unwrap();
+        let event = ConnEvent::decode(&record, None).unwrap();
         assert_eq!(event.local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(event.remote, "127.0.0.2:40000".parse().unwrap());
         assert_eq!(event.pid, None);
@@ -459,7 +479,7 @@ mod tests {
         record.pid = 42;
         record.state = tcp_state::SYN_SENT;
         record.segs = 1;
-        let event = ConnEvent::decode(&record).unwrap();
+        let event = ConnEvent::decode(&record, None).unwrap();
         assert_eq!(event.family(), 6);
         assert_eq!(event.comm.as_deref(), Some("curl"));
         assert_eq!(event.pid, Some(42));
@@ -485,7 +505,7 @@ mod tests {
         record.duration_ns = 300_000_000;
         record.queue_len = 1;
         record.backlog = 128;
-        let event = ConnEvent::decode(&record).unwrap();
+        let event = ConnEvent::decode(&record, None).unwrap();
         assert_eq!(event.detail, Detail::Accepted { wait_ns: 300_000_000, queue_len: 1, backlog: 128 });
         let mut endpoint = netlens_common::ListenerEndpoint { family: AF_INET, port: 8080, ..Default::default() };
         endpoint.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
@@ -498,11 +518,27 @@ mod tests {
 
     #[test]
     fn close_without_open_has_no_lifetime_and_unknown_kind_is_dropped() {
-        let event = ConnEvent::decode(&raw(kind::CLOSE)).unwrap();
+        let event = ConnEvent::decode(&raw(kind::CLOSE), Some(&Transport::default())).unwrap();
         assert!(matches!(event.detail, Detail::Close { lifetime_ns: None, direction: None, .. }));
-        assert!(ConnEvent::decode(&raw(200)).is_none());
+        assert!(ConnEvent::decode(&raw(200), None).is_none());
         let mut bad_family = raw(kind::CLOSE);
         bad_family.family = 99;
-        assert!(ConnEvent::decode(&bad_family).is_none());
+        assert!(ConnEvent::decode(&bad_family, Some(&Transport::default())).is_none());
+    }
+
+    /// Records as the ring buffer holds them: a close is a RawClose, the
+    /// rest a RawEvent alone; a close cut short is not decoded.
+    #[test]
+    fn records_carry_dynamics_only_for_closes() {
+        let mut handshake = raw(kind::HANDSHAKE);
+        handshake.direction = direction::ACTIVE;
+        let bytes = unsafe { std::slice::from_raw_parts((&handshake as *const RawEvent).cast::<u8>(), size_of::<RawEvent>()) };
+        assert!(matches!(ConnEvent::from_record(bytes).map(|e| e.detail), Some(Detail::Handshake { .. })));
+        let mut close = RawClose { event: raw(kind::CLOSE), ..Default::default() };
+        close.transport.segs_out = 42;
+        let bytes = unsafe { std::slice::from_raw_parts((&close as *const RawClose).cast::<u8>(), size_of::<RawClose>()) };
+        let Some(Detail::Close { transport, .. }) = ConnEvent::from_record(bytes).map(|e| e.detail) else { panic!("no close") };
+        assert_eq!(transport.segs_out, 42);
+        assert!(ConnEvent::from_record(&bytes[..size_of::<RawEvent>()]).is_none());
     }
 }

@@ -8,7 +8,6 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use netlens_common::RawEvent;
 use tokio::{io::unix::AsyncFd, time::Interval};
 
 use crate::{
@@ -116,14 +115,7 @@ impl EventSource {
     pub fn drain(&mut self, filter: &Filter, mut sink: impl FnMut(ConnEvent)) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
-            if item.len() < size_of::<RawEvent>() {
-                self.undecodable += 1;
-                continue;
-            }
-            // SAFETY: RawEvent is plain old data and the slice is long
-            // enough; read_unaligned copes with any alignment.
-            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) };
-            match ConnEvent::decode(&raw) {
+            match ConnEvent::from_record(&item) {
                 Some(event) if filter.matches(&event) => self.attribution.push(event, &mut sink),
                 Some(_) => {}
                 None => self.undecodable += 1,

@@ -103,7 +103,8 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
     let mut command = cargo();
     toolchain.apply(&mut command);
     command
-        .args(["test", "--release", "--workspace", "--exclude", "netlens-ebpf", "--lib", "--bins", "--tests", "--"])
+        // Every test binary runs even after one fails: CI reports them all.
+        .args(["test", "--release", "--no-fail-fast", "--workspace", "--exclude", "netlens-ebpf", "--lib", "--bins", "--tests", "--"])
         .args(args)
         .env("NETLENS_BIN", &binary);
     // The integration tests load eBPF programs: they need root.
@@ -119,7 +120,7 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
         let mut command = cargo();
         toolchain.apply(&mut command);
         command
-            .args(["test", "--release", "-p", "netlens-tests", "--test", "lifecycle", "--test", "transport"])
+            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests", "--test", "lifecycle", "--test", "transport"])
             .env("NETLENS_BIN", &binary)
             .env("NETLENS_SKIP_HOOKS", RAW_FALLBACK_SKIPS);
         println!("xtask: the lifecycle and transport tests again, on the raw-tracepoint builds ({RAW_FALLBACK_SKIPS} left out)");
