@@ -12,17 +12,17 @@ fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     (bytes.len() >= size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// A process name as the kernel keeps it (`TASK_COMM_LEN`, 16 bytes with
-/// its NUL), held inline: decoding an event allocates nothing. Reads as a
-/// `&str`; bytes that are not UTF-8 read as U+FFFD replacement characters
-/// cut to fit.
+/// A name as the kernel keeps it in 16 NUL-padded bytes (a process's comm,
+/// `TASK_COMM_LEN`; a congestion control's, `TCP_CA_NAME_MAX`), held
+/// inline: decoding an event allocates nothing. Reads as a `&str`; bytes
+/// that are not UTF-8 read as U+FFFD replacement characters cut to fit.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Comm {
+pub struct ShortName {
     bytes: [u8; 16],
     len: u8,
 }
 
-impl Comm {
+impl ShortName {
     /// The name in `raw` (up to its first NUL); `None` when empty.
     pub fn from_bytes(raw: &[u8]) -> Option<Self> {
         let raw = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
@@ -58,7 +58,7 @@ impl Comm {
     }
 }
 
-impl std::ops::Deref for Comm {
+impl std::ops::Deref for ShortName {
     type Target = str;
     fn deref(&self) -> &str {
         // Only whole UTF-8 text is ever pushed.
@@ -66,13 +66,13 @@ impl std::ops::Deref for Comm {
     }
 }
 
-impl std::fmt::Debug for Comm {
+impl std::fmt::Debug for ShortName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(&**self, f)
     }
 }
 
-impl std::fmt::Display for Comm {
+impl std::fmt::Display for ShortName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self)
     }
@@ -210,7 +210,7 @@ impl WindowSide {
 /// A connection's transport dynamics, as reported at close.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Dynamics {
-    pub congestion: String,
+    pub congestion: Option<ShortName>,
     pub cwnd: u32,
     pub max_cwnd: u32,
     /// None: still in slow start at close.
@@ -232,9 +232,8 @@ pub struct Dynamics {
 
 impl Dynamics {
     fn decode(raw: &netlens_common::Transport) -> Self {
-        let name_len = raw.congestion.iter().position(|&b| b == 0).unwrap_or(raw.congestion.len());
         Self {
-            congestion: String::from_utf8_lossy(&raw.congestion[..name_len]).into_owned(),
+            congestion: ShortName::from_bytes(&raw.congestion),
             cwnd: raw.cwnd,
             max_cwnd: raw.max_cwnd,
             slow_start_exit_ns: (raw.slow_start_exit_ns != NEVER).then_some(raw.slow_start_exit_ns),
@@ -285,7 +284,7 @@ pub struct ConnEvent {
     pub remote: SocketAddr,
     /// The process that opened the connection (active opens only).
     pub pid: Option<u32>,
-    pub comm: Option<Comm>,
+    pub comm: Option<ShortName>,
     pub netns: u32,
     /// The cgroup id (its cgroup v2 directory's inode); 0 when unknown.
     pub cgroup: u64,
@@ -368,7 +367,7 @@ impl ConnEvent {
             local: SocketAddr::new(local_ip, raw.sport),
             remote: SocketAddr::new(remote_ip, raw.dport),
             pid: (raw.pid != 0).then_some(raw.pid),
-            comm: Comm::from_bytes(&raw.comm),
+            comm: ShortName::from_bytes(&raw.comm),
             netns: raw.netns,
             cgroup: raw.cgroup,
             service: None,
@@ -489,14 +488,14 @@ mod tests {
     /// A comm fills all 16 bytes without a NUL at most; bytes that are not
     /// UTF-8 become replacement characters, cut at a whole character.
     #[test]
-    fn comm_reads_as_text_without_allocating() {
-        assert_eq!(Comm::from_bytes(b"\0junk"), None);
-        assert_eq!(Comm::from_bytes(b"nginx\0\0\0").as_deref(), Some("nginx"));
-        assert_eq!(Comm::from_bytes(b"0123456789abcdef").as_deref(), Some("0123456789abcdef"));
+    fn short_names_read_as_text_without_allocating() {
+        assert_eq!(ShortName::from_bytes(b"\0junk"), None);
+        assert_eq!(ShortName::from_bytes(b"nginx\0\0\0").as_deref(), Some("nginx"));
+        assert_eq!(ShortName::from_bytes(b"0123456789abcdef").as_deref(), Some("0123456789abcdef"));
         // 'a' then 15 invalid bytes: U+FFFD is 3 bytes, so 5 of them fit.
         let mut raw = [0xffu8; 16];
         raw[0] = b'a';
-        assert_eq!(Comm::from_bytes(&raw).as_deref(), Some("a\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}"));
+        assert_eq!(ShortName::from_bytes(&raw).as_deref(), Some("a\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}"));
     }
 
     #[test]

@@ -51,7 +51,7 @@ mod tests {
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
             pid,
-            comm: comm.and_then(|c| crate::event::Comm::from_bytes(c.as_bytes())),
+            comm: comm.and_then(|c| crate::event::ShortName::from_bytes(c.as_bytes())),
             netns: 4026531840,
             cgroup: 1,
             service: None,

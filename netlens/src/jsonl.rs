@@ -228,7 +228,7 @@ fn to_json(event: &ConnEvent) -> JsonEvent<'_> {
             json.bytes_received = Some(*bytes_received);
             json.retransmits = Some(*retransmits);
             json.spurious_retransmits = Some(*spurious_retransmits);
-            json.congestion = (!transport.congestion.is_empty()).then_some(transport.congestion.as_str());
+            json.congestion = transport.congestion.as_deref();
             json.cwnd = Some(transport.cwnd);
             json.max_cwnd = Some(transport.max_cwnd);
             json.slow_start_exit_us = Some(transport.slow_start_exit_ns.map(micros));
@@ -306,7 +306,7 @@ mod tests {
             bytes_received: 20,
             retransmits: 3,
             spurious_retransmits: 1,
-            transport: crate::event::Dynamics { congestion: "bbr".into(), max_cwnd: 40, ..Default::default() },
+            transport: crate::event::Dynamics { congestion: crate::event::ShortName::from_bytes(b"bbr"), max_cwnd: 40, ..Default::default() },
         }));
         assert_eq!(line["event"], "close");
         assert!(line["direction"].is_null() && line["lifetime_us"].is_null());

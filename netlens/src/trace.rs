@@ -239,7 +239,7 @@ fn text_line(event: &ConnEvent, clock: &WallClock) -> String {
                 "{} lifetime={} sent={bytes_sent} received={bytes_received} retrans={retransmits} spurious={spurious_retransmits} {} max_cwnd={} ss_exit={} srtt={}µs hol={}x/{}",
                 direction.map_or("-", |d| d.as_str()),
                 lifetime_ns.map_or("-".to_string(), human_duration),
-                if transport.congestion.is_empty() { "-" } else { &transport.congestion },
+                transport.congestion.as_deref().unwrap_or("-"),
                 transport.max_cwnd,
                 transport.slow_start_exit_ns.map_or("never".to_string(), human_duration),
                 transport.srtt_us,
