@@ -19,7 +19,7 @@ use super::{
     feed::{Extras, Feed},
     listing::Lister,
     terminal::{self, TerminalGuard},
-    view::ViewSettings,
+    view::{View, ViewSettings},
 };
 use crate::{
     census::CensusCache,
@@ -129,7 +129,7 @@ pub async fn run(options: TopOptions) -> Result<()> {
         feed: Feed::for_port(options.filter.port),
         filter: options.filter.clone(),
         census: CensusCache::new(CENSUS_INTERVAL),
-        listing: Lister::start(options.filter.netns, MAX_CONNECTIONS),
+        listing: Lister::start(options.filter.netns, MAX_CONNECTIONS, options.settings.view == View::Connections),
         last_epoch: Instant::now(),
         counters: LastGood::default(),
         bpf_errors: LastGood::default(),
@@ -164,6 +164,8 @@ pub async fn run(options: TopOptions) -> Result<()> {
                     if app.handle_key(key) == Control::Quit {
                         break;
                     }
+                    // Switched to the Connections view: listed by the next frame.
+                    collector.listing.want(app.settings.view == View::Connections);
                 }
                 Event::Resize(..) => {}
                 _ => continue,
