@@ -316,7 +316,16 @@ pub struct Config {
     pub receive_reset: ReceiveResetFields,
     pub kernel: KernelOffsets,
     pub accept_queue: AcceptQueueConfig,
+    /// The kernel wakes userspace once this many event bytes are pending;
+    /// below that, userspace drains on its own timer. Set per command: a
+    /// wake-up costs a context switch, and only `trace` shows events as
+    /// they come.
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
 }
+
+/// [`Config::wakeup_bytes`] where nothing else is asked for.
+pub const DEFAULT_WAKEUP_BYTES: u32 = 64 * 1024;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use netlens_common::{counter, program, Flow, RawEvent, RING_BYTES};
 
-use crate::kernel::Tuple;
+use crate::{config::cfg_field, kernel::Tuple};
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -20,10 +20,6 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static PROGRAM_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(program::COUNT, 0);
 
-/// Userspace is woken once this much is pending; below it, userspace drains
-/// on its own short timer. Waking on every event would cost a context switch
-/// per connection on a churning host.
-const WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// Adds `delta` to this CPU's counter `index`.
 #[inline(always)]
@@ -66,7 +62,10 @@ pub fn emit<T: Copy + 'static>(fill: impl FnOnce(&mut T)) {
     // bytes are a valid value, and `fill` writes them all. (Not zeroed
     // first: that costs a memset call per event.)
     fill(unsafe { &mut *entry.as_mut_ptr() });
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+    // Userspace is woken once `wakeup_bytes` are pending; below that it
+    // drains on its own timer. Waking on every event would cost a context
+    // switch per connection on a churning host.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(cfg_field!(wakeup_bytes)) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

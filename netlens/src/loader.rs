@@ -468,8 +468,10 @@ fn degrade_for_layouts(statuses: &mut [FeatureStatus], facts: &KernelFacts) {
 
 impl Probes {
     /// Checks privileges, resolves offsets, loads and attaches what this
-    /// kernel allows. Fails only when a required feature cannot be served.
-    pub fn attach_all() -> Result<Self> {
+    /// kernel allows, the programs waking userspace once `wakeup_bytes` of
+    /// events are pending. Fails only when a required feature cannot be
+    /// served.
+    pub fn attach_all(wakeup_bytes: u32) -> Result<Self> {
         let started = Instant::now();
         if let Some(problem) = probe::preflight() {
             return Err(anyhow!(problem));
@@ -477,7 +479,8 @@ impl Probes {
         // aya parses the kernel's BTF when its loader is created (~25 ms);
         // do that while we resolve our own offsets.
         let loader = std::thread::spawn(EbpfLoader::new);
-        let facts = resolve_config()?;
+        let mut facts = resolve_config()?;
+        facts.offsets.config.wakeup_bytes = wakeup_bytes;
         let t = |what: &str| timing(started, &format!("since start, {what}"));
         // The BTF-tracepoint and fentry programs need aya's own parse of
         // the kernel's BTF (~20 ms): made while the maps are created and the

@@ -80,6 +80,7 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved> {
     let code_ranges = CodeRanges::start();
     let mut config = Config {
         kernel: kernel_offsets(btf).context("resolving kernel struct offsets from BTF")?,
+        wakeup_bytes: netlens_common::DEFAULT_WAKEUP_BYTES,
         ..Config::default()
     };
     let mut unavailable = Vec::new();

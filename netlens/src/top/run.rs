@@ -26,7 +26,7 @@ use crate::{
     filter::Filter,
     lastgood::LastGood,
     loader::KernelCounters,
-    source::{monotonic_ns, EventSource},
+    source::{monotonic_ns, Delivery, EventSource},
 };
 
 /// Connections shown at most (listed from the kernel, and the flow table
@@ -123,7 +123,7 @@ pub fn require_terminal(options: &TopOptions) -> Result<()> {
 pub async fn run(options: TopOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let source = EventSource::start(&options.filter)?;
+    let source = EventSource::start(&options.filter, Delivery::Batched)?;
     let mut collector = Collector {
         source,
         feed: Feed::for_port(options.filter.port),
