@@ -87,6 +87,36 @@ pub struct TcpNow {
 
 const IPPROTO_TCP: u16 = 6;
 
+/// Members placed by the probe offsets (`netlens_common::ProbeOffsets`):
+/// read from copied windows, or from a typed socket directly.
+pub trait ProbeFields {
+    fn field<T: Copy>(&self, place: u16) -> Result<T, i32>;
+}
+
+impl ProbeFields for &Windows {
+    #[inline(always)]
+    fn field<T: Copy>(&self, place: u16) -> Result<T, i32> {
+        self.get(place)
+    }
+}
+
+impl TcpNow {
+    #[inline(always)]
+    fn read(tp: impl ProbeFields) -> Result<Self, i32> {
+        let probe = cfg_field!(probe);
+        Ok(Self {
+            snd_cwnd: tp.field(probe.snd_cwnd)?,
+            snd_ssthresh: tp.field(probe.snd_ssthresh)?,
+            srtt_us: tp.field(probe.srtt_us)?,
+            min_rtt_us: tp.field(probe.min_rtt)?,
+            snd_wnd: tp.field(probe.snd_wnd)?,
+            rcv_wnd: tp.field(probe.rcv_wnd)?,
+            rcv_nxt: tp.field(probe.rcv_nxt)?,
+            ca_state_byte: tp.field(probe.ca_state)?,
+        })
+    }
+}
+
 /// A socket known by its address only.
 #[derive(Clone, Copy)]
 pub struct Probed(pub u64);
@@ -115,18 +145,7 @@ impl Sock for Probed {
     /// One copy per window of the members (one or two on most kernels).
     #[inline(always)]
     fn tcp_now(self, slot: u32) -> Result<TcpNow, i32> {
-        let probe = cfg_field!(probe);
-        let tp = Windows::copy(self.0, &probe.windows, slot)?;
-        Ok(TcpNow {
-            snd_cwnd: tp.get(probe.snd_cwnd)?,
-            snd_ssthresh: tp.get(probe.snd_ssthresh)?,
-            srtt_us: tp.get(probe.srtt_us)?,
-            min_rtt_us: tp.get(probe.min_rtt)?,
-            snd_wnd: tp.get(probe.snd_wnd)?,
-            rcv_wnd: tp.get(probe.rcv_wnd)?,
-            rcv_nxt: tp.get(probe.rcv_nxt)?,
-            ca_state_byte: tp.get(probe.ca_state)?,
-        })
+        TcpNow::read(Windows::copy(self.0, &cfg_field!(probe.windows), slot)?)
     }
 }
 
@@ -145,14 +164,16 @@ impl Typed {
         (tp != 0).then_some(Self(tp))
     }
 
-    /// A member placed by the probe offsets, which give each member's place
-    /// in the copied windows (see `netlens_common::ProbeOffsets`): window
-    /// `field / RECORD_MAX` starts at its `start` in the socket.
+}
+
+/// A member placed by the probe offsets, which give each member's place in
+/// the copied windows (see `netlens_common::ProbeOffsets`): window `field /
+/// RECORD_MAX` starts at its `start` in the socket.
+impl ProbeFields for &Typed {
     #[inline(always)]
-    fn probe_field<T: Copy>(self, field: u16) -> Result<T, i32> {
+    fn field<T: Copy>(&self, field: u16) -> Result<T, i32> {
         let windows = cfg_field!(probe.windows);
-        let index = field as usize / RECORD_MAX;
-        let window = windows.get(index).ok_or(-1)?;
+        let window = windows.get(field as usize / RECORD_MAX).ok_or(-1)?;
         self.get(window.start + (field as usize % RECORD_MAX) as u32)
     }
 }
@@ -204,16 +225,6 @@ impl Sock for Typed {
 
     #[inline(always)]
     fn tcp_now(self, _slot: u32) -> Result<TcpNow, i32> {
-        let probe = cfg_field!(probe);
-        Ok(TcpNow {
-            snd_cwnd: self.probe_field(probe.snd_cwnd)?,
-            snd_ssthresh: self.probe_field(probe.snd_ssthresh)?,
-            srtt_us: self.probe_field(probe.srtt_us)?,
-            min_rtt_us: self.probe_field(probe.min_rtt)?,
-            snd_wnd: self.probe_field(probe.snd_wnd)?,
-            rcv_wnd: self.probe_field(probe.rcv_wnd)?,
-            rcv_nxt: self.probe_field(probe.rcv_nxt)?,
-            ca_state_byte: self.probe_field(probe.ca_state)?,
-        })
+        TcpNow::read(&self)
     }
 }

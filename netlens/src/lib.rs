@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod loader;
 pub mod optional;
 pub mod service;
+pub mod short_name;
 pub mod source;
 pub mod top;
 pub mod trace;
