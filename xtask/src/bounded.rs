@@ -20,7 +20,13 @@ pub struct Outcome {
     pub status: Option<ExitStatus>,
     /// Everything it wrote on stdout.
     pub stdout: String,
+    /// Its last [`TAIL_LINES`] lines, stdout and stderr as they came: what a
+    /// report shows when the child hung, since CI logs keep only their end.
+    pub tail: Vec<String>,
 }
+
+/// How many of a child's last output lines [`Outcome::tail`] keeps.
+pub const TAIL_LINES: usize = 40;
 
 impl Outcome {
     pub fn success(&self) -> bool {
@@ -84,6 +90,7 @@ pub fn run(command: &mut Command, limit: Duration, label: &str) -> Result<Outcom
 
     let deadline = start + limit;
     let mut collected = String::new();
+    let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
     let mut status = None;
     let mut ended_at: Option<Instant> = None;
     let mut pipes_open = true;
@@ -91,6 +98,10 @@ pub fn run(command: &mut Command, limit: Duration, label: &str) -> Result<Outcom
         if pipes_open {
             match lines_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok((is_stdout, line)) => {
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line.clone());
                     if is_stdout {
                         println!("[{label}] {line}");
                         collected.push_str(&line);
@@ -122,7 +133,7 @@ pub fn run(command: &mut Command, limit: Duration, label: &str) -> Result<Outcom
             }
         }
     }
-    Ok(Outcome { status, stdout: collected })
+    Ok(Outcome { status, stdout: collected, tail: tail.into() })
 }
 
 /// SIGKILLs `root` and every process descended from it (virtme-ng runs QEMU

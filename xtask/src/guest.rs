@@ -26,6 +26,9 @@ const GUEST_MEMORY: &str = "2G";
 const CHECK_LIMIT: Duration = Duration::from_secs(120);
 const SMOKE_LIMIT: Duration = Duration::from_secs(60);
 const TEST_BINARY_LIMIT: Duration = Duration::from_secs(480);
+/// How long before the host's limit the guest reports what it is stuck on
+/// (boot takes 6-10 s of that).
+const GUEST_DUMP_BEFORE: Duration = Duration::from_secs(60);
 
 /// A test executable built on the host, run inside the guest.
 pub struct TestBinary {
@@ -83,7 +86,7 @@ pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     fs::write(dir.join("guest.sh"), GUEST_SCRIPT)?;
     let tests: Vec<&TestBinary> = inputs.tests.iter().filter(|test| crate::matrix::runs_in(label, &test.name)).collect();
-    fs::write(dir.join("plan.tsv"), plan(&inputs.netlens, &tests, test_args))?;
+    fs::write(dir.join("plan.tsv"), plan(&inputs.netlens, &tests, test_args, limit))?;
     // The command travels base64-encoded on the kernel command line (2 KiB
     // at most): keep it short, the plan is in a file.
     let script = dir.join("guest.sh");
@@ -92,6 +95,17 @@ pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[
         .arg(&image.vmlinuz)
         // No KVM on this kind of machine: TCG.
         .arg("--disable-kvm")
+        // One host thread for all vCPUs. With one thread per vCPU (QEMU's
+        // default), a vCPU entering a function while another patches its
+        // ftrace site (netlens detaching an fentry/fexit program at exit)
+        // could keep executing its stale translation forever: the 5.10
+        // guest's soft lockup showed a CPU stuck for minutes at
+        // inet_csk_accept+0x0, whose bytes were by then a plain 5-byte NOP,
+        // and netlens in synchronize_rcu waiting on that CPU. Seen in about
+        // one 5.10 guest in five, mostly on a busy host. Real CPUs execute
+        // what memory holds (the kernel serializes them after a patch);
+        // round-robin vCPUs see each write before they run again.
+        .args(["--qemu-opts", "-accel tcg,thread=single"])
         // Debian 12's virtiofsd is too old for virtme-ng.
         .arg("--force-9p")
         .args(["--memory", GUEST_MEMORY])
@@ -105,11 +119,14 @@ pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[
 }
 
 /// plan.tsv: what guest.sh runs, one tab-separated record a line.
-fn plan(netlens: &Path, tests: &[&TestBinary], test_args: &[String]) -> String {
+fn plan(netlens: &Path, tests: &[&TestBinary], test_args: &[String], whole_guest_limit: Duration) -> String {
     let mut plan = format!("netlens\t{}\n", netlens.display());
     for (name, limit) in [("check", CHECK_LIMIT), ("smoke", SMOKE_LIMIT), ("test", TEST_BINARY_LIMIT)] {
         let _ = writeln!(plan, "limit\t{name}\t{}", limit.as_secs());
     }
+    // When the guest itself describes what hangs, before the host kills it
+    // (a process stuck in the kernel outlives its own `timeout`).
+    let _ = writeln!(plan, "limit\tguest_dump\t{}", whole_guest_limit.saturating_sub(GUEST_DUMP_BEFORE).as_secs());
     for arg in test_args {
         let _ = writeln!(plan, "arg\t{arg}");
     }

@@ -60,24 +60,50 @@ in_ram() { # path: a copy in guest RAM, or the path itself when that fails
 }
 [ -n "$netlens" ] && netlens=$(in_ram "$netlens")
 
-# What every user process is doing: state, wait channel and kernel stack
-# of each thread. Printed just before a test binary is killed at its
-# limit, so a hang leaves its cause behind.
+# What the guest is doing: the kernel's last messages first (an RCU stall
+# or a soft lockup names the CPU and the code that holds everyone else up;
+# a process stuck in synchronize_rcu only waits), then every user thread
+# (pid tid comm state wchan) and every kernel thread that is running or in
+# uninterruptible sleep, with the kernel stack of those that are not
+# asleep. Printed just before a test binary is killed at its limit, so a
+# hang leaves its cause behind. A task's files can block while it exits:
+# threads whose stat is gone are skipped, stacks are read under timeout.
 dump_processes() {
-    echo "guest: processes at the limit (pid tid comm state wchan; kernel stack):"
+    echo "guest: the kernel's last messages:"
+    dmesg 2>/dev/null | tail -n 60 | sed 's/^/  /'
+    echo "guest: threads (pid tid comm state wchan; kernel stack unless sleeping):"
     for task in /proc/[0-9]*/task/[0-9]*; do
         pid=${task%/task/*}; pid=${pid#/proc/}
         # stat after the ")" that ends comm: state ppid ...
-        set -- $(sed 's/.*) //' "$task/stat" 2>/dev/null) - -
-        [ "$pid" = 2 ] || [ "$2" = 2 ] && continue # kernel threads
+        stat=$(sed 's/.*) //' "$task/stat" 2>/dev/null)
+        [ -n "$stat" ] || continue
+        set -- $stat
+        kernel_thread=no
+        { [ "$pid" = 2 ] || [ "$2" = 2 ]; } && kernel_thread=yes
+        case $kernel_thread$1 in yes[RD]) ;; yes*) continue ;; esac
         echo "  $pid ${task##*/} $(cat "$task/comm" 2>/dev/null) $1 $(cat "$task/wchan" 2>/dev/null)"
-        sed 's/^/      /' "$task/stack" 2>/dev/null | head -12
+        case $1 in
+            S|I|Z) ;;
+            *) timeout -k 1 2 cat "$task/stack" 2>/dev/null | head -12 | sed 's/^/      /' ;;
+        esac
     done
-    # An RCU stall or a soft lockup names the CPU and the code that holds
-    # everyone else up (a process stuck in synchronize_rcu only waits).
-    echo "guest: the kernel's last messages:"
-    dmesg 2>/dev/null | tail -n 60 | sed 's/^/  /'
 }
+
+# A guest that reaches the host's limit says why in a few lines (the host
+# shows the guest's last lines when it kills it): the full dump goes to
+# OUT/hang.txt, the processes that are not asleep and the kernel's last
+# words to the console.
+if [ -n "${guest_dump_limit:-}" ]; then
+    (
+        sleep "$guest_dump_limit" >/dev/null 2>&1
+        dump_processes >"$out/hang.txt" 2>&1
+        echo "guest: still running ${guest_dump_limit} s after start; tasks not sleeping (full dump in hang.txt):"
+        awk '/^guest:/ { show = 0 } /^  [0-9]/ { show = ($4 != "S" && $4 != "I") } show' "$out/hang.txt" | head -n 40
+        echo "guest: last kernel messages:"
+        dmesg 2>/dev/null | tail -n 12 | sed 's/^/  /'
+    ) &
+    guest_watchdog=$!
+fi
 
 uname -r >"$out/uname"
 : >"$out/steps.tsv"
@@ -173,6 +199,7 @@ status=$?
 cat "$out/daemon.err" >&2
 step daemon-exit "$status"
 
+[ -n "${guest_watchdog:-}" ] && kill "$guest_watchdog" 2>/dev/null
 date >"$out/finished"
 # The host reads the verdict from steps.tsv; this status is for humans.
 ! grep -qv "${tab}0${tab}" "$out/steps.tsv"

@@ -273,8 +273,11 @@ fn read_guest_results(column: &mut Column, results: &GuestResults, limit: Durati
         column.release = Some(release.trim().to_string());
     }
     if !results.finished() {
+        // CI keeps only the end of the log: the guest's last lines go into
+        // the notes below the matrix, where they survive.
+        let last_lines: String = results.outcome.tail.iter().map(|line| format!("\n      | {line}")).collect();
         column.problems.push(format!(
-            "the guest did not finish ({}); output in {}",
+            "the guest did not finish ({}); output in {}; its last lines:{last_lines}",
             results.outcome.describe(limit),
             results.dir.display()
         ));
