@@ -84,14 +84,17 @@ pub fn resolve_config() -> Result<KernelFacts> {
 
 /// Parses the object and fills in `CONFIG`; nothing is loaded yet.
 pub fn open(config: &Config) -> Result<Ebpf> {
-    open_with(EbpfLoader::new(), config)
+    open_with(EbpfLoader::new(), config, netlens_common::RING_BYTES)
 }
 
-fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config) -> Result<Ebpf> {
+/// `ring_bytes`: the size of the event ring buffer (a power of two, at
+/// least a page).
+fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config, ring_bytes: u32) -> Result<Ebpf> {
     raise_memlock();
     if let Some(entries) = flow_table_entries()? {
         loader.map_max_entries("FLOWS", entries);
     }
+    loader.map_max_entries("EVENTS", ring_bytes);
     loader
         .override_global("CONFIG", config, true)
         .load(EBPF_OBJECT)
@@ -373,10 +376,10 @@ fn degrade_for_layouts(statuses: &mut [FeatureStatus], facts: &KernelFacts) {
 
 impl Probes {
     /// Checks privileges, resolves offsets, loads and attaches what this
-    /// kernel allows, the programs waking userspace once `wakeup_bytes` of
-    /// events are pending. Fails only when a required feature cannot be
-    /// served.
-    pub fn attach_all(wakeup_bytes: u32) -> Result<Self> {
+    /// kernel allows, with an event ring buffer of `ring_bytes` whose
+    /// programs wake userspace once `wakeup_bytes` of events are pending.
+    /// Fails only when a required feature cannot be served.
+    pub fn attach_all(ring_bytes: u32, wakeup_bytes: u32) -> Result<Self> {
         let started = Instant::now();
         if let Some(problem) = probe::preflight() {
             return Err(anyhow!(problem));
@@ -394,7 +397,7 @@ impl Probes {
             scope.spawn(|| facts.fentry_btf().is_ok());
             let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
             t("loader ready");
-            let mut ebpf = open_with(loader, &facts.offsets.config)?;
+            let mut ebpf = open_with(loader, &facts.offsets.config, ring_bytes)?;
             t("object opened, maps created");
             let (features, tried) = attach_features(&mut ebpf, &facts);
             anyhow::Ok((ebpf, features, tried))
