@@ -51,14 +51,20 @@ fn serious(findings: &[Value]) -> Vec<&Value> {
 /// of that kind (on loopback both ends of a connection are watched: the
 /// client's `ip:port` and the listener's `*:port` may both show it).
 fn assert_only<'a>(findings: &'a [Value], kind: &str, endpoint: &str) -> &'a Value {
+    let found = assert_found(findings, kind, endpoint);
+    for f in serious(findings) {
+        assert_eq!(f["finding"], kind, "another finding: {f}");
+    }
+    found
+}
+
+/// `kind` is found on `endpoint` as a warning or critical finding.
+fn assert_found<'a>(findings: &'a [Value], kind: &str, endpoint: &str) -> &'a Value {
     let found = findings
         .iter()
         .find(|f| f["finding"] == kind && f["endpoint"] == endpoint)
         .unwrap_or_else(|| panic!("no {kind} on {endpoint}: {findings:?}"));
     assert!(found["severity"] == "warning" || found["severity"] == "critical", "{found}");
-    for f in serious(findings) {
-        assert_eq!(f["finding"], kind, "another finding: {f}");
-    }
     found
 }
 
@@ -128,15 +134,29 @@ fn hol_blocking_is_found() -> Result<()> {
         "table inet doctor {\n set held { typeof tcp sequence; flags dynamic,timeout; timeout 300ms; }\n chain pre {\n  type filter hook prerouting priority 0;\n  tcp dport 8103 tcp sequence @held drop\n  tcp dport 8103 ip length > 1000 numgen inc mod 5000 == 1200 add @held { tcp sequence } drop\n }\n}\n",
     )?;
     let doctor = doctor(&netns)?;
+    let before = netns.nstat()?;
     // One segment in 5,000 held for 300 ms: about nine RTO stalls over
-    // 64 MB. After each RTO the sender resends its window, about 36
-    // segments, so retransmits stay near 7 per 1,000 segments, below the
-    // loss rule's 10: at one in 2,500 they came to 10.7 and the run also
-    // showed (rightly) retransmit_loss.
+    // 64 MB. How much the sender resends after each RTO is not ours to
+    // fix: usually about 36 segments (7 retransmits per 1,000 segments,
+    // below the loss rule's 10), but one fresh-clone CI run resent about
+    // 119 per stall (1,187 of 47,551 segments, none of them spurious) and
+    // the doctor rightly named retransmit_loss too. That one other finding
+    // is allowed, and only when the kernel counted at least the
+    // retransmits it reports.
     let transfer = Bulk { bytes: 64 << 20, cpu: Some(0), ..Bulk::default() }.run(&netns, addr)?;
     netns.wait_closed(Duration::from_secs(10))?;
+    let after = netns.nstat()?;
     let findings = findings(doctor)?;
-    let found = assert_only(&findings, "hol_blocking", "*:8103");
+    let found = assert_found(&findings, "hol_blocking", "*:8103");
+    let kernel_retransmits = after.get("TcpRetransSegs").copied().unwrap_or(0) - before.get("TcpRetransSegs").copied().unwrap_or(0);
+    for other in serious(&findings).into_iter().filter(|f| f["finding"] != "hol_blocking") {
+        assert_eq!(other["finding"], "retransmit_loss", "another finding: {other}");
+        let evidence = &other["evidence"];
+        let (retransmitted, sent) = (evidence["retransmitted_segs"].as_u64().unwrap_or(0), evidence["segs_out"].as_u64().unwrap_or(0));
+        assert!(retransmitted <= kernel_retransmits, "doctor counts {retransmitted} retransmits, nstat TcpRetransSegs {kernel_retransmits}");
+        assert!(retransmitted * 1000 >= 10 * sent, "retransmit_loss at {retransmitted} of {sent} segments: {other}");
+        eprintln!("hol: also retransmit_loss, {retransmitted} of {sent} segments; nstat TcpRetransSegs {kernel_retransmits}");
+    }
     eprintln!("hol: transfer took {:?}; doctor: {}", transfer.elapsed, found["evidence"]);
     assert!(found["evidence"]["longest_stall_us"].as_u64() >= Some(200_000));
     Ok(())

@@ -105,7 +105,8 @@ pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[
         // one 5.10 guest in five, mostly on a busy host. Real CPUs execute
         // what memory holds (the kernel serializes them after a patch);
         // round-robin vCPUs see each write before they run again.
-        .args(["--qemu-opts", "-accel tcg,thread=single"])
+        // One argument: vng would take a separate "-accel ..." for an option.
+        .arg("--qemu-opts=-accel tcg,thread=single")
         // Debian 12's virtiofsd is too old for virtme-ng.
         .arg("--force-9p")
         .args(["--memory", GUEST_MEMORY])
