@@ -95,18 +95,6 @@ pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[
         .arg(&image.vmlinuz)
         // No KVM on this kind of machine: TCG.
         .arg("--disable-kvm")
-        // One host thread for all vCPUs. With one thread per vCPU (QEMU's
-        // default), a vCPU entering a function while another patches its
-        // ftrace site (netlens detaching an fentry/fexit program at exit)
-        // could keep executing its stale translation forever: the 5.10
-        // guest's soft lockup showed a CPU stuck for minutes at
-        // inet_csk_accept+0x0, whose bytes were by then a plain 5-byte NOP,
-        // and netlens in synchronize_rcu waiting on that CPU. Seen in about
-        // one 5.10 guest in five, mostly on a busy host. Real CPUs execute
-        // what memory holds (the kernel serializes them after a patch);
-        // round-robin vCPUs see each write before they run again.
-        // One argument: vng would take a separate "-accel ..." for an option.
-        .arg("--qemu-opts=-accel tcg,thread=single")
         // Debian 12's virtiofsd is too old for virtme-ng.
         .arg("--force-9p")
         .args(["--memory", GUEST_MEMORY])

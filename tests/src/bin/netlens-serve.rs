@@ -38,6 +38,10 @@ fn run() -> Result<()> {
     });
     let started = Instant::now();
     while started.elapsed() < LIFETIME {
+        // In poll(2), not in accept() in a loop (see wait_for_connection).
+        if !netlens_tests::traffic::wait_for_connection(&listener, Duration::from_millis(50)) {
+            continue;
+        }
         match listener.accept() {
             Ok((mut stream, _)) => {
                 stream.set_nonblocking(false)?;
@@ -45,7 +49,7 @@ fn run() -> Result<()> {
                 let _ = stream.read_to_end(&mut Vec::new());
                 let _ = stream.write_all(b"ok");
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(1)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
         }
     }
