@@ -154,9 +154,11 @@ done <"$out/plan.tsv"
 # 3. Smoke runs of each command, with a little traffic for trace to see:
 # refused connects (handshake failures) and one HTTP exchange with the daemon.
 (sleep 1; for _ in 1 2 3; do curl -s -m 2 http://127.0.0.1:9/ >/dev/null; done) &
+refused=$!
 timeout -k 5 "$smoke_limit" "$netlens" trace --duration 3 --json >"$out/trace.jsonl" 2>"$out/trace.err" </dev/null
 status=$?
-wait
+# That job only: a bare `wait` would also wait for the whole-guest watchdog.
+wait "$refused"
 cat "$out/trace.err" >&2
 echo "guest: trace printed $(wc -l <"$out/trace.jsonl") events"
 step trace "$status"
