@@ -62,7 +62,7 @@ impl Server {
 
 /// How long a server waits for a connection before it looks at its stop
 /// flag again.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
+pub const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
 /// Waits up to `timeout` for a connection to accept on `listener`.
 ///

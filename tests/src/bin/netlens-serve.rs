@@ -39,7 +39,7 @@ fn run() -> Result<()> {
     let started = Instant::now();
     while started.elapsed() < LIFETIME {
         // In poll(2), not in accept() in a loop (see wait_for_connection).
-        if !netlens_tests::traffic::wait_for_connection(&listener, Duration::from_millis(50)) {
+        if !netlens_tests::traffic::wait_for_connection(&listener, netlens_tests::traffic::ACCEPT_POLL) {
             continue;
         }
         match listener.accept() {
