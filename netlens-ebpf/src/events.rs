@@ -62,15 +62,35 @@ pub fn emit<T: Copy + 'static>(fill: impl FnOnce(&mut T)) {
     // bytes are a valid value, and `fill` writes them all. (Not zeroed
     // first: that costs a memset call per event.)
     fill(unsafe { &mut *entry.as_mut_ptr() });
-    // Userspace is woken once `wakeup_bytes` are pending; below that it
-    // drains on its own timer. Waking on every event would cost a context
-    // switch per connection on a churning host.
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(cfg_field!(wakeup_bytes)) {
+    let flags = if crosses_wakeup(EVENTS.query(BPF_RB_AVAIL_DATA as u64), record_bytes::<T>()) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(flags as u64);
+}
+
+/// What one record of `T` takes in the ring: an 8-byte header, rounded up
+/// to 8 bytes.
+#[inline(always)]
+const fn record_bytes<T>() -> u64 {
+    ((size_of::<T>() + 8 + 7) & !7) as u64
+}
+
+/// Whether the record just reserved (its `len` bytes the last of the
+/// `pending` bytes userspace has not read) takes the pending bytes across a
+/// multiple of `wakeup_bytes`: userspace is woken once per `wakeup_bytes`
+/// of events, and below that drains on its own timer. Waking on every
+/// event would cost a context switch per connection on a churning host;
+/// waking on every event while more than `wakeup_bytes` are pending (as
+/// netlens did) costs an inter-processor interrupt per event from the
+/// threshold until userspace has drained, a VM exit each on a virtual
+/// machine. Records from other CPUs can make one crossing wake twice or
+/// none; the timer bounds a missed one.
+#[inline(always)]
+fn crosses_wakeup(pending: u64, len: u64) -> bool {
+    let wakeup_bytes = u64::from(cfg_field!(wakeup_bytes)).max(1);
+    pending / wakeup_bytes != pending.saturating_sub(len) / wakeup_bytes
 }
 
 /// Stamps an event with its kind, time, 4-tuple and the flow's identity,

@@ -205,6 +205,42 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask bench cost --against OTHER`: kernel time per connection
+/// (BPF stats) of `trace --json` from this build and from `other`,
+/// alternating, with each run's busiest programs: an A/B of an eBPF change
+/// on the same host minutes apart, where the machine's drift is smaller
+/// than between two `bench all` runs.
+pub fn cost(netlens: &Path, other: &Path, pairs: u32, seconds: u32) -> Result<()> {
+    let builds = [("this build", netlens), ("--against", other)];
+    let mut per_connection = [Vec::new(), Vec::new()];
+    for pair in 1..=pairs {
+        for (index, (label, binary)) in builds.iter().enumerate() {
+            let newer_than = bpfstats::highest_id()?;
+            let (tracer, _) = start_tracer(binary)?;
+            let measured = churn_measured(seconds, newer_than);
+            stop_netlens(tracer)?;
+            let (run, ns, programs) = measured?;
+            per_connection[index].push(ns);
+            println!("pair {pair}: {label}: {:.0} conn/s, {ns:.0} ns kernel/conn ({})", run.rate, busiest(&programs, run.connections));
+        }
+    }
+    let (this, against) = (mean(&per_connection[0]), mean(&per_connection[1]));
+    println!("cost: this build {this:.0} ns/conn, --against {against:.0} ns/conn, ratio {:.3}", this / against.max(1.0));
+    Ok(())
+}
+
+/// The costliest programs of a run: runs per connection × ns per run.
+fn busiest(programs: &[(String, u64, u64)], connections: f64) -> String {
+    let mut sorted = programs.to_vec();
+    sorted.sort_by_key(|(_, _, ns)| std::cmp::Reverse(*ns));
+    sorted
+        .iter()
+        .take(8)
+        .map(|(name, runs, ns)| format!("{name} {:.1}×{:.0} ns", *runs as f64 / connections.max(1.0), *ns as f64 / (*runs).max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `netlens top` in tmux under paced churn: (% of one core, conn/s).
 fn top_at(netlens: &Path, seconds: u32, rate: u32) -> Result<(f64, f64)> {
     let top = TopSession::start(netlens, format!("netlens-bench-all-{}", std::process::id()))?;

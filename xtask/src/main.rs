@@ -44,7 +44,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against a run without netlens: `churn`, `bulk`, `daemon`, `top`, `all` (one table of every goal figure).
+    /// Benchmarks against a run without netlens: `churn`, `bulk`, `daemon`, `top`, `all` (one table of every goal figure),
+    /// `cost` (kernel time per connection of this build against `--against`'s, alternating).
     Bench {
         #[arg(default_value = "churn")]
         which: String,
@@ -54,6 +55,9 @@ enum Task {
         /// Seconds per run [default: 5; daemon 30].
         #[arg(long)]
         seconds: Option<u32>,
+        /// `cost`: another netlens binary to compare this build with.
+        #[arg(long, value_name = "NETLENS")]
+        against: Option<std::path::PathBuf>,
     },
 }
 
@@ -82,7 +86,7 @@ fn run_task(task: Task) -> Result<()> {
             let selection = matrix::Selection::parse(&kernel)?;
             matrix::run(&selection, &args)
         }
-        Task::Bench { which, pairs, seconds } => {
+        Task::Bench { which, pairs, seconds, against } => {
             let binary = build(true)?;
             match which.as_str() {
                 "churn" => bench::churn(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
@@ -90,7 +94,11 @@ fn run_task(task: Task) -> Result<()> {
                 "daemon" => bench::daemon(&binary, pairs.unwrap_or(1), seconds.unwrap_or(30)),
                 "top" => bench::top(&binary, pairs.unwrap_or(3), seconds.unwrap_or(10)),
                 "all" => bench_all::all(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
-                other => bail!("unknown benchmark `{other}`; available: churn, bulk, daemon, top, all"),
+                "cost" => {
+                    let against = against.context("`bench cost` needs --against PATH, the netlens binary to compare with")?;
+                    bench_all::cost(&binary, &against, pairs.unwrap_or(3), seconds.unwrap_or(5))
+                }
+                other => bail!("unknown benchmark `{other}`; available: churn, bulk, daemon, top, all, cost"),
             }
         }
     }
