@@ -72,7 +72,8 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     // Connections we do not track (opened before we attached) cost one
     // lookup and nothing else.
     if let Some(flow) = flows::lookup_mut(sk) {
-        counted(program::TCP_PROBE, on_segment(flow, Probed(sk), ctx.arg(1)));
+        let result = segment_seqs(ctx.arg(1)).and_then(|seqs| on_segment(flow, Probed(sk), seqs));
+        counted(program::TCP_PROBE, result);
     }
     0
 }
@@ -83,19 +84,35 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
 pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     if let Some(flow) = flows::lookup_mut(sk) {
-        let result = Typed::of(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, ctx.arg(1)));
+        let result = Typed::of(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
         counted(program::TCP_PROBE_BTF, result);
     }
     0
 }
 
+/// The segment's `seq` and `end_seq` (adjacent in its control block,
+/// `TCP_SKB_CB(skb)`), as one number: seq in the low half.
 #[inline(always)]
-fn on_segment<S: Sock>(flow: &mut Flow, sk: S, skb: u64) -> Result<(), i32> {
+fn segment_seqs(skb: u64) -> Result<u64, i32> {
+    member(skb, cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq))
+}
+
+/// The same from a BTF-typed `struct sk_buff *`: a plain load instead of a
+/// helper call, once per segment.
+#[inline(always)]
+fn segment_seqs_typed(skb: u64) -> u64 {
+    let at = skb + u64::from(cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq));
+    // SAFETY: a load from a BTF-typed pointer; the verifier checked at load
+    // time that it lies inside `sk_buff.cb` (a char array it lets programs
+    // read as scratch space), and a fault reads as zero.
+    unsafe { core::ptr::read_volatile(at as *const u64) }
+}
+
+#[inline(always)]
+fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let tp = sk.tcp_now(window_slot::PROBE)?;
-    // The segment's seq/end_seq from its control block.
-    let seqs: u64 = member(skb, cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq))?;
     let (seq, end_seq) = (seqs as u32, (seqs >> 32) as u32);
 
     // Sender side: the window and RTTs as of this ACK.
