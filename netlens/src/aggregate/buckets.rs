@@ -51,7 +51,11 @@ impl Buckets {
     }
 
     pub fn observe(&mut self, value: f64) {
-        let slot = self.bounds.partition_point(|&bound| bound < value);
+        // A scan from the lowest bound, not a binary search: most values
+        // land in the same few low buckets, so it stops after a compare or
+        // two that the branch predictor gets right (top spent a quarter of
+        // its time in the binary search's dependent loads).
+        let slot = self.bounds.iter().position(|&bound| bound >= value).unwrap_or(self.bounds.len());
         self.counts[slot] += 1;
         self.sum += value;
     }
