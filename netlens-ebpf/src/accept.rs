@@ -19,7 +19,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
-use netlens_common::{kind, program, LISTENER_TABLE_ENTRIES};
+use netlens_common::{kind, program, ListenerKey, LISTENER_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
@@ -40,13 +40,20 @@ static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_T
 #[inline(always)]
 fn accepted(listener: u64, child: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Ok(key) = listener_key(listener) {
+    let flow = flows::lookup_mut(child);
+    // The child's namespace and local port are the listener's, and its
+    // flow holds them: three reads of the listener fewer.
+    let key = match flow.as_deref() {
+        Some(flow) if flow.family != 0 => Ok(ListenerKey { netns: flow.netns, port: flow.sport, _pad: 0 }),
+        _ => listener_key(listener),
+    };
+    if let Ok(key) = key {
         let _ = overflow::known_listener(listener, &key);
         owners::accepting(listener, &key);
     }
     // No entry or not established yet: a connection from before we
     // attached.
-    let Some(flow) = flows::lookup_mut(child) else { return Ok(()) };
+    let Some(flow) = flow else { return Ok(()) };
     if flow.established_ns == 0 {
         return Ok(());
     }

@@ -227,4 +227,51 @@ impl Sock for Typed {
     fn tcp_now(self, _slot: u32) -> Result<TcpNow, i32> {
         TcpNow::read(&self)
     }
+
+    /// As [`Sock::netns`], with the `struct net *` followed by a plain
+    /// load: loaded from a typed socket, it is typed too.
+    #[inline(always)]
+    fn netns(self) -> u32 {
+        let net: u64 = self.get(cfg_field!(kernel.sock_net)).unwrap_or(0);
+        if net == 0 {
+            return 0;
+        }
+        // SAFETY: see `follow`.
+        unsafe { follow(net, cfg_field!(kernel.net_inum)) }
+    }
+
+    /// As [`Sock::cgroup`], following `struct cgroup *` and `struct
+    /// kernfs_node *` by plain loads (where the member is a pointer, 5.15+;
+    /// `sock_cgroup` is 0 otherwise).
+    #[inline(always)]
+    fn cgroup(self) -> u64 {
+        let offset = cfg_field!(kernel.sock_cgroup);
+        if offset == 0 {
+            return 0;
+        }
+        let cgroup: u64 = self.get(offset).unwrap_or(0);
+        if cgroup == 0 {
+            return 0;
+        }
+        // SAFETY: see `follow`.
+        let kn: u64 = unsafe { follow(cgroup, cfg_field!(kernel.cgroup_kn)) };
+        if kn == 0 {
+            return 0;
+        }
+        // SAFETY: see `follow`.
+        unsafe { follow(kn, cfg_field!(kernel.kernfs_node_id)) }
+    }
+}
+
+/// The member at `offset` of the struct at `pointer`, by a plain load.
+///
+/// # Safety
+/// `pointer` must have been loaded from a BTF-typed pointer (a member of a
+/// [`Typed`] socket, or of a struct reached that way): the verifier knows
+/// its type, checks at load time that `offset` (a constant from the frozen
+/// CONFIG) lies inside a member wide enough for T, and a fault reads as
+/// zero. One load instead of a `bpf_probe_read_kernel` call.
+#[inline(always)]
+unsafe fn follow<T: Copy>(pointer: u64, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile((pointer + offset as u64) as *const T) }
 }
