@@ -8,7 +8,7 @@ use netlens_common::{ca_state, kind, side, Flow, Transport, NEVER};
 use crate::{
     config::cfg_field,
     events::{emit, stamp},
-    kernel::{member, window_slot, Tuple},
+    kernel::{window_slot, Tuple},
     sock::Sock,
 };
 
@@ -132,10 +132,7 @@ pub fn at_close<S: Sock>(sk: S, flow: &Flow, now: u64, transport: &mut Transport
         transport.srtt_us = tp.srtt_us >> 3;
         transport.min_rtt_us = tp.min_rtt_us;
     }
-    let ops: u64 = sk.get(cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
-    if ops != 0 {
-        transport.congestion = member(ops, cfg_field!(kernel.ca_ops_name)).unwrap_or([0; 16]);
-    }
+    transport.congestion = sk.congestion();
 }
 
 /// One side's zero-window episode, given that side's window now: starts it

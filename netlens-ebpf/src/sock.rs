@@ -49,6 +49,18 @@ pub trait Sock: Copy {
         member(net, cfg_field!(kernel.net_inum)).unwrap_or(0)
     }
 
+    /// The name of the socket's congestion control algorithm ("cubic"),
+    /// or zeros. The ops pointer is a member; the name it points to is
+    /// probed.
+    #[inline(always)]
+    fn congestion(self) -> [u8; 16] {
+        let ops: u64 = self.get(cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
+        if ops == 0 {
+            return [0; 16];
+        }
+        member(ops, cfg_field!(kernel.ca_ops_name)).unwrap_or([0; 16])
+    }
+
     /// The id of the cgroup the socket was created in, or 0 (see
     /// `kernel::sock_cgroup`). Before 5.15 the member is a tagged union,
     /// not a pointer, so it is read as a number and followed by probing.
@@ -238,6 +250,23 @@ impl Sock for Typed {
         }
         // SAFETY: see `follow`.
         unsafe { follow(net, cfg_field!(kernel.net_inum)) }
+    }
+
+    /// As [`Sock::congestion`], the name read by two plain loads through
+    /// the typed `struct tcp_congestion_ops *`.
+    #[inline(always)]
+    fn congestion(self) -> [u8; 16] {
+        let ops: u64 = self.get(cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
+        if ops == 0 {
+            return [0; 16];
+        }
+        let name = cfg_field!(kernel.ca_ops_name);
+        // SAFETY: see `follow`; `name` is a char[16], read as two halves.
+        let halves: [u64; 2] = unsafe { [follow(ops, name), follow(ops, name + 8)] };
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&halves[0].to_ne_bytes());
+        bytes[8..].copy_from_slice(&halves[1].to_ne_bytes());
+        bytes
     }
 
     /// As [`Sock::cgroup`], following `struct cgroup *` and `struct
