@@ -167,6 +167,10 @@ pub mod mode {
     /// Listen overflows come from tracepoints: `kfree_skb` counts the
     /// final-ACK ones (reason TCP_LISTEN_OVERFLOW).
     pub const OVERFLOWS_FROM_TRACEPOINTS: u32 = 1;
+    /// A program that records SYN arrivals (fentry or kprobe on
+    /// `tcp_conn_request`) may be attached: passive opens look for theirs.
+    /// Set before those programs attach, cleared if none did.
+    pub const SYN_STARTS_RECORDED: u32 = 2;
 }
 
 /// Size of the event ring buffer in bytes (a power of two, page aligned).

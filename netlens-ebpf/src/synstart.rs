@@ -6,11 +6,12 @@
 //! table stays empty and lifecycle.rs times from the first SYN-ACK.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
-use netlens_common::{TupleKey, AF_INET, SYNACK_TABLE_ENTRIES};
+use netlens_common::{mode, TupleKey, AF_INET, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
     kernel::member,
+    overflow,
     sock::{Probed, Sock},
 };
 
@@ -22,9 +23,14 @@ static SYN_STARTS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(SYNA
 const ETH_P_IP: u16 = 0x0800;
 const EEXIST: i32 = 17;
 
-/// Removes and returns the SYN arrival recorded for `key`.
+/// Removes and returns the SYN arrival recorded for `key`. Without a
+/// program that records them (tracepoints only) the table is empty, and
+/// a lookup of a 48-byte key in a cold bucket per passive open is skipped.
 #[inline(always)]
 pub fn take(key: &TupleKey) -> Option<u64> {
+    if !overflow::mode_on(mode::SYN_STARTS_RECORDED) {
+        return None;
+    }
     // SAFETY: the value is copied out before the entry is removed.
     let start_ns = unsafe { SYN_STARTS.get(key).copied() }?;
     let _ = SYN_STARTS.remove(key);

@@ -170,6 +170,9 @@ pub fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts) -> Vec<FeatureStatu
             let _ = map.set(index, [start, end], 0);
         }
     }
+    // Before the programs that record SYN arrivals can attach: until
+    // then, a passive open would skip an entry one had just recorded.
+    set_modes(ebpf, mode::SYN_STARTS_RECORDED);
     let mut statuses: Vec<FeatureStatus> = Vec::new();
     for feature in OPTIONAL {
         let attached: Vec<&str> = statuses.iter().filter(|s| s.served_by.is_some()).map(|s| s.feature).collect();
@@ -199,13 +202,24 @@ pub fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts) -> Vec<FeatureStatu
         }
         statuses.push(status);
     }
-    let from_tracepoints = statuses.iter().any(|s| s.feature == "listen_overflows" && s.served_by.is_some_and(|f| f.name == "tracepoint"));
-    if from_tracepoints {
-        if let Some(Ok(mut modes)) = ebpf.map_mut("MODES").map(Array::<&mut MapData, u32>::try_from) {
-            let _ = modes.set(0, mode::OVERFLOWS_FROM_TRACEPOINTS, 0);
-        }
-    }
+    let overflows_from = statuses.iter().find(|s| s.feature == "listen_overflows").and_then(|s| s.served_by).map(|family| family.name);
+    set_modes(
+        ebpf,
+        match overflows_from {
+            Some("tracepoint") => mode::OVERFLOWS_FROM_TRACEPOINTS,
+            // Their tcp_conn_request programs record SYN arrivals.
+            Some("fentry" | "kprobe") => mode::SYN_STARTS_RECORDED,
+            _ => 0,
+        },
+    );
     statuses
+}
+
+/// Tells the programs which ways serve (`netlens_common::mode` bits).
+fn set_modes(ebpf: &mut Ebpf, modes: u32) {
+    if let Some(Ok(mut map)) = ebpf.map_mut("MODES").map(Array::<&mut MapData, u32>::try_from) {
+        let _ = map.set(0, modes, 0);
+    }
 }
 
 /// Unloads a program (detaching it) so that another family can serve.

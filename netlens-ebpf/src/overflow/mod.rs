@@ -50,6 +50,8 @@ use netlens_common::{program, ListenOverflow, ListenerEndpoint, ListenerKey, LIS
 
 mod tracepoint;
 
+pub use tracepoint::mode_on;
+
 use crate::{
     config::cfg_field,
     events::{count_error, counted},

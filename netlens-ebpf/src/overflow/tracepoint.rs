@@ -27,9 +27,15 @@ const TCP_FLAG_SYN: u8 = 0x02;
 #[map]
 static DROP_REASON_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
 
-/// Bits of `netlens_common::mode`, written by userspace after it attached.
+/// Bits of `netlens_common::mode`, written by userspace as it attaches.
 #[map]
 static MODES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether userspace set `bit` of `netlens_common::mode`.
+#[inline(always)]
+pub fn mode_on(bit: u32) -> bool {
+    MODES.get(0).copied().unwrap_or(0) & bit != 0
+}
 
 /// `[start, end)` of the functions in `netlens_common::code_range`, written
 /// by userspace before these programs attach.
@@ -115,8 +121,7 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
 /// listen overflows (else fentry/kprobes do).
 #[inline(never)]
 fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<(), i32> {
-    let modes = MODES.get(0).copied().unwrap_or(0);
-    if modes & mode::OVERFLOWS_FROM_TRACEPOINTS == 0 {
+    if !mode_on(mode::OVERFLOWS_FROM_TRACEPOINTS) {
         return Ok(());
     }
     let listener = raw_arg(ctx, cfg_field!(accept_queue.kfree_skb_rx_sk_arg)).ok_or(-1)?;
