@@ -61,7 +61,13 @@ pub mod counter {
     /// Entries removed because their connection ended. Inserts - removals -
     /// live entries = entries the LRU evicted.
     pub const FLOW_REMOVES: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Connections the flow table could not take: the LRU found no free
+    /// entry for this CPU (`-ENOMEM`, possible when the table is small and
+    /// every CPU inserts at once). Their closes lack lifetime and
+    /// direction, as an evicted one's do; userspace counts them with the
+    /// evictions.
+    pub const FLOW_INSERT_FAILURES: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// The eBPF programs, each with a slot in the per-CPU `PROGRAM_ERRORS` map:

@@ -22,14 +22,18 @@ use crate::{
 #[map]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_ENTRIES, 0);
 
+const EEXIST: i32 = 17;
+
 /// Starts tracking the connection of socket `sk`.
 #[inline(always)]
 pub fn insert(sk: u64, flow: &Flow) {
-    if FLOWS.insert(sk, flow, BPF_NOEXIST as u64).is_ok() {
-        count(counter::FLOW_INSERTS, 1);
-    } else {
+    match FLOWS.insert(sk, flow, BPF_NOEXIST as u64) {
+        Ok(()) => count(counter::FLOW_INSERTS, 1),
         // The socket address was reused without a close we saw: replace.
-        let _ = FLOWS.insert(sk, flow, 0);
+        Err(err) if err == -EEXIST => {
+            let _ = FLOWS.insert(sk, flow, 0);
+        }
+        Err(_) => count(counter::FLOW_INSERT_FAILURES, 1),
     }
 }
 

@@ -121,7 +121,10 @@ impl Exporter {
     /// The text exposition of everything, now.
     fn render(&mut self, source: &EventSource, aggregator: &Aggregator, findings: &mut LiveFindings) -> String {
         if self.evictions_read.is_none_or(|read| read.elapsed() >= FLOW_TABLE_INTERVAL) {
-            self.evictions.update(source.flow_table().map(|table| table.evictions));
+            // A `_total` never goes down: the walk's bound can run ahead
+            // of a later one's while connections churn (see flow_table).
+            let reported = *self.evictions.value();
+            self.evictions.update(source.flow_table().map(|table| table.evictions.max(reported)));
             self.evictions_read = Some(Instant::now());
         }
         self.census.refresh();
