@@ -15,14 +15,12 @@ use netlens_common::{counter, Flow, FLOW_TABLE_ENTRIES};
 
 use crate::{
     events::count,
-    kernel::slot,
+    kernel::{slot, EEXIST},
     sock::{Probed, Sock},
 };
 
 #[map]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_ENTRIES, 0);
-
-const EEXIST: i32 = 17;
 
 /// Starts tracking the connection of socket `sk`.
 #[inline(always)]

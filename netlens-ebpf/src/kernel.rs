@@ -152,6 +152,23 @@ pub fn member<T>(base: u64, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
 }
 
+/// The member of type `T` (at most 8 bytes) at `base + offset`, by a plain
+/// load instead of a `bpf_probe_read_kernel` call.
+///
+/// # Safety
+/// `base` must be a BTF-typed pointer (a BTF program's argument, a helper's
+/// typed result, or a pointer member loaded from one of those): the
+/// verifier knows its type and checks at load time that `offset` (a
+/// constant from the frozen CONFIG) lies inside a member wide enough for
+/// T; a fault reads as zero.
+#[inline(always)]
+pub unsafe fn typed_member<T: Copy>(base: u64, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile((base + offset as u64) as *const T) }
+}
+
+/// `EEXIST`: a map insert with `BPF_NOEXIST` found the key there already.
+pub const EEXIST: i32 = 17;
+
 /// A connection's endpoints as a tracepoint reports them: `s*` is the local
 /// end, `d*` the remote one, ports in host byte order.
 #[derive(Clone, Copy, Default)]

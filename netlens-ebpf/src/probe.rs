@@ -37,7 +37,7 @@ use crate::{
     dynamics::{ca_state_of, ca_state_seen, exit_slow_start, zero_windows},
     events::{counted, emit, stamp},
     flows,
-    kernel::{member, window_slot, Tuple},
+    kernel::{member, typed_member, window_slot, Tuple},
     sock::{Probed, Sock, Typed},
 };
 
@@ -101,11 +101,11 @@ fn segment_seqs(skb: u64) -> Result<u64, i32> {
 /// helper call, once per segment.
 #[inline(always)]
 fn segment_seqs_typed(skb: u64) -> u64 {
-    let at = skb + u64::from(cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq));
-    // SAFETY: a load from a BTF-typed pointer; the verifier checked at load
-    // time that it lies inside `sk_buff.cb` (a char array it lets programs
-    // read as scratch space), and a fault reads as zero.
-    unsafe { core::ptr::read_volatile(at as *const u64) }
+    let at = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq);
+    // SAFETY: a BTF tracepoint's skb argument; the load lies inside
+    // `sk_buff.cb`, a char array the verifier lets programs read as
+    // scratch space.
+    unsafe { typed_member(skb, at) }
 }
 
 #[inline(always)]

@@ -18,7 +18,7 @@ use netlens_common::{RECORD_MAX, AF_INET};
 
 use crate::{
     config::cfg_field,
-    kernel::{member, slot, sock_tuple_in, Tuple, Windows},
+    kernel::{member, slot, sock_tuple_in, typed_member, Tuple, Windows},
 };
 
 /// A TCP socket a program can read members of. Offsets are from the start
@@ -37,33 +37,44 @@ pub trait Sock: Copy {
     /// [`Probed`] socket copies them into this CPU's window `slot`.
     fn tcp_now(self, slot: u32) -> Result<TcpNow, i32>;
 
-    /// The inode number of the socket's network namespace, or 0. The net
-    /// pointer is read as a member; what it points to is probed (the
-    /// pointed-to types differ across kernels).
+    /// The member of type `T` (at most 8 bytes) at `offset` of a struct
+    /// at `pointer`, a pointer member read from this socket (or from a
+    /// struct reached that way): probed, or a plain load where the socket
+    /// is typed (what it points to is typed too).
+    fn follow<T: Copy>(self, pointer: u64, offset: u32) -> Result<T, i32>;
+
+    /// The inode number of the socket's network namespace, or 0.
     #[inline(always)]
     fn netns(self) -> u32 {
         let net: u64 = self.get(cfg_field!(kernel.sock_net)).unwrap_or(0);
         if net == 0 {
             return 0;
         }
-        member(net, cfg_field!(kernel.net_inum)).unwrap_or(0)
+        self.follow(net, cfg_field!(kernel.net_inum)).unwrap_or(0)
     }
 
     /// The name of the socket's congestion control algorithm ("cubic"),
-    /// or zeros. The ops pointer is a member; the name it points to is
-    /// probed.
+    /// or zeros: a char[16], read as two halves.
     #[inline(always)]
     fn congestion(self) -> [u8; 16] {
         let ops: u64 = self.get(cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
         if ops == 0 {
             return [0; 16];
         }
-        member(ops, cfg_field!(kernel.ca_ops_name)).unwrap_or([0; 16])
+        let name = cfg_field!(kernel.ca_ops_name);
+        let (Ok(low), Ok(high)) = (self.follow::<u64>(ops, name), self.follow::<u64>(ops, name + 8)) else {
+            return [0; 16];
+        };
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&low.to_ne_bytes());
+        bytes[8..].copy_from_slice(&high.to_ne_bytes());
+        bytes
     }
 
-    /// The id of the cgroup the socket was created in, or 0 (see
-    /// `kernel::sock_cgroup`). Before 5.15 the member is a tagged union,
-    /// not a pointer, so it is read as a number and followed by probing.
+    /// The id of the cgroup the socket was created in, or 0: followed
+    /// through `struct cgroup *` and `struct kernfs_node *` where the
+    /// member is a pointer (5.15+; `sock_cgroup` is 0 before, where it is a
+    /// tagged union).
     #[inline(always)]
     fn cgroup(self) -> u64 {
         let offset = cfg_field!(kernel.sock_cgroup);
@@ -74,11 +85,11 @@ pub trait Sock: Copy {
         if cgroup == 0 {
             return 0;
         }
-        let kn: u64 = member(cgroup, cfg_field!(kernel.cgroup_kn)).unwrap_or(0);
+        let kn: u64 = self.follow(cgroup, cfg_field!(kernel.cgroup_kn)).unwrap_or(0);
         if kn == 0 {
             return 0;
         }
-        member(kn, cfg_field!(kernel.kernfs_node_id)).unwrap_or(0)
+        self.follow(kn, cfg_field!(kernel.kernfs_node_id)).unwrap_or(0)
     }
 }
 
@@ -145,6 +156,11 @@ impl Sock for Probed {
     }
 
     #[inline(always)]
+    fn follow<T: Copy>(self, pointer: u64, offset: u32) -> Result<T, i32> {
+        member(pointer, offset)
+    }
+
+    #[inline(always)]
     fn is_tcp(self) -> bool {
         self.get::<u16>(cfg_field!(kernel.sock_protocol)) == Ok(IPPROTO_TCP)
     }
@@ -198,11 +214,16 @@ impl Sock for Typed {
 
     #[inline(always)]
     fn get<T: Copy>(self, offset: u32) -> Result<T, i32> {
-        // SAFETY: a plain load from a BTF-typed pointer; the verifier
-        // checked at load time that `offset` (a constant it knows from the
-        // frozen CONFIG) lies inside a member of `struct tcp_sock` wide
-        // enough for T, and a fault reads as zero.
-        Ok(unsafe { core::ptr::read_volatile((self.0 + offset as u64) as *const T) })
+        // SAFETY: a `struct tcp_sock *` typed by BTF (see `Typed::of`);
+        // `offset` lies inside one of its members (checked at load time).
+        Ok(unsafe { typed_member(self.0, offset) })
+    }
+
+    #[inline(always)]
+    fn follow<T: Copy>(self, pointer: u64, offset: u32) -> Result<T, i32> {
+        // SAFETY: `pointer` was loaded from this typed socket or from a
+        // struct reached from it, so the verifier knows its type too.
+        Ok(unsafe { typed_member(pointer, offset) })
     }
 
     /// Checked when it was made ([`Typed::of`]).
@@ -239,68 +260,4 @@ impl Sock for Typed {
     fn tcp_now(self, _slot: u32) -> Result<TcpNow, i32> {
         TcpNow::read(&self)
     }
-
-    /// As [`Sock::netns`], with the `struct net *` followed by a plain
-    /// load: loaded from a typed socket, it is typed too.
-    #[inline(always)]
-    fn netns(self) -> u32 {
-        let net: u64 = self.get(cfg_field!(kernel.sock_net)).unwrap_or(0);
-        if net == 0 {
-            return 0;
-        }
-        // SAFETY: see `follow`.
-        unsafe { follow(net, cfg_field!(kernel.net_inum)) }
-    }
-
-    /// As [`Sock::congestion`], the name read by two plain loads through
-    /// the typed `struct tcp_congestion_ops *`.
-    #[inline(always)]
-    fn congestion(self) -> [u8; 16] {
-        let ops: u64 = self.get(cfg_field!(kernel.icsk_ca_ops)).unwrap_or(0);
-        if ops == 0 {
-            return [0; 16];
-        }
-        let name = cfg_field!(kernel.ca_ops_name);
-        // SAFETY: see `follow`; `name` is a char[16], read as two halves.
-        let halves: [u64; 2] = unsafe { [follow(ops, name), follow(ops, name + 8)] };
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&halves[0].to_ne_bytes());
-        bytes[8..].copy_from_slice(&halves[1].to_ne_bytes());
-        bytes
-    }
-
-    /// As [`Sock::cgroup`], following `struct cgroup *` and `struct
-    /// kernfs_node *` by plain loads (where the member is a pointer, 5.15+;
-    /// `sock_cgroup` is 0 otherwise).
-    #[inline(always)]
-    fn cgroup(self) -> u64 {
-        let offset = cfg_field!(kernel.sock_cgroup);
-        if offset == 0 {
-            return 0;
-        }
-        let cgroup: u64 = self.get(offset).unwrap_or(0);
-        if cgroup == 0 {
-            return 0;
-        }
-        // SAFETY: see `follow`.
-        let kn: u64 = unsafe { follow(cgroup, cfg_field!(kernel.cgroup_kn)) };
-        if kn == 0 {
-            return 0;
-        }
-        // SAFETY: see `follow`.
-        unsafe { follow(kn, cfg_field!(kernel.kernfs_node_id)) }
-    }
-}
-
-/// The member at `offset` of the struct at `pointer`, by a plain load.
-///
-/// # Safety
-/// `pointer` must have been loaded from a BTF-typed pointer (a member of a
-/// [`Typed`] socket, or of a struct reached that way): the verifier knows
-/// its type, checks at load time that `offset` (a constant from the frozen
-/// CONFIG) lies inside a member wide enough for T, and a fault reads as
-/// zero. One load instead of a `bpf_probe_read_kernel` call.
-#[inline(always)]
-unsafe fn follow<T: Copy>(pointer: u64, offset: u32) -> T {
-    unsafe { core::ptr::read_volatile((pointer + offset as u64) as *const T) }
 }

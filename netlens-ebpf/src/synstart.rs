@@ -10,7 +10,7 @@ use netlens_common::{mode, TupleKey, AF_INET, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
-    kernel::member,
+    kernel::{member, EEXIST},
     overflow,
     sock::{Probed, Sock},
 };
@@ -21,7 +21,6 @@ use crate::{
 static SYN_STARTS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(SYNACK_TABLE_ENTRIES, 0);
 
 const ETH_P_IP: u16 = 0x0800;
-const EEXIST: i32 = 17;
 
 /// Removes and returns the SYN arrival recorded for `key`. Without a
 /// program that records them (tracepoints only) the table is empty, and

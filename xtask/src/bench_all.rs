@@ -107,16 +107,11 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         f.trace.push(run.rate);
         f.trace_ns_per_conn.push(per_connection);
         f.attach_ms.push(attached.as_secs_f64() * 1e3);
-        let busiest: Vec<String> = {
-            let mut p = programs.clone();
-            p.sort_by_key(|(_, _, ns)| std::cmp::Reverse(*ns));
-            p.iter().take(8).map(|(name, runs, ns)| format!("{name} {runs}×{:.0} ns", *ns as f64 / (*runs).max(1) as f64)).collect()
-        };
         println!(
             "pair {pair}: churn none {:.0}/s, trace {:.0}/s, {per_connection:.0} ns kernel/conn ({}), attached {:.1} ms",
             none.rate,
             run.rate,
-            busiest.join(", "),
+            busiest(&programs, run.connections),
             attached.as_secs_f64() * 1e3
         );
 
