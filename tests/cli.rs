@@ -116,7 +116,7 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
     }
     let hol = feature(&report, "hol_stalls");
     if has_tracepoint("sock", "sk_data_ready") {
-        assert_eq!((&hol["status"], &hol["hook"]), (&"ok".into(), &"tp_btf tcp:tcp_probe + raw tracepoint sock:sk_data_ready".into()));
+        assert_eq!((&hol["status"], &hol["hook"]), (&"ok".into(), &"tp_btf tcp:tcp_probe + tp_btf sock:sk_data_ready".into()));
     } else {
         // The data-ready path from fentry or a kprobe, else degraded.
         let hook = hol["hook"].as_str().unwrap_or("");

@@ -100,7 +100,7 @@ fn unpinned_ooo_segments_match_kernel() -> Result<()> {
 
 /// Every hook that can end a stall; leaving them all out is 5.10 or 6.1
 /// without fentry and kprobes.
-const DATA_READY_HOOKS: &str = "sk_data_ready,tcp_data_ready_fentry,tcp_data_ready_kprobe";
+const DATA_READY_HOOKS: &str = "sk_data_ready_btf,sk_data_ready,tcp_data_ready_fentry,tcp_data_ready_kprobe";
 
 /// 2 % random loss on data toward the receiver: stalls appear, and the
 /// segments they held add up to the kernel's OFO-queue count (within 1 %).

@@ -184,6 +184,9 @@ pub struct KernelOffsets {
     /// reads outside the per-packet program.
     pub tcp_snd_cwnd: u32,
     pub tcp_rcv_nxt: u32,
+    /// `struct tcp_sock` → `rcv_ooopack` (u32, segments ever queued out of
+    /// order; 5.4+), or 0 where the kernel lacks it.
+    pub tcp_rcv_ooopack: u32,
     /// The byte of `struct tcp_sock` holding the `icsk_ca_state` bitfield
     /// (shift and mask in [`ProbeOffsets`]).
     pub icsk_ca_state: u32,

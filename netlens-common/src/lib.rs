@@ -102,7 +102,9 @@ pub mod program {
     pub const INET_SOCK_SET_STATE_BTF: u32 = 24;
     pub const TCP_PROBE_BTF: u32 = 25;
     pub const TCP_CONG_STATE_SET_BTF: u32 = 26;
-    pub const COUNT: u32 = 27;
+    pub const SK_DATA_READY_BTF: u32 = 27;
+    pub const CONSUME_SKB_BTF: u32 = 28;
+    pub const COUNT: u32 = 29;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -133,14 +135,17 @@ pub mod program {
         "inet_sock_set_state_btf",
         "tcp_probe_btf",
         "tcp_cong_state_set_btf",
+        "sk_data_ready_btf",
+        "consume_skb_btf",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen
     /// overflows): a run the kernel skips makes a count short, not an event
     /// go missing. Most of what the first two see is not TCP at all.
-    pub const COUNT_ONLY: [&str; 7] = [
+    pub const COUNT_ONLY: [&str; 8] = [
         "kfree_skb",
         "consume_skb",
+        "consume_skb_btf",
         "fexit_tcp_conn_request",
         "fexit_tcp_v4_syn_recv_sock",
         "fexit_tcp_v6_syn_recv_sock",

@@ -7,9 +7,9 @@
 //! Three ways to see accept() return, the loader takes the first that
 //! attaches: fexit on `inet_csk_accept` (listener in, child out), a
 //! kprobe/kretprobe pair on it, or the `syscalls` tracepoints: enter saves
-//! the listening socket per thread (fd → `current->files->fdt->fd[fd]` →
-//! `file->private_data` → `socket->sk`), exit resolves the returned fd the
-//! same way.
+//! the listening fd per thread, exit resolves it and the returned fd to
+//! their sockets (fd → `current->files->fdt->fd[fd]` → `file->private_data`
+//! → `socket->sk`).
 //! Limits: connections established before netlens attached are not
 //! reported (no `established_ns`).
 
@@ -25,14 +25,15 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{fexit_return, listener_key, member, slot, Record, Tuple},
+    kernel::{fexit_return, listener_key, member, Tuple},
     overflow, owners,
 };
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_LISTEN: u8 = 10;
 
-/// Listening socket of each thread inside accept(), by pid_tgid.
+/// The listening socket of each thread inside accept(), by pid_tgid (the
+/// kprobe → kretprobe).
 #[map]
 static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
 
@@ -117,56 +118,94 @@ pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
 }
 
 // syscalls tracepoints (accept and accept4 share their record layouts).
+//
+// Enter keeps only the listening fd (one read), exit resolves both fds in
+// one walk of the open-file table: the table is looked up once instead of
+// twice, and an accept() that fails or blocks forever costs no walk.
 
-/// The socket behind file descriptor `fd` of the current process.
-#[inline(always)]
-fn socket_of_fd(fd: u64) -> Result<u64, i32> {
-    let config = cfg_field!(accept_queue);
-    // SAFETY: plain helper call without arguments.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = member(task, config.task_files)?;
-    let fdt: u64 = member(files, config.files_fdt)?;
-    let max_fds: u32 = member(fdt, config.fdt_max_fds)?;
-    if fd >= max_fds as u64 {
-        return Err(-1);
+/// The listening file descriptor of each thread inside accept(), by
+/// pid_tgid (the syscall tracepoints' enter → exit).
+#[map]
+static ACCEPTING_FD: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
+
+/// The current process's open-file table: its `fd` array and size.
+#[derive(Clone, Copy)]
+struct FdTable {
+    fds: u64,
+    max_fds: u32,
+}
+
+impl FdTable {
+    /// `current->files->fdt`.
+    #[inline(always)]
+    fn current() -> Result<Self, i32> {
+        let config = cfg_field!(accept_queue);
+        // SAFETY: plain helper call without arguments.
+        let task = unsafe { bpf_get_current_task() };
+        let files: u64 = member(task, config.task_files)?;
+        let fdt: u64 = member(files, config.files_fdt)?;
+        Ok(Self { max_fds: member(fdt, config.fdt_max_fds)?, fds: member(fdt, config.fdt_fd)? })
     }
-    let fds: u64 = member(fdt, config.fdt_fd)?;
-    let file: u64 = member(fds + fd * 8, 0)?;
-    let socket: u64 = member(file, config.file_private_data)?;
-    member(socket, config.socket_sk)
+
+    /// The socket behind file descriptor `fd` (`fd[fd]` → `file->private_data`
+    /// → `socket->sk`); `None` for a closed descriptor.
+    #[inline(always)]
+    fn socket(self, fd: u64) -> Result<Option<u64>, i32> {
+        let config = cfg_field!(accept_queue);
+        if fd >= self.max_fds as u64 {
+            return Err(-1);
+        }
+        let file: u64 = member(self.fds + fd * 8, 0)?;
+        if file == 0 {
+            return Ok(None);
+        }
+        let socket: u64 = member(file, config.file_private_data)?;
+        member(socket, config.socket_sk).map(Some)
+    }
 }
 
 #[tracepoint]
 pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
-    let result = Record::read(&ctx, cfg_field!(accept_queue.accept_enter_len), slot::ACCEPT).and_then(on_enter_accept);
+    let at = cfg_field!(accept_queue.accept_enter_fd) as usize;
+    // SAFETY: the field's offset from its format file; a checked copy.
+    let result = unsafe { ctx.read_at::<u64>(at) }
+        .map_err(|e| e as i32)
+        .and_then(|fd| ACCEPTING_FD.insert(&bpf_get_current_pid_tgid(), &fd, 0).map_err(|e| e as i32));
     counted(program::SYS_ENTER_ACCEPT, result);
     0
-}
-
-#[inline(always)]
-fn on_enter_accept(record: &Record) -> Result<(), i32> {
-    let fd: u64 = record.get(cfg_field!(accept_queue.accept_enter_fd))?;
-    let listener = socket_of_fd(fd)?;
-    // Only TCP listeners (accept() also serves unix and other sockets).
-    if member::<u16>(listener, cfg_field!(kernel.sock_protocol))? != IPPROTO_TCP
-        || member::<u8>(listener, cfg_field!(accept_queue.sock_state))? != TCP_LISTEN
-    {
-        return Ok(());
-    }
-    ACCEPTING.insert(&bpf_get_current_pid_tgid(), &listener, 0).map_err(|e| e as i32)
 }
 
 #[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
     let thread = bpf_get_current_pid_tgid();
     // SAFETY: copied out before the entry is removed.
-    let Some(listener) = (unsafe { ACCEPTING.get(&thread).copied() }) else { return 0 };
-    let _ = ACCEPTING.remove(&thread);
+    let Some(listener_fd) = (unsafe { ACCEPTING_FD.get(&thread).copied() }) else { return 0 };
+    let _ = ACCEPTING_FD.remove(&thread);
+    counted(program::SYS_EXIT_ACCEPT, on_exit_accept(&ctx, listener_fd));
+    0
+}
+
+#[inline(always)]
+fn on_exit_accept(ctx: &TracePointContext, listener_fd: u64) -> Result<(), i32> {
     // A negative return is accept() failing (EAGAIN on a non-blocking
     // listener): nothing accepted, not a failure of ours.
-    let result = Record::read(&ctx, cfg_field!(accept_queue.accept_exit_len), slot::ACCEPT)
-        .and_then(|record| record.get::<i64>(cfg_field!(accept_queue.accept_exit_ret)))
-        .and_then(|fd| if fd < 0 { Ok(()) } else { socket_of_fd(fd as u64).and_then(|child| accepted(listener, child)) });
-    counted(program::SYS_EXIT_ACCEPT, result);
-    0
+    let at = cfg_field!(accept_queue.accept_exit_ret) as usize;
+    // SAFETY: the field's offset from its format file; a checked copy.
+    let fd: i64 = unsafe { ctx.read_at(at) }.map_err(|e| e as i32)?;
+    if fd < 0 {
+        return Ok(());
+    }
+    let table = FdTable::current()?;
+    // Another thread closed the listener meanwhile: nothing to name.
+    let Some(listener) = table.socket(listener_fd)? else { return Ok(()) };
+    // Only TCP listeners (accept() also serves unix and other sockets).
+    if member::<u16>(listener, cfg_field!(kernel.sock_protocol))? != IPPROTO_TCP
+        || member::<u8>(listener, cfg_field!(accept_queue.sock_state))? != TCP_LISTEN
+    {
+        return Ok(());
+    }
+    match table.socket(fd as u64)? {
+        Some(child) => accepted(listener, child),
+        None => Ok(()),
+    }
 }

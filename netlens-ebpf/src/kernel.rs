@@ -38,12 +38,10 @@ pub mod slot {
     pub const SEND_RESET: u32 = 3;
     pub const RECEIVE_RESET: u32 = 4;
     pub const CONG_STATE: u32 = 5;
-    /// accept.rs (process context: accept() returning).
-    pub const ACCEPT: u32 = 6;
     /// overflow.rs: `kfree_skb`, and the SYN-path hooks.
-    pub const DROP: u32 = 7;
-    pub const SYN: u32 = 8;
-    pub const COUNT: u32 = 9;
+    pub const DROP: u32 = 6;
+    pub const SYN: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Per-CPU scratch space for records: the 512-byte BPF stack has no room

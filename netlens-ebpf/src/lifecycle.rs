@@ -182,9 +182,13 @@ fn passive_established<S: Sock>(sk: S) -> Result<(), i32> {
         family: tuple.family,
         _pad: [0; 6],
     };
+    // The child starts with the SYN-ACK retransmissions in its total
+    // (`req->num_retrans`): without any, retransmit.rs recorded no first
+    // SYN-ACK for it, and the lookup of a 48-byte key is skipped.
+    let total_retrans: u32 = sk.get(cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
     // The SYN's arrival where fentry/kprobes saw it, else the first SYN-ACK.
     let syn_ns = synstart::take(&key);
-    let first_synack_ns = take_synack_start(&key);
+    let first_synack_ns = if total_retrans != 0 { take_synack_start(&key) } else { None };
     let start_ns = match syn_ns.or(first_synack_ns) {
         Some(start_ns) => start_ns,
         None => {
@@ -193,8 +197,7 @@ fn passive_established<S: Sock>(sk: S) -> Result<(), i32> {
         }
     };
     flow.start_ns = start_ns;
-    // The child starts with the SYN-ACK retransmissions in its total.
-    flow.total_retrans = sk.get(cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
+    flow.total_retrans = total_retrans;
     flow.direction = direction::PASSIVE;
     // The listener's process until accept() names the accepting one.
     owners::claim(flow, tuple.sport);

@@ -215,6 +215,23 @@ pub fn sk_data_ready(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// The same tracepoint with a BTF-typed socket. It fires for every socket
+/// that gets data; a TCP socket that never queued a segment out of order
+/// (`rcv_ooopack`, one plain load) has no stall to end and skips the flow
+/// lookup, which is nearly every call. (A stall begun by segments beyond
+/// the window, which the kernel drops uncounted, then ends at the next
+/// segment instead, as without a data-ready hook.)
+#[btf_tracepoint(function = "sk_data_ready")]
+pub fn sk_data_ready_btf(ctx: BtfTracePointContext) -> i32 {
+    let Some(tp) = Typed::of(ctx.arg(0)) else { return 0 };
+    let ooopack_at = cfg_field!(kernel.tcp_rcv_ooopack);
+    if ooopack_at != 0 && tp.get::<u32>(ooopack_at) == Ok(0) {
+        return 0;
+    }
+    data_ready(tp.addr(), program::SK_DATA_READY_BTF);
+    0
+}
+
 /// The same on kernels without `sock:sk_data_ready` (before 6.6): TCP calls
 /// `tcp_data_ready(sk)` at the same place, which is what that tracepoint
 /// fires from (through `sk->sk_data_ready`).

@@ -46,9 +46,20 @@ fn listener_checks(support: &AcceptQueueSupport, _: &[&str]) -> Result<(), Strin
     support.queue.clone()
 }
 
+/// Listen overflows from `skb:consume_skb` (the SYN) and `skb:kfree_skb`
+/// (the final ACK, through drop_reasons).
+fn overflow_tracepoints(support: &AcceptQueueSupport, attached: &[&str]) -> Result<(), String> {
+    support.overflow_tracepoints.clone()?;
+    if !attached.contains(&"drop_reasons") {
+        return Err("needs skb:kfree_skb (drop_reasons)".into());
+    }
+    Ok(())
+}
+
 /// OPTIONAL hooks (the accept queue). The kprobe/fentry variants compile
 /// everywhere and are preferred where the kernel allows them; this host's
-/// kind (no kprobes, fentry refused) gets the tracepoint variants.
+/// kind (no kprobes, fentry refused) gets the tracepoint variants (BTF-typed
+/// where the kernel takes them).
 pub const OPTIONAL: &[Feature] = &[
     // Packet drop reasons (skb:kfree_skb, raw); also the final-ACK listen
     // overflows when they come from tracepoints.
@@ -82,16 +93,17 @@ pub const OPTIONAL: &[Feature] = &[
                 ],
                 ready: listener_checks,
             },
+            // The same program built twice: typed first (fewer helper
+            // calls on every consumed packet), raw where the kernel refuses.
+            Family {
+                name: "tp_btf",
+                hooks: &[Hook::on("consume_skb_btf", "skb", "consume_skb", Attach::Btf)],
+                ready: overflow_tracepoints,
+            },
             Family {
                 name: "tracepoint",
                 hooks: &[Hook::tracepoint("consume_skb", "skb", Attach::Raw)],
-                ready: |support, attached| {
-                    support.overflow_tracepoints.clone()?;
-                    if !attached.contains(&"drop_reasons") {
-                        return Err("needs skb:kfree_skb (drop_reasons)".into());
-                    }
-                    Ok(())
-                },
+                ready: overflow_tracepoints,
             },
         ],
     },
@@ -206,7 +218,7 @@ pub fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts) -> Vec<FeatureStatu
     set_modes(
         ebpf,
         match overflows_from {
-            Some("tracepoint") => mode::OVERFLOWS_FROM_TRACEPOINTS,
+            Some("tp_btf" | "tracepoint") => mode::OVERFLOWS_FROM_TRACEPOINTS,
             // Their tcp_conn_request programs record SYN arrivals.
             Some("fentry" | "kprobe") => mode::SYN_STARTS_RECORDED,
             _ => 0,
@@ -228,6 +240,7 @@ fn unload(program: &mut aya::programs::Program) {
     let _ = match program {
         Program::TracePoint(p) => p.unload(),
         Program::RawTracePoint(p) => p.unload(),
+        Program::BtfTracePoint(p) => p.unload(),
         Program::FEntry(p) => p.unload(),
         Program::FExit(p) => p.unload(),
         Program::KProbe(p) => p.unload(),

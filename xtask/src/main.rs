@@ -120,25 +120,25 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
         bail!("the integration tests need root: run `sudo -E cargo xtask test`");
     }
     let mut counts = run_tests(&mut command)?;
-    // The raw-tracepoint builds of the lifecycle, tcp_probe and the
-    // congestion state serve where a kernel refuses their BTF-tracepoint
-    // builds (sock.rs); this kernel takes those, so their tests run again
-    // without them.
+    // The raw-tracepoint builds of the lifecycle, tcp_probe, the
+    // congestion state, data-ready and the SYN's consume_skb serve where a
+    // kernel refuses their BTF-tracepoint builds (sock.rs); this kernel
+    // takes those, so their tests run again without them.
     if args.is_empty() {
         let mut command = cargo();
         toolchain.apply(&mut command);
         command
-            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests", "--test", "lifecycle", "--test", "transport"])
+            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests", "--test", "lifecycle", "--test", "transport", "--test", "accept"])
             .env("NETLENS_BIN", &binary)
             .env("NETLENS_SKIP_HOOKS", RAW_FALLBACK_SKIPS);
-        println!("xtask: the lifecycle and transport tests again, on the raw-tracepoint builds ({RAW_FALLBACK_SKIPS} left out)");
+        println!("xtask: the lifecycle, transport and accept tests again, on the raw-tracepoint builds ({RAW_FALLBACK_SKIPS} left out)");
         counts.merge(run_tests(&mut command)?);
     }
     Ok(counts)
 }
 
 /// The BTF-tracepoint builds, left out to test their raw fallbacks.
-const RAW_FALLBACK_SKIPS: &str = "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf";
+const RAW_FALLBACK_SKIPS: &str = "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf";
 
 /// Installs what is missing and builds; returns the netlens binary.
 fn build(with_test_tools: bool) -> Result<PathBuf> {

@@ -4,9 +4,9 @@
 //! SYN. The top of `overflow/mod.rs` has how, and the limits.
 
 use aya_ebpf::{
-    macros::{map, raw_tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, PerCpuArray},
-    programs::RawTracePointContext,
+    programs::{BtfTracePointContext, RawTracePointContext},
     EbpfContext,
 };
 use netlens_common::{code_range, mode, program, ListenerKey, DROP_REASONS};
@@ -15,7 +15,7 @@ use super::{accept_queue_full, drops_accounted, overflowed, syn_dropped, ETH_P_I
 use crate::{
     config::cfg_field,
     events::counted,
-    kernel::{member, slot},
+    kernel::{member, slot, typed_member},
 };
 
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -153,25 +153,59 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
     if !called_from(code_range::SYN_CONSUMER, location) {
         return 0;
     }
-    counted(program::CONSUME_SKB, syn_consumed(ctx.arg(0)));
+    let skb: u64 = ctx.arg(0);
+    let headers = member(skb, config.skb_head)
+        .and_then(|head| Ok(SkbHeaders { head, transport: member(skb, config.skb_transport_header)?, refdst: member(skb, config.skb_refdst)? }));
+    counted(program::CONSUME_SKB, headers.and_then(syn_consumed));
     0
 }
 
-#[inline(never)]
-fn syn_consumed(skb: u64) -> Result<(), i32> {
+/// The same tracepoint with BTF-typed arguments: its location is a plain
+/// context load instead of a helper call on each of the many packets that
+/// pass, and the skb's members are plain loads. Offered only where the
+/// location follows the skb (6.2+; see optional.rs), the only place this
+/// build reads it.
+#[btf_tracepoint(function = "consume_skb")]
+pub fn consume_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    let location: u64 = ctx.arg(1);
+    if !called_from(code_range::SYN_CONSUMER, location) {
+        return 0;
+    }
+    let skb: u64 = ctx.arg(0);
     let config = cfg_field!(accept_queue);
-    let head: u64 = member(skb, config.skb_head)?;
-    let transport: u16 = member(skb, config.skb_transport_header)?;
-    let th = head + transport as u64;
-    // struct tcphdr: ports at 0 and 2, flags in byte 13.
-    let dport = u16::from_be(member(th, 2)?);
-    let flags: u8 = member(th, 13)?;
-    if flags & TCP_FLAG_SYN == 0 {
+    // SAFETY: a BTF tracepoint's `struct sk_buff *` argument; the offsets
+    // are its members' (checked at load time).
+    let headers = unsafe {
+        SkbHeaders {
+            head: typed_member(skb, config.skb_head),
+            transport: typed_member(skb, config.skb_transport_header),
+            refdst: typed_member(skb, config.skb_refdst),
+        }
+    };
+    counted(program::CONSUME_SKB_BTF, syn_consumed(headers));
+    0
+}
+
+/// What the SYN path reads of a consumed skb.
+#[derive(Clone, Copy)]
+struct SkbHeaders {
+    head: u64,
+    transport: u16,
+    /// `_skb_refdst`: the input route, tagged in bit 0.
+    refdst: u64,
+}
+
+#[inline(never)]
+fn syn_consumed(skb: SkbHeaders) -> Result<(), i32> {
+    let config = cfg_field!(accept_queue);
+    // struct tcphdr: ports at 0 and 2, flags in byte 13; one copy.
+    let th: [u8; 16] = member(skb.head + skb.transport as u64, 0)?;
+    if th[13] & TCP_FLAG_SYN == 0 {
         return Ok(());
     }
+    let dport = u16::from_be_bytes([th[2], th[3]]);
     // tcp_v4_rcv() cleared skb->dev; the input route still names it.
-    let refdst: u64 = member(skb, config.skb_refdst)?;
-    let dev: u64 = member(refdst & !1, config.dst_dev)?;
+    let dev: u64 = member(skb.refdst & !1, config.dst_dev)?;
     let net: u64 = member(dev, cfg_field!(kernel.netdev_net))?;
     let netns: u32 = member(net, cfg_field!(kernel.net_inum))?;
     let key = ListenerKey { netns, port: dport, _pad: 0 };

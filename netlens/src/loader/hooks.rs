@@ -78,6 +78,7 @@ pub const HOOKS: &[Hook] = &[
     Hook::tracepoint("tcp_receive_reset", "tcp", Attach::Record),
     Hook::on("tcp_probe_btf", "tcp", "tcp_probe", Attach::Btf),
     Hook::tracepoint("tcp_probe", "tcp", Attach::Raw),
+    Hook::on("sk_data_ready_btf", "sock", "sk_data_ready", Attach::Btf),
     Hook::tracepoint("sk_data_ready", "sock", Attach::Raw),
     Hook::function("tcp_data_ready_fentry", "tcp_data_ready", Attach::FEntry),
     Hook::function("tcp_data_ready_kprobe", "tcp_data_ready", Attach::KProbe),
@@ -91,6 +92,7 @@ pub(super) const TYPED_BUILDS: &[(&str, &str)] = &[
     ("inet_sock_set_state", "inet_sock_set_state_btf"),
     ("tcp_probe", "tcp_probe_btf"),
     ("tcp_cong_state_set", "tcp_cong_state_set_btf"),
+    ("sk_data_ready", "sk_data_ready_btf"),
 ];
 
 /// The programs that can serve `program`, best first.
