@@ -411,12 +411,16 @@ impl Probes {
         let attached = tried.into_iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| hook).collect();
         t("optional features attached");
         let drop_reason_names = drop_reason_names(&facts.btf.enum_members("skb_drop_reason").unwrap_or_default());
-        drop(facts);
-        // The BTF parses just freed are many small allocations: give the
-        // heap they grew back to the system (a daemon's RSS is watched).
-        // SAFETY: plain libc call.
-        unsafe { libc::malloc_trim(0) };
-        Ok(Self { ebpf, attached, features, attach_time: started.elapsed(), optional, drop_reason_names })
+        let attach_time = started.elapsed();
+        // Freed off the start-up path (~5 ms): the BTF parses are many small
+        // allocations. Then the heap they grew goes back to the system (a
+        // daemon's RSS is watched).
+        std::thread::spawn(move || {
+            drop(facts);
+            // SAFETY: plain libc call.
+            unsafe { libc::malloc_trim(0) };
+        });
+        Ok(Self { ebpf, attached, features, attach_time, optional, drop_reason_names })
     }
 
     /// The accept-queue hooks attached.

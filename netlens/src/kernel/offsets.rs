@@ -40,8 +40,9 @@ pub struct Resolved {
 }
 
 /// `[start, end)` of each function in `code_range::FUNCTIONS`, read from
-/// /proc/kallsyms on a thread of its own (~40 ms of kernel time): the
-/// programs that need them load last, and [`CodeRanges::get`] waits then.
+/// /proc/kallsyms (~40 ms of kernel time; the first run after boot only,
+/// see `kallsyms`) on a thread of its own: the programs that need them load
+/// last, and [`CodeRanges::get`] waits then.
 pub struct CodeRanges {
     reading: std::sync::Mutex<Option<std::thread::JoinHandle<Result<Ranges>>>>,
     read: std::sync::OnceLock<Ranges>,
@@ -51,7 +52,7 @@ pub type Ranges = [(u64, u64); code_range::COUNT as usize];
 
 impl CodeRanges {
     fn start() -> Self {
-        let reading = std::thread::spawn(|| super::kallsyms::function_ranges(&code_range::FUNCTIONS));
+        let reading = std::thread::spawn(|| super::kallsyms::function_ranges_cached(&code_range::FUNCTIONS));
         Self { reading: std::sync::Mutex::new(Some(reading)), read: std::sync::OnceLock::new() }
     }
 
@@ -75,8 +76,8 @@ impl Resolved {
 /// socket's identity and counters) are required; each tracepoint's record
 /// is resolved on its own.
 pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved> {
-    // Reading /proc/kallsyms costs ~40 ms of kernel time: on its own
-    // thread, while the rest resolves and the other programs load.
+    // Reading /proc/kallsyms costs ~40 ms of kernel time (once a boot): on
+    // its own thread, while the rest resolves and the other programs load.
     let code_ranges = CodeRanges::start();
     let mut config = Config {
         kernel: kernel_offsets(btf).context("resolving kernel struct offsets from BTF")?,
