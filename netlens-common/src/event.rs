@@ -211,7 +211,10 @@ pub struct Flow {
     /// reports how far the kernel's own count moved since.
     pub total_retrans: u32,
     pub direction: u8,
-    pub _pad: [u8; 3],
+    /// 1 when a passive flow found its listener's owner (owners.rs) as it
+    /// was established: accept() then has no owner to record.
+    pub owner_claimed: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Key of the SYN-ACK start table: the 4-tuple of a pending passive open as

@@ -50,7 +50,10 @@ fn accepted(listener: u64, child: u64) -> Result<(), i32> {
     };
     if let Ok(key) = key {
         let _ = overflow::known_listener(listener, &key);
-        owners::accepting(listener, &key);
+        // Claimed at ESTABLISHED: the listener's owner is known already.
+        if !flow.as_deref().is_some_and(|flow| flow.owner_claimed != 0) {
+            owners::accepting(listener, &key);
+        }
     }
     // No entry or not established yet: a connection from before we
     // attached.
@@ -124,7 +127,7 @@ pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
 // twice, and an accept() that fails or blocks forever costs no walk.
 
 /// The listening file descriptor of each thread inside accept(), by
-/// pid_tgid (the syscall tracepoints' enter → exit).
+/// pid_tgid (the syscall tracepoints' enter → exit); `NO_FD` between calls.
 #[map]
 static ACCEPTING_FD: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
 
@@ -164,24 +167,39 @@ impl FdTable {
     }
 }
 
+/// `ACCEPTING_FD`'s value once exit has taken it.
+const NO_FD: u64 = u64::MAX;
+
 #[tracepoint]
 pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
     let at = cfg_field!(accept_queue.accept_enter_fd) as usize;
     // SAFETY: the field's offset from its format file; a checked copy.
-    let result = unsafe { ctx.read_at::<u64>(at) }
-        .map_err(|e| e as i32)
-        .and_then(|fd| ACCEPTING_FD.insert(&bpf_get_current_pid_tgid(), &fd, 0).map_err(|e| e as i32));
+    let result = unsafe { ctx.read_at::<u64>(at) }.map_err(|e| e as i32).and_then(|fd| {
+        let thread = bpf_get_current_pid_tgid();
+        // A thread keeps its entry: from its second accept() on, the fd is
+        // written in place (an LRU insert costs about four lookups).
+        match ACCEPTING_FD.get_ptr_mut(&thread) {
+            Some(slot) => {
+                // SAFETY: a live map value that only this thread writes.
+                unsafe { *slot = fd };
+                Ok(())
+            }
+            None => ACCEPTING_FD.insert(&thread, &fd, 0).map_err(|e| e as i32),
+        }
+    });
     counted(program::SYS_ENTER_ACCEPT, result);
     0
 }
 
 #[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    let thread = bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let Some(listener_fd) = (unsafe { ACCEPTING_FD.get(&thread).copied() }) else { return 0 };
-    let _ = ACCEPTING_FD.remove(&thread);
-    counted(program::SYS_EXIT_ACCEPT, on_exit_accept(&ctx, listener_fd));
+    let Some(slot) = ACCEPTING_FD.get_ptr_mut(&bpf_get_current_pid_tgid()) else { return 0 };
+    // SAFETY: a live map value that only this thread writes; taken, so
+    // that an exit whose enter went unseen finds no stale fd.
+    let listener_fd = unsafe { core::mem::replace(&mut *slot, NO_FD) };
+    if listener_fd != NO_FD {
+        counted(program::SYS_EXIT_ACCEPT, on_exit_accept(&ctx, listener_fd));
+    }
     0
 }
 

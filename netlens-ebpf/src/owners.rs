@@ -82,5 +82,6 @@ pub fn claim(flow: &mut Flow, port: u16) {
     if let Some(owner) = unsafe { LISTENER_OWNERS.get(&key).copied() } {
         flow.pid = owner.pid;
         flow.comm = owner.comm;
+        flow.owner_claimed = 1;
     }
 }
