@@ -61,9 +61,7 @@ fn accepted(listener: u64, child: u64) -> Result<(), i32> {
     if flow.established_ns == 0 {
         return Ok(());
     }
-    let config = cfg_field!(accept_queue);
-    let queue_len: u32 = member(listener, config.sock_ack_backlog).unwrap_or(0);
-    let backlog: u32 = member(listener, config.sock_max_ack_backlog).unwrap_or(0);
+    let (queue_len, backlog) = overflow::accept_queue(listener).unwrap_or((0, 0));
     let wait_ns = now.saturating_sub(flow.established_ns);
     // From now on the connection is the accepting process's.
     flow.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
