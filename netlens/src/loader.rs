@@ -268,6 +268,8 @@ pub struct Probes {
     optional: Vec<optional::FeatureStatus>,
     /// `enum skb_drop_reason` from BTF: the metric's name of each value.
     drop_reason_names: Vec<(u32, String)>,
+    /// Frees the start-up's BTF parses (see [`Probes::settle`]).
+    cleanup: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Verifies, two at a time, the tracepoint programs of each feature's best
@@ -375,6 +377,14 @@ fn degrade_for_layouts(statuses: &mut [FeatureStatus], facts: &KernelFacts) {
 }
 
 impl Probes {
+    /// Waits until the start-up's memory is back with the system: once the
+    /// attachment is announced, before anything measures or serves.
+    pub fn settle(&mut self) {
+        if let Some(cleanup) = self.cleanup.take() {
+            let _ = cleanup.join();
+        }
+    }
+
     /// Checks privileges, resolves offsets, loads and attaches what this
     /// kernel allows, with an event ring buffer of `ring_bytes` whose
     /// programs wake userspace once `wakeup_bytes` of events are pending.
@@ -415,12 +425,12 @@ impl Probes {
         // Freed off the start-up path (~5 ms): the BTF parses are many small
         // allocations. Then the heap they grew goes back to the system (a
         // daemon's RSS is watched).
-        std::thread::spawn(move || {
+        let cleanup = std::thread::spawn(move || {
             drop(facts);
             // SAFETY: plain libc call.
             unsafe { libc::malloc_trim(0) };
         });
-        Ok(Self { ebpf, attached, features, attach_time, optional, drop_reason_names })
+        Ok(Self { ebpf, attached, features, attach_time, optional, drop_reason_names, cleanup: Some(cleanup) })
     }
 
     /// The accept-queue hooks attached.

@@ -129,6 +129,7 @@ impl EventSource {
             probes.program_count(),
             probes.attach_time.as_secs_f64() * 1e3
         );
+        probes.settle();
         // One line per feature this kernel degrades or lacks.
         for notice in probes.features.iter().filter_map(|f| f.notice()) {
             eprintln!("{notice}");
