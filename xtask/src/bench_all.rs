@@ -133,7 +133,7 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting bpftrace (apt-get install bpftrace)")?;
+            .context("starting bpftrace")?;
         let stdout = bpftrace.stdout.take().context("bpftrace stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let started = Instant::now();

@@ -93,7 +93,10 @@ fn run_task(task: Task) -> Result<()> {
                 "bulk" => bench::bulk(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
                 "daemon" => bench::daemon(&binary, pairs.unwrap_or(1), seconds.unwrap_or(30)),
                 "top" => bench::top(&binary, pairs.unwrap_or(3), seconds.unwrap_or(10)),
-                "all" => bench_all::all(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5)),
+                "all" => {
+                    setup::ensure_bench_tools()?;
+                    bench_all::all(&binary, pairs.unwrap_or(3), seconds.unwrap_or(5))
+                }
                 "cost" => {
                     let against = against.context("`bench cost` needs --against PATH, the netlens binary to compare with")?;
                     bench_all::cost(&binary, &against, pairs.unwrap_or(3), seconds.unwrap_or(5))

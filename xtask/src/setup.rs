@@ -59,6 +59,15 @@ pub fn ensure(with_test_tools: bool) -> Result<EbpfToolchain> {
     Ok(toolchain)
 }
 
+/// What `bench all` adds: bpftrace, whose one-line handshake timer is the
+/// reference its table sets netlens beside.
+pub fn ensure_bench_tools() -> Result<()> {
+    if which("bpftrace") {
+        return Ok(());
+    }
+    Apt::default().install(&["bpftrace"])
+}
+
 /// What the kernel matrix adds: QEMU, a static busybox for virtme-ng's
 /// initramfs, kmod (virtme-ng runs depmod on the extracted kernels; the
 /// guests load modules with the host's modprobe), file (virtme-ng reads the
