@@ -104,7 +104,8 @@ pub mod program {
     pub const TCP_CONG_STATE_SET_BTF: u32 = 26;
     pub const SK_DATA_READY_BTF: u32 = 27;
     pub const CONSUME_SKB_BTF: u32 = 28;
-    pub const COUNT: u32 = 29;
+    pub const SYS_EXIT_ACCEPT_TYPED: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -137,6 +138,7 @@ pub mod program {
         "tcp_cong_state_set_btf",
         "sk_data_ready_btf",
         "consume_skb_btf",
+        "sys_exit_accept_typed",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen

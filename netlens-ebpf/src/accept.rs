@@ -14,7 +14,7 @@
 //! reported (no `established_ns`).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, generated},
     macros::{fexit, kprobe, kretprobe, map, tracepoint},
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
@@ -25,7 +25,7 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{fexit_return, listener_key, member, Tuple},
+    kernel::{fexit_return, listener_key, member, typed_member, Tuple},
     overflow, owners,
 };
 
@@ -137,10 +137,24 @@ struct FdTable {
 }
 
 impl FdTable {
-    /// `current->files->fdt`.
+    /// `current->files->fdt`: where `TYPED`, through the BTF-typed task
+    /// of `bpf_get_current_task_btf()` (5.11+), four plain loads; else four
+    /// `bpf_probe_read_kernel` calls.
     #[inline(always)]
-    fn current() -> Result<Self, i32> {
+    fn current<const TYPED: bool>() -> Result<Self, i32> {
         let config = cfg_field!(accept_queue);
+        if TYPED {
+            // SAFETY: the helper returns the current task typed by BTF, and
+            // `files` and `fdt` are typed pointers loaded from it; each
+            // offset is a member's, checked at load time (a NULL pointer
+            // reads as zeros, and no fd is below a `max_fds` of 0).
+            return Ok(unsafe {
+                let task = generated::bpf_get_current_task_btf() as u64;
+                let files: u64 = typed_member(task, config.task_files);
+                let fdt: u64 = typed_member(files, config.files_fdt);
+                Self { max_fds: typed_member(fdt, config.fdt_max_fds), fds: typed_member(fdt, config.fdt_fd) }
+            });
+        }
         // SAFETY: plain helper call without arguments.
         let task = unsafe { bpf_get_current_task() };
         let files: u64 = member(task, config.task_files)?;
@@ -189,20 +203,32 @@ pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Where the kernel refuses the typed build below (before 5.11).
 #[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    exit_accept::<false>(&ctx, program::SYS_EXIT_ACCEPT)
+}
+
+/// The same, with the fd table found through a BTF-typed task.
+#[tracepoint]
+pub fn sys_exit_accept_typed(ctx: TracePointContext) -> u32 {
+    exit_accept::<true>(&ctx, program::SYS_EXIT_ACCEPT_TYPED)
+}
+
+#[inline(always)]
+fn exit_accept<const TYPED: bool>(ctx: &TracePointContext, program: u32) -> u32 {
     let Some(slot) = ACCEPTING_FD.get_ptr_mut(&bpf_get_current_pid_tgid()) else { return 0 };
     // SAFETY: a live map value that only this thread writes; taken, so
     // that an exit whose enter went unseen finds no stale fd.
     let listener_fd = unsafe { core::mem::replace(&mut *slot, NO_FD) };
     if listener_fd != NO_FD {
-        counted(program::SYS_EXIT_ACCEPT, on_exit_accept(&ctx, listener_fd));
+        counted(program, on_exit_accept::<TYPED>(ctx, listener_fd));
     }
     0
 }
 
 #[inline(always)]
-fn on_exit_accept(ctx: &TracePointContext, listener_fd: u64) -> Result<(), i32> {
+fn on_exit_accept<const TYPED: bool>(ctx: &TracePointContext, listener_fd: u64) -> Result<(), i32> {
     // A negative return is accept() failing (EAGAIN on a non-blocking
     // listener): nothing accepted, not a failure of ours.
     let at = cfg_field!(accept_queue.accept_exit_ret) as usize;
@@ -211,7 +237,7 @@ fn on_exit_accept(ctx: &TracePointContext, listener_fd: u64) -> Result<(), i32> 
     if fd < 0 {
         return Ok(());
     }
-    let table = FdTable::current()?;
+    let table = FdTable::current::<TYPED>()?;
     // Another thread closed the listener meanwhile: nothing to name.
     let Some(listener) = table.socket(listener_fd)? else { return Ok(()) };
     // Only TCP listeners (accept() also serves unix and other sockets).

@@ -123,8 +123,20 @@ pub const OPTIONAL: &[Feature] = &[
                 ],
                 ready: listener_checks,
             },
+            // The exit program built twice: the fd table through a typed
+            // task (5.11+) first, by probe reads where the kernel refuses it.
             Family {
                 name: "tracepoint",
+                hooks: &[
+                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
+                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
+                    Hook::on("sys_exit_accept_typed", "syscalls", "sys_exit_accept4", Attach::Record),
+                    Hook::on("sys_exit_accept_typed", "syscalls", "sys_exit_accept", Attach::Record),
+                ],
+                ready: |support, _| support.accept_syscalls.clone(),
+            },
+            Family {
+                name: "tracepoint, probe reads",
                 hooks: &[
                     Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
                     Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),

@@ -141,7 +141,7 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
 }
 
 /// The BTF-tracepoint builds, left out to test their raw fallbacks.
-const RAW_FALLBACK_SKIPS: &str = "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf";
+const RAW_FALLBACK_SKIPS: &str = "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf,sys_exit_accept_typed";
 
 /// Installs what is missing and builds; returns the netlens binary.
 fn build(with_test_tools: bool) -> Result<PathBuf> {
