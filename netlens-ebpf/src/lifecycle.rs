@@ -263,7 +263,7 @@ fn closed<S: Sock>(sk: S) -> Result<(), i32> {
             report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now)
         }
         Some(flow) => {
-            probe::end_stall_drained_at_close(flow, sk);
+            probe::end_stall_drained_at_close(flow, sk, now);
             let reported = report_close(sk, flow, now);
             // After the report: see connect_failed().
             flows::remove(sk.addr());

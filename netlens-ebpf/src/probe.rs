@@ -143,7 +143,7 @@ fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
     if flow.hol_start_ns != 0 {
         if !after(flow.hol_max_end, rcv_nxt) {
             // Drained since the last segment, and no data-ready hook ended it.
-            end_stall(flow, flow.hol_inorder_ns);
+            end_stall(flow, drained_by(flow, now));
         } else if has_data && !after(seq, rcv_nxt) {
             flow.hol_inorder_ns = now;
         }
@@ -164,6 +164,16 @@ fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
         }
     }
     Ok(())
+}
+
+/// When a stall found drained at `seen_ns` ended, without a data-ready
+/// hook: at the last in-order data segment's arrival, which filled the
+/// hole. Where no such segment was seen since the stall began (the kernel
+/// skipped the program run for it, counted as `events missed`), at
+/// `seen_ns`: one segment late, instead of a stall of zero.
+#[inline(always)]
+fn drained_by(flow: &Flow, seen_ns: u64) -> u64 {
+    if flow.hol_inorder_ns > flow.hol_start_ns { flow.hol_inorder_ns } else { seen_ns }
 }
 
 /// Reports the flow's stall as over at `end_ns`; returns its length.
@@ -196,13 +206,13 @@ fn end_stall(flow: &mut Flow, end_ns: u64) {
 /// then, before the close reports the flow's totals. Its own BPF function:
 /// the close report next to it needs the stack.
 #[inline(never)]
-pub fn end_stall_drained_at_close<S: Sock>(flow: &mut Flow, sk: S) {
+pub fn end_stall_drained_at_close<S: Sock>(flow: &mut Flow, sk: S, now: u64) {
     if flow.hol_start_ns == 0 {
         return;
     }
     if let Ok(rcv_nxt) = sk.get::<u32>(cfg_field!(kernel.tcp_rcv_nxt)) {
         if !after(flow.hol_max_end, rcv_nxt) {
-            end_stall(flow, flow.hol_inorder_ns);
+            end_stall(flow, drained_by(flow, now));
         }
     }
 }
