@@ -56,6 +56,17 @@ fn overflow_tracepoints(support: &AcceptQueueSupport, attached: &[&str]) -> Resu
     Ok(())
 }
 
+/// accept() and accept4() through the syscall tracepoints (they share
+/// their record layouts), with the exit served by program `exit`.
+const fn accept_syscalls(exit: &'static str) -> [Hook; 4] {
+    [
+        Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
+        Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
+        Hook::on(exit, "syscalls", "sys_exit_accept4", Attach::Record),
+        Hook::on(exit, "syscalls", "sys_exit_accept", Attach::Record),
+    ]
+}
+
 /// OPTIONAL hooks (the accept queue). The kprobe/fentry variants compile
 /// everywhere and are preferred where the kernel allows them; this host's
 /// kind (no kprobes, fentry refused) gets the tracepoint variants (BTF-typed
@@ -127,22 +138,12 @@ pub const OPTIONAL: &[Feature] = &[
             // task (5.11+) first, by probe reads where the kernel refuses it.
             Family {
                 name: "tracepoint",
-                hooks: &[
-                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
-                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
-                    Hook::on("sys_exit_accept_typed", "syscalls", "sys_exit_accept4", Attach::Record),
-                    Hook::on("sys_exit_accept_typed", "syscalls", "sys_exit_accept", Attach::Record),
-                ],
+                hooks: &accept_syscalls("sys_exit_accept_typed"),
                 ready: |support, _| support.accept_syscalls.clone(),
             },
             Family {
                 name: "tracepoint, probe reads",
-                hooks: &[
-                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
-                    Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
-                    Hook::on("sys_exit_accept", "syscalls", "sys_exit_accept4", Attach::Record),
-                    Hook::on("sys_exit_accept", "syscalls", "sys_exit_accept", Attach::Record),
-                ],
+                hooks: &accept_syscalls("sys_exit_accept"),
                 ready: |support, _| support.accept_syscalls.clone(),
             },
         ],
