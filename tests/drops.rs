@@ -8,7 +8,9 @@
 //! test of ours drops TCP packets meanwhile. Measured on 6.18: TCPRcvQDrop
 //! 1-2 = proto_mem, TcpExtBeyondWindow 11-20 = tcp_invalid_sequence +
 //! tcp_invalid_end_sequence; no zero-window drop (the sender respects a
-//! zero window).
+//! zero window). A run of the program the kernel skipped (already running
+//! on that CPU) may be a drop not counted: netlens reports those, and the
+//! comparisons allow exactly that many.
 
 use std::{
     collections::HashMap,
@@ -47,6 +49,16 @@ fn drops(samples: &[Sample]) -> HashMap<String, f64> {
         .filter(|s| s.name == "netlens_tcp_drops_total")
         .filter_map(|s| Some((s.label("reason")?.to_string(), s.value)))
         .collect()
+}
+
+/// Runs of the `kfree_skb` program the kernel skipped because it was
+/// already running on that CPU: each may be one drop netlens did not count.
+fn kfree_skb_skipped(samples: &[Sample]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == "netlens_bpf_program_skipped_runs_total" && s.label("program") == Some("kfree_skb"))
+        .map(|s| s.value)
+        .sum()
 }
 
 fn scrape(netns: &Netns) -> Result<Vec<Sample>> {
@@ -100,7 +112,8 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
     // `trace --drops` beside it: its `drop` lines must add up the same.
     let trace = Netlens::start_in(Some(&netns.name), &["trace", "--json", "--drops", "--netns", &inode])?;
     let before_nstat = netns.nstat()?;
-    let before = drops(&scrape(&netns)?);
+    let before_samples = scrape(&netns)?;
+    let before = drops(&before_samples);
 
     // First as Linux does by default (the advertised window never
     // shrinks: memory drops), then with net.ipv4.tcp_shrink_window=1 (the
@@ -109,7 +122,9 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
     netns.exec(&["sysctl", "-qw", "net.ipv4.tcp_shrink_window=1"])?;
     sent += push_into_shrunk_buffer(&netns, "127.0.0.1:8098".parse()?)?;
     let after_nstat = netns.nstat()?;
-    let after = drops(&scrape(&netns)?);
+    let after_samples = scrape(&netns)?;
+    let after = drops(&after_samples);
+    let skipped = kfree_skb_skipped(&after_samples) - kfree_skb_skipped(&before_samples);
     drop(daemon);
     // Past its next once-a-second read.
     thread::sleep(Duration::from_millis(1_100));
@@ -124,23 +139,41 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
         after_nstat.iter().map(|(k, v)| (k, v - before_nstat.get(k).copied().unwrap_or(0))).filter(|(k, d)| *d > 0 && k.starts_with("TcpExt")).collect();
     moved_nstat.sort();
     eprintln!("nstat TcpExt moved: {moved_nstat:?}");
-    eprintln!("sent {sent} B; nstat: TCPRcvQDrop {rcvq}, TCPZeroWindowDrop {zero_window}, TCPOFODrop {ofo}; netlens moved: {moved:?}");
+    eprintln!("sent {sent} B; nstat: TCPRcvQDrop {rcvq}, TCPZeroWindowDrop {zero_window}, TCPOFODrop {ofo}; netlens moved: {moved:?}; kfree_skb runs the kernel skipped: {skipped}");
 
     assert!(rcvq > 0, "the shrunk buffer dropped nothing: no test");
     // One-to-one in tcp_data_queue(): TCPZeroWindowDrop is counted exactly
     // where the reason is SKB_DROP_REASON_TCP_ZEROWINDOW.
-    assert_eq!(netlens("tcp_zerowindow"), zero_window as f64, "tcp_zerowindow vs TcpExtTCPZeroWindowDrop");
+    // Less at most the runs the kernel skipped, as for proto_mem below.
+    let counted = netlens("tcp_zerowindow");
+    assert!(
+        counted <= zero_window as f64 && counted >= zero_window as f64 - skipped,
+        "tcp_zerowindow {counted} vs TcpExtTCPZeroWindowDrop {zero_window}, {skipped} kfree_skb runs skipped"
+    );
     // TCPRcvQDrop (tcp_data_queue) and TCPOFODrop (tcp_data_queue_ofo) are
     // TCP's two drops with SKB_DROP_REASON_PROTO_MEM (other protocols'
-    // are not counted): their sum.
-    assert_eq!(netlens("proto_mem"), (rcvq + ofo) as f64, "proto_mem vs TcpExtTCPRcvQDrop + TcpExtTCPOFODrop");
+    // are not counted): their sum, less at most the runs the kernel
+    // reports it skipped. Such a skip is rare but real: a drop in
+    // tcp_data_queue() also happens in process context (the receiver's
+    // release_sock() with bottom halves enabled), where an interrupt's
+    // softirq can free a second packet on the same CPU mid-program
+    // (seen once in CI: TCPRcvQDrop 2, proto_mem 1).
+    let proto_mem = netlens("proto_mem");
+    let expected = (rcvq + ofo) as f64;
+    assert!(
+        proto_mem <= expected && proto_mem >= expected - skipped,
+        "proto_mem {proto_mem} vs TcpExtTCPRcvQDrop + TcpExtTCPOFODrop {expected}, {skipped} kfree_skb runs skipped"
+    );
     // Since 6.16 TcpExtBeyondWindow counts what tcp_sequence() refuses as
     // beyond the window the receiver shrank: reason TCP_INVALID_SEQUENCE
     // (all of the segment) or TCP_INVALID_END_SEQUENCE (its end): the sum.
     if let Some(beyond) = after_nstat.get("TcpExtBeyondWindow") {
         let beyond = beyond - before_nstat.get("TcpExtBeyondWindow").copied().unwrap_or(0);
         let reasons = netlens("tcp_invalid_sequence") + netlens("tcp_invalid_end_sequence");
-        assert_eq!(reasons, beyond as f64, "tcp_invalid_sequence + tcp_invalid_end_sequence vs TcpExtBeyondWindow");
+        assert!(
+            reasons <= beyond as f64 && reasons >= beyond as f64 - skipped,
+            "tcp_invalid_sequence + tcp_invalid_end_sequence {reasons} vs TcpExtBeyondWindow {beyond}, {skipped} kfree_skb runs skipped"
+        );
     }
     // trace --drops: a line per reason and second, packets adding up to
     // the kernel's counts (trace attached before the first nstat read).
@@ -148,7 +181,15 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
         traced.named("drop").filter(|e| e["reason"] == reason).map(|e| e["packets"].as_u64().unwrap_or(0)).sum()
     };
     assert!(traced.named("drop").all(|e| e["ts_ns"].as_u64().is_some() && e["packets"].as_u64() > Some(0)), "{:?}", traced.events);
-    assert_eq!(traced_drops("proto_mem"), rcvq + ofo, "trace --drops proto_mem vs TcpExtTCPRcvQDrop + TcpExtTCPOFODrop");
-    assert_eq!(traced_drops("tcp_zerowindow"), zero_window, "trace --drops tcp_zerowindow vs TcpExtTCPZeroWindowDrop");
+    // trace's own programs: less at most the counting runs it said the
+    // kernel skipped.
+    let trace_skipped = traced.counts_missed();
+    for (reason, expected) in [("proto_mem", rcvq + ofo), ("tcp_zerowindow", zero_window)] {
+        let counted = traced_drops(reason);
+        assert!(
+            counted <= expected && counted + trace_skipped >= expected,
+            "trace --drops {reason} {counted} vs nstat {expected}, {trace_skipped} counting runs skipped"
+        );
+    }
     Ok(())
 }
