@@ -106,6 +106,9 @@ pub struct Window {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProbeOffsets {
     pub windows: [Window; PROBE_WINDOWS],
+    /// The same members' offsets in `tcp_sock` itself, for programs that
+    /// read a BTF-typed socket directly: one load each, no window to place.
+    pub at: TcpSockMembers,
     /// `snd_wnd` (u32): the window the peer advertised.
     pub snd_wnd: u16,
     /// `snd_cwnd` (u32), `snd_ssthresh` (u32).
@@ -124,6 +127,22 @@ pub struct ProbeOffsets {
     pub ca_state_shift: u8,
     pub ca_state_mask: u8,
     pub _pad: [u8; 6],
+}
+
+/// Offsets in `struct tcp_sock` of what the per-packet program reads
+/// (see [`ProbeOffsets`] for each member's meaning).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSockMembers {
+    pub snd_wnd: u32,
+    pub snd_cwnd: u32,
+    pub snd_ssthresh: u32,
+    pub min_rtt: u32,
+    pub rcv_nxt: u32,
+    pub srtt_us: u32,
+    pub rcv_wnd: u32,
+    /// The byte holding the `icsk_ca_state` bitfield.
+    pub ca_state: u32,
 }
 
 /// Marks an optional field the running kernel does not have.

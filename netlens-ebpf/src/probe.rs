@@ -65,15 +65,55 @@ fn count_segment(srtt_us: u32, cwnd: u32) {
     }
 }
 
+/// The socket of the last segment tcp_probe saw on this CPU, and whether
+/// its flow had a stall open once the segment was looked at. The kernel
+/// calls the data-ready hook for a segment right after tcp_probe for it,
+/// on the same CPU: a socket found here with no stall open has none to
+/// end, and the data-ready program skips its flow lookup (nearly every
+/// call; a stall begins only in tcp_probe, which rewrites this first).
+/// Anything else here (another socket's segment in between, the rare
+/// migration of a process-context receive between the two hooks) only
+/// costs the lookup, or at worst leaves the stall to end at the next
+/// segment, as without a data-ready hook.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LastSegment {
+    sk: u64,
+    stall_open: u64,
+}
+
+#[map]
+static LAST_SEGMENT: PerCpuArray<LastSegment> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn remember_segment(sk: u64, flow: Option<&Flow>) {
+    if let Some(last) = LAST_SEGMENT.get_ptr_mut(0) {
+        let stall_open = flow.is_some_and(|flow| flow.hol_start_ns != 0);
+        // SAFETY: this CPU's slot; nothing else writes it while we run.
+        unsafe { *last = LastSegment { sk, stall_open: u64::from(stall_open) } };
+    }
+}
+
+/// Whether tcp_probe saw `sk`'s latest segment on this CPU and left no
+/// stall open (see [`LAST_SEGMENT`]).
+#[inline(always)]
+fn no_stall_open(sk: u64) -> bool {
+    LAST_SEGMENT.get(0).is_some_and(|last| last.sk == sk && last.stall_open == 0)
+}
+
 /// The fallback where the kernel refuses the BTF tracepoint below.
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     // Connections we do not track (opened before we attached) cost one
     // lookup and nothing else.
-    if let Some(flow) = flows::lookup_mut(sk) {
+    let flow = flows::lookup_mut(sk);
+    if let Some(flow) = flow {
         let result = segment_seqs(ctx.arg(1)).and_then(|seqs| on_segment(flow, Probed(sk), seqs));
         counted(program::TCP_PROBE, result);
+        remember_segment(sk, Some(flow));
+    } else {
+        remember_segment(sk, None);
     }
     0
 }
@@ -86,6 +126,9 @@ pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
     if let Some(flow) = flows::lookup_mut(sk) {
         let result = Typed::of(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
         counted(program::TCP_PROBE_BTF, result);
+        remember_segment(sk, Some(flow));
+    } else {
+        remember_segment(sk, None);
     }
     0
 }
@@ -221,7 +264,7 @@ pub fn end_stall_drained_at_close<S: Sock>(flow: &mut Flow, sk: S, now: u64) {
 /// the application: a stall whose held data is now readable is over.
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn sk_data_ready(ctx: RawTracePointContext) -> i32 {
-    data_ready(ctx.arg(0), program::SK_DATA_READY);
+    data_ready(Probed(ctx.arg(0)), program::SK_DATA_READY);
     0
 }
 
@@ -238,7 +281,7 @@ pub fn sk_data_ready_btf(ctx: BtfTracePointContext) -> i32 {
     if ooopack_at != 0 && tp.get::<u32>(ooopack_at) == Ok(0) {
         return 0;
     }
-    data_ready(tp.addr(), program::SK_DATA_READY_BTF);
+    data_ready(tp, program::SK_DATA_READY_BTF);
     0
 }
 
@@ -247,7 +290,7 @@ pub fn sk_data_ready_btf(ctx: BtfTracePointContext) -> i32 {
 /// fires from (through `sk->sk_data_ready`).
 #[fentry(function = "tcp_data_ready")]
 pub fn tcp_data_ready_fentry(ctx: FEntryContext) -> i32 {
-    data_ready(ctx.arg(0), program::TCP_DATA_READY_FENTRY);
+    data_ready(Probed(ctx.arg(0)), program::TCP_DATA_READY_FENTRY);
     0
 }
 
@@ -255,14 +298,17 @@ pub fn tcp_data_ready_fentry(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn tcp_data_ready_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        data_ready(sk, program::TCP_DATA_READY_KPROBE);
+        data_ready(Probed(sk), program::TCP_DATA_READY_KPROBE);
     }
     0
 }
 
 #[inline(always)]
-fn data_ready(sk: u64, program: u32) {
-    if let Some(flow) = flows::lookup_mut(sk) {
+fn data_ready<S: Sock>(sk: S, program: u32) {
+    if no_stall_open(sk.addr()) {
+        return;
+    }
+    if let Some(flow) = flows::lookup_mut(sk.addr()) {
         if flow.hol_start_ns != 0 {
             counted(program, end_stall_if_drained(flow, sk));
         }
@@ -270,8 +316,8 @@ fn data_ready(sk: u64, program: u32) {
 }
 
 #[inline(always)]
-fn end_stall_if_drained(flow: &mut Flow, sk: u64) -> Result<(), i32> {
-    let rcv_nxt: u32 = member(sk, cfg_field!(kernel.tcp_rcv_nxt))?;
+fn end_stall_if_drained<S: Sock>(flow: &mut Flow, sk: S) -> Result<(), i32> {
+    let rcv_nxt: u32 = sk.get(cfg_field!(kernel.tcp_rcv_nxt))?;
     if after(flow.hol_max_end, rcv_nxt) {
         return Ok(());
     }

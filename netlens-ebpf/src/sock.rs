@@ -14,7 +14,7 @@
 //! the typed build where the kernel accepts it.
 
 use aya_ebpf::helpers::generated;
-use netlens_common::{RECORD_MAX, AF_INET};
+use netlens_common::AF_INET;
 
 use crate::{
     config::cfg_field,
@@ -110,32 +110,22 @@ pub struct TcpNow {
 
 const IPPROTO_TCP: u16 = 6;
 
-/// Members placed by the probe offsets (`netlens_common::ProbeOffsets`):
-/// read from copied windows, or from a typed socket directly.
-pub trait ProbeFields {
-    fn field<T: Copy>(&self, place: u16) -> Result<T, i32>;
-}
-
-impl ProbeFields for &Windows {
-    #[inline(always)]
-    fn field<T: Copy>(&self, place: u16) -> Result<T, i32> {
-        self.get(place)
-    }
-}
-
 impl TcpNow {
+    /// From this CPU's copies of the socket's windows, where the probe
+    /// offsets place each member (see `netlens_common::ProbeOffsets`).
+    /// Each offset is read on its own: a read of the whole offsets struct
+    /// copies every byte of it, once per segment.
     #[inline(always)]
-    fn read(tp: impl ProbeFields) -> Result<Self, i32> {
-        let probe = cfg_field!(probe);
+    fn from_windows(windows: &Windows) -> Result<Self, i32> {
         Ok(Self {
-            snd_cwnd: tp.field(probe.snd_cwnd)?,
-            snd_ssthresh: tp.field(probe.snd_ssthresh)?,
-            srtt_us: tp.field(probe.srtt_us)?,
-            min_rtt_us: tp.field(probe.min_rtt)?,
-            snd_wnd: tp.field(probe.snd_wnd)?,
-            rcv_wnd: tp.field(probe.rcv_wnd)?,
-            rcv_nxt: tp.field(probe.rcv_nxt)?,
-            ca_state_byte: tp.field(probe.ca_state)?,
+            snd_cwnd: windows.get(cfg_field!(probe.snd_cwnd))?,
+            snd_ssthresh: windows.get(cfg_field!(probe.snd_ssthresh))?,
+            srtt_us: windows.get(cfg_field!(probe.srtt_us))?,
+            min_rtt_us: windows.get(cfg_field!(probe.min_rtt))?,
+            snd_wnd: windows.get(cfg_field!(probe.snd_wnd))?,
+            rcv_wnd: windows.get(cfg_field!(probe.rcv_wnd))?,
+            rcv_nxt: windows.get(cfg_field!(probe.rcv_nxt))?,
+            ca_state_byte: windows.get(cfg_field!(probe.ca_state))?,
         })
     }
 }
@@ -173,7 +163,7 @@ impl Sock for Probed {
     /// One copy per window of the members (one or two on most kernels).
     #[inline(always)]
     fn tcp_now(self, slot: u32) -> Result<TcpNow, i32> {
-        TcpNow::read(Windows::copy(self.0, &cfg_field!(probe.windows), slot)?)
+        TcpNow::from_windows(Windows::copy(self.0, &cfg_field!(probe.windows), slot)?)
     }
 }
 
@@ -192,18 +182,6 @@ impl Typed {
         (tp != 0).then_some(Self(tp))
     }
 
-}
-
-/// A member placed by the probe offsets, which give each member's place in
-/// the copied windows (see `netlens_common::ProbeOffsets`): window `field /
-/// RECORD_MAX` starts at its `start` in the socket.
-impl ProbeFields for &Typed {
-    #[inline(always)]
-    fn field<T: Copy>(&self, field: u16) -> Result<T, i32> {
-        let windows = cfg_field!(probe.windows);
-        let window = windows.get(field as usize / RECORD_MAX).ok_or(-1)?;
-        self.get(window.start + (field as usize % RECORD_MAX) as u32)
-    }
 }
 
 impl Sock for Typed {
@@ -256,8 +234,18 @@ impl Sock for Typed {
         Ok(tuple)
     }
 
+    /// One load per member, at its offset in the socket.
     #[inline(always)]
     fn tcp_now(self, _slot: u32) -> Result<TcpNow, i32> {
-        TcpNow::read(&self)
+        Ok(TcpNow {
+            snd_cwnd: self.get(cfg_field!(probe.at.snd_cwnd))?,
+            snd_ssthresh: self.get(cfg_field!(probe.at.snd_ssthresh))?,
+            srtt_us: self.get(cfg_field!(probe.at.srtt_us))?,
+            min_rtt_us: self.get(cfg_field!(probe.at.min_rtt))?,
+            snd_wnd: self.get(cfg_field!(probe.at.snd_wnd))?,
+            rcv_wnd: self.get(cfg_field!(probe.at.rcv_wnd))?,
+            rcv_nxt: self.get(cfg_field!(probe.at.rcv_nxt))?,
+            ca_state_byte: self.get(cfg_field!(probe.at.ca_state))?,
+        })
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use netlens_common::{
-    code_range, CongStateFields, Config, KernelOffsets, ProbeOffsets, ReceiveResetFields, RetransmitFields, SendResetFields,
+    code_range, CongStateFields, Config, KernelOffsets, ProbeOffsets, TcpSockMembers, ReceiveResetFields, RetransmitFields, SendResetFields,
     SockTupleOffsets, SynackFields, TupleFields, Window, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX,
 };
 
@@ -267,8 +267,19 @@ fn probe_offsets(btf: &KernelBtf) -> Result<ProbeOffsets> {
         (ca_byte, 1),
     ];
     let (windows, placed) = group_windows(&members)?;
+    let in_socket = |index: usize| members[index].0;
     Ok(ProbeOffsets {
         windows,
+        at: TcpSockMembers {
+            snd_wnd: in_socket(0),
+            snd_cwnd: in_socket(1),
+            snd_ssthresh: in_socket(2),
+            min_rtt: in_socket(3),
+            rcv_nxt: in_socket(4),
+            srtt_us: in_socket(5),
+            rcv_wnd: in_socket(6),
+            ca_state: in_socket(7),
+        },
         snd_wnd: placed[0],
         snd_cwnd: placed[1],
         snd_ssthresh: placed[2],
