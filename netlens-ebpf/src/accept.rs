@@ -142,7 +142,6 @@ impl FdTable {
     /// `bpf_probe_read_kernel` calls.
     #[inline(always)]
     fn current<const TYPED: bool>() -> Result<Self, i32> {
-        let config = cfg_field!(accept_queue);
         if TYPED {
             // SAFETY: the helper returns the current task typed by BTF, and
             // `files` and `fdt` are typed pointers loaded from it; each
@@ -150,23 +149,28 @@ impl FdTable {
             // reads as zeros, and no fd is below a `max_fds` of 0).
             return Ok(unsafe {
                 let task = generated::bpf_get_current_task_btf() as u64;
-                let files: u64 = typed_member(task, config.task_files);
-                let fdt: u64 = typed_member(files, config.files_fdt);
-                Self { max_fds: typed_member(fdt, config.fdt_max_fds), fds: typed_member(fdt, config.fdt_fd) }
+                let files: u64 = typed_member(task, cfg_field!(accept_queue.task_files));
+                let fdt: u64 = typed_member(files, cfg_field!(accept_queue.files_fdt));
+                Self {
+                    max_fds: typed_member(fdt, cfg_field!(accept_queue.fdt_max_fds)),
+                    fds: typed_member(fdt, cfg_field!(accept_queue.fdt_fd)),
+                }
             });
         }
         // SAFETY: plain helper call without arguments.
         let task = unsafe { bpf_get_current_task() };
-        let files: u64 = member(task, config.task_files)?;
-        let fdt: u64 = member(files, config.files_fdt)?;
-        Ok(Self { max_fds: member(fdt, config.fdt_max_fds)?, fds: member(fdt, config.fdt_fd)? })
+        let files: u64 = member(task, cfg_field!(accept_queue.task_files))?;
+        let fdt: u64 = member(files, cfg_field!(accept_queue.files_fdt))?;
+        Ok(Self {
+            max_fds: member(fdt, cfg_field!(accept_queue.fdt_max_fds))?,
+            fds: member(fdt, cfg_field!(accept_queue.fdt_fd))?,
+        })
     }
 
     /// The socket behind file descriptor `fd` (`fd[fd]` → `file->private_data`
     /// → `socket->sk`); `None` for a closed descriptor.
     #[inline(always)]
     fn socket(self, fd: u64) -> Result<Option<u64>, i32> {
-        let config = cfg_field!(accept_queue);
         if fd >= self.max_fds as u64 {
             return Err(-1);
         }
@@ -174,8 +178,8 @@ impl FdTable {
         if file == 0 {
             return Ok(None);
         }
-        let socket: u64 = member(file, config.file_private_data)?;
-        member(socket, config.socket_sk).map(Some)
+        let socket: u64 = member(file, cfg_field!(accept_queue.file_private_data))?;
+        member(socket, cfg_field!(accept_queue.socket_sk)).map(Some)
     }
 }
 

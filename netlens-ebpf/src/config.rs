@@ -8,7 +8,9 @@ use netlens_common::Config;
 static CONFIG: Config = unsafe { core::mem::zeroed() };
 
 /// Reads one field of [`CONFIG`]. The volatile read stops the compiler from
-/// folding in the all-zero initial value.
+/// folding in the all-zero initial value. Name a scalar, not a struct: a
+/// volatile read of a struct loads every member of it, each time (the
+/// verifier knows the values, but the loads still run).
 macro_rules! cfg_field {
     ($($path:ident).+) => {
         unsafe { core::ptr::read_volatile(&crate::config::config().$($path).+) }

@@ -212,21 +212,20 @@ impl Sock for Typed {
 
     #[inline(always)]
     fn tuple(self) -> Result<Tuple, i32> {
-        let offsets = cfg_field!(kernel.sock_tuple);
         let mut tuple = Tuple {
-            family: self.get(offsets.family as u32)?,
+            family: self.get(cfg_field!(kernel.sock_tuple.family) as u32)?,
             sport: u16::from_be(self.get(cfg_field!(kernel.inet_sport))?),
-            dport: u16::from_be(self.get(offsets.dport as u32)?),
+            dport: u16::from_be(self.get(cfg_field!(kernel.sock_tuple.dport) as u32)?),
             ..Tuple::default()
         };
         if tuple.family == AF_INET {
-            tuple.saddr[..4].copy_from_slice(&self.get::<u32>(offsets.rcv_saddr as u32)?.to_ne_bytes());
-            tuple.daddr[..4].copy_from_slice(&self.get::<u32>(offsets.daddr as u32)?.to_ne_bytes());
+            tuple.saddr[..4].copy_from_slice(&self.get::<u32>(cfg_field!(kernel.sock_tuple.rcv_saddr) as u32)?.to_ne_bytes());
+            tuple.daddr[..4].copy_from_slice(&self.get::<u32>(cfg_field!(kernel.sock_tuple.daddr) as u32)?.to_ne_bytes());
         } else {
             // Two loads each: a load is at most 8 bytes.
             for (half, at) in [(0, 0u32), (8, 8)] {
-                let saddr: u64 = self.get(offsets.v6_rcv_saddr as u32 + at)?;
-                let daddr: u64 = self.get(offsets.v6_daddr as u32 + at)?;
+                let saddr: u64 = self.get(cfg_field!(kernel.sock_tuple.v6_rcv_saddr) as u32 + at)?;
+                let daddr: u64 = self.get(cfg_field!(kernel.sock_tuple.v6_daddr) as u32 + at)?;
                 tuple.saddr[half..half + 8].copy_from_slice(&saddr.to_ne_bytes());
                 tuple.daddr[half..half + 8].copy_from_slice(&daddr.to_ne_bytes());
             }

@@ -51,13 +51,12 @@ pub fn syn_arrived(listener: u64, skb: u64) -> i32 {
 #[inline(always)]
 fn record_syn(listener: u64, skb: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let config = cfg_field!(accept_queue);
-    let head: u64 = member(skb, config.skb_head)?;
-    let ip = head + member::<u16>(skb, config.skb_network_header)? as u64;
-    let tcp = head + member::<u16>(skb, config.skb_transport_header)? as u64;
+    let head: u64 = member(skb, cfg_field!(accept_queue.skb_head))?;
+    let ip = head + member::<u16>(skb, cfg_field!(accept_queue.skb_network_header))? as u64;
+    let tcp = head + member::<u16>(skb, cfg_field!(accept_queue.skb_transport_header))? as u64;
     // The child's family is the listener's: an IPv4 SYN to a dual-stack
     // IPv6 listener makes an AF_INET6 child with v4-mapped addresses.
-    let family: u16 = member(listener, cfg_field!(kernel.sock_tuple).family as u32)?;
+    let family: u16 = member(listener, cfg_field!(kernel.sock_tuple.family) as u32)?;
     let mut key = TupleKey {
         saddr: [0; 16],
         daddr: [0; 16],
@@ -67,7 +66,7 @@ fn record_syn(listener: u64, skb: u64) -> Result<(), i32> {
         family,
         _pad: [0; 6],
     };
-    if member::<u16>(skb, config.skb_protocol)? == ETH_P_IP.to_be() {
+    if member::<u16>(skb, cfg_field!(accept_queue.skb_protocol))? == ETH_P_IP.to_be() {
         // struct iphdr: saddr at 12, daddr at 16.
         let remote: [u8; 4] = member(ip, 12)?;
         let local: [u8; 4] = member(ip, 16)?;

@@ -175,12 +175,11 @@ pub fn known_listener(sk: u64, key: &ListenerKey) -> Result<(), i32> {
 /// read where the two counters are adjacent (every kernel in the matrix).
 #[inline(always)]
 pub fn accept_queue(listener: u64) -> Result<(u32, u32), i32> {
-    let config = cfg_field!(accept_queue);
-    if config.sock_max_ack_backlog == config.sock_ack_backlog + 4 {
-        let both: u64 = member(listener, config.sock_ack_backlog)?;
+    if cfg_field!(accept_queue.sock_max_ack_backlog) == cfg_field!(accept_queue.sock_ack_backlog) + 4 {
+        let both: u64 = member(listener, cfg_field!(accept_queue.sock_ack_backlog))?;
         return Ok((both as u32, (both >> 32) as u32));
     }
-    Ok((member(listener, config.sock_ack_backlog)?, member(listener, config.sock_max_ack_backlog)?))
+    Ok((member(listener, cfg_field!(accept_queue.sock_ack_backlog))?, member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?))
 }
 
 /// The kernel's `sk_acceptq_is_full()`: `Some(backlog)` when full.

@@ -67,11 +67,10 @@ fn raw_arg(ctx: &RawTracePointContext, position: u8) -> Option<u64> {
 /// headers (the protocol byte of its IP header).
 #[inline(always)]
 fn is_tcp_skb(skb: u64) -> bool {
-    let config = cfg_field!(accept_queue);
     let (Ok(head), Ok(network), Ok(protocol)) = (
-        member::<u64>(skb, config.skb_head),
-        member::<u16>(skb, config.skb_network_header),
-        member::<u16>(skb, config.skb_protocol),
+        member::<u64>(skb, cfg_field!(accept_queue.skb_head)),
+        member::<u16>(skb, cfg_field!(accept_queue.skb_network_header)),
+        member::<u16>(skb, cfg_field!(accept_queue.skb_protocol)),
     ) else {
         return false;
     };
@@ -90,8 +89,7 @@ fn is_tcp_skb(skb: u64) -> bool {
 /// is a listen overflow.
 #[raw_tracepoint(tracepoint = "kfree_skb")]
 pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
-    let config = cfg_field!(accept_queue);
-    let Some(reason) = raw_arg(&ctx, config.kfree_skb_reason_arg) else { return 0 };
+    let Some(reason) = raw_arg(&ctx, cfg_field!(accept_queue.kfree_skb_reason_arg)) else { return 0 };
     let reason = reason as u32;
     // Counted as TCP drops (netlens_tcp_drops_total): other protocols'
     // drops pass this tracepoint too.
@@ -101,10 +99,10 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> i32 {
             unsafe { *count += 1 };
         }
     }
-    if reason == config.listen_overflow_reason {
+    if reason == cfg_field!(accept_queue.listen_overflow_reason) {
         counted(program::KFREE_SKB, final_ack_overflow(&ctx, false));
-    } else if reason == config.no_socket_reason {
-        let Some(location) = raw_arg(&ctx, config.kfree_skb_location_arg) else { return 0 };
+    } else if reason == cfg_field!(accept_queue.no_socket_reason) {
+        let Some(location) = raw_arg(&ctx, cfg_field!(accept_queue.kfree_skb_location_arg)) else { return 0 };
         let in_cookie_check = called_from(code_range::COOKIE_V4, location) || called_from(code_range::COOKIE_V6, location);
         if in_cookie_check {
             counted(program::KFREE_SKB, final_ack_overflow(&ctx, true));
@@ -148,14 +146,18 @@ fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<()
 /// `tcp_rcv_state_process()` (the listener's `conn_request` has run) go on.
 #[raw_tracepoint(tracepoint = "consume_skb")]
 pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
-    let config = cfg_field!(accept_queue);
-    let Some(location) = raw_arg(&ctx, config.consume_skb_location_arg) else { return 0 };
+    let Some(location) = raw_arg(&ctx, cfg_field!(accept_queue.consume_skb_location_arg)) else { return 0 };
     if !called_from(code_range::SYN_CONSUMER, location) {
         return 0;
     }
     let skb: u64 = ctx.arg(0);
-    let headers = member(skb, config.skb_head)
-        .and_then(|head| Ok(SkbHeaders { head, transport: member(skb, config.skb_transport_header)?, refdst: member(skb, config.skb_refdst)? }));
+    let headers = member(skb, cfg_field!(accept_queue.skb_head)).and_then(|head| {
+        Ok(SkbHeaders {
+            head,
+            transport: member(skb, cfg_field!(accept_queue.skb_transport_header))?,
+            refdst: member(skb, cfg_field!(accept_queue.skb_refdst))?,
+        })
+    });
     counted(program::CONSUME_SKB, headers.and_then(syn_consumed));
     0
 }
@@ -172,14 +174,13 @@ pub fn consume_skb_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let skb: u64 = ctx.arg(0);
-    let config = cfg_field!(accept_queue);
     // SAFETY: a BTF tracepoint's `struct sk_buff *` argument; the offsets
     // are its members' (checked at load time).
     let headers = unsafe {
         SkbHeaders {
-            head: typed_member(skb, config.skb_head),
-            transport: typed_member(skb, config.skb_transport_header),
-            refdst: typed_member(skb, config.skb_refdst),
+            head: typed_member(skb, cfg_field!(accept_queue.skb_head)),
+            transport: typed_member(skb, cfg_field!(accept_queue.skb_transport_header)),
+            refdst: typed_member(skb, cfg_field!(accept_queue.skb_refdst)),
         }
     };
     counted(program::CONSUME_SKB_BTF, syn_consumed(headers));
@@ -197,7 +198,6 @@ struct SkbHeaders {
 
 #[inline(never)]
 fn syn_consumed(skb: SkbHeaders) -> Result<(), i32> {
-    let config = cfg_field!(accept_queue);
     // struct tcphdr: ports at 0 and 2, flags in byte 13; one copy.
     let th: [u8; 16] = member(skb.head + skb.transport as u64, 0)?;
     if th[13] & TCP_FLAG_SYN == 0 {
@@ -205,13 +205,13 @@ fn syn_consumed(skb: SkbHeaders) -> Result<(), i32> {
     }
     let dport = u16::from_be_bytes([th[2], th[3]]);
     // tcp_v4_rcv() cleared skb->dev; the input route still names it.
-    let dev: u64 = member(skb.refdst & !1, config.dst_dev)?;
+    let dev: u64 = member(skb.refdst & !1, cfg_field!(accept_queue.dst_dev))?;
     let net: u64 = member(dev, cfg_field!(kernel.netdev_net))?;
     let netns: u32 = member(net, cfg_field!(kernel.net_inum))?;
     let key = ListenerKey { netns, port: dport, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(listener) = (unsafe { LISTENERS.get(&key).copied() }) else { return Ok(()) };
-    if member::<u8>(listener, config.sock_state)? != TCP_LISTEN {
+    if member::<u8>(listener, cfg_field!(accept_queue.sock_state))? != TCP_LISTEN {
         return Ok(());
     }
     if let Some(backlog) = accept_queue_full(listener) {
