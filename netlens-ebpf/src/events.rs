@@ -2,7 +2,7 @@
 //! per-CPU counters that say what could not be carried.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_PROD_POS},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -62,7 +62,7 @@ pub fn emit<T: Copy + 'static>(fill: impl FnOnce(&mut T)) {
     // bytes are a valid value, and `fill` writes them all. (Not zeroed
     // first: that costs a memset call per event.)
     fill(unsafe { &mut *entry.as_mut_ptr() });
-    let flags = if crosses_wakeup(EVENTS.query(BPF_RB_AVAIL_DATA as u64), record_bytes::<T>()) {
+    let flags = if crosses_wakeup(EVENTS.query(BPF_RB_PROD_POS as u64), record_bytes::<T>()) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -78,19 +78,20 @@ const fn record_bytes<T>() -> u64 {
 }
 
 /// Whether the record just reserved (its `len` bytes the last of the
-/// `pending` bytes userspace has not read) takes the pending bytes across a
-/// multiple of `wakeup_bytes`: userspace is woken once per `wakeup_bytes`
-/// of events, and below that drains on its own timer. Waking on every
-/// event would cost a context switch per connection on a churning host;
-/// waking on every event while more than `wakeup_bytes` are pending (as
-/// netlens did) costs an inter-processor interrupt per event from the
-/// threshold until userspace has drained, a VM exit each on a virtual
-/// machine. Records from other CPUs can make one crossing wake twice or
-/// none; the timer bounds a missed one.
+/// `produced` bytes the ring has taken since it was made) takes the total
+/// across a multiple of `wakeup_bytes`: userspace is woken once per
+/// `wakeup_bytes` of events, and below that drains on its own timer.
+/// Waking on every event would cost a context switch per connection on a
+/// churning host. The producer position, not the bytes pending: reading
+/// how far userspace got touches a cache line userspace writes, and cost
+/// about 35 ns per event (bench cost: 4,976 → 4,851 ns per connection);
+/// while userspace keeps up the two wake alike, and while it does not,
+/// each `wakeup_bytes` produced still wakes it. Records from other CPUs
+/// can make one crossing wake twice or none; the timer bounds a missed one.
 #[inline(always)]
-fn crosses_wakeup(pending: u64, len: u64) -> bool {
+fn crosses_wakeup(produced: u64, len: u64) -> bool {
     let wakeup_bytes = u64::from(cfg_field!(wakeup_bytes)).max(1);
-    pending / wakeup_bytes != pending.saturating_sub(len) / wakeup_bytes
+    produced / wakeup_bytes != produced.saturating_sub(len) / wakeup_bytes
 }
 
 /// Stamps an event with its kind, time, 4-tuple and the flow's identity,

@@ -387,7 +387,7 @@ impl Probes {
 
     /// Checks privileges, resolves offsets, loads and attaches what this
     /// kernel allows, with an event ring buffer of `ring_bytes` whose
-    /// programs wake userspace once `wakeup_bytes` of events are pending.
+    /// programs wake userspace once per `wakeup_bytes` of events.
     /// Fails only when a required feature cannot be served.
     pub fn attach_all(ring_bytes: u32, wakeup_bytes: u32) -> Result<Self> {
         let started = Instant::now();

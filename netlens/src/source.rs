@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// How promptly events reach userspace, against the wake-ups that costs:
-/// the kernel wakes us once `wakeup_bytes` are pending (see events.rs in
+/// the kernel wakes us once per `wakeup_bytes` of events (see events.rs in
 /// netlens-ebpf), and below that we drain on a timer, so an event is never
 /// later than its `drain_interval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,8 +28,8 @@ pub enum Delivery {
     /// `trace`: each event shown within 20 ms.
     Prompt,
     /// `top`, `daemon`, `doctor`: events aggregated, read at a refresh, a
-    /// scrape or the end (each drains first). Drained every 250 ms or at
-    /// 1 MiB pending: about 10 wake-ups a second at 10,000 connections a
+    /// scrape or the end (each drains first). Drained every 250 ms or per
+    /// 1 MiB of events: about 10 wake-ups a second at 10,000 connections a
     /// second instead of ~150. Their ring buffer is 4 MiB, half of trace's:
     /// userspace maps the ring's pages twice and touches them all as it
     /// wraps, so it is most of a daemon's resident memory. 3 MiB left after
