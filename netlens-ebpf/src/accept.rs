@@ -147,14 +147,13 @@ impl FdTable {
             // `files` and `fdt` are typed pointers loaded from it; each
             // offset is a member's, checked at load time (a NULL pointer
             // reads as zeros, and no fd is below a `max_fds` of 0).
+            let (files_at, fdt_at) = (cfg_field!(accept_queue.task_files), cfg_field!(accept_queue.files_fdt));
+            let (max_fds_at, fd_at) = (cfg_field!(accept_queue.fdt_max_fds), cfg_field!(accept_queue.fdt_fd));
             return Ok(unsafe {
                 let task = generated::bpf_get_current_task_btf() as u64;
-                let files: u64 = typed_member(task, cfg_field!(accept_queue.task_files));
-                let fdt: u64 = typed_member(files, cfg_field!(accept_queue.files_fdt));
-                Self {
-                    max_fds: typed_member(fdt, cfg_field!(accept_queue.fdt_max_fds)),
-                    fds: typed_member(fdt, cfg_field!(accept_queue.fdt_fd)),
-                }
+                let files: u64 = typed_member(task, files_at);
+                let fdt: u64 = typed_member(files, fdt_at);
+                Self { max_fds: typed_member(fdt, max_fds_at), fds: typed_member(fdt, fd_at) }
             });
         }
         // SAFETY: plain helper call without arguments.

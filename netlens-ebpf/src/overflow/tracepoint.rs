@@ -174,13 +174,15 @@ pub fn consume_skb_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let skb: u64 = ctx.arg(0);
+    let (head_at, transport_at) = (cfg_field!(accept_queue.skb_head), cfg_field!(accept_queue.skb_transport_header));
+    let refdst_at = cfg_field!(accept_queue.skb_refdst);
     // SAFETY: a BTF tracepoint's `struct sk_buff *` argument; the offsets
     // are its members' (checked at load time).
     let headers = unsafe {
         SkbHeaders {
-            head: typed_member(skb, cfg_field!(accept_queue.skb_head)),
-            transport: typed_member(skb, cfg_field!(accept_queue.skb_transport_header)),
-            refdst: typed_member(skb, cfg_field!(accept_queue.skb_refdst)),
+            head: typed_member(skb, head_at),
+            transport: typed_member(skb, transport_at),
+            refdst: typed_member(skb, refdst_at),
         }
     };
     counted(program::CONSUME_SKB_BTF, syn_consumed(headers));
