@@ -65,13 +65,18 @@ fn counters_move_by_exactly_the_traffic() -> Result<()> {
     // Besides the traffic: the healthz request and this scrape, curl's own
     // connections to the daemon (active from curl, passive to *:9977).
     let requests = 2.0;
-    let opened = "netlens_tcp_connections_opened_total";
-    assert_eq!(sum(&samples, opened, &[("direction", "active"), ("endpoint", "127.0.0.1:8090")]), total);
-    assert_eq!(sum(&samples, opened, &[("direction", "passive"), ("endpoint", "*:8090")]), total);
-    let handshakes = "netlens_tcp_handshake_duration_seconds_count";
-    assert_eq!(sum(&samples, handshakes, &[("direction", "active")]), total + requests);
-    assert_eq!(sum(&samples, handshakes, &[("direction", "passive")]), total + requests);
+    // Exact, less only the events netlens reported lost or the kernel
+    // skipped (a handshake's program run nested on a busy CPU; rare).
     let lost = sum(&samples, "netlens_events_lost_total", &[]);
+    let exact_but_lost = |counted: f64, expected: f64, what: &str| {
+        assert!(counted <= expected && expected - counted <= lost, "{what}: {counted} of {expected}, events lost {lost}");
+    };
+    let opened = "netlens_tcp_connections_opened_total";
+    exact_but_lost(sum(&samples, opened, &[("direction", "active"), ("endpoint", "127.0.0.1:8090")]), total, "opened active");
+    exact_but_lost(sum(&samples, opened, &[("direction", "passive"), ("endpoint", "*:8090")]), total, "opened passive");
+    let handshakes = "netlens_tcp_handshake_duration_seconds_count";
+    exact_but_lost(sum(&samples, handshakes, &[("direction", "active")]), total + requests, "active handshakes");
+    exact_but_lost(sum(&samples, handshakes, &[("direction", "passive")]), total + requests, "passive handshakes");
     // Closes, per endpoint: every one on its own side. Only events netlens
     // reported lost (or the kernel skipped) may be missing, and no close
     // lands anywhere else (a close with the wrong direction would land
@@ -95,7 +100,11 @@ fn counters_move_by_exactly_the_traffic() -> Result<()> {
     assert!(kernel > 0.0, "2 % loss over 12 MB retransmitted nothing");
     assert!(retransmits <= kernel && kernel - retransmits <= lost, "netlens {retransmits} vs kernel {kernel}");
     // The exact quantiles cover the same handshakes.
-    assert_eq!(sum(&samples, "netlens_tcp_handshake_duration_recent_seconds_count", &[("direction", "active")]), total + requests);
+    exact_but_lost(
+        sum(&samples, "netlens_tcp_handshake_duration_recent_seconds_count", &[("direction", "active")]),
+        total + requests,
+        "recent active handshakes",
+    );
     // A normal run: no program failed part way, no map read failed. One
     // series per attached program, so a failure would show.
     let errors: Vec<&Sample> = samples.iter().filter(|s| s.name == "netlens_bpf_errors_total").collect();

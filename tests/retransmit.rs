@@ -94,9 +94,12 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
         slow_unexplained.len() as u64 <= missing_retransmits,
         "handshakes >= 1 s without a SYN retransmit event: {slow_unexplained:?} (netlens missed {missing_retransmits} retransmits)"
     );
-    assert_eq!(slow, retried.len());
+    // Every handshake, less only those netlens said it lost or missed.
+    let unaccounted = traced.unaccounted() as usize;
+    assert!(slow <= retried.len() && retried.len() - slow <= unaccounted, "{slow} slow handshakes, {} ports retried", retried.len());
     eprintln!("syn loss: {} SYN_SENT retransmits, nstat TcpExtTCPSynRetrans {syn_retrans}, {slow} of {} handshakes >= 1 s", syn_retransmits.len(), conns.len());
-    assert_eq!(traced.named("handshake").filter(|e| e["direction"] == "active").count(), conns.len());
+    let handshakes = traced.named("handshake").filter(|e| e["direction"] == "active").count();
+    assert!(handshakes <= conns.len() && conns.len() - handshakes <= unaccounted, "{handshakes} handshakes of {}", conns.len());
     Ok(())
 }
 
