@@ -8,9 +8,11 @@ use netlens_common::Config;
 static CONFIG: Config = unsafe { core::mem::zeroed() };
 
 /// Reads one field of [`CONFIG`]. The volatile read stops the compiler from
-/// folding in the all-zero initial value. Name a scalar, not a struct: a
-/// volatile read of a struct loads every member of it, each time (the
-/// verifier knows the values, but the loads still run).
+/// folding in the all-zero initial value. Name a scalar where a program
+/// runs often: a volatile read of a struct loads every member of it, each
+/// time (the verifier knows the values, but the loads still run). The
+/// struct reads left (a tracepoint's tuple fields, the raw build's
+/// windows) are read once per run, on paths where that is small.
 macro_rules! cfg_field {
     ($($path:ident).+) => {
         unsafe { core::ptr::read_volatile(&crate::config::config().$($path).+) }

@@ -234,22 +234,21 @@ pub fn tuple(record: &Record, fields: &TupleFields, sk: u64) -> Result<Tuple, i3
 /// scratch `slot`).
 #[inline(always)]
 pub fn sock_tuple_in(sk: u64, slot: u32) -> Result<Tuple, i32> {
-    let offsets = cfg_field!(kernel.sock_tuple);
-    let head = Record::copy(sk, offsets.len, slot)?;
+    let head = Record::copy(sk, cfg_field!(kernel.sock_tuple.len), slot)?;
     let mut tuple = Tuple {
-        family: head.get(offsets.family)?,
+        family: head.get(cfg_field!(kernel.sock_tuple.family))?,
         sport: u16::from_be(member(sk, cfg_field!(kernel.inet_sport))?),
-        dport: u16::from_be(head.get(offsets.dport)?),
+        dport: u16::from_be(head.get(cfg_field!(kernel.sock_tuple.dport))?),
         ..Tuple::default()
     };
     if tuple.family == AF_INET {
-        let saddr: [u8; 4] = head.get(offsets.rcv_saddr)?;
-        let daddr: [u8; 4] = head.get(offsets.daddr)?;
+        let saddr: [u8; 4] = head.get(cfg_field!(kernel.sock_tuple.rcv_saddr))?;
+        let daddr: [u8; 4] = head.get(cfg_field!(kernel.sock_tuple.daddr))?;
         tuple.saddr[..4].copy_from_slice(&saddr);
         tuple.daddr[..4].copy_from_slice(&daddr);
     } else {
-        tuple.saddr = head.get(offsets.v6_rcv_saddr)?;
-        tuple.daddr = head.get(offsets.v6_daddr)?;
+        tuple.saddr = head.get(cfg_field!(kernel.sock_tuple.v6_rcv_saddr))?;
+        tuple.daddr = head.get(cfg_field!(kernel.sock_tuple.v6_daddr))?;
     }
     Ok(tuple)
 }

@@ -107,8 +107,7 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     // Connections we do not track (opened before we attached) cost one
     // lookup and nothing else.
-    let flow = flows::lookup_mut(sk);
-    if let Some(flow) = flow {
+    if let Some(flow) = flows::lookup_mut(sk) {
         let result = segment_seqs(ctx.arg(1)).and_then(|seqs| on_segment(flow, Probed(sk), seqs));
         counted(program::TCP_PROBE, result);
         remember_segment(sk, Some(flow));
