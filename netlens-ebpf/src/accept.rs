@@ -25,7 +25,7 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{fexit_return, listener_key, member, typed_member, Tuple},
+    kernel::{fexit_return, listener_key, member, record_u64, typed_member, Tuple},
     overflow, owners,
 };
 
@@ -188,8 +188,7 @@ const NO_FD: u64 = u64::MAX;
 #[tracepoint]
 pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
     let at = cfg_field!(accept_queue.accept_enter_fd) as usize;
-    // SAFETY: the field's offset from its format file; a checked copy.
-    let result = unsafe { ctx.read_at::<u64>(at) }.map_err(|e| e as i32).and_then(|fd| {
+    let result = record_u64(&ctx, at).and_then(|fd| {
         let thread = bpf_get_current_pid_tgid();
         // A thread keeps its entry: from its second accept() on, the fd is
         // written in place (an LRU insert costs about four lookups).
@@ -234,9 +233,7 @@ fn exit_accept<const TYPED: bool>(ctx: &TracePointContext, program: u32) -> u32 
 fn on_exit_accept<const TYPED: bool>(ctx: &TracePointContext, listener_fd: u64) -> Result<(), i32> {
     // A negative return is accept() failing (EAGAIN on a non-blocking
     // listener): nothing accepted, not a failure of ours.
-    let at = cfg_field!(accept_queue.accept_exit_ret) as usize;
-    // SAFETY: the field's offset from its format file; a checked copy.
-    let fd: i64 = unsafe { ctx.read_at(at) }.map_err(|e| e as i32)?;
+    let fd = record_u64(ctx, cfg_field!(accept_queue.accept_exit_ret) as usize)? as i64;
     if fd < 0 {
         return Ok(());
     }

@@ -143,6 +143,30 @@ impl Windows {
     }
 }
 
+/// Where a syscall tracepoint's record has its first argument (enter) or
+/// its return value (exit): after the common fields and `__syscall_nr`.
+const SYSCALL_RECORD_FIRST: usize = 16;
+
+/// The 8-byte field at `offset` (from the tracepoint's format file) of a
+/// classic tracepoint's record. The verifier lets a program load from its
+/// context only at an offset written in the load instruction itself: at
+/// the offset syscall records use (every kernel's), a plain load, the one
+/// path the verifier follows since it knows `offset` (a frozen config
+/// value); anywhere else, a copy by the helper. (One constant only: LLVM
+/// turns a match over several into arithmetic on the context pointer,
+/// which the verifier refuses.)
+#[inline(always)]
+pub fn record_u64(ctx: &TracePointContext, offset: usize) -> Result<u64, i32> {
+    if offset == SYSCALL_RECORD_FIRST {
+        // SAFETY: an 8-byte load at an 8-aligned offset inside the record
+        // (the format file says so); the verifier checks it against the
+        // context's bounds at load time.
+        return Ok(unsafe { *((ctx.as_ptr() as *const u8).add(SYSCALL_RECORD_FIRST) as *const u64) });
+    }
+    // SAFETY: a checked copy from the record.
+    unsafe { ctx.read_at::<u64>(offset) }.map_err(|e| e as i32)
+}
+
 /// Reads the kernel struct member at `base + offset` (offset from BTF).
 #[inline(always)]
 pub fn member<T>(base: u64, offset: u32) -> Result<T, i32> {
