@@ -37,9 +37,10 @@ const TCP_LISTEN: u8 = 10;
 #[map]
 static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
 
-/// accept() returned `child` from `listener`, in the calling process.
+/// accept() returned `child` from `listener`, in the calling thread
+/// (`pid_tgid`, which the caller has read already).
 #[inline(always)]
-fn accepted(listener: u64, child: u64) -> Result<(), i32> {
+fn accepted(listener: u64, child: u64, pid_tgid: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let flow = flows::lookup_mut(child);
     // The child's namespace and local port are the listener's, and its
@@ -64,7 +65,7 @@ fn accepted(listener: u64, child: u64) -> Result<(), i32> {
     let (queue_len, backlog) = overflow::accept_queue(listener).unwrap_or((0, 0));
     let wait_ns = now.saturating_sub(flow.established_ns);
     // From now on the connection is the accepting process's.
-    flow.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    flow.pid = (pid_tgid >> 32) as u32;
     flow.comm = bpf_get_current_comm().unwrap_or_default();
     let tuple = Tuple::of(flow).ok_or(-1)?;
     emit(|event| {
@@ -90,7 +91,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
     // The return value follows the parameters (4 before 6.10, 2 since).
     let child = fexit_return::<4>(&ctx, cfg_field!(accept_queue.inet_csk_accept_args)).unwrap_or(0);
     if is_pointer(child) {
-        counted(program::FEXIT_INET_CSK_ACCEPT, accepted(listener, child));
+        counted(program::FEXIT_INET_CSK_ACCEPT, accepted(listener, child, bpf_get_current_pid_tgid()));
     }
     0
 }
@@ -113,7 +114,7 @@ pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
     let _ = ACCEPTING.remove(&thread);
     let child: u64 = ctx.ret();
     if is_pointer(child) {
-        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted(listener, child));
+        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted(listener, child, thread));
     }
     0
 }
@@ -219,18 +220,19 @@ pub fn sys_exit_accept_typed(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn exit_accept<const TYPED: bool>(ctx: &TracePointContext, program: u32) -> u32 {
-    let Some(slot) = ACCEPTING_FD.get_ptr_mut(&bpf_get_current_pid_tgid()) else { return 0 };
+    let thread = bpf_get_current_pid_tgid();
+    let Some(slot) = ACCEPTING_FD.get_ptr_mut(&thread) else { return 0 };
     // SAFETY: a live map value that only this thread writes; taken, so
     // that an exit whose enter went unseen finds no stale fd.
     let listener_fd = unsafe { core::mem::replace(&mut *slot, NO_FD) };
     if listener_fd != NO_FD {
-        counted(program, on_exit_accept::<TYPED>(ctx, listener_fd));
+        counted(program, on_exit_accept::<TYPED>(ctx, listener_fd, thread));
     }
     0
 }
 
 #[inline(always)]
-fn on_exit_accept<const TYPED: bool>(ctx: &TracePointContext, listener_fd: u64) -> Result<(), i32> {
+fn on_exit_accept<const TYPED: bool>(ctx: &TracePointContext, listener_fd: u64, thread: u64) -> Result<(), i32> {
     // A negative return is accept() failing (EAGAIN on a non-blocking
     // listener): nothing accepted, not a failure of ours.
     let fd = record_u64(ctx, cfg_field!(accept_queue.accept_exit_ret) as usize)? as i64;
@@ -247,7 +249,7 @@ fn on_exit_accept<const TYPED: bool>(ctx: &TracePointContext, listener_fd: u64) 
         return Ok(());
     }
     match table.socket(fd as u64)? {
-        Some(child) => accepted(listener, child),
+        Some(child) => accepted(listener, child, thread),
         None => Ok(()),
     }
 }
