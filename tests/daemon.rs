@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use netlens_tests::{
+    assert_close,
     exposition::{self, get, parse, promtool_check, sum, Sample},
     traffic::{churn_server, clients, retry_without_backoff, Server},
     Netlens, Netns,
@@ -68,9 +69,7 @@ fn counters_move_by_exactly_the_traffic() -> Result<()> {
     // Exact, less only the events netlens reported lost or the kernel
     // skipped (a handshake's program run nested on a busy CPU; rare).
     let lost = sum(&samples, "netlens_events_lost_total", &[]);
-    let exact_but_lost = |counted: f64, expected: f64, what: &str| {
-        assert!(counted <= expected && expected - counted <= lost, "{what}: {counted} of {expected}, events lost {lost}");
-    };
+    let exact_but_lost = |counted: f64, expected: f64, what: &str| assert_close(counted as u64, expected as u64, lost as u64, what);
     let opened = "netlens_tcp_connections_opened_total";
     exact_but_lost(sum(&samples, opened, &[("direction", "active"), ("endpoint", "127.0.0.1:8090")]), total, "opened active");
     exact_but_lost(sum(&samples, opened, &[("direction", "passive"), ("endpoint", "*:8090")]), total, "opened passive");

@@ -23,6 +23,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use netlens_tests::{
+    assert_close,
     exposition::{get, parse, promtool_check, Sample},
     Netlens, Netns,
 };
@@ -145,11 +146,7 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
     // One-to-one in tcp_data_queue(): TCPZeroWindowDrop is counted exactly
     // where the reason is SKB_DROP_REASON_TCP_ZEROWINDOW.
     // Less at most the runs the kernel skipped, as for proto_mem below.
-    let counted = netlens("tcp_zerowindow");
-    assert!(
-        counted <= zero_window as f64 && counted >= zero_window as f64 - skipped,
-        "tcp_zerowindow {counted} vs TcpExtTCPZeroWindowDrop {zero_window}, {skipped} kfree_skb runs skipped"
-    );
+    assert_close(netlens("tcp_zerowindow") as u64, zero_window, skipped as u64, "tcp_zerowindow vs TcpExtTCPZeroWindowDrop");
     // TCPRcvQDrop (tcp_data_queue) and TCPOFODrop (tcp_data_queue_ofo) are
     // TCP's two drops with SKB_DROP_REASON_PROTO_MEM (other protocols'
     // are not counted): their sum, less at most the runs the kernel
@@ -158,22 +155,14 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
     // release_sock() with bottom halves enabled), where an interrupt's
     // softirq can free a second packet on the same CPU mid-program
     // (seen once in CI: TCPRcvQDrop 2, proto_mem 1).
-    let proto_mem = netlens("proto_mem");
-    let expected = (rcvq + ofo) as f64;
-    assert!(
-        proto_mem <= expected && proto_mem >= expected - skipped,
-        "proto_mem {proto_mem} vs TcpExtTCPRcvQDrop + TcpExtTCPOFODrop {expected}, {skipped} kfree_skb runs skipped"
-    );
+    assert_close(netlens("proto_mem") as u64, rcvq + ofo, skipped as u64, "proto_mem vs TcpExtTCPRcvQDrop + TcpExtTCPOFODrop");
     // Since 6.16 TcpExtBeyondWindow counts what tcp_sequence() refuses as
     // beyond the window the receiver shrank: reason TCP_INVALID_SEQUENCE
     // (all of the segment) or TCP_INVALID_END_SEQUENCE (its end): the sum.
     if let Some(beyond) = after_nstat.get("TcpExtBeyondWindow") {
         let beyond = beyond - before_nstat.get("TcpExtBeyondWindow").copied().unwrap_or(0);
         let reasons = netlens("tcp_invalid_sequence") + netlens("tcp_invalid_end_sequence");
-        assert!(
-            reasons <= beyond as f64 && reasons >= beyond as f64 - skipped,
-            "tcp_invalid_sequence + tcp_invalid_end_sequence {reasons} vs TcpExtBeyondWindow {beyond}, {skipped} kfree_skb runs skipped"
-        );
+        assert_close(reasons as u64, beyond, skipped as u64, "tcp_invalid_sequence + tcp_invalid_end_sequence vs TcpExtBeyondWindow");
     }
     // trace --drops: a line per reason and second, packets adding up to
     // the kernel's counts (trace attached before the first nstat read).
@@ -184,12 +173,7 @@ fn drops_by_reason_move_with_nstat() -> Result<()> {
     // trace's own programs: less at most the counting runs it said the
     // kernel skipped.
     let trace_skipped = traced.counts_missed();
-    for (reason, expected) in [("proto_mem", rcvq + ofo), ("tcp_zerowindow", zero_window)] {
-        let counted = traced_drops(reason);
-        assert!(
-            counted <= expected && counted + trace_skipped >= expected,
-            "trace --drops {reason} {counted} vs nstat {expected}, {trace_skipped} counting runs skipped"
-        );
-    }
+    assert_close(traced_drops("proto_mem"), rcvq + ofo, trace_skipped, "trace --drops proto_mem vs TcpExtTCPRcvQDrop + TcpExtTCPOFODrop");
+    assert_close(traced_drops("tcp_zerowindow"), zero_window, trace_skipped, "trace --drops tcp_zerowindow vs TcpExtTCPZeroWindowDrop");
     Ok(())
 }

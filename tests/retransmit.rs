@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Result;
-use netlens_tests::{traffic::{clients, Server}, Netlens, Netns};
+use netlens_tests::{assert_close, traffic::{clients, Server}, Netlens, Netns};
 use serde_json::Value;
 
 /// An nftables ruleset that drops what `rule` matches in prerouting.
@@ -21,15 +21,6 @@ fn loss_rule(rule: &str) -> String {
 /// Exact equality, unless netlens reported `slack` missed or lost events
 /// (the kernel can skip a program that is already running on a CPU when a
 /// softirq re-enters the hook); then they may differ by at most that.
-fn assert_close(traced: u64, kernel: u64, slack: u64, what: &str) {
-    if slack == 0 {
-        assert_eq!(traced, kernel, "{what}");
-    } else {
-        eprintln!("{what}: netlens reported {slack} missed/lost events");
-        assert!(traced <= kernel && kernel - traced <= slack, "{what}: netlens {traced}, kernel {kernel}, reported missing {slack}");
-    }
-}
-
 fn port_of(event: &Value, key: &str) -> u16 {
     event[key].as_u64().unwrap_or(0) as u16
 }
@@ -95,11 +86,11 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
         "handshakes >= 1 s without a SYN retransmit event: {slow_unexplained:?} (netlens missed {missing_retransmits} retransmits)"
     );
     // Every handshake, less only those netlens said it lost or missed.
-    let unaccounted = traced.unaccounted() as usize;
-    assert!(slow <= retried.len() && retried.len() - slow <= unaccounted, "{slow} slow handshakes, {} ports retried", retried.len());
+    let unaccounted = traced.unaccounted();
+    assert_close(slow as u64, retried.len() as u64, unaccounted, "slow handshakes vs ports retried");
     eprintln!("syn loss: {} SYN_SENT retransmits, nstat TcpExtTCPSynRetrans {syn_retrans}, {slow} of {} handshakes >= 1 s", syn_retransmits.len(), conns.len());
     let handshakes = traced.named("handshake").filter(|e| e["direction"] == "active").count();
-    assert!(handshakes <= conns.len() && conns.len() - handshakes <= unaccounted, "{handshakes} handshakes of {}", conns.len());
+    assert_close(handshakes as u64, conns.len() as u64, unaccounted, "active handshakes vs connects");
     Ok(())
 }
 

@@ -107,13 +107,12 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     // Connections we do not track (opened before we attached) cost one
     // lookup and nothing else.
-    if let Some(flow) = flows::lookup_mut(sk) {
+    let mut flow = flows::lookup_mut(sk);
+    if let Some(flow) = flow.as_deref_mut() {
         let result = segment_seqs(ctx.arg(1)).and_then(|seqs| on_segment(flow, Probed(sk), seqs));
         counted(program::TCP_PROBE, result);
-        remember_segment(sk, Some(flow));
-    } else {
-        remember_segment(sk, None);
     }
+    remember_segment(sk, flow.as_deref());
     0
 }
 
@@ -122,13 +121,12 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    if let Some(flow) = flows::lookup_mut(sk) {
+    let mut flow = flows::lookup_mut(sk);
+    if let Some(flow) = flow.as_deref_mut() {
         let result = Typed::of(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
         counted(program::TCP_PROBE_BTF, result);
-        remember_segment(sk, Some(flow));
-    } else {
-        remember_segment(sk, None);
     }
+    remember_segment(sk, flow.as_deref());
     0
 }
 

@@ -30,3 +30,15 @@ pub fn timing_slack_us(host_us: f64) -> f64 {
         host_us
     }
 }
+
+/// A count netlens made against the kernel's: exact, or short by at most
+/// `missing`, what netlens itself reported it lost or the kernel skipped
+/// (never more than the kernel's).
+pub fn assert_close(netlens: u64, kernel: u64, missing: u64, what: &str) {
+    if missing == 0 {
+        assert_eq!(netlens, kernel, "{what}");
+    } else {
+        eprintln!("{what}: netlens reported {missing} missed/lost events or runs");
+        assert!(netlens <= kernel && kernel - netlens <= missing, "{what}: netlens {netlens}, kernel {kernel}, reported missing {missing}");
+    }
+}

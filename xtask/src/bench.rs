@@ -72,11 +72,11 @@ pub fn bulk(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         without.push(base);
         with.push(traced);
     }
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling kernel.bpf_stats_enabled")?;
+    let stats = crate::bpfstats::StatsOn::new()?;
     let (tracer, _) = start_tracer(netlens)?;
     let measured = run_workload(&load, "bulk", seconds);
     let stderr = stop_netlens(tracer);
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    drop(stats);
     measured?;
     let costs: Vec<String> = stderr?.into_iter().filter(|l| l.starts_with("netlens: program ")).collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;

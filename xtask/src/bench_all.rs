@@ -117,16 +117,15 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         let kept = churn(seconds, None);
         let measured = churn_measured(seconds, newer_than);
         stop_netlens(tracer)?;
-        let (run, per_connection, programs) = measured?;
-        let run = Churn { rate: kept?.rate, ..run };
-        f.trace.push(run.rate);
+        let (kept, (measured_run, per_connection, programs)) = (kept?, measured?);
+        f.trace.push(kept.rate);
         f.trace_ns_per_conn.push(per_connection);
         f.attach_ms.push(attached.as_secs_f64() * 1e3);
         println!(
             "pair {pair}: churn none {:.0}/s, trace {:.0}/s, {per_connection:.0} ns kernel/conn ({}), attached {:.1} ms",
             none.rate,
-            run.rate,
-            busiest(&programs, run.connections),
+            kept.rate,
+            busiest(&programs, measured_run.connections),
             attached.as_secs_f64() * 1e3
         );
 
