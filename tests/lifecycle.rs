@@ -262,6 +262,10 @@ fn closes_keep_their_direction() -> Result<()> {
         let passive = closes.iter().filter(|e| e["direction"] == "passive").count();
         let slack = traced.unaccounted() as usize;
         eprintln!("run {run}: {active} active, {passive} passive of {} closes each; missed or lost {slack}", conns.len());
+        if active < 300 || passive < 300 {
+            let placed: Vec<&&Value> = closes.iter().filter(|e| !matches!(e["direction"].as_str(), Some("active" | "passive"))).collect();
+            eprintln!("run {run}: closes with no direction: {placed:?}; netlens said {:?}", traced.stderr);
+        }
         assert!(active <= 300 && 300 - active <= slack, "run {run}: {active} active closes (missed {slack})");
         assert!(passive <= 300 && 300 - passive <= slack, "run {run}: {passive} passive closes (missed {slack})");
     }
