@@ -265,9 +265,18 @@ fn closes_keep_their_direction() -> Result<()> {
         if active < 300 || passive < 300 {
             let placed: Vec<&&Value> = closes.iter().filter(|e| !matches!(e["direction"].as_str(), Some("active" | "passive"))).collect();
             eprintln!("run {run}: closes with no direction: {placed:?}; netlens said {:?}", traced.stderr);
+            // Everything netlens said about those connections (was the
+            // handshake seen? on which side?).
+            for close in placed {
+                let ports = [port_of(close, "sport"), port_of(close, "dport")];
+                for event in traced.events.iter().filter(|e| ports.contains(&port_of(e, "sport")) && ports.contains(&port_of(e, "dport"))) {
+                    eprintln!("run {run}:   same connection: {event}");
+                }
+            }
         }
         assert!(active <= 300 && 300 - active <= slack, "run {run}: {active} active closes (missed {slack})");
         assert!(passive <= 300 && 300 - passive <= slack, "run {run}: {passive} passive closes (missed {slack})");
     }
     Ok(())
 }
+
