@@ -21,9 +21,11 @@ use crate::{
 };
 
 mod hooks;
+mod sizing;
 mod tables;
 use hooks::{builds_of, TYPED_BUILDS};
 pub use hooks::{Attach, Hook, HOOKS};
+pub use sizing::FlowTableUse;
 pub use tables::{FlowTable, KernelCounters, LiveFlow};
 
 /// The eBPF object, built by build.rs and embedded: one file to deploy.
@@ -33,21 +35,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// out, as if the kernel lacked them: how the tests exercise the fallbacks
 /// of older kernels on a new one.
 pub const SKIP_HOOKS_ENV: &str = "NETLENS_SKIP_HOOKS";
-
-/// Set to a number of entries to size the flow table other than
-/// `FLOW_TABLE_ENTRIES`: how the tests force evictions with a tiny table
-/// (and a way to give a very busy host a larger one).
-pub const FLOW_TABLE_ENV: &str = "NETLENS_FLOW_TABLE_ENTRIES";
-
-/// The flow table's size from [`FLOW_TABLE_ENV`], when set and valid.
-fn flow_table_entries() -> Result<Option<u32>> {
-    let Some(text) = std::env::var_os(FLOW_TABLE_ENV) else { return Ok(None) };
-    let text = text.to_string_lossy();
-    match text.trim().parse::<u32>() {
-        Ok(entries) if (1..=1 << 24).contains(&entries) => Ok(Some(entries)),
-        _ => Err(anyhow!("{FLOW_TABLE_ENV}=`{text}` must be a number of entries from 1 to 16777216")),
-    }
-}
 
 /// This kernel's facts, resolved once: where tracefs is, its BTF, and the
 /// offsets handed to the programs. Dropped once everything is attached:
@@ -65,7 +52,7 @@ impl KernelFacts {
     /// The kernel's BTF as aya parses it, for fentry/fexit.
     pub(crate) fn fentry_btf(&self) -> Result<&Btf, HookError> {
         self.fentry_btf
-            .get_or_init(|| Btf::from_sys_fs().ok())
+            .get_or_init(|| Btf::parse(self.btf.bytes(), aya::Endianness::default()).ok())
             .as_ref()
             .ok_or_else(|| HookError::Load(anyhow!("kernel BTF unreadable for fentry")))
     }
@@ -84,16 +71,14 @@ pub fn resolve_config() -> Result<KernelFacts> {
 
 /// Parses the object and fills in `CONFIG`; nothing is loaded yet.
 pub fn open(config: &Config) -> Result<Ebpf> {
-    open_with(EbpfLoader::new(), config, netlens_common::RING_BYTES)
+    open_with(EbpfLoader::new(), config, netlens_common::RING_BYTES, FlowTableUse::Session)
 }
 
 /// `ring_bytes`: the size of the event ring buffer (a power of two, at
-/// least a page).
-fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config, ring_bytes: u32) -> Result<Ebpf> {
+/// least a page); the flow table is sized for `flows` (see sizing.rs).
+fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config, ring_bytes: u32, flows: FlowTableUse) -> Result<Ebpf> {
     raise_memlock();
-    if let Some(entries) = flow_table_entries()? {
-        loader.map_max_entries("FLOWS", entries);
-    }
+    loader.map_max_entries("FLOWS", sizing::flow_table_entries(flows)?);
     loader.map_max_entries("EVENTS", ring_bytes);
     loader
         .override_global("CONFIG", config, true)
@@ -387,9 +372,10 @@ impl Probes {
 
     /// Checks privileges, resolves offsets, loads and attaches what this
     /// kernel allows, with an event ring buffer of `ring_bytes` whose
-    /// programs wake userspace once per `wakeup_bytes` of events.
+    /// programs wake userspace once per `wakeup_bytes` of events, and a
+    /// flow table sized for `flows`.
     /// Fails only when a required feature cannot be served.
-    pub fn attach_all(ring_bytes: u32, wakeup_bytes: u32) -> Result<Self> {
+    pub fn attach_all(ring_bytes: u32, wakeup_bytes: u32, flows: FlowTableUse) -> Result<Self> {
         let started = Instant::now();
         if let Some(problem) = probe::preflight() {
             return Err(anyhow!(problem));
@@ -407,7 +393,7 @@ impl Probes {
             scope.spawn(|| facts.fentry_btf().is_ok());
             let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
             t("loader ready");
-            let mut ebpf = open_with(loader, &facts.offsets.config, ring_bytes)?;
+            let mut ebpf = open_with(loader, &facts.offsets.config, ring_bytes, flows)?;
             t("object opened, maps created");
             let (features, tried) = attach_features(&mut ebpf, &facts);
             anyhow::Ok((ebpf, features, tried))

@@ -2,13 +2,15 @@
 //! programs, then drains the ring buffer into typed [`ConnEvent`]s.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, time::Interval};
+
+pub use crate::loader::FlowTableUse;
 
 use crate::{
     census,
@@ -75,23 +77,34 @@ pub struct EventSource {
     attribution: Attribution,
 }
 
-/// Names the processes of listeners that were listening before netlens
-/// attached, so their passive connections carry them from the first event
-/// on (listen() and accept() name the others in the kernel). A failure
-/// costs only that: one line says so.
-fn seed_listener_owners(probes: &mut Probes, only_netns: Option<u32>) {
-    // On a thread of its own: the dump enters each namespace (setns), and
-    // this thread's namespace is the one the daemon serves metrics in.
-    let found = std::thread::scope(|scope| {
+/// The processes of the listeners of the namespaces `only_netns` watches,
+/// but those whose inode is in `known`; on a thread of its own: the dump
+/// enters each namespace (setns), and the caller's namespace is the one
+/// the daemon serves metrics in.
+fn listener_census(only_netns: Option<u32>, known: &HashSet<u32>) -> Result<census::listeners::Found> {
+    std::thread::scope(|scope| {
         scope
-            .spawn(|| {
-                let namespaces = census::netns::watched(only_netns)?;
-                census::listeners::listener_processes(&namespaces)
-            })
+            .spawn(|| census::listeners::listener_processes(&census::netns::watched(only_netns)?, known))
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the listener census panicked")))
-    });
+    })
+}
+
+/// Names the processes of listeners that were listening before netlens
+/// attached, so their passive connections carry them from the first event
+/// on (listen() and accept() name the others in the kernel). `census` ran
+/// while the programs were loaded; a second, short look names the
+/// listeners opened since it dumped (those it knew are not looked up
+/// again). A failure costs only that: one line says so.
+fn seed_listener_owners(probes: &mut Probes, only_netns: Option<u32>, census: Result<census::listeners::Found>) {
     let consequence = "connections to listeners older than netlens carry no process until accept()";
+    let found = census.and_then(|mut found| {
+        let since = listener_census(only_netns, &found.inodes)?;
+        found.listeners.extend(since.listeners);
+        found.unnamed += since.unnamed;
+        found.unreadable = found.unreadable.max(since.unreadable);
+        Ok(found)
+    });
     let found = match found.and_then(|found| probes.seed_listener_owners(&found.listeners).map(|_| found)) {
         Ok(found) => found,
         Err(err) => return eprintln!("netlens: {consequence}: {err:#}"),
@@ -116,10 +129,17 @@ const OVERFLOW_PERIOD: Duration = Duration::from_secs(1);
 impl EventSource {
     /// Attaches everything and announces it on stderr, like bpftrace's
     /// "Attaching N probes". Listeners of the namespaces `filter` watches
-    /// that are older than netlens get their processes named first.
-    pub fn start(filter: &Filter, delivery: Delivery) -> Result<Self> {
-        let mut probes = Probes::attach_all(delivery.ring_bytes(), delivery.wakeup_bytes())?;
-        seed_listener_owners(&mut probes, filter.netns);
+    /// that are older than netlens get their processes named first. The
+    /// flow table is sized for `flows` (a session or the daemon).
+    pub fn start(filter: &Filter, delivery: Delivery, flows: FlowTableUse) -> Result<Self> {
+        // The census of older listeners (sock_diag, then every process's
+        // descriptors) runs while the programs load: on a host with many
+        // processes it is the longer of the two.
+        let only_netns = filter.netns;
+        let census = std::thread::spawn(move || listener_census(only_netns, &HashSet::new()));
+        let mut probes = Probes::attach_all(delivery.ring_bytes(), delivery.wakeup_bytes(), flows)?;
+        let census = census.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the listener census panicked")));
+        seed_listener_owners(&mut probes, only_netns, census);
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so
         // the fd stays open for as long as it is registered.
         let ring = unsafe { AsyncFd::register(probes.take_events()?) }

@@ -12,7 +12,7 @@ use crate::{
     event::{state_name, ConnEvent, Detail},
     filter::Filter,
     jsonl,
-    source::{monotonic_ns, Delivery, EventSource},
+    source::{monotonic_ns, Delivery, EventSource, FlowTableUse},
     trace_drops::{self, DropWatch},
 };
 
@@ -25,7 +25,7 @@ pub struct TraceOptions {
 }
 
 pub async fn run(options: TraceOptions) -> Result<()> {
-    let mut source = EventSource::start(&options.filter, Delivery::Prompt)?;
+    let mut source = EventSource::start(&options.filter, Delivery::Prompt, FlowTableUse::Session)?;
     let clock = WallClock::now();
     let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if !options.json {

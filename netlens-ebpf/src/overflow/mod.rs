@@ -46,7 +46,7 @@ use aya_ebpf::{
     maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray},
     programs::{FEntryContext, FExitContext, ProbeContext},
 };
-use netlens_common::{program, ListenOverflow, ListenerEndpoint, ListenerKey, LISTENER_TABLE_ENTRIES};
+use netlens_common::{program, ListenOverflow, ListenerEndpoint, ListenerKey, LISTENER_TABLE_ENTRIES, LISTEN_OVERFLOW_ENTRIES};
 
 mod tracepoint;
 
@@ -65,7 +65,7 @@ use crate::{
 /// `dropped` over CPUs.
 #[map]
 static LISTEN_OVERFLOWS: LruPerCpuHashMap<ListenerEndpoint, ListenOverflow> =
-    LruPerCpuHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
+    LruPerCpuHashMap::with_max_entries(LISTEN_OVERFLOW_ENTRIES, 0);
 
 /// Listening sockets by (namespace, port), for the SYN tracepoint path.
 #[map]

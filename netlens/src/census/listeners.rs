@@ -30,6 +30,8 @@ pub struct ListenerProcess {
 #[derive(Debug, Default)]
 pub struct Found {
     pub listeners: Vec<ListenerProcess>,
+    /// The inode of every listening socket dumped, named or not.
+    pub inodes: HashSet<u32>,
     /// Namespaces that could not be dumped (entering another namespace
     /// needs CAP_SYS_ADMIN), with the first error.
     pub skipped: Option<(usize, String)>,
@@ -42,9 +44,11 @@ pub struct Found {
 
 /// The listeners of `namespaces` and their processes; listeners no
 /// process holds (closed meanwhile, or /proc/PID/fd unreadable without
-/// CAP_SYS_PTRACE) are left out. A namespace that cannot be dumped is
-/// skipped and counted; fails only when none could be.
-pub fn listener_processes(namespaces: &[Namespace]) -> Result<Found> {
+/// CAP_SYS_PTRACE) are left out, and so are those whose inode is in
+/// `known` (found by an earlier call: /proc is read only for new ones).
+/// A namespace that cannot be dumped is skipped and counted; fails only
+/// when none could be.
+pub fn listener_processes(namespaces: &[Namespace], known: &HashSet<u32>) -> Result<Found> {
     let mut listeners = Vec::new();
     let mut first_error = None;
     let (mut dumped, mut failed) = (0, 0);
@@ -52,7 +56,9 @@ pub fn listener_processes(namespaces: &[Namespace]) -> Result<Found> {
         match listeners_of(namespace) {
             Ok(found) => {
                 dumped += 1;
-                listeners.extend(found.into_iter().map(|(port, inode)| (namespace.inode, port, inode)));
+                listeners.extend(
+                    found.into_iter().filter(|(_, inode)| !known.contains(inode)).map(|(port, inode)| (namespace.inode, port, inode)),
+                );
             }
             Err(err) => {
                 failed += 1;
@@ -64,13 +70,14 @@ pub fn listener_processes(namespaces: &[Namespace]) -> Result<Found> {
         return Err(anyhow::anyhow!("{err:#}"));
     }
     let inodes: HashSet<u32> = listeners.iter().map(|&(_, _, inode)| inode).collect();
-    let holders = owners::holders(&inodes);
+    let holders = if inodes.is_empty() { owners::Holders::default() } else { owners::holders(&inodes) };
     let unnamed = inodes.iter().filter(|inode| !holders.found.contains_key(inode)).count();
     Ok(Found {
         listeners: listeners
             .into_iter()
             .filter_map(|(netns, port, inode)| Some(ListenerProcess { netns, port, process: holders.found.get(&inode)?.clone() }))
             .collect(),
+        inodes,
         skipped: first_error.map(|err| (failed, format!("{err:#}"))),
         unnamed,
         unreadable: holders.unreadable,
@@ -100,7 +107,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
-        let found = listener_processes(&netns::watched(Some(own)).unwrap()).unwrap();
+        let found = listener_processes(&netns::watched(Some(own)).unwrap(), &HashSet::new()).unwrap();
         assert!(found.skipped.is_none());
         let mine = found.listeners.iter().find(|l| l.port == port).expect("the listener is listed");
         assert_eq!(mine.netns, own);

@@ -28,7 +28,7 @@ use crate::{
     filter::Filter,
     lastgood::LastGood,
     loader::KernelCounters,
-    source::{monotonic_ns, Delivery, EventSource},
+    source::{monotonic_ns, Delivery, EventSource, FlowTableUse},
 };
 use config::DaemonConfig;
 
@@ -50,7 +50,7 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
     if !config.listen.ip().is_loopback() {
         eprintln!("netlens: serving metrics on {}, reachable from other hosts (--listen)", config.listen);
     }
-    let mut source = EventSource::start(&filter, Delivery::Batched)?;
+    let mut source = EventSource::start(&filter, Delivery::Batched, FlowTableUse::Service)?;
     let (scrapes, mut scrape_requests) = mpsc::channel::<Scrape>(16);
     let last_drain = Arc::new(http::LastDrain::now());
     let server = tokio::spawn(http::serve(listener, scrapes, last_drain.clone()));

@@ -20,7 +20,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     census::Census,
     filter::Filter,
-    source::{Delivery, EventSource},
+    source::{Delivery, EventSource, FlowTableUse},
 };
 use evidence::Watch;
 use report::Watched;
@@ -40,7 +40,7 @@ pub struct DoctorOptions {
 pub async fn run(options: DoctorOptions) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut source = EventSource::start(&options.filter, Delivery::Batched)?;
+    let mut source = EventSource::start(&options.filter, Delivery::Batched, FlowTableUse::Session)?;
     let started = Instant::now();
     if !options.json {
         eprintln!("netlens: watching for {:.0} s (Ctrl-C ends early)…", options.duration.as_secs_f64());

@@ -26,11 +26,11 @@ use crate::{
     filter::Filter,
     lastgood::LastGood,
     loader::KernelCounters,
-    source::{monotonic_ns, Delivery, EventSource},
+    source::{monotonic_ns, Delivery, EventSource, FlowTableUse},
 };
 
 /// Connections shown at most (listed from the kernel, and the flow table
-/// can hold 65,536).
+/// holds 16,384 or more).
 const MAX_CONNECTIONS: usize = 2_000;
 /// The TIME_WAIT census is retaken at most this often.
 const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
@@ -123,7 +123,7 @@ pub fn require_terminal(options: &TopOptions) -> Result<()> {
 pub async fn run(options: TopOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let source = EventSource::start(&options.filter, Delivery::Batched)?;
+    let source = EventSource::start(&options.filter, Delivery::Batched, FlowTableUse::Session)?;
     let mut collector = Collector {
         source,
         feed: Feed::for_port(options.filter.port),
