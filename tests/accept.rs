@@ -18,11 +18,11 @@ use netlens_tests::{assert_close, Netlens, Netns};
 use serde_json::Value;
 
 /// One test at a time: run side by side (libtest's default on the host),
-/// two netlens instances and two loads share the 2 cores, and the
-/// tracepoint path's re-test of a SYN's listener, microseconds after the
-/// kernel's, then came out one short now and then (50 of 51 in CI run 3;
-/// never when run alone, 0 in 27 parallel runs here). What the race is
-/// remains open; the counts stay exact.
+/// two netlens instances and two loads share the 2 cores. That load is
+/// what exposed the tracepoint path's race between two CPUs' SYN checks
+/// (one short of 51 now and then; the accounted drops were read after
+/// `sk_drops`, see `take_one` in overflow/mod.rs); the tests still run
+/// alone, so that each count compares with a namespace's nstat undisturbed.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
