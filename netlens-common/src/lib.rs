@@ -161,7 +161,9 @@ pub mod program {
     }
 }
 
-/// Capacity of the in-kernel flow table (an LRU hash keyed by socket).
+/// Capacity of the in-kernel flow table (an LRU hash keyed by socket) as
+/// compiled, and the least the daemon gives it; userspace sizes it when it
+/// loads the object (netlens/src/loader/sizing.rs).
 pub const FLOW_TABLE_ENTRIES: u32 = 65_536;
 /// Capacity of the SYN-ACK start table (an LRU hash keyed by 4-tuple).
 pub const SYNACK_TABLE_ENTRIES: u32 = 8_192;
