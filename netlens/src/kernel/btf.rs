@@ -62,9 +62,10 @@ impl Bytes {
         // SAFETY: a private, read-only mapping of the kernel's BTF, which
         // the kernel never changes while it runs.
         match unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) } {
-            Ok(map) => Ok(Bytes::Mapped(map)),
+            // A size of 0 is a sysfs file that does not say its size: read it.
+            Ok(map) if !map.is_empty() => Ok(Bytes::Mapped(map)),
             // Before 6.16 sysfs does not map it.
-            Err(_) => fs::read(VMLINUX).map(Bytes::Read),
+            _ => fs::read(VMLINUX).map(Bytes::Read),
         }
     }
 }
