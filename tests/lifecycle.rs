@@ -279,4 +279,3 @@ fn closes_keep_their_direction() -> Result<()> {
     }
     Ok(())
 }
-

@@ -18,9 +18,6 @@ fn loss_rule(rule: &str) -> String {
     format!("table inet loss {{\n chain pre {{\n  type filter hook prerouting priority 0;\n  {rule}\n }}\n}}\n")
 }
 
-/// Exact equality, unless netlens reported `slack` missed or lost events
-/// (the kernel can skip a program that is already running on a CPU when a
-/// softirq re-enters the hook); then they may differ by at most that.
 fn port_of(event: &Value, key: &str) -> u16 {
     event[key].as_u64().unwrap_or(0) as u16
 }

@@ -78,16 +78,16 @@ pub struct EventSource {
 }
 
 /// The processes of the listeners of the namespaces `only_netns` watches,
-/// but those whose inode is in `known`; on a thread of its own: the dump
-/// enters each namespace (setns), and the caller's namespace is the one
-/// the daemon serves metrics in.
+/// but those whose inode is in `known`. Run it on a thread of its own: the
+/// dump enters each namespace (setns), and the caller's namespace is the
+/// one the daemon serves metrics in.
 fn listener_census(only_netns: Option<u32>, known: &HashSet<u32>) -> Result<census::listeners::Found> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| census::listeners::listener_processes(&census::netns::watched(only_netns)?, known))
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the listener census panicked")))
-    })
+    census::listeners::listener_processes(&census::netns::watched(only_netns)?, known)
+}
+
+/// A census thread's answer; a panic is a failed census.
+fn census_joined(thread: std::thread::Result<Result<census::listeners::Found>>) -> Result<census::listeners::Found> {
+    thread.unwrap_or_else(|_| Err(anyhow::anyhow!("the listener census panicked")))
 }
 
 /// Names the processes of listeners that were listening before netlens
@@ -99,7 +99,8 @@ fn listener_census(only_netns: Option<u32>, known: &HashSet<u32>) -> Result<cens
 fn seed_listener_owners(probes: &mut Probes, only_netns: Option<u32>, census: Result<census::listeners::Found>) {
     let consequence = "connections to listeners older than netlens carry no process until accept()";
     let found = census.and_then(|mut found| {
-        let since = listener_census(only_netns, &found.inodes)?;
+        let known = &found.inodes;
+        let since = census_joined(std::thread::scope(|scope| scope.spawn(|| listener_census(only_netns, known)).join()))?;
         found.listeners.extend(since.listeners);
         found.unnamed += since.unnamed;
         found.unreadable = found.unreadable.max(since.unreadable);
@@ -138,7 +139,7 @@ impl EventSource {
         let only_netns = filter.netns;
         let census = std::thread::spawn(move || listener_census(only_netns, &HashSet::new()));
         let mut probes = Probes::attach_all(delivery.ring_bytes(), delivery.wakeup_bytes(), flows)?;
-        let census = census.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the listener census panicked")));
+        let census = census_joined(census.join());
         seed_listener_owners(&mut probes, only_netns, census);
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so
         // the fd stays open for as long as it is registered.

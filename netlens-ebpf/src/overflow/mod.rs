@@ -138,17 +138,11 @@ unsafe fn add_to(accounted: *mut u32, count: u32) {
 /// Without `sk_drops` (or a listener seen first now), the queue decides.
 #[inline(always)]
 fn syn_dropped(listener: u64) -> bool {
-    let offset = cfg_field!(accept_queue.sock_drops);
-    if offset == u32::MAX {
-        return true;
-    }
     match LISTENER_DROPS.get_ptr_mut(&listener) {
         // SAFETY: a live map value.
-        Some(accounted) => unsafe { take_one(accounted, listener, offset) },
+        Some(accounted) => unsafe { take_one(accounted, listener) },
         None => {
-            if let Ok(drops) = member::<u32>(listener, offset) {
-                let _ = LISTENER_DROPS.insert(&listener, &drops, 0);
-            }
+            all_drops_accounted(listener);
             true
         }
     }
@@ -170,9 +164,9 @@ fn syn_dropped(listener: u64) -> bool {
 /// # Safety
 /// `accounted` points to a live map value.
 #[inline(always)]
-unsafe fn take_one(accounted: *mut u32, listener: u64, offset: u32) -> bool {
+unsafe fn take_one(accounted: *mut u32, listener: u64) -> bool {
     let before = core::ptr::read_volatile(accounted);
-    let Ok(drops) = member::<u32>(listener, offset) else { return true };
+    let Some(drops) = sk_drops(listener) else { return true };
     if (drops.wrapping_sub(before) as i32) <= 0 {
         return false;
     }

@@ -8,7 +8,9 @@
 //! looked up by name are indexed by a hash of (kind, name) in the same pass:
 //! scanning all types per lookup cost ~130 ms of netlens's start-up.
 
-use std::{fs, ops::Deref};
+mod bytes;
+
+use bytes::Bytes;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
@@ -35,40 +37,6 @@ const KIND_ENUM64: u32 = 19;
 
 /// Size of `struct btf_type`.
 const TYPE_HEADER: usize = 12;
-
-/// The BTF's bytes: mapped where the kernel allows it (6.16 and later), else
-/// read. sysfs hands `vmlinux` out 4 KiB per read(): ~1,350 reads, ~6 ms,
-/// against 0.2 ms for the mapping. aya's parse for the BTF programs
-/// reads these bytes too ([`KernelBtf::bytes`]), not the file again.
-enum Bytes {
-    Mapped(memmap2::Mmap),
-    Read(Vec<u8>),
-}
-
-impl Deref for Bytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(map) => map,
-            Bytes::Read(data) => data,
-        }
-    }
-}
-
-impl Bytes {
-    fn of_vmlinux() -> std::io::Result<Self> {
-        let file = fs::File::open(VMLINUX)?;
-        // SAFETY: a private, read-only mapping of the kernel's BTF, which
-        // the kernel never changes while it runs.
-        match unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) } {
-            // A size of 0 is a sysfs file that does not say its size: read it.
-            Ok(map) if !map.is_empty() => Ok(Bytes::Mapped(map)),
-            // Before 6.16 sysfs does not map it.
-            _ => fs::read(VMLINUX).map(Bytes::Read),
-        }
-    }
-}
 
 pub struct KernelBtf {
     data: Bytes,
