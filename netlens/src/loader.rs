@@ -20,6 +20,7 @@ use crate::{
     optional::{self, attach_optional},
 };
 
+mod ebpf_loader;
 mod hooks;
 mod sizing;
 mod tables;
@@ -71,7 +72,7 @@ pub fn resolve_config() -> Result<KernelFacts> {
 
 /// Parses the object and fills in `CONFIG`; nothing is loaded yet.
 pub fn open(config: &Config) -> Result<Ebpf> {
-    open_with(EbpfLoader::new(), config, netlens_common::RING_BYTES, FlowTableUse::Session)
+    open_with(ebpf_loader::without_kernel_btf(), config, netlens_common::RING_BYTES, FlowTableUse::Session)
 }
 
 /// `ring_bytes`: the size of the event ring buffer (a power of two, at
@@ -380,9 +381,8 @@ impl Probes {
         if let Some(problem) = probe::preflight() {
             return Err(anyhow!(problem));
         }
-        // aya parses the kernel's BTF when its loader is created (~25 ms);
-        // do that while we resolve our own offsets.
-        let loader = std::thread::spawn(EbpfLoader::new);
+        // Made while we resolve our own offsets (see ebpf_loader.rs).
+        let loader = std::thread::spawn(ebpf_loader::without_kernel_btf);
         let mut facts = resolve_config()?;
         facts.offsets.config.wakeup_bytes = wakeup_bytes;
         let t = |what: &str| timing(started, &format!("since start, {what}"));
