@@ -260,24 +260,30 @@ pub struct Probes {
 
 /// Verifies, two at a time, the tracepoint programs of each feature's best
 /// way this kernel has (each program's best build: the BTF one where it
-/// has one): verification is most of the time attaching takes, the kernel
+/// has one), then those of the optional features (see
+/// `optional::preferred_tracepoint_hooks`): verification is most of the time attaching takes, the kernel
 /// verifies programs independently, and `load_and_attach` then finds them
 /// loaded. A program that fails here is left for `load_and_attach` to load
 /// again and report.
 fn preload(ebpf: &mut Ebpf, facts: &KernelFacts) {
+    // The first build this kernel has (the raw one where the typed one is
+    // left out); a typed build the verifier refuses is not foreseen here,
+    // and its raw twin is then verified alone, at attach.
     let best_hook = |program: &'static str| {
-        let build = builds_of(program).next()?;
-        HOOKS.iter().find(|hook| {
-            hook.program == build
-                && matches!(hook.attach, Attach::Record | Attach::Raw | Attach::Btf)
-                && unavailable(facts, hook).is_none()
+        builds_of(program).find_map(|build| {
+            HOOKS.iter().find(|hook| {
+                hook.program == build
+                    && matches!(hook.attach, Attach::Record | Attach::Raw | Attach::Btf)
+                    && unavailable(facts, hook).is_none()
+            })
         })
     };
-    let best: Vec<&'static Hook> = features::FEATURES
+    let mut best: Vec<&'static Hook> = features::FEATURES
         .iter()
         .filter_map(|feature| feature.ways.iter().find(|way| way.programs.iter().all(|program| best_hook(program).is_some())))
         .flat_map(|way| way.programs.iter().filter_map(|program| best_hook(program)))
         .collect();
+    best.extend(optional::preferred_tracepoint_hooks(|hook| unavailable(facts, hook).is_none()));
     // In the order of `best` (the costliest, lifecycle and retransmits,
     // first), dealt alternately to the two threads.
     let mut programs: Vec<(usize, &'static Hook, &mut aya::programs::Program)> = ebpf

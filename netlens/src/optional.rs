@@ -57,13 +57,16 @@ fn overflow_tracepoints(support: &AcceptQueueSupport, attached: &[&str]) -> Resu
 }
 
 /// accept() and accept4() through the syscall tracepoints (they share
-/// their record layouts), with the exit served by program `exit`.
+/// their record layouts), with the exit served by program `exit`. The exit
+/// first: it is the program a kernel may refuse (the typed build before
+/// 5.11), and a family that fails after attaching some hooks detaches them,
+/// which costs a grace period per hook (~75 ms each here).
 const fn accept_syscalls(exit: &'static str) -> [Hook; 4] {
     [
-        Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
-        Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
         Hook::on(exit, "syscalls", "sys_exit_accept4", Attach::Record),
         Hook::on(exit, "syscalls", "sys_exit_accept", Attach::Record),
+        Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept4", Attach::Record),
+        Hook::on("sys_enter_accept", "syscalls", "sys_enter_accept", Attach::Record),
     ]
 }
 
@@ -150,6 +153,20 @@ pub const OPTIONAL: &[Feature] = &[
     },
 ];
 
+/// For each optional feature, the hooks of the first family served by
+/// tracepoints alone whose hooks are all `available` here: the programs
+/// worth verifying ahead, two at a time, with the required ones (see
+/// `loader::preload`). The families before it (fentry, kprobes) are left
+/// to `attach_optional`: where they load, their programs serve instead and
+/// the ones verified here stay unused.
+pub(crate) fn preferred_tracepoint_hooks(available: impl Fn(&Hook) -> bool) -> impl Iterator<Item = &'static Hook> {
+    let by_tracepoints = |family: &&Family| family.hooks.iter().all(|hook| matches!(hook.attach, Attach::Record | Attach::Raw | Attach::Btf));
+    OPTIONAL.iter().filter_map(move |feature| {
+        feature.families.iter().filter(by_tracepoints).find(|family| family.hooks.iter().all(|hook| skipped(hook).is_ok() && available(hook)))
+    })
+    .flat_map(|family| family.hooks.iter())
+}
+
 /// How an optional feature fared: the family serving it, and why each
 /// family tried before it (or every family) could not.
 pub struct FeatureStatus {
@@ -226,6 +243,14 @@ pub fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts) -> Vec<FeatureStatu
             }
         }
         statuses.push(status);
+    }
+    // Verified ahead for a family that does not serve (see
+    // `preferred_tracepoint_hooks`): not kept loaded.
+    let serving: Vec<&str> = statuses.iter().filter_map(|s| s.served_by).flat_map(|family| family.hooks.iter().map(|hook| hook.program)).collect();
+    for hook in OPTIONAL.iter().flat_map(|feature| feature.families).flat_map(|family| family.hooks) {
+        if let Some(program) = ebpf.program_mut(hook.program).filter(|program| !serving.contains(&hook.program) && program.fd().is_ok()) {
+            unload(program);
+        }
     }
     let overflows_from = statuses.iter().find(|s| s.feature == "listen_overflows").and_then(|s| s.served_by).map(|family| family.name);
     set_modes(
