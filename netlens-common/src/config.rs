@@ -242,6 +242,10 @@ pub struct KernelOffsets {
     pub icsk_ca_ops: u32,
     /// `struct tcp_congestion_ops` → `name` (char[16]).
     pub ca_ops_name: u32,
+    /// The BTF id of `struct tcp_sock`, where the typed programs reach it
+    /// through the `bpf_rdonly_cast` kfunc; 0 where they call the
+    /// `bpf_skc_to_tcp_sock` helper (see `TCP_SOCK_CAST_CALL`).
+    pub tcp_sock_btf_id: u32,
 }
 
 /// What the accept-queue programs (accept.rs, overflow.rs) need: struct

@@ -49,6 +49,13 @@ pub mod tcp_state {
 }
 
 /// Address families as the kernel reports them.
+/// The helper id the BTF-typed programs call to make a `struct tcp_sock *`
+/// of a `struct sock *`: no helper has it. The loader rewrites each such
+/// call before the object is parsed (netlens/src/loader/casts.rs), into a
+/// call of the `bpf_rdonly_cast` kfunc (6.2+; the verifier turns it into a
+/// register move) or of the `bpf_skc_to_tcp_sock` helper (id 137).
+pub const TCP_SOCK_CAST_CALL: u32 = 0x4e4c_0001;
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 

@@ -4,7 +4,7 @@
 //!   kprobes): every member is copied out by `bpf_probe_read_kernel`, a
 //!   helper call that checks the address each time.
 //! - [`Typed`]: a `struct tcp_sock *` the verifier knows by its BTF type
-//!   (BTF tracepoints, after `bpf_skc_to_tcp_sock`): members are plain
+//!   (BTF tracepoints, after a cast: see [`Typed::of`]): members are plain
 //!   loads, each checked once, when the program is loaded, against the
 //!   kernel's BTF at the offset userspace resolved from that same BTF.
 //!   A few nanoseconds each instead of a helper call.
@@ -13,8 +13,7 @@
 //! are written once over [`Sock`] and built both ways; the loader attaches
 //! the typed build where the kernel accepts it.
 
-use aya_ebpf::helpers::generated;
-use netlens_common::AF_INET;
+use netlens_common::{AF_INET, TCP_SOCK_CAST_CALL};
 
 use crate::{
     config::cfg_field,
@@ -167,6 +166,22 @@ impl Sock for Probed {
     }
 }
 
+/// `sk` as a `struct tcp_sock *` (`tcp_sock_type` its BTF id, or 0): a call
+/// of `TCP_SOCK_CAST_CALL`, which the loader has rewritten into the kfunc
+/// `bpf_rdonly_cast(sk, tcp_sock_type)` or the helper
+/// `bpf_skc_to_tcp_sock(sk)` (which ignores the second argument). aya
+/// cannot relocate a kfunc call itself.
+#[inline(always)]
+fn tcp_sock_of(sk: u64, tcp_sock_type: u32) -> u64 {
+    // SAFETY: how aya-ebpf calls helpers: the id as a function pointer,
+    // which the BPF backend emits as `call <id>`; both calls the loader
+    // makes of it take these arguments and return a pointer or NULL.
+    unsafe {
+        let call: unsafe extern "C" fn(u64, u32) -> u64 = core::mem::transmute(TCP_SOCK_CAST_CALL as usize);
+        call(sk, tcp_sock_type)
+    }
+}
+
 /// A `struct tcp_sock *` typed by BTF.
 #[derive(Clone, Copy)]
 pub struct Typed(u64);
@@ -174,11 +189,19 @@ pub struct Typed(u64);
 impl Typed {
     /// `sk`, a BTF-typed `struct sock *` (a BTF tracepoint's argument), as
     /// a tcp_sock; `None` for sockets that are not TCP (SCTP, MPTCP's own).
+    /// Where the kernel has the `bpf_rdonly_cast` kfunc (6.2+), the cast
+    /// costs no call: the protocol test is then ours, one load (every
+    /// socket these tracepoints pass is a full one, and a TCP socket is a
+    /// stream). Elsewhere, `bpf_skc_to_tcp_sock` tests it.
     #[inline(always)]
     pub fn of(sk: u64) -> Option<Self> {
-        // SAFETY: the helper checks the socket's protocol and returns NULL
-        // for anything but a full TCP socket.
-        let tp = unsafe { generated::bpf_skc_to_tcp_sock(sk as *mut _) } as u64;
+        let tcp_sock_type = cfg_field!(kernel.tcp_sock_btf_id);
+        // SAFETY: `sk` is a BTF-typed `struct sock *`, and `sk_protocol` a
+        // u16 member of it (checked at load time).
+        if tcp_sock_type != 0 && unsafe { typed_member::<u16>(sk, cfg_field!(kernel.sock_protocol)) } != IPPROTO_TCP {
+            return None;
+        }
+        let tp = tcp_sock_of(sk, tcp_sock_type);
         (tp != 0).then_some(Self(tp))
     }
 

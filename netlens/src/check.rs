@@ -79,7 +79,8 @@ fn inspect() -> Report {
         Some(Ok(facts)) => {
             row("tracefs", true, facts.tracefs.display().to_string());
             row("offsets", true, "tracepoint fields from tracefs, struct members from BTF".into());
-            match loader::open(&facts.offsets.config) {
+            row("typed socket reads", true, facts.tcp_sock_cast().describe().into());
+            match loader::open(&facts) {
                 Ok(mut ebpf) => {
                     let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);
                     features = statuses;

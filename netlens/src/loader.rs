@@ -12,7 +12,6 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use netlens_common::Config;
 
 use crate::{
     features::{self, FeatureStatus},
@@ -20,10 +19,12 @@ use crate::{
     optional::{self, attach_optional},
 };
 
+mod casts;
 mod ebpf_loader;
 mod hooks;
 mod sizing;
 mod tables;
+pub use casts::Cast;
 use hooks::{builds_of, TYPED_BUILDS};
 pub use hooks::{Attach, Hook, HOOKS};
 pub use sizing::FlowTableUse;
@@ -50,6 +51,11 @@ pub struct KernelFacts {
 }
 
 impl KernelFacts {
+    /// How the typed programs make a `struct tcp_sock *` here (casts.rs).
+    pub fn tcp_sock_cast(&self) -> Cast {
+        Cast::choose(self.btf.function_id(offsets::RDONLY_CAST), self.offsets.config.kernel.tcp_sock_btf_id)
+    }
+
     /// The kernel's BTF as aya parses it, for fentry/fexit.
     pub(crate) fn fentry_btf(&self) -> Result<&Btf, HookError> {
         self.fentry_btf
@@ -71,19 +77,20 @@ pub fn resolve_config() -> Result<KernelFacts> {
 }
 
 /// Parses the object and fills in `CONFIG`; nothing is loaded yet.
-pub fn open(config: &Config) -> Result<Ebpf> {
-    open_with(ebpf_loader::without_kernel_btf(), config, netlens_common::RING_BYTES, FlowTableUse::Session)
+pub fn open(facts: &KernelFacts) -> Result<Ebpf> {
+    open_with(ebpf_loader::without_kernel_btf(), facts, netlens_common::RING_BYTES, FlowTableUse::Session)
 }
 
 /// `ring_bytes`: the size of the event ring buffer (a power of two, at
 /// least a page); the flow table is sized for `flows` (see sizing.rs).
-fn open_with<'a>(mut loader: EbpfLoader<'a>, config: &'a Config, ring_bytes: u32, flows: FlowTableUse) -> Result<Ebpf> {
+fn open_with<'a>(mut loader: EbpfLoader<'a>, facts: &'a KernelFacts, ring_bytes: u32, flows: FlowTableUse) -> Result<Ebpf> {
     raise_memlock();
+    let object = casts::rewrite(EBPF_OBJECT, facts.tcp_sock_cast())?;
     loader.map_max_entries("FLOWS", sizing::flow_table_entries(flows)?);
     loader.map_max_entries("EVENTS", ring_bytes);
     loader
-        .override_global("CONFIG", config, true)
-        .load(EBPF_OBJECT)
+        .override_global("CONFIG", &facts.offsets.config, true)
+        .load(object.bytes())
         .context("loading the eBPF object")
 }
 
@@ -399,7 +406,7 @@ impl Probes {
             scope.spawn(|| facts.fentry_btf().is_ok());
             let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
             t("loader ready");
-            let mut ebpf = open_with(loader, &facts.offsets.config, ring_bytes, flows)?;
+            let mut ebpf = open_with(loader, &facts, ring_bytes, flows)?;
             t("object opened, maps created");
             let (features, tried) = attach_features(&mut ebpf, &facts);
             anyhow::Ok((ebpf, features, tried))

@@ -177,12 +177,27 @@ impl KernelBtf {
 
     /// The types of `kind` named `name`, in id order.
     fn named<'a>(&'a self, name: &'a str, kind: u32) -> impl Iterator<Item = TypeHeader> + 'a {
+        self.named_ids(name, kind).map(|(_, header)| header)
+    }
+
+    /// The same, with their ids.
+    fn named_ids<'a>(&'a self, name: &'a str, kind: u32) -> impl Iterator<Item = (u32, TypeHeader)> + 'a {
         let key = name_key(kind, name.as_bytes());
         let first = self.by_name.partition_point(|&(k, _)| k < key);
         self.by_name[first..].iter().take_while(move |&&(k, _)| k == key).filter_map(move |&(_, id)| {
             let header = self.header(id).ok()?;
-            (header.kind == kind && self.name(header.name_off) == name.as_bytes()).then_some(header)
+            (header.kind == kind && self.name(header.name_off) == name.as_bytes()).then_some((id, header))
         })
+    }
+
+    /// The id of function `name`: what a kfunc call names.
+    pub fn function_id(&self, name: &str) -> Option<u32> {
+        self.named_ids(name, KIND_FUNC).next().map(|(id, _)| id)
+    }
+
+    /// The id of `struct name` (one with members, not a declaration).
+    pub fn struct_id(&self, name: &str) -> Option<u32> {
+        self.named_ids(name, KIND_STRUCT).find(|(_, header)| header.vlen > 0).map(|(id, _)| id)
     }
 
     /// The first type of `kind` named `name` (for structs: one with members,

@@ -207,8 +207,14 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         tcb_seq: tcb_seq(btf)?,
         icsk_ca_ops: btf.offset("inet_connection_sock", "icsk_ca_ops")?,
         ca_ops_name: btf.offset("tcp_congestion_ops", "name")?,
+        tcp_sock_btf_id: btf.function_id(RDONLY_CAST).and(btf.struct_id("tcp_sock")).unwrap_or(0),
     })
 }
+
+/// The kfunc that makes the typed programs' `struct tcp_sock *` without a
+/// call at run time, where the kernel has it (6.2+; see
+/// `netlens_common::TCP_SOCK_CAST_CALL`).
+pub const RDONLY_CAST: &str = "bpf_rdonly_cast";
 
 fn sock_tuple(btf: &KernelBtf) -> Result<SockTupleOffsets> {
     let at = |member: &str, size: u32| -> Result<(u16, u32)> {

@@ -1,0 +1,191 @@
+//! The typed programs' socket cast, relocated here because aya cannot.
+//!
+//! A BTF tracepoint hands its programs a `struct sock *`; the members they
+//! read are a `struct tcp_sock`'s. The `bpf_skc_to_tcp_sock` helper makes
+//! one, at the cost of a helper call (20–40 ns here, with the CPU's
+//! mitigations) on every run of every typed program. Since 6.2 the
+//! `bpf_rdonly_cast` kfunc does the same with no call at all: the verifier
+//! rewrites it into a register move. But a kfunc call names the function
+//! by its BTF id in the running kernel, which the loader must write into
+//! the instruction, and aya 0.14 has no such relocation.
+//!
+//! So the programs call a placeholder helper id, `TCP_SOCK_CAST_CALL`, and
+//! the object is rewritten before aya parses it: every call of that id in
+//! its code sections becomes a kfunc call of `bpf_rdonly_cast` (where
+//! `KernelOffsets::tcp_sock_btf_id` is set, i.e. the kernel has it) or a
+//! call of the helper. The instruction's size and place are unchanged, so
+//! nothing else in the object (relocations, line info) moves.
+
+use anyhow::{bail, Context as _, Result};
+use netlens_common::TCP_SOCK_CAST_CALL;
+use object::{Object as _, ObjectSection as _, SectionKind};
+
+/// `BPF_JMP | BPF_CALL`.
+const CALL: u8 = 0x85;
+/// A call's source register for a kfunc (`BPF_PSEUDO_KFUNC_CALL`).
+const PSEUDO_KFUNC_CALL: u8 = 2;
+/// `BPF_FUNC_skc_to_tcp_sock`.
+const SKC_TO_TCP_SOCK: i32 = 137;
+
+/// What the placeholder call becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cast {
+    /// `bpf_rdonly_cast`, by its BTF id in the running kernel.
+    Kfunc { btf_id: u32 },
+    /// `bpf_skc_to_tcp_sock`.
+    Helper,
+}
+
+impl Cast {
+    /// `function_id`: the kfunc's BTF id where the kernel has it and the
+    /// programs were told `struct tcp_sock`'s (both or neither).
+    pub fn choose(function_id: Option<u32>, tcp_sock_btf_id: u32) -> Self {
+        match function_id {
+            Some(btf_id) if tcp_sock_btf_id != 0 => Cast::Kfunc { btf_id },
+            _ => Cast::Helper,
+        }
+    }
+
+    /// As `check` names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cast::Kfunc { .. } => "bpf_rdonly_cast kfunc (no call at run time)",
+            Cast::Helper => "bpf_skc_to_tcp_sock helper",
+        }
+    }
+}
+
+/// `object` with every placeholder call in its code rewritten to `cast`;
+/// in a buffer aligned for the ELF parser. Fails when it holds none: the
+/// programs and this loader would not agree.
+pub fn rewrite(object: &[u8], cast: Cast) -> Result<AlignedObject> {
+    let code: Vec<(usize, usize)> = {
+        let file = object::File::parse(object).context("parsing the eBPF object")?;
+        file.sections()
+            .filter(|section| section.kind() == SectionKind::Text)
+            .filter_map(|section| section.file_range())
+            .map(|(start, size)| (start as usize, size as usize))
+            .collect()
+    };
+    let mut aligned = AlignedObject::copy_of(object);
+    let bytes = aligned.bytes_mut();
+    let mut rewritten = 0;
+    for (start, size) in code {
+        let Some(section) = bytes.get_mut(start..start + size) else { continue };
+        rewritten += rewrite_calls(section, cast);
+    }
+    if rewritten == 0 {
+        bail!("the eBPF object has no placeholder cast to rewrite (built from other sources than this loader?)");
+    }
+    Ok(aligned)
+}
+
+/// Rewrites the placeholder calls among `code`'s 8-byte instructions;
+/// returns how many.
+fn rewrite_calls(code: &mut [u8], cast: Cast) -> usize {
+    let mut rewritten = 0;
+    for insn in code.chunks_exact_mut(8) {
+        // code, dst/src registers, offset (2), immediate (4), little-endian.
+        let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
+        if insn[0] != CALL || insn[1] != 0 || imm != TCP_SOCK_CAST_CALL as i32 {
+            continue;
+        }
+        let (src_reg, imm) = match cast {
+            Cast::Kfunc { btf_id } => (PSEUDO_KFUNC_CALL, btf_id as i32),
+            Cast::Helper => (0, SKC_TO_TCP_SOCK),
+        };
+        insn[1] = src_reg << 4;
+        // The kfunc's BTF is vmlinux's: offset 0.
+        insn[2..4].copy_from_slice(&0u16.to_le_bytes());
+        insn[4..8].copy_from_slice(&imm.to_le_bytes());
+        rewritten += 1;
+    }
+    rewritten
+}
+
+/// An object's bytes, 8-byte aligned (the ELF parser reads its headers in
+/// place).
+pub struct AlignedObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedObject {
+    fn copy_of(object: &[u8]) -> Self {
+        let mut words = vec![0u64; object.len().div_ceil(8)];
+        let mut aligned = Self { words: Vec::new(), len: object.len() };
+        // SAFETY: `words` holds at least `object.len()` bytes, and any
+        // bytes are a valid u64.
+        unsafe { std::ptr::copy_nonoverlapping(object.as_ptr(), words.as_mut_ptr().cast::<u8>(), object.len()) };
+        aligned.words = words;
+        aligned
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes of the buffer, which holds at least that many.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insn(code: u8, regs: u8, off: i16, imm: i32) -> [u8; 8] {
+        let mut bytes = [code, regs, 0, 0, 0, 0, 0, 0];
+        bytes[2..4].copy_from_slice(&off.to_le_bytes());
+        bytes[4..8].copy_from_slice(&imm.to_le_bytes());
+        bytes
+    }
+
+    fn program() -> Vec<u8> {
+        [
+            insn(0xbf, 0x16, 0, 0),                             // r6 = r1
+            insn(CALL, 0, 0, TCP_SOCK_CAST_CALL as i32),        // the placeholder
+            insn(CALL, 0, 0, 5),                                // bpf_ktime_get_ns
+            insn(CALL, 0x10, 0, TCP_SOCK_CAST_CALL as i32),     // a BPF-to-BPF call, not ours
+            insn(0x18, 0, 0, TCP_SOCK_CAST_CALL as i32),        // a constant that only looks like it
+            insn(CALL, 0, 0, TCP_SOCK_CAST_CALL as i32),
+            insn(0x95, 0, 0, 0),                                // exit
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn placeholder_calls_become_kfunc_calls_of_vmlinux() {
+        let mut code = program();
+        assert_eq!(rewrite_calls(&mut code, Cast::Kfunc { btf_id: 81_234 }), 2);
+        assert_eq!(&code[8..16], &insn(CALL, 0x20, 0, 81_234));
+        assert_eq!(&code[40..48], &insn(CALL, 0x20, 0, 81_234));
+        // Everything else as it was.
+        let original = program();
+        for at in [0, 16, 24, 32, 48] {
+            assert_eq!(code[at..at + 8], original[at..at + 8], "instruction at {at}");
+        }
+    }
+
+    #[test]
+    fn placeholder_calls_become_helper_calls() {
+        let mut code = program();
+        assert_eq!(rewrite_calls(&mut code, Cast::Helper), 2);
+        assert_eq!(&code[8..16], &insn(CALL, 0, 0, SKC_TO_TCP_SOCK));
+    }
+
+    #[test]
+    fn the_kfunc_needs_the_struct_id_too() {
+        assert_eq!(Cast::choose(Some(7), 9), Cast::Kfunc { btf_id: 7 });
+        assert_eq!(Cast::choose(Some(7), 0), Cast::Helper);
+        assert_eq!(Cast::choose(None, 9), Cast::Helper);
+    }
+
+    #[test]
+    fn the_embedded_object_has_placeholders_in_its_code() {
+        let rewritten = rewrite(super::super::EBPF_OBJECT, Cast::Helper).expect("rewrite");
+        assert_eq!(rewritten.bytes().len(), super::super::EBPF_OBJECT.len());
+    }
+}
