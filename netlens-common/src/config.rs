@@ -244,7 +244,7 @@ pub struct KernelOffsets {
     pub ca_ops_name: u32,
     /// The BTF id of `struct tcp_sock`, where the typed programs reach it
     /// through the `bpf_rdonly_cast` kfunc; 0 where they call the
-    /// `bpf_skc_to_tcp_sock` helper (see `TCP_SOCK_CAST_CALL`).
+    /// `bpf_skc_to_tcp_sock` helper (see `CAST_CALL`).
     pub tcp_sock_btf_id: u32,
 }
 
@@ -272,6 +272,14 @@ pub struct AcceptQueueConfig {
     pub fdt_max_fds: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+    /// The BTF ids of `struct file` and `struct socket`, where the typed
+    /// accept program walks them with plain loads (the `bpf_rdonly_cast`
+    /// kfunc, see `CAST_CALL`); 0 where it copies them by probe reads.
+    pub file_btf_id: u32,
+    pub socket_btf_id: u32,
+    /// The BTF id of `struct dst_entry`, where the typed SYN program
+    /// follows an skb's route to its namespace by plain loads; else 0.
+    pub dst_entry_btf_id: u32,
     /// `struct sk_buff` → `head`, `transport_header` and `network_header`
     /// (u16), `protocol` (__be16), `_skb_refdst`; `struct dst_entry` → `dev`.
     pub skb_head: u32,

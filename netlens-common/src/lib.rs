@@ -49,12 +49,16 @@ pub mod tcp_state {
 }
 
 /// Address families as the kernel reports them.
-/// The helper id the BTF-typed programs call to make a `struct tcp_sock *`
-/// of a `struct sock *`: no helper has it. The loader rewrites each such
-/// call before the object is parsed (netlens/src/loader/casts.rs), into a
-/// call of the `bpf_rdonly_cast` kfunc (6.2+; the verifier turns it into a
-/// register move) or of the `bpf_skc_to_tcp_sock` helper (id 137).
-pub const TCP_SOCK_CAST_CALL: u32 = 0x4e4c_0001;
+/// The helper id programs call to cast a pointer to a struct by its BTF id
+/// (for plain loads of its members): no helper has it. The loader rewrites
+/// each such call before the object is parsed (netlens/src/loader/casts.rs)
+/// into a call of the `bpf_rdonly_cast` kfunc (6.2+; the verifier turns it
+/// into a register move), or, where the kernel lacks it, of the
+/// `bpf_skc_to_tcp_sock` helper (id 137): the one cast with a helper. So
+/// the programs cast to anything but `struct tcp_sock` only on paths the
+/// configuration turns off without the kfunc (a BTF id of 0), which the
+/// verifier never visits and removes.
+pub const CAST_CALL: u32 = 0x4e4c_0001;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

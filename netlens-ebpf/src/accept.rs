@@ -25,7 +25,7 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{fexit_return, listener_key, member, record_u64, typed_member, Tuple},
+    kernel::{cast, fexit_return, listener_key, member, record_u64, typed_member, Tuple},
     overflow, owners,
 };
 
@@ -168,9 +168,12 @@ impl FdTable {
     }
 
     /// The socket behind file descriptor `fd` (`fd[fd]` → `file->private_data`
-    /// → `socket->sk`); `None` for a closed descriptor.
+    /// → `socket->sk`); `None` for a closed descriptor. Where `TYPED` and
+    /// the kernel has the cast kfunc, the file and socket are read by plain
+    /// loads (see [`typed_walk`]); the slot, at an index known only at run
+    /// time, is always a probe read.
     #[inline(always)]
-    fn socket(self, fd: u64) -> Result<Option<u64>, i32> {
+    fn socket<const TYPED: bool>(self, fd: u64) -> Result<Option<u64>, i32> {
         if fd >= self.max_fds as u64 {
             return Err(-1);
         }
@@ -178,9 +181,41 @@ impl FdTable {
         if file == 0 {
             return Ok(None);
         }
+        if typed_walk::<TYPED>() {
+            let (file_type, socket_type) = (cfg_field!(accept_queue.file_btf_id), cfg_field!(accept_queue.socket_btf_id));
+            // SAFETY: `file` is the open file at `fd`, and its private data
+            // the socket (accept() succeeded on it: both fds are sockets);
+            // each offset is a member of the struct cast to. Loads through
+            // a cast pointer cannot fault: a bad one reads as zero.
+            let socket: u64 = unsafe { typed_member(cast(file, file_type), cfg_field!(accept_queue.file_private_data)) };
+            return Ok(Some(unsafe { typed_member(cast(socket, socket_type), cfg_field!(accept_queue.socket_sk)) }));
+        }
         let socket: u64 = member(file, cfg_field!(accept_queue.file_private_data))?;
         member(socket, cfg_field!(accept_queue.socket_sk)).map(Some)
     }
+}
+
+/// Whether the typed build walks file → socket → sock by plain loads: the
+/// kernel has the cast kfunc (6.2+), so the loader gave their BTF ids.
+#[inline(always)]
+fn typed_walk<const TYPED: bool>() -> bool {
+    TYPED && cfg_field!(accept_queue.file_btf_id) != 0
+}
+
+/// Whether `listener` is a TCP socket in LISTEN (accept() also serves unix
+/// and other sockets); by plain loads where [`FdTable::socket`] made it a
+/// typed `struct sock *`.
+#[inline(always)]
+fn tcp_listener<const TYPED: bool>(listener: u64) -> Result<bool, i32> {
+    let (protocol_at, state_at) = (cfg_field!(kernel.sock_protocol), cfg_field!(accept_queue.sock_state));
+    let (protocol, state): (u16, u8) = if typed_walk::<TYPED>() {
+        // SAFETY: a `struct sock *` loaded from a cast `struct socket`;
+        // both are its members.
+        unsafe { (typed_member(listener, protocol_at), typed_member(listener, state_at)) }
+    } else {
+        (member(listener, protocol_at)?, member(listener, state_at)?)
+    };
+    Ok(protocol == IPPROTO_TCP && state == TCP_LISTEN)
 }
 
 /// `ACCEPTING_FD`'s value once exit has taken it.
@@ -241,14 +276,11 @@ fn on_exit_accept<const TYPED: bool>(ctx: &TracePointContext, listener_fd: u64, 
     }
     let table = FdTable::current::<TYPED>()?;
     // Another thread closed the listener meanwhile: nothing to name.
-    let Some(listener) = table.socket(listener_fd)? else { return Ok(()) };
-    // Only TCP listeners (accept() also serves unix and other sockets).
-    if member::<u16>(listener, cfg_field!(kernel.sock_protocol))? != IPPROTO_TCP
-        || member::<u8>(listener, cfg_field!(accept_queue.sock_state))? != TCP_LISTEN
-    {
+    let Some(listener) = table.socket::<TYPED>(listener_fd)? else { return Ok(()) };
+    if !tcp_listener::<TYPED>(listener)? {
         return Ok(());
     }
-    match table.socket(fd as u64)? {
+    match table.socket::<TYPED>(fd as u64)? {
         Some(child) => accepted(listener, child, thread),
         None => Ok(()),
     }

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{FExitContext, TracePointContext},
     EbpfContext,
 };
-use netlens_common::{ListenerKey, TupleFields, Window, AF_INET, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
+use netlens_common::{ListenerKey, CAST_CALL, TupleFields, Window, AF_INET, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
 
 use crate::{
     config::cfg_field,
@@ -186,6 +186,22 @@ pub fn member<T>(base: u64, offset: u32) -> Result<T, i32> {
 #[inline(always)]
 pub unsafe fn typed_member<T: Copy>(base: u64, offset: u32) -> T {
     unsafe { core::ptr::read_volatile((base + offset as u64) as *const T) }
+}
+
+/// `pointer` as a pointer to the struct of BTF id `btf_id`, whose members
+/// then read with [`typed_member`]: the `bpf_rdonly_cast` kfunc, no call
+/// once verified (see `netlens_common::CAST_CALL`). Where the kernel lacks
+/// it, the loader makes this `bpf_skc_to_tcp_sock(pointer)`: call it with
+/// any other type only where `btf_id` is not 0 (the kernel has the kfunc).
+#[inline(always)]
+pub fn cast(pointer: u64, btf_id: u32) -> u64 {
+    // SAFETY: how aya-ebpf calls helpers: the id as a function pointer,
+    // which the BPF backend emits as `call <id>`; both calls the loader
+    // makes of it take these arguments and return a pointer or NULL.
+    unsafe {
+        let call: unsafe extern "C" fn(u64, u32) -> u64 = core::mem::transmute(CAST_CALL as usize);
+        call(pointer, btf_id)
+    }
 }
 
 /// `EEXIST`: a map insert with `BPF_NOEXIST` found the key there already.

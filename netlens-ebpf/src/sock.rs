@@ -13,11 +13,11 @@
 //! are written once over [`Sock`] and built both ways; the loader attaches
 //! the typed build where the kernel accepts it.
 
-use netlens_common::{AF_INET, TCP_SOCK_CAST_CALL};
+use netlens_common::AF_INET;
 
 use crate::{
     config::cfg_field,
-    kernel::{member, slot, sock_tuple_in, typed_member, Tuple, Windows},
+    kernel::{cast, member, slot, sock_tuple_in, typed_member, Tuple, Windows},
 };
 
 /// A TCP socket a program can read members of. Offsets are from the start
@@ -166,22 +166,6 @@ impl Sock for Probed {
     }
 }
 
-/// `sk` as a `struct tcp_sock *` (`tcp_sock_type` its BTF id, or 0): a call
-/// of `TCP_SOCK_CAST_CALL`, which the loader has rewritten into the kfunc
-/// `bpf_rdonly_cast(sk, tcp_sock_type)` or the helper
-/// `bpf_skc_to_tcp_sock(sk)` (which ignores the second argument). aya
-/// cannot relocate a kfunc call itself.
-#[inline(always)]
-fn tcp_sock_of(sk: u64, tcp_sock_type: u32) -> u64 {
-    // SAFETY: how aya-ebpf calls helpers: the id as a function pointer,
-    // which the BPF backend emits as `call <id>`; both calls the loader
-    // makes of it take these arguments and return a pointer or NULL.
-    unsafe {
-        let call: unsafe extern "C" fn(u64, u32) -> u64 = core::mem::transmute(TCP_SOCK_CAST_CALL as usize);
-        call(sk, tcp_sock_type)
-    }
-}
-
 /// A `struct tcp_sock *` typed by BTF.
 #[derive(Clone, Copy)]
 pub struct Typed(u64);
@@ -201,7 +185,8 @@ impl Typed {
         if tcp_sock_type != 0 && unsafe { typed_member::<u16>(sk, cfg_field!(kernel.sock_protocol)) } != IPPROTO_TCP {
             return None;
         }
-        let tp = tcp_sock_of(sk, tcp_sock_type);
+        // The kfunc, or `bpf_skc_to_tcp_sock` where the id is 0.
+        let tp = cast(sk, tcp_sock_type);
         (tp != 0).then_some(Self(tp))
     }
 

@@ -15,7 +15,7 @@ use super::{accept_queue_full, drops_accounted, overflowed, syn_dropped, ETH_P_I
 use crate::{
     config::cfg_field,
     events::counted,
-    kernel::{member, slot, typed_member},
+    kernel::{cast, member, slot, typed_member},
 };
 
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -158,7 +158,7 @@ pub fn consume_skb(ctx: RawTracePointContext) -> i32 {
             refdst: member(skb, cfg_field!(accept_queue.skb_refdst))?,
         })
     });
-    counted(program::CONSUME_SKB, headers.and_then(syn_consumed));
+    counted(program::CONSUME_SKB, headers.and_then(syn_consumed::<false>));
     0
 }
 
@@ -185,8 +185,27 @@ pub fn consume_skb_btf(ctx: BtfTracePointContext) -> i32 {
             refdst: typed_member(skb, refdst_at),
         }
     };
-    counted(program::CONSUME_SKB_BTF, syn_consumed(headers));
+    counted(program::CONSUME_SKB_BTF, syn_consumed::<true>(headers));
     0
+}
+
+/// The inode number of the namespace of `dst`'s device (`dst->dev->nd_net`).
+#[inline(always)]
+fn route_netns<const TYPED: bool>(dst: u64) -> Result<u32, i32> {
+    let (dev_at, net_at, inum_at) = (cfg_field!(accept_queue.dst_dev), cfg_field!(kernel.netdev_net), cfg_field!(kernel.net_inum));
+    let dst_type = cfg_field!(accept_queue.dst_entry_btf_id);
+    if TYPED && dst_type != 0 {
+        // SAFETY: the skb's input route; each pointer loaded is typed by
+        // BTF after it, and each offset a member of its struct.
+        return Ok(unsafe {
+            let dev: u64 = typed_member(cast(dst, dst_type), dev_at);
+            let net: u64 = typed_member(dev, net_at);
+            typed_member(net, inum_at)
+        });
+    }
+    let dev: u64 = member(dst, dev_at)?;
+    let net: u64 = member(dev, net_at)?;
+    member(net, inum_at)
 }
 
 /// What the SYN path reads of a consumed skb.
@@ -198,8 +217,11 @@ struct SkbHeaders {
     refdst: u64,
 }
 
+/// `TYPED`: where the kernel has the cast kfunc, the route's device and
+/// namespace and the listener's state are plain loads through casts (see
+/// `kernel::cast`), not probe reads.
 #[inline(never)]
-fn syn_consumed(skb: SkbHeaders) -> Result<(), i32> {
+fn syn_consumed<const TYPED: bool>(skb: SkbHeaders) -> Result<(), i32> {
     // struct tcphdr: ports at 0 and 2, flags in byte 13; one copy.
     let th: [u8; 16] = member(skb.head + skb.transport as u64, 0)?;
     if th[13] & TCP_FLAG_SYN == 0 {
@@ -207,13 +229,18 @@ fn syn_consumed(skb: SkbHeaders) -> Result<(), i32> {
     }
     let dport = u16::from_be_bytes([th[2], th[3]]);
     // tcp_v4_rcv() cleared skb->dev; the input route still names it.
-    let dev: u64 = member(skb.refdst & !1, cfg_field!(accept_queue.dst_dev))?;
-    let net: u64 = member(dev, cfg_field!(kernel.netdev_net))?;
-    let netns: u32 = member(net, cfg_field!(kernel.net_inum))?;
-    let key = ListenerKey { netns, port: dport, _pad: 0 };
+    let key = ListenerKey { netns: route_netns::<TYPED>(skb.refdst & !1)?, port: dport, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(listener) = (unsafe { LISTENERS.get(&key).copied() }) else { return Ok(()) };
-    if member::<u8>(listener, cfg_field!(accept_queue.sock_state))? != TCP_LISTEN {
+    let (sock_type, state_at) = (cfg_field!(kernel.tcp_sock_btf_id), cfg_field!(accept_queue.sock_state));
+    let state: u8 = if TYPED && sock_type != 0 {
+        // SAFETY: a listening TCP socket's address (overflow.rs's table;
+        // one closed since reads what its memory holds, never faults).
+        unsafe { typed_member(cast(listener, sock_type), state_at) }
+    } else {
+        member(listener, state_at)?
+    };
+    if state != TCP_LISTEN {
         return Ok(());
     }
     if let Some(backlog) = accept_queue_full(listener) {

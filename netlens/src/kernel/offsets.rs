@@ -213,7 +213,7 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
 
 /// The kfunc that makes the typed programs' `struct tcp_sock *` without a
 /// call at run time, where the kernel has it (6.2+; see
-/// `netlens_common::TCP_SOCK_CAST_CALL`).
+/// `netlens_common::CAST_CALL`).
 pub const RDONLY_CAST: &str = "bpf_rdonly_cast";
 
 fn sock_tuple(btf: &KernelBtf) -> Result<SockTupleOffsets> {

@@ -1,23 +1,26 @@
-//! The typed programs' socket cast, relocated here because aya cannot.
+//! The programs' casts, relocated here because aya cannot.
 //!
 //! A BTF tracepoint hands its programs a `struct sock *`; the members they
 //! read are a `struct tcp_sock`'s. The `bpf_skc_to_tcp_sock` helper makes
 //! one, at the cost of a helper call (20–40 ns here, with the CPU's
 //! mitigations) on every run of every typed program. Since 6.2 the
-//! `bpf_rdonly_cast` kfunc does the same with no call at all: the verifier
-//! rewrites it into a register move. But a kfunc call names the function
-//! by its BTF id in the running kernel, which the loader must write into
-//! the instruction, and aya 0.14 has no such relocation.
+//! `bpf_rdonly_cast` kfunc does the same, for any struct, with no call at
+//! all: the verifier rewrites it into a register move. The typed accept
+//! program uses it too, to walk `file` → `socket` → `sock` with plain
+//! loads instead of probe reads. But a kfunc call names the function by its
+//! BTF id in the running kernel, which the loader must write into the
+//! instruction, and aya 0.14 has no such relocation.
 //!
-//! So the programs call a placeholder helper id, `TCP_SOCK_CAST_CALL`, and
-//! the object is rewritten before aya parses it: every call of that id in
-//! its code sections becomes a kfunc call of `bpf_rdonly_cast` (where
-//! `KernelOffsets::tcp_sock_btf_id` is set, i.e. the kernel has it) or a
-//! call of the helper. The instruction's size and place are unchanged, so
-//! nothing else in the object (relocations, line info) moves.
+//! So the programs call a placeholder helper id, `CAST_CALL`, and the
+//! object is rewritten before aya parses it: every call of that id in its
+//! code sections becomes a kfunc call of `bpf_rdonly_cast` where the kernel
+//! has it, else a call of `bpf_skc_to_tcp_sock` (the programs take that
+//! path only for `struct tcp_sock`; see `CAST_CALL`). The instruction's size
+//! and place are unchanged, so nothing else in the object (relocations,
+//! line info) moves.
 
 use anyhow::{bail, Context as _, Result};
-use netlens_common::TCP_SOCK_CAST_CALL;
+use netlens_common::CAST_CALL;
 use object::{Object as _, ObjectSection as _, SectionKind};
 
 /// `BPF_JMP | BPF_CALL`.
@@ -38,7 +41,8 @@ pub enum Cast {
 
 impl Cast {
     /// `function_id`: the kfunc's BTF id where the kernel has it and the
-    /// programs were told `struct tcp_sock`'s (both or neither).
+    /// programs were told `struct tcp_sock`'s (both or neither: the
+    /// offsets are resolved so).
     pub fn choose(function_id: Option<u32>, tcp_sock_btf_id: u32) -> Self {
         match function_id {
             Some(btf_id) if tcp_sock_btf_id != 0 => Cast::Kfunc { btf_id },
@@ -87,7 +91,7 @@ fn rewrite_calls(code: &mut [u8], cast: Cast) -> usize {
     for insn in code.chunks_exact_mut(8) {
         // code, dst/src registers, offset (2), immediate (4), little-endian.
         let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
-        if insn[0] != CALL || insn[1] != 0 || imm != TCP_SOCK_CAST_CALL as i32 {
+        if insn[0] != CALL || insn[1] != 0 || imm != CAST_CALL as i32 {
             continue;
         }
         let (src_reg, imm) = match cast {
@@ -146,11 +150,11 @@ mod tests {
     fn program() -> Vec<u8> {
         [
             insn(0xbf, 0x16, 0, 0),                             // r6 = r1
-            insn(CALL, 0, 0, TCP_SOCK_CAST_CALL as i32),        // the placeholder
+            insn(CALL, 0, 0, CAST_CALL as i32),        // the placeholder
             insn(CALL, 0, 0, 5),                                // bpf_ktime_get_ns
-            insn(CALL, 0x10, 0, TCP_SOCK_CAST_CALL as i32),     // a BPF-to-BPF call, not ours
-            insn(0x18, 0, 0, TCP_SOCK_CAST_CALL as i32),        // a constant that only looks like it
-            insn(CALL, 0, 0, TCP_SOCK_CAST_CALL as i32),
+            insn(CALL, 0x10, 0, CAST_CALL as i32),     // a BPF-to-BPF call, not ours
+            insn(0x18, 0, 0, CAST_CALL as i32),        // a constant that only looks like it
+            insn(CALL, 0, 0, CAST_CALL as i32),
             insn(0x95, 0, 0, 0),                                // exit
         ]
         .concat()

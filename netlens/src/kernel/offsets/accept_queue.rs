@@ -74,6 +74,14 @@ pub(super) fn config(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
             (config.accept_exit_ret, config.accept_exit_len) = (exit.0, exit.1.max(exit4.1));
         }
     }
+    // The fd → socket walk and the SYN's route by plain loads, where the
+    // kernel has the cast.
+    if btf.function_id(super::RDONLY_CAST).is_some() {
+        if let (Some(file), Some(socket)) = (btf.struct_id("file"), btf.struct_id("socket")) {
+            (config.file_btf_id, config.socket_btf_id) = (file, socket);
+        }
+        config.dst_entry_btf_id = btf.struct_id("dst_entry").unwrap_or(0);
+    }
     config
 }
 
