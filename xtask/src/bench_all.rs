@@ -95,6 +95,7 @@ struct Figures {
     trace_ns_per_conn: Vec<f64>,
     reference_ns_per_conn: Vec<f64>,
     attach_ms: Vec<f64>,
+    quiet_attach_ms: Vec<f64>,
     daemon_rss_mib: Vec<(f64, f64)>,
     daemon_user_per_10k: Vec<f64>,
     bulk_none: Vec<f64>,
@@ -207,8 +208,27 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
     }
     // top at 10,000 connections a second.
     f.top_cpu_pct.push(top_at(netlens, seconds.max(10), 10_000)?);
+    f.quiet_attach_ms = quiet_starts(netlens)?;
     print_table(&f, pairs);
     Ok(())
+}
+
+/// Starts of `trace` on a quiet machine: spawn to `netlens: attached`, ms.
+/// The starts in the pairs above come right after a churn run, while the
+/// kernel still tears that run's namespace down (its sockets, its
+/// TIME_WAIT entries: a core busy for tens of ms), which no deployment
+/// sees at every start; both are reported.
+fn quiet_starts(netlens: &Path) -> Result<Vec<f64>> {
+    const STARTS: usize = 10;
+    thread::sleep(Duration::from_secs(3));
+    let mut starts = Vec::with_capacity(STARTS);
+    for _ in 0..STARTS {
+        let (tracer, attached) = start_tracer(netlens)?;
+        stop_netlens(tracer)?;
+        starts.push(attached.as_secs_f64() * 1e3);
+        thread::sleep(Duration::from_millis(300));
+    }
+    Ok(starts)
 }
 
 /// `cargo xtask bench cost --against OTHER`: kernel time per connection
@@ -306,7 +326,13 @@ fn print_table(f: &Figures, pairs: u32) {
         mean(&f.bulk_netlens) / mean(&f.bulk_empty)
     );
     let worst_attach = f.attach_ms.iter().cloned().fold(0.0, f64::max);
-    println!("| attached after start | | {:.1} ms mean, {worst_attach:.1} ms max | | | ≤ 50 ms |", mean(&f.attach_ms));
+    println!("| attached after start, right after a churn run | | {:.1} ms mean, {worst_attach:.1} ms max | | | ≤ 50 ms |", mean(&f.attach_ms));
+    let worst_quiet = f.quiet_attach_ms.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "| attached after start, quiet ({} starts) | | {:.1} ms mean, {worst_quiet:.1} ms max | | | ≤ 50 ms |",
+        f.quiet_attach_ms.len(),
+        mean(&f.quiet_attach_ms)
+    );
     for (cpu, rate) in &f.top_cpu_pct {
         println!("| `top` CPU at {rate:.0} conn/s | | {cpu:.2} % of one core | | | ≤ 2 % at 10,000/s |");
     }
