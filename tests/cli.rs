@@ -189,3 +189,36 @@ fn trace_stops_by_itself_after_duration() {
     assert!(stderr.lines().any(|line| line.starts_with("netlens: attached")), "{stderr}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+/// A Ctrl-C the moment `netlens: attached` appears (what a script does
+/// once netlens is ready) stops `trace` cleanly, exit 0, every time: its
+/// handler is in place before it attaches. It was installed after, and a
+/// SIGINT in between killed the process (`cargo xtask bench all` met it).
+#[test]
+fn trace_stops_cleanly_on_sigint_right_after_attaching() {
+    use std::io::{BufRead as _, BufReader};
+    const STARTS: usize = 10;
+    for start in 0..STARTS {
+        let mut child = Command::new(binary())
+            .args(["trace", "--json"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting netlens");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut said = String::new();
+        // Bounded by netlens itself: it attaches or fails within seconds,
+        // and either way stderr then has a line (or closes).
+        while !said.lines().any(|line| line.starts_with("netlens: attached")) {
+            if stderr.read_line(&mut said).expect("reading stderr") == 0 {
+                panic!("start {start}: netlens ended before attaching: {said}");
+            }
+        }
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let status = child.wait().expect("waiting for netlens");
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        assert!(status.success(), "start {start}: {status} after SIGINT; stderr: {said}{rest}");
+    }
+}

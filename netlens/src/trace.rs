@@ -25,14 +25,18 @@ pub struct TraceOptions {
 }
 
 pub async fn run(options: TraceOptions) -> Result<()> {
+    // Signals first, as the other commands do: a Ctrl-C right after the
+    // `attached` line (or during start-up) then stops the trace cleanly,
+    // with what was seen printed and the losses reported, instead of
+    // killing the process.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let mut source = EventSource::start(&options.filter, Delivery::Prompt, FlowTableUse::Session)?;
     let clock = WallClock::now();
     let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if !options.json {
         writeln!(out, "{}", text_header())?;
     }
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(options.duration.unwrap_or(Duration::MAX));
     tokio::pin!(deadline);
     let mut reported = Reported::default();
