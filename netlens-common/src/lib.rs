@@ -48,7 +48,6 @@ pub mod tcp_state {
     }
 }
 
-/// Address families as the kernel reports them.
 /// The helper id programs call to cast a pointer to a struct by its BTF id
 /// (for plain loads of its members): no helper has it. The loader rewrites
 /// each such call before the object is parsed (netlens/src/loader/casts.rs)
@@ -60,6 +59,7 @@ pub mod tcp_state {
 /// verifier never visits and removes.
 pub const CAST_CALL: u32 = 0x4e4c_0001;
 
+/// Address families as the kernel reports them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 

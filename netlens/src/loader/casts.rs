@@ -3,9 +3,9 @@
 //! A BTF tracepoint hands its programs a `struct sock *`; the members they
 //! read are a `struct tcp_sock`'s. The `bpf_skc_to_tcp_sock` helper makes
 //! one, at the cost of a helper call (10–25 ns per run here, measured by
-//! `cargo xtask bench cost`) on every run of every typed program. Since 6.2 the
-//! `bpf_rdonly_cast` kfunc does the same, for any struct, with no call at
-//! all: the verifier rewrites it into a register move. The typed accept
+//! `cargo xtask bench cost`) on every run of every typed program. Since
+//! 6.2 the `bpf_rdonly_cast` kfunc does the same, for any struct, with no
+//! call at all: the verifier rewrites it into a register move. The typed accept
 //! program uses it too, to walk `file` → `socket` → `sock` with plain
 //! loads instead of probe reads. But a kfunc call names the function by its
 //! BTF id in the running kernel, which the loader must write into the
