@@ -281,7 +281,7 @@ fn preload(ebpf: &mut Ebpf, facts: &KernelFacts) {
         builds_of(program).find_map(|build| {
             HOOKS.iter().find(|hook| {
                 hook.program == build
-                    && matches!(hook.attach, Attach::Record | Attach::Raw | Attach::Btf)
+                    && hook.attach.is_tracepoint()
                     && unavailable(facts, hook).is_none()
             })
         })

@@ -160,9 +160,10 @@ pub const OPTIONAL: &[Feature] = &[
 /// to `attach_optional`: where they load, their programs serve instead and
 /// the ones verified here stay unused.
 pub(crate) fn preferred_tracepoint_hooks(available: impl Fn(&Hook) -> bool) -> impl Iterator<Item = &'static Hook> {
-    let by_tracepoints = |family: &&Family| family.hooks.iter().all(|hook| matches!(hook.attach, Attach::Record | Attach::Raw | Attach::Btf));
+    // `available` already leaves out the hooks NETLENS_SKIP_HOOKS names.
+    let by_tracepoints = |family: &&Family| family.hooks.iter().all(|hook| hook.attach.is_tracepoint());
     OPTIONAL.iter().filter_map(move |feature| {
-        feature.families.iter().filter(by_tracepoints).find(|family| family.hooks.iter().all(|hook| skipped(hook).is_ok() && available(hook)))
+        feature.families.iter().filter(by_tracepoints).find(|family| family.hooks.iter().all(&available))
     })
     .flat_map(|family| family.hooks.iter())
 }

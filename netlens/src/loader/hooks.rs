@@ -25,6 +25,15 @@ pub enum Attach {
     KRetProbe,
 }
 
+impl Attach {
+    /// A tracepoint of any kind: its programs load the same on every
+    /// kernel that has it (verified ahead, two at a time; see
+    /// `loader::preload`).
+    pub fn is_tracepoint(self) -> bool {
+        matches!(self, Attach::Record | Attach::Raw | Attach::Btf)
+    }
+}
+
 /// A hook netlens can attach, and the program that handles it.
 #[derive(Clone, Copy, Debug)]
 pub struct Hook {
