@@ -206,6 +206,9 @@ pub struct KernelOffsets {
     /// `struct tcp_sock` → `rcv_ooopack` (u32, segments ever queued out of
     /// order; 5.4+), or 0 where the kernel lacks it.
     pub tcp_rcv_ooopack: u32,
+    /// `struct tcp_sock` → `tcp_clock_cache` (u64, ns: when the socket last
+    /// read the clock; 4.20+), or 0 where the kernel lacks it.
+    pub tcp_clock_cache: u32,
     /// The byte of `struct tcp_sock` holding the `icsk_ca_state` bitfield
     /// (shift and mask in [`ProbeOffsets`]).
     pub icsk_ca_state: u32,

@@ -183,9 +183,9 @@ pub struct Flow {
     pub _pad_tuple: u16,
     /// When the connection became established (0: not yet).
     pub established_ns: u64,
-    /// When the last segment arrived (tcp_probe): a zero window seen on this
-    /// segment was advertised by the previous one.
-    pub last_rx_ns: u64,
+    /// The socket's clock (`tcp_clock_cache`) as the last segment arrived:
+    /// its last activity before that segment (0: no segment yet).
+    pub clock_before_last_segment_ns: u64,
     /// Head-of-line stall in progress: its start (0: none), rcv_nxt then,
     /// the highest out-of-order end seen, and the segments queued meanwhile.
     pub hol_start_ns: u64,

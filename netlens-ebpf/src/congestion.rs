@@ -14,7 +14,7 @@ use netlens_common::program;
 
 use crate::{
     config::cfg_field,
-    dynamics::ca_state_seen,
+    dynamics::{ca_state_changes, ca_state_seen},
     events::counted,
     flows,
     kernel::{slot, Record},
@@ -25,9 +25,15 @@ use crate::{
 pub fn tcp_cong_state_set_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let Some(flow) = flows::lookup_mut(sk) else { return 0 };
+    let state = ctx.arg::<u8>(1);
+    // The kernel sets the state a new socket starts in (Open) too: no
+    // change, no clock read.
+    if !ca_state_changes(flow, state) {
+        return 0;
+    }
     let Some(tp) = Typed::of(sk) else { return 0 };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
-    ca_state_seen(flow, tp, ctx.arg::<u8>(1), unsafe { bpf_ktime_get_ns() });
+    ca_state_seen(flow, tp, state, unsafe { bpf_ktime_get_ns() });
     0
 }
 
@@ -42,6 +48,9 @@ fn on_cong_state(record: &Record) -> Result<(), i32> {
     let sk: u64 = record.get(cfg_field!(cong_state.skaddr))?;
     let state: u8 = record.get(cfg_field!(cong_state.cong_state))?;
     let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
+    if !ca_state_changes(flow, state) {
+        return Ok(());
+    }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     ca_state_seen(flow, Probed(sk), state, unsafe { bpf_ktime_get_ns() });
     Ok(())

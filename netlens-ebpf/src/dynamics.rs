@@ -8,7 +8,7 @@ use netlens_common::{ca_state, kind, side, Flow, Transport, NEVER};
 use crate::{
     config::cfg_field,
     events::{emit, stamp},
-    kernel::{window_slot, Tuple},
+    kernel::{window_slot, Clock, Tuple},
     sock::Sock,
 };
 
@@ -66,7 +66,7 @@ fn end_ca_episode(flow: &mut Flow, now: u64) {
 /// retransmission after it happened).
 #[inline(always)]
 pub fn ca_state_seen<S: Sock>(flow: &mut Flow, sk: S, state: u8, now: u64) {
-    if state == flow.ca_state || flow.established_ns == 0 {
+    if !ca_state_changes(flow, state) {
         return;
     }
     end_ca_episode(flow, now);
@@ -86,6 +86,13 @@ pub fn ca_state_seen<S: Sock>(flow: &mut Flow, sk: S, state: u8, now: u64) {
         };
         exit_slow_start(flow, now, cwnd);
     }
+}
+
+/// Whether the socket's congestion state `state` ends the flow's episode
+/// in force (checked before the clock is read for [`ca_state_seen`]).
+#[inline(always)]
+pub fn ca_state_changes(flow: &Flow, state: u8) -> bool {
+    state != flow.ca_state && flow.established_ns != 0
 }
 
 /// The congestion state in a byte read from the socket (`icsk_ca_state`
@@ -154,21 +161,45 @@ fn track_zero(window: u32, since_ns: &mut u64, seen_ns: u64) -> Option<u64> {
 
 /// Zero-window bookkeeping for one arriving segment. `snd_wnd` and
 /// `rcv_wnd` are as they were before this segment was processed, so a
-/// change seen now happened on the previous segment (`flow.last_rx_ns`).
+/// change seen now happened at the previous segment. Its time, without a
+/// clock read per segment, from the socket's own clock (`tcp_clock_cache`,
+/// refreshed right after tcp_probe as each segment is processed, and as
+/// the socket sends or its timers fire): `socket_clock_ns` is that clock
+/// now, the socket's last activity; the flow keeps its value at the
+/// previous segment, the last activity before that one.
+/// - The peer's window closed at the previous segment: the episode starts
+///   at the activity before it (the sender was sending into the shrinking
+///   window, microseconds earlier while it has data). Not at
+///   `socket_clock_ns`: a zero-window probe sent since would make it late
+///   by the probe timer (≥ 200 ms).
+/// - It reopened at the previous segment: the episode ends at
+///   `socket_clock_ns`, that segment, or what the sender sent at once in
+///   the reopened window.
+/// - We advertised zero in our answer to the previous segment: the episode
+///   starts at `socket_clock_ns`, that answer. We learn that it reopened
+///   when the peer sends again (about one RTT late), read from the clock.
 #[inline(always)]
-pub fn zero_windows(flow: &mut Flow, snd_wnd: u32, rcv_wnd: u32, now: u64) {
-    let previous = flow.last_rx_ns;
-    if previous == 0 {
-        return;
+pub fn zero_windows(flow: &mut Flow, snd_wnd: u32, rcv_wnd: u32, socket_clock_ns: u64, clock: &mut Clock) {
+    let before_previous = match core::mem::replace(&mut flow.clock_before_last_segment_ns, socket_clock_ns) {
+        0 => socket_clock_ns,
+        ns => ns,
+    };
+    if let Some(since) = track_zero(snd_wnd, &mut flow.peer_zero_since_ns, before_previous) {
+        end_zero_window(flow, side::PEER, since, socket_clock_ns);
     }
-    // The peer advertised zero on the previous segment; it reopened the
-    // window on the previous segment too.
-    if let Some(since) = track_zero(snd_wnd, &mut flow.peer_zero_since_ns, previous) {
-        end_zero_window(flow, side::PEER, since, previous);
+    if let Some(since) = track_zero(rcv_wnd, &mut flow.local_zero_since_ns, socket_clock_ns) {
+        end_zero_window(flow, side::LOCAL, since, clock.now());
     }
-    // We advertised zero in our answer to the previous segment; we learn
-    // that it reopened when the peer sends again (about one RTT late).
-    if let Some(since) = track_zero(rcv_wnd, &mut flow.local_zero_since_ns, previous) {
-        end_zero_window(flow, side::LOCAL, since, now);
+}
+
+/// The socket's clock (`tcp_clock_cache`, ns, the clock of
+/// `bpf_ktime_get_ns`): when it last read it. A load where the socket is
+/// typed, against a call to the clock; the clock where the kernel lacks it.
+#[inline(always)]
+pub fn socket_clock_ns<S: Sock>(sk: S, clock: &mut Clock) -> u64 {
+    let at = cfg_field!(kernel.tcp_clock_cache);
+    match if at != 0 { sk.get::<u64>(at) } else { Err(-1) } {
+        Ok(ns) if ns != 0 => ns,
+        _ => clock.now(),
     }
 }

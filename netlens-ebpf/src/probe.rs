@@ -34,10 +34,10 @@ use netlens_common::{kind, log2_bucket, program, Flow, PacketHistograms, NEVER};
 
 use crate::{
     config::cfg_field,
-    dynamics::{ca_state_of, ca_state_seen, exit_slow_start, zero_windows},
+    dynamics::{ca_state_changes, ca_state_of, ca_state_seen, exit_slow_start, socket_clock_ns, zero_windows},
     events::{counted, emit, stamp},
     flows,
-    kernel::{member, typed_member, window_slot, Tuple},
+    kernel::{member, typed_member, window_slot, Clock, Tuple},
     sock::{Probed, Sock, Typed},
 };
 
@@ -150,8 +150,8 @@ fn segment_seqs_typed(skb: u64) -> u64 {
 
 #[inline(always)]
 fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Read only for a segment that starts or ends an episode.
+    let mut clock = Clock::default();
     let tp = sk.tcp_now(window_slot::PROBE)?;
     let (seq, end_seq) = (seqs as u32, (seqs >> 32) as u32);
 
@@ -167,15 +167,17 @@ fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
     count_segment(transport.srtt_us, cwnd);
     // BBR keeps ssthresh infinite: it leaves slow start on loss only.
     if cwnd >= ssthresh && transport.slow_start_exit_ns == NEVER {
-        exit_slow_start(flow, now, cwnd);
+        exit_slow_start(flow, clock.now(), cwnd);
     }
     // A no-op where tcp:tcp_cong_state_set already reported the change.
     if let Some(state) = ca_state_of(tp.ca_state_byte) {
-        ca_state_seen(flow, sk, state, now);
+        if ca_state_changes(flow, state) {
+            ca_state_seen(flow, sk, state, clock.now());
+        }
     }
 
-    zero_windows(flow, tp.snd_wnd, tp.rcv_wnd, now);
-    flow.last_rx_ns = now;
+    let socket_clock = socket_clock_ns(sk, &mut clock);
+    zero_windows(flow, tp.snd_wnd, tp.rcv_wnd, socket_clock, &mut clock);
 
     // Receiver side: data beyond rcv_nxt is held out of order.
     let rcv_nxt = tp.rcv_nxt;
@@ -183,14 +185,15 @@ fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
     if flow.hol_start_ns != 0 {
         if !after(flow.hol_max_end, rcv_nxt) {
             // Drained since the last segment, and no data-ready hook ended it.
-            end_stall(flow, drained_by(flow, now));
+            end_stall(flow, drained_by(flow, clock.now()));
         } else if has_data && !after(seq, rcv_nxt) {
-            flow.hol_inorder_ns = now;
+            flow.hol_inorder_ns = clock.now();
         }
     }
     if has_data && after(seq, rcv_nxt) {
         flow.transport.ooo_segments += 1;
         if flow.hol_start_ns == 0 {
+            let now = clock.now();
             flow.hol_start_ns = now;
             flow.hol_inorder_ns = now;
             flow.hol_rcv_nxt = rcv_nxt;

@@ -69,6 +69,13 @@ fn bulk_measured(seconds: u32, newer_than: u32) -> Result<Vec<(String, u64, u64)
     Ok(bpfstats::ran_since(&before, &bpfstats::snapshot()?, newer_than))
 }
 
+/// ns per run of the `tcp_probe` build that served a bulk run (the other
+/// may be loaded, never run).
+fn probe_ns_per_run(ran: &[(String, u64, u64)]) -> Option<f64> {
+    let (_, runs, ns) = ran.iter().filter(|(name, _, _)| name == "tcp_probe" || name == "tcp_probe_btf").max_by_key(|(_, runs, _)| *runs)?;
+    Some(*ns as f64 / (*runs).max(1) as f64)
+}
+
 /// Kernel time per connection and per run of the programs loaded after
 /// `newer_than`, over one churn run with stats on (its rate is not the
 /// one users get: stats slow every program run).
@@ -183,10 +190,8 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         stop_netlens(tracer)?;
         let ran = ran?;
         f.bulk_netlens.push(rate?);
-        // The build that served (the other may be loaded, never run).
-        let probe = ran.iter().filter(|(name, _, _)| name == "tcp_probe" || name == "tcp_probe_btf").max_by_key(|(_, runs, _)| *runs);
-        match probe {
-            Some((_, runs, ns)) => f.probe_ns.push(*ns as f64 / (*runs).max(1) as f64),
+        match probe_ns_per_run(&ran) {
+            Some(ns) => f.probe_ns.push(ns),
             None => println!("pair {pair}: no tcp_probe program ran during bulk: {ran:?}"),
         }
         let empty = EmptyProgram::attach("tcp_probe")?;
@@ -232,26 +237,38 @@ fn quiet_starts(netlens: &Path) -> Result<Vec<f64>> {
 }
 
 /// `cargo xtask bench cost --against OTHER`: kernel time per connection
-/// (BPF stats) of `trace --json` from this build and from `other`,
+/// (churn) and per `tcp_probe` run (pinned bulk), from BPF stats, of
+/// `trace --json` from this build and from `other`,
 /// alternating, with each run's busiest programs: an A/B of an eBPF change
 /// on the same host minutes apart, where the machine's drift is smaller
 /// than between two `bench all` runs.
 pub fn cost(netlens: &Path, other: &Path, pairs: u32, seconds: u32) -> Result<()> {
     let builds = [("this build", netlens), ("--against", other)];
     let mut per_connection = [Vec::new(), Vec::new()];
+    let mut per_segment = [Vec::new(), Vec::new()];
     for pair in 1..=pairs {
         for (index, (label, binary)) in builds.iter().enumerate() {
             let newer_than = bpfstats::highest_id()?;
             let (tracer, _) = start_tracer(binary)?;
             let measured = churn_measured(seconds, newer_than);
+            // Per segment: one pinned bulk run with stats on.
+            let bulk_ran = measured.is_ok().then(|| bulk_measured(seconds, newer_than));
             stop_netlens(tracer)?;
             let (run, ns, programs) = measured?;
+            let probe_ns = bulk_ran.transpose()?.as_deref().and_then(probe_ns_per_run).unwrap_or(0.0);
             per_connection[index].push(ns);
-            println!("pair {pair}: {label}: {:.0} conn/s, {ns:.0} ns kernel/conn ({})", run.rate, busiest(&programs, run.connections));
+            per_segment[index].push(probe_ns);
+            println!(
+                "pair {pair}: {label}: {:.0} conn/s, {ns:.0} ns kernel/conn ({}); bulk: tcp_probe {probe_ns:.0} ns/run",
+                run.rate,
+                busiest(&programs, run.connections)
+            );
         }
     }
     let (this, against) = (mean(&per_connection[0]), mean(&per_connection[1]));
     println!("cost: this build {this:.0} ns/conn, --against {against:.0} ns/conn, ratio {:.3}", this / against.max(1.0));
+    let (this, against) = (mean(&per_segment[0]), mean(&per_segment[1]));
+    println!("cost: tcp_probe this build {this:.0} ns/run, --against {against:.0} ns/run, ratio {:.3}", this / against.max(1.0));
     Ok(())
 }
 

@@ -190,6 +190,7 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         tcp_snd_cwnd: btf.sized_offset("tcp_sock", "snd_cwnd", 4)?,
         tcp_rcv_nxt: btf.sized_offset("tcp_sock", "rcv_nxt", 4)?,
         tcp_rcv_ooopack: btf.sized_offset("tcp_sock", "rcv_ooopack", 4).unwrap_or(0),
+        tcp_clock_cache: btf.sized_offset("tcp_sock", "tcp_clock_cache", 8).unwrap_or(0),
         icsk_ca_state: btf.bitfield("tcp_sock", "inet_conn.icsk_ca_state")?.0,
         tcp_total_retrans: btf.sized_offset("tcp_sock", "total_retrans", 4)?,
         tcp_segs_out: btf.sized_offset("tcp_sock", "segs_out", 4)?,
