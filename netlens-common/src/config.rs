@@ -317,6 +317,12 @@ pub struct AcceptQueueConfig {
     pub accept_enter_len: u16,
     pub accept_exit_ret: u16,
     pub accept_exit_len: u16,
+    /// `struct pt_regs` → `di`: the first argument of a syscall as the task
+    /// made it, still saved at its exit on x86-64 (where the return value
+    /// goes to `ax`). Lets the accept exit find the listening fd without
+    /// an enter hook; absent elsewhere.
+    pub regs_first_arg: u32,
+    pub _pad2: u32,
 }
 
 /// An argument position a kernel does not have.

@@ -116,7 +116,9 @@ pub mod program {
     pub const SK_DATA_READY_BTF: u32 = 27;
     pub const CONSUME_SKB_BTF: u32 = 28;
     pub const SYS_EXIT_ACCEPT_TYPED: u32 = 29;
-    pub const COUNT: u32 = 30;
+    /// The accept exit that needs no enter hook (accept.rs).
+    pub const SYS_EXIT_ACCEPT_REGS: u32 = 30;
+    pub const COUNT: u32 = 31;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -150,6 +152,7 @@ pub mod program {
         "sk_data_ready_btf",
         "consume_skb_btf",
         "sys_exit_accept_typed",
+        "sys_exit_accept_regs",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen

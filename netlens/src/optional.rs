@@ -137,8 +137,19 @@ pub const OPTIONAL: &[Feature] = &[
                 ],
                 ready: listener_checks,
             },
-            // The exit program built twice: the fd table through a typed
+            // The exits alone, the listening fd from the saved registers
+            // (x86-64, 5.15+): every syscall on the host pays less for
+            // the tracing (see accept.rs). Then the exit program built
+            // twice, with the enter hooks: the fd table through a typed
             // task (5.11+) first, by probe reads where the kernel refuses it.
+            Family {
+                name: "tracepoint, exits only",
+                hooks: &[
+                    Hook::on("sys_exit_accept_regs", "syscalls", "sys_exit_accept4", Attach::Record),
+                    Hook::on("sys_exit_accept_regs", "syscalls", "sys_exit_accept", Attach::Record),
+                ],
+                ready: |support, _| support.accept_exits.clone(),
+            },
             Family {
                 name: "tracepoint",
                 hooks: &accept_syscalls("sys_exit_accept_typed"),

@@ -136,12 +136,24 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
             .env("NETLENS_SKIP_HOOKS", RAW_FALLBACK_SKIPS);
         println!("xtask: the lifecycle, transport and accept tests again, on the raw-tracepoint builds ({RAW_FALLBACK_SKIPS} left out)");
         counts.merge(run_tests(&mut command)?);
+        // The accept exit with its enter hooks (kernels without
+        // bpf_task_pt_regs, or not x86-64), typed: the accept tests again.
+        let mut command = cargo();
+        toolchain.apply(&mut command);
+        command
+            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests", "--test", "accept"])
+            .env("NETLENS_BIN", &binary)
+            .env("NETLENS_SKIP_HOOKS", "sys_exit_accept_regs");
+        println!("xtask: the accept tests again, with the accept enter hooks (sys_exit_accept_regs left out)");
+        counts.merge(run_tests(&mut command)?);
     }
     Ok(counts)
 }
 
-/// The BTF-tracepoint builds, left out to test their raw fallbacks.
-const RAW_FALLBACK_SKIPS: &str = "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf,sys_exit_accept_typed";
+/// The BTF-tracepoint builds, and the accept exit that needs BTF-typed
+/// registers, left out to test their raw fallbacks.
+const RAW_FALLBACK_SKIPS: &str =
+    "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf,sys_exit_accept_typed,sys_exit_accept_regs";
 
 /// Installs what is missing and builds; returns the netlens binary.
 fn build(with_test_tools: bool) -> Result<PathBuf> {

@@ -56,6 +56,7 @@ pub(super) fn config(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         consume_skb_location_arg: location,
         inet_csk_accept_args: accept_args,
         syn_recv_sock_args,
+        regs_first_arg: member("pt_regs", "di"),
         ..AcceptQueueConfig::default()
     };
     // accept and accept4 must agree: one program serves both.
@@ -100,6 +101,9 @@ pub struct AcceptQueueSupport {
     pub fexit_syn_recv_sock: Result<(), String>,
     /// syscalls:sys_{enter,exit}_accept{,4} and the fd → socket walk.
     pub accept_syscalls: Result<(), String>,
+    /// The same with the exits alone: the listening fd from the saved
+    /// registers (x86-64; `bpf_task_pt_regs`, 5.15+, checked by loading).
+    pub accept_exits: Result<(), String>,
     /// kfree_skb with a reason (drop-reason counts).
     pub drop_reasons: Result<(), String>,
     /// kfree_skb's TCP_LISTEN_OVERFLOW with rx_sk, and consume_skb's caller
@@ -130,6 +134,10 @@ impl AcceptQueueSupport {
             accept_syscalls: with_queue(need(
                 c.accept_exit_len != 0 && has(&[c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds, c.file_private_data, c.socket_sk]),
                 "no syscalls:sys_*_accept{,4} tracepoints with matching layouts, or no fd table members in BTF",
+            )),
+            accept_exits: with_queue(need(
+                c.accept_exit_len != 0 && c.regs_first_arg != MISSING && has(&[c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds, c.file_private_data, c.socket_sk]),
+                "no syscalls:sys_exit_accept{,4} tracepoints, no fd table members, or no pt_regs.di (x86-64 only) in BTF",
             )),
             drop_reasons: need(c.kfree_skb_reason_arg != NO_ARG, "kfree_skb has no drop reason (before 5.17)")
                 .and(need(has(&[c.skb_head, c.skb_network_header, c.skb_protocol]), "sk_buff lacks head/network_header/protocol in BTF")),
