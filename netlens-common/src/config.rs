@@ -322,7 +322,9 @@ pub struct AcceptQueueConfig {
     /// goes to `ax`). Lets the accept exit find the listening fd without
     /// an enter hook; absent elsewhere.
     pub regs_first_arg: u32,
-    pub _pad2: u32,
+    /// The BTF id of `struct tcphdr`, where the typed SYN program reads a
+    /// consumed skb's TCP header by plain loads; else 0.
+    pub tcphdr_btf_id: u32,
 }
 
 /// An argument position a kernel does not have.

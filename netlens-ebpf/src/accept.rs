@@ -39,8 +39,10 @@ static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_T
 
 /// accept() returned `child` from `listener`, in the calling thread
 /// (`pid_tgid`, which the caller has read already).
+/// `TYPED`: the listener's queue by plain loads where the kernel has the
+/// cast kfunc.
 #[inline(always)]
-fn accepted(listener: u64, child: u64, pid_tgid: u64) -> Result<(), i32> {
+fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let flow = flows::lookup_mut(child);
     // The child's namespace and local port are the listener's, and its
@@ -62,7 +64,7 @@ fn accepted(listener: u64, child: u64, pid_tgid: u64) -> Result<(), i32> {
     if flow.established_ns == 0 {
         return Ok(());
     }
-    let (queue_len, backlog) = overflow::accept_queue(listener).unwrap_or((0, 0));
+    let (queue_len, backlog) = overflow::accept_queue::<TYPED>(listener).unwrap_or((0, 0));
     let wait_ns = now.saturating_sub(flow.established_ns);
     // From now on the connection is the accepting process's.
     flow.pid = (pid_tgid >> 32) as u32;
@@ -91,7 +93,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
     // The return value follows the parameters (4 before 6.10, 2 since).
     let child = fexit_return::<4>(&ctx, cfg_field!(accept_queue.inet_csk_accept_args)).unwrap_or(0);
     if is_pointer(child) {
-        counted(program::FEXIT_INET_CSK_ACCEPT, accepted(listener, child, bpf_get_current_pid_tgid()));
+        counted(program::FEXIT_INET_CSK_ACCEPT, accepted::<true>(listener, child, bpf_get_current_pid_tgid()));
     }
     0
 }
@@ -114,7 +116,7 @@ pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
     let _ = ACCEPTING.remove(&thread);
     let child: u64 = ctx.ret();
     if is_pointer(child) {
-        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted(listener, child, thread));
+        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted::<false>(listener, child, thread));
     }
     0
 }
@@ -322,7 +324,7 @@ fn accepted_fds<const TYPED: bool>(table: FdTable, listener_fd: u64, fd: u64, th
         return Ok(());
     }
     match table.socket::<TYPED>(fd)? {
-        Some(child) => accepted(listener, child, thread),
+        Some(child) => accepted::<TYPED>(listener, child, thread),
         None => Ok(()),
     }
 }

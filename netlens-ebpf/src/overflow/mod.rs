@@ -55,7 +55,7 @@ pub use tracepoint::mode_on;
 use crate::{
     config::cfg_field,
     events::{count_error, counted},
-    kernel::{fexit_return, listener_key, member, slot, sock_tuple_in},
+    kernel::{cast, fexit_return, listener_key, member, slot, sock_tuple_in, typed_member},
     sock::{Probed, Sock},
     synstart,
 };
@@ -197,11 +197,24 @@ pub fn known_listener(sk: u64, key: &ListenerKey) -> Result<(), i32> {
     Ok(())
 }
 
-/// The listener's accept queue: (connections queued, backlog), in one
-/// read where the two counters are adjacent (every kernel in the matrix).
+/// The listener's accept queue: (connections queued, backlog). `TYPED`,
+/// where the kernel has the cast kfunc: two plain loads (see
+/// `kernel::cast`); else one probe read where the two counters are
+/// adjacent (every kernel in the matrix).
 #[inline(always)]
-pub fn accept_queue(listener: u64) -> Result<(u32, u32), i32> {
-    if cfg_field!(accept_queue.sock_max_ack_backlog) == cfg_field!(accept_queue.sock_ack_backlog) + 4 {
+pub fn accept_queue<const TYPED: bool>(listener: u64) -> Result<(u32, u32), i32> {
+    let (queued_at, backlog_at) = (cfg_field!(accept_queue.sock_ack_backlog), cfg_field!(accept_queue.sock_max_ack_backlog));
+    let sock_type = cfg_field!(kernel.tcp_sock_btf_id);
+    if TYPED && sock_type != 0 {
+        // SAFETY: a listening TCP socket's address (a `struct tcp_sock`);
+        // both are members of its `struct sock`. A load through a cast
+        // pointer cannot fault: a bad one reads as zero.
+        return Ok(unsafe {
+            let sk = cast(listener, sock_type);
+            (typed_member(sk, queued_at), typed_member(sk, backlog_at))
+        });
+    }
+    if backlog_at == queued_at + 4 {
         let both: u64 = member(listener, cfg_field!(accept_queue.sock_ack_backlog))?;
         return Ok((both as u32, (both >> 32) as u32));
     }
@@ -210,8 +223,8 @@ pub fn accept_queue(listener: u64) -> Result<(u32, u32), i32> {
 
 /// The kernel's `sk_acceptq_is_full()`: `Some(backlog)` when full.
 #[inline(always)]
-fn accept_queue_full(listener: u64) -> Option<u32> {
-    let (queued, backlog) = accept_queue(listener).ok()?;
+fn accept_queue_full<const TYPED: bool>(listener: u64) -> Option<u32> {
+    let (queued, backlog) = accept_queue::<TYPED>(listener).ok()?;
     (queued > backlog).then_some(backlog)
 }
 
@@ -247,7 +260,7 @@ fn overflowed(listener: u64, backlog: u32, slot: u32) -> Result<(), i32> {
 /// it (`tcp_conn_request`, `tcp_v4/v6_syn_recv_sock`).
 #[inline(always)]
 fn check_listener(listener: u64, program: u32) {
-    if let Some(backlog) = accept_queue_full(listener) {
+    if let Some(backlog) = accept_queue_full::<false>(listener) {
         counted(program, overflowed(listener, backlog, slot::SYN));
     }
 }
@@ -296,7 +309,7 @@ pub fn fentry_tcp_conn_request(ctx: FEntryContext) -> i32 {
         let entry = SynAtEntry {
             skb,
             drops: sk_drops(listener).unwrap_or(0),
-            full: accept_queue_full(listener).is_some() as u8,
+            full: accept_queue_full::<false>(listener).is_some() as u8,
             _pad: [0; 3],
         };
         // SAFETY: this CPU's slot; nothing else writes it while we run.
@@ -317,7 +330,7 @@ pub fn fexit_tcp_conn_request(ctx: FExitContext) -> i32 {
     let (listener, skb): (u64, u64) = (ctx.arg(2), ctx.arg(3));
     // SAFETY: copied out at once.
     let seen = SYN_AT_ENTRY.get(0).copied().filter(|seen| seen.skb == skb);
-    let full_now = accept_queue_full(listener).is_some();
+    let full_now = accept_queue_full::<false>(listener).is_some();
     let dropped = match (seen, sk_drops(listener)) {
         (Some(seen), Some(drops)) => {
             (drops.wrapping_sub(seen.drops) as i32) > 0 && (seen.full != 0 || full_now)

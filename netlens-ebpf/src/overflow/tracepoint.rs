@@ -129,7 +129,7 @@ fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<()
         return Ok(());
     }
     let backlog = if test_queue {
-        let Some(backlog) = accept_queue_full(listener) else { return Ok(()) };
+        let Some(backlog) = accept_queue_full::<false>(listener) else { return Ok(()) };
         backlog
     } else {
         member(listener, cfg_field!(accept_queue.sock_max_ack_backlog))?
@@ -217,17 +217,34 @@ struct SkbHeaders {
     refdst: u64,
 }
 
+/// The destination port of the TCP header at `th`, `None` when it is not
+/// a SYN. `TYPED`, where the kernel has the cast kfunc: two plain loads
+/// through a `struct tcphdr` cast (the flags byte, 13, is whole bitfields:
+/// fin to cwr); else one copy of the header's first 16 bytes.
+#[inline(always)]
+fn syn_dport<const TYPED: bool>(th: u64) -> Result<Option<u16>, i32> {
+    let tcphdr_type = cfg_field!(accept_queue.tcphdr_btf_id);
+    let (flags, dport) = if TYPED && tcphdr_type != 0 {
+        // SAFETY: the skb's transport header; a load through a cast
+        // pointer cannot fault (a bad one reads as zero).
+        unsafe {
+            let th = cast(th, tcphdr_type);
+            (typed_member::<u8>(th, 13), typed_member::<u16>(th, 2))
+        }
+    } else {
+        // struct tcphdr: ports at 0 and 2, flags in byte 13; one copy.
+        let bytes: [u8; 16] = member(th, 0)?;
+        (bytes[13], u16::from_le_bytes([bytes[2], bytes[3]]))
+    };
+    Ok((flags & TCP_FLAG_SYN != 0).then(|| u16::from_be(dport)))
+}
+
 /// `TYPED`: where the kernel has the cast kfunc, the route's device and
 /// namespace and the listener's state are plain loads through casts (see
 /// `kernel::cast`), not probe reads.
 #[inline(never)]
 fn syn_consumed<const TYPED: bool>(skb: SkbHeaders) -> Result<(), i32> {
-    // struct tcphdr: ports at 0 and 2, flags in byte 13; one copy.
-    let th: [u8; 16] = member(skb.head + skb.transport as u64, 0)?;
-    if th[13] & TCP_FLAG_SYN == 0 {
-        return Ok(());
-    }
-    let dport = u16::from_be_bytes([th[2], th[3]]);
+    let Some(dport) = syn_dport::<TYPED>(skb.head + skb.transport as u64)? else { return Ok(()) };
     // tcp_v4_rcv() cleared skb->dev; the input route still names it.
     let key = ListenerKey { netns: route_netns::<TYPED>(skb.refdst & !1)?, port: dport, _pad: 0 };
     // SAFETY: copied out at once.
@@ -243,7 +260,7 @@ fn syn_consumed<const TYPED: bool>(skb: SkbHeaders) -> Result<(), i32> {
     if state != TCP_LISTEN {
         return Ok(());
     }
-    if let Some(backlog) = accept_queue_full(listener) {
+    if let Some(backlog) = accept_queue_full::<TYPED>(listener) {
         if syn_dropped(listener) {
             overflowed(listener, backlog, slot::SYN)?;
         }

@@ -82,6 +82,7 @@ pub(super) fn config(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
             (config.file_btf_id, config.socket_btf_id) = (file, socket);
         }
         config.dst_entry_btf_id = btf.struct_id("dst_entry").unwrap_or(0);
+        config.tcphdr_btf_id = btf.struct_id("tcphdr").unwrap_or(0);
     }
     config
 }
