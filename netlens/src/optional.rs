@@ -164,6 +164,11 @@ pub const OPTIONAL: &[Feature] = &[
     },
 ];
 
+/// Every hook of every optional feature's families.
+pub(crate) fn all_hooks() -> impl Iterator<Item = &'static Hook> {
+    OPTIONAL.iter().flat_map(|feature| feature.families).flat_map(|family| family.hooks.iter())
+}
+
 /// For each optional feature, the hooks of the first family served by
 /// tracepoints alone whose hooks are all `available` here: the programs
 /// worth verifying ahead, two at a time, with the required ones (see
@@ -259,7 +264,7 @@ pub fn attach_optional(ebpf: &mut Ebpf, facts: &KernelFacts) -> Vec<FeatureStatu
     // Verified ahead for a family that does not serve (see
     // `preferred_tracepoint_hooks`): not kept loaded.
     let serving: Vec<&str> = statuses.iter().filter_map(|s| s.served_by).flat_map(|family| family.hooks.iter().map(|hook| hook.program)).collect();
-    for hook in OPTIONAL.iter().flat_map(|feature| feature.families).flat_map(|family| family.hooks) {
+    for hook in all_hooks() {
         if let Some(program) = ebpf.program_mut(hook.program).filter(|program| !serving.contains(&hook.program) && program.fd().is_ok()) {
             unload(program);
         }

@@ -195,6 +195,11 @@ impl KernelBtf {
         self.named_ids(name, KIND_FUNC).next().map(|(id, _)| id)
     }
 
+    /// The id of typedef `name` (a raw tracepoint's `btf_trace_NAME`).
+    pub fn typedef_id(&self, name: &str) -> Option<u32> {
+        self.named_ids(name, KIND_TYPEDEF).next().map(|(id, _)| id)
+    }
+
     /// The id of `struct name` (one with members, not a declaration).
     pub fn struct_id(&self, name: &str) -> Option<u32> {
         self.named_ids(name, KIND_STRUCT).find(|(_, header)| header.vlen > 0).map(|(id, _)| id)

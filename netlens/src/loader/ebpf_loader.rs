@@ -5,8 +5,8 @@
 //! single step of start-up) for CO-RE relocations, and offers no way to
 //! skip it: `.btf(None)` only drops the result. Our object has no CO-RE
 //! relocations (Rust eBPF emits none; offsets come from our own BTF index),
-//! and the BTF-typed programs get netlens's own parse when they load
-//! (`KernelFacts::fentry_btf`). So the loader is made in a thread of its
+//! and the BTF-typed programs load with a stand-in made from netlens's own
+//! index (`KernelFacts::fentry_btf`, attach_btf.rs). So the loader is made in a thread of its
 //! own whose root directory holds no `sys/kernel/btf/vmlinux`: the read
 //! fails at once, and the loader is the one `.btf(None)` would give.
 //! The thread first unshares its filesystem attributes (root, cwd, umask),
