@@ -6,10 +6,11 @@
 //!
 //! Three ways to see accept() return, the loader takes the first that
 //! attaches: fexit on `inet_csk_accept` (listener in, child out), a
-//! kprobe/kretprobe pair on it, or the `syscalls` tracepoints: enter saves
-//! the listening fd per thread, exit resolves it and the returned fd to
-//! their sockets (fd → `current->files->fdt->fd[fd]` → `file->private_data`
-//! → `socket->sk`).
+//! kprobe/kretprobe pair on it, or the `syscalls` tracepoints: the exit
+//! resolves the listening fd and the returned one to their sockets (fd →
+//! `current->files->fdt->fd[fd]` → `file->private_data` → `socket->sk`),
+//! the listening fd read back from the saved registers where it can be
+//! (`sys_exit_accept_regs`), else saved per thread by the enter hooks.
 //! Limits: connections established before netlens attached are not
 //! reported (no `established_ns`).
 
@@ -292,9 +293,9 @@ fn on_exit_accept<const TYPED: bool>(ctx: &TracePointContext, listener_fd: u64, 
 /// `bpf_task_pt_regs` (5.15+): the exit alone. The listening fd is read
 /// back from the saved first argument, so no enter program runs and no
 /// per-thread map carries the fd. Every syscall tracepoint attached makes
-/// every syscall on the host take the traced path: here the exits alone
-/// cost each syscall ~47 ns, enter and exit ~62 ns (`perf bench syscall
-/// basic`, 150 ns without).
+/// every syscall on the host take the traced path: `getppid` took 154 ns
+/// here without netlens, 182 with the exits alone, 210 with enter and exit
+/// (`perf bench syscall basic`).
 #[tracepoint]
 pub fn sys_exit_accept_regs(ctx: TracePointContext) -> u32 {
     let result = accepted_fd(&ctx).and_then(|fd| {
