@@ -239,8 +239,18 @@ fn slow_start_exit_for_cubic_and_bbr() -> Result<()> {
         let (traced, transfer, _) = traced_transfer(port, short, None)?;
         let close = sender_close(&traced, transfer.client_port);
         assert_eq!(close["congestion"], congestion);
-        assert!(close["slow_start_exit_us"].is_null(), "{congestion}: 10 KB left slow start: {close}");
-        assert_eq!(traced.named("slow_start_exit").count(), 0);
+        // 10 KB fit in the initial window: slow start does not end, unless
+        // the kernel retransmitted (its own count: in an emulated guest a
+        // stall can fire a loss probe, seen once in the 6.1 guest with 2
+        // retransmits), and then only through the episode that ended it.
+        if close["retransmits"].as_u64() == Some(0) {
+            assert!(close["slow_start_exit_us"].is_null(), "{congestion}: 10 KB left slow start: {close}");
+            assert_eq!(traced.named("slow_start_exit").count(), 0);
+        } else {
+            eprintln!("{congestion}: the kernel retransmitted in the 10 KB transfer: {close}");
+            let episodes = close["recovery_episodes"].as_u64().unwrap_or(0) + close["loss_episodes"].as_u64().unwrap_or(0);
+            assert!(close["slow_start_exit_us"].is_null() || episodes > 0, "{congestion}: left slow start with no episode: {close}");
+        }
 
         let long = Bulk { bytes: 50 << 20, congestion: Some(congestion), ..Bulk::default() };
         let rule = format!("tcp dport {port} tcp flags & syn == 0 numgen random mod 1000 < 10 drop");
