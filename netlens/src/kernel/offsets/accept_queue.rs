@@ -126,19 +126,19 @@ impl AcceptQueueSupport {
             "struct sock has no sk_ack_backlog/sk_max_ack_backlog, or sk_buff lacks its header members",
         );
         let with_queue = |result: Result<(), String>| queue.clone().and(result);
+        let accept_syscalls = with_queue(need(
+            c.accept_exit_len != 0 && has(&[c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds, c.file_private_data, c.socket_sk]),
+            "no syscalls:sys_*_accept{,4} tracepoints with matching layouts, or no fd table members in BTF",
+        ));
+        // The exits alone need the same, and the saved first argument.
+        let accept_exits = accept_syscalls.clone().and(need(c.regs_first_arg != MISSING, "no pt_regs.di in BTF (x86-64 only)"));
         Self {
+            accept_syscalls,
+            accept_exits,
             fexit_accept: with_queue(need(matches!(c.inet_csk_accept_args, 2 | 4), "inet_csk_accept has neither 2 nor 4 parameters in BTF")),
             fexit_syn_recv_sock: with_queue(need(
                 matches!(c.syn_recv_sock_args, 6 | 7),
                 "tcp_v4_syn_recv_sock and tcp_v6_syn_recv_sock do not both take (sock *, sk_buff *, ...) with 6 or 7 parameters in BTF",
-            )),
-            accept_syscalls: with_queue(need(
-                c.accept_exit_len != 0 && has(&[c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds, c.file_private_data, c.socket_sk]),
-                "no syscalls:sys_*_accept{,4} tracepoints with matching layouts, or no fd table members in BTF",
-            )),
-            accept_exits: with_queue(need(
-                c.accept_exit_len != 0 && c.regs_first_arg != MISSING && has(&[c.task_files, c.files_fdt, c.fdt_fd, c.fdt_max_fds, c.file_private_data, c.socket_sk]),
-                "no syscalls:sys_exit_accept{,4} tracepoints, no fd table members, or no pt_regs.di (x86-64 only) in BTF",
             )),
             drop_reasons: need(c.kfree_skb_reason_arg != NO_ARG, "kfree_skb has no drop reason (before 5.17)")
                 .and(need(has(&[c.skb_head, c.skb_network_header, c.skb_protocol]), "sk_buff lacks head/network_header/protocol in BTF")),
