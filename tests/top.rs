@@ -150,14 +150,17 @@ fn live_view_in_a_real_terminal() -> Result<()> {
     // Keep both endpoints busy while we look: bulk transfers, bounded. A
     // scoped thread borrows the namespace this test owns.
     let stop = AtomicBool::new(false);
-    let screen = thread::scope(|scope| -> Result<String> {
-        let workload = scope.spawn(|| -> Result<()> {
+    let (screen, clean_retransmits) = thread::scope(|scope| -> Result<(String, u32)> {
+        // Returns what the kernel retransmitted on the clean endpoint's
+        // client sockets, from their own TCP_INFO.
+        let workload = scope.spawn(|| -> Result<u32> {
             let started = Instant::now();
+            let mut clean_retransmits = 0;
             while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
                 clients(&netns, lossy, 4, 4, 512 * 1024)?;
-                clients(&netns, clean, 4, 4, 512 * 1024)?;
+                clean_retransmits += clients(&netns, clean, 4, 4, 512 * 1024)?.iter().map(|c| c.retransmits).sum::<u32>();
             }
-            Ok(())
+            Ok(clean_retransmits)
         });
         let screen = tmux.wait_for(Duration::from_secs(20), |s| {
             let rows = rows(s);
@@ -167,13 +170,23 @@ fn live_view_in_a_real_terminal() -> Result<()> {
                 && cell(&rows, "127.0.0.1:8097", 2).is_some()
         });
         stop.store(true, Ordering::Relaxed);
-        workload.join().map_err(|_| anyhow::anyhow!("workload panicked"))??;
-        screen
+        let clean_retransmits = workload.join().map_err(|_| anyhow::anyhow!("workload panicked"))??;
+        Ok((screen?, clean_retransmits))
     })?;
     eprintln!("{screen}");
     let shown = rows(&screen);
-    // The clean endpoint: no retransmits, no stalls.
-    assert_eq!(cell(&shown, "127.0.0.1:8097", 7), Some("0.0"), "clean endpoint retransmits");
+    // The clean endpoint: no stalls, and no retransmits unless the kernel
+    // made some. It can: with every process pinned to one busy CPU, a
+    // receiver kept off the CPU for longer than the probe timeout (10 ms
+    // or so on loopback) draws a tail-loss probe (seen once in CI). Then
+    // the clean endpoint's rate must still stay apart from the lossy one's.
+    if clean_retransmits == 0 {
+        assert_eq!(cell(&shown, "127.0.0.1:8097", 7), Some("0.0"), "clean endpoint retransmits, the kernel made none");
+    } else {
+        eprintln!("the kernel retransmitted {clean_retransmits} segments on the clean endpoint's client sockets");
+        let per_1k = |endpoint| cell(&shown, endpoint, 8).and_then(|c| c.parse::<f64>().ok()).unwrap_or(0.0);
+        assert!(per_1k("127.0.0.1:8097") < per_1k("127.0.0.1:8096"), "clean endpoint retransmits as often as the lossy one");
+    }
     assert_eq!(cell(&shown, "*:8097", 9), Some("-"), "clean listener HOL p99");
 
     // `<` three times: sort by ENDPOINT (distinct values), ascending;

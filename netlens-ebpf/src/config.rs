@@ -15,7 +15,12 @@ static CONFIG: Config = unsafe { core::mem::zeroed() };
 /// windows) are read once per run, on paths where that is small.
 macro_rules! cfg_field {
     ($($path:ident).+) => {
-        unsafe { core::ptr::read_volatile(&crate::config::config().$($path).+) }
+        {
+            // Inside a caller's own unsafe block this one is redundant.
+            #[allow(unused_unsafe)]
+            let value = unsafe { core::ptr::read_volatile(&crate::config::config().$($path).+) };
+            value
+        }
     };
 }
 pub(crate) use cfg_field;

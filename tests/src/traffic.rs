@@ -116,6 +116,9 @@ pub struct Conn {
     pub connect_us: f64,
     pub sent: u64,
     pub received: u64,
+    /// The kernel's own count of this socket's retransmitted segments
+    /// (`tcpi_total_retrans`), read just before the close.
+    pub retransmits: u32,
 }
 
 /// Opens `count` connections over `threads` threads; each sends `send`
@@ -174,7 +177,23 @@ fn client(addr: SocketAddr, send: usize) -> Result<Conn> {
             n => received += n as u64,
         }
     }
-    Ok(Conn { local_port, connect_us, sent: sent as u64, received })
+    let retransmits = total_retrans(&stream)?;
+    Ok(Conn { local_port, connect_us, sent: sent as u64, received, retransmits })
+}
+
+/// `tcpi_total_retrans` of `stream`'s TCP_INFO: what the kernel retransmitted
+/// on it, whatever the cause (a loss rule, or a tail-loss probe fired while a
+/// busy CPU kept the receiver from running).
+pub fn total_retrans(stream: &TcpStream) -> Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain integers; the kernel writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe { libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    if rc != 0 {
+        anyhow::bail!("getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
+    }
+    Ok(info.tcpi_total_retrans)
 }
 
 /// A minimal server for churn: accepts, waits for the client's EOF and
