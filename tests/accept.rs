@@ -86,9 +86,10 @@ fn listen_overflows_match_nstat(port: u16, backlog: i32, clients: usize, hold_ac
     let events: Vec<&Value> = traced.named("listen_overflow").collect();
     let dropped: u64 = events.iter().map(|e| e["dropped"].as_u64().unwrap_or(0)).sum();
     eprintln!(
-        "listen overflows (backlog {backlog}, hold_acks {hold_acks}): netlens {dropped} in {} events, nstat TcpExtListenOverflows {overflows} (SyncookiesRecv {})",
+        "listen overflows (backlog {backlog}, hold_acks {hold_acks}): netlens {dropped} in {} events, nstat TcpExtListenOverflows {overflows} (SyncookiesRecv {}, SyncookiesFailed {})",
         events.len(),
-        delta("TcpExtSyncookiesRecv")
+        delta("TcpExtSyncookiesRecv"),
+        delta("TcpExtSyncookiesFailed")
     );
     if dropped != overflows {
         for event in &events {

@@ -183,8 +183,24 @@ fn retransmit_loss_is_found() -> Result<()> {
         delta("TcpOutSegs"),
         found["evidence"]
     );
-    let per_1000 = found["evidence"]["retransmits_per_1000_segs"].as_f64().unwrap_or(0.0);
-    assert!((10.0..=40.0).contains(&per_1000), "2 % loss measured as {per_1000} per 1,000");
+    // The kernel's truth: every retransmission in this namespace but the
+    // SYNs' (syn_loss's, not this finding's) is of the clients' data
+    // toward 8104 (the server sends none), and the doctor sorts each into
+    // genuine or spurious (DSACK-confirmed). Under CPU
+    // contention a delayed ACK draws timer retransmissions, so the rate
+    // itself is not bounded from above: 2 % loss read 40.2 per 1,000 once,
+    // with 165 of the kernel's 416 spurious.
+    let evidence = &found["evidence"];
+    let count = |key: &str| evidence[key].as_u64().unwrap_or(0);
+    assert_eq!(
+        count("retransmitted_segs") + count("spurious_retransmitted_segs"),
+        delta("TcpRetransSegs") - delta("TcpExtTCPSynRetrans"),
+        "genuine + spurious retransmits vs nstat TcpRetransSegs - TcpExtTCPSynRetrans: {evidence}"
+    );
+    let per_1000 = evidence["retransmits_per_1000_segs"].as_f64().unwrap_or(0.0);
+    let own = 1000.0 * count("retransmitted_segs") as f64 / count("segs_out").max(1) as f64;
+    assert!((per_1000 - own).abs() < 0.1, "rate {per_1000} per 1,000 is not its own evidence's {own:.1}: {evidence}");
+    assert!(per_1000 >= 10.0, "2 % loss measured as {per_1000} per 1,000");
     Ok(())
 }
 

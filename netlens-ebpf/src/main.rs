@@ -4,6 +4,8 @@
 //! per-connection events cross to userspace through one ring buffer.
 #![no_std]
 #![no_main]
+// Inline BPF assembly: the one atomic add (overflow/mod.rs `add_to`).
+#![feature(asm_experimental_arch)]
 
 mod accept;
 mod config;

@@ -73,6 +73,8 @@ pub struct EventSource {
     /// last read.
     overflows_reported: HashMap<netlens_common::ListenerEndpoint, u64>,
     overflows_read: Instant,
+    /// Whether a failed read of the listen-overflow table was said.
+    overflows_unreadable_said: bool,
     /// Each event's service, resolved off the event path.
     attribution: Attribution,
 }
@@ -157,7 +159,7 @@ impl EventSource {
         }
         let mut tick = tokio::time::interval(delivery.drain_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ok(Self { probes, ring, tick, undecodable: 0, overflows_reported: HashMap::new(), overflows_read: Instant::now(), attribution: Attribution::start() })
+        Ok(Self { probes, ring, tick, undecodable: 0, overflows_reported: HashMap::new(), overflows_read: Instant::now(), overflows_unreadable_said: false, attribution: Attribution::start() })
     }
 
     /// Waits until events may be pending: a wake-up from the kernel or the
@@ -203,7 +205,17 @@ impl EventSource {
     /// and by views at exit so that the last second is reported too.
     pub fn read_overflows(&mut self, filter: &Filter, mut sink: impl FnMut(ConnEvent)) {
         self.overflows_read = Instant::now();
-        let Ok(listeners) = self.probes.listen_overflows() else { return };
+        let listeners = match self.probes.listen_overflows() {
+            Ok(listeners) => listeners,
+            Err(err) => {
+                // Said once: the next read may well succeed, and a count
+                // missing from one read shows in the next.
+                if !std::mem::replace(&mut self.overflows_unreadable_said, true) {
+                    eprintln!("netlens: reading the listen-overflow table failed: {err:#}");
+                }
+                return;
+            }
+        };
         for (endpoint, entry) in listeners {
             let reported = self.overflows_reported.entry(endpoint).or_insert(0);
             let dropped = entry.dropped.saturating_sub(*reported);

@@ -119,14 +119,19 @@ fn drops_accounted(listener: u64, count: u32) {
     }
 }
 
-/// Adds `count` to `*accounted`, reading it afresh: another CPU may have
-/// taken a drop since this one last read it.
+/// Adds `count` to `*accounted` atomically (BPF's `lock xadd`, on every
+/// kernel): both CPUs take drops of one listener at once. A plain read
+/// and write lost one of two simultaneous takes (seen: 49 accounted of a
+/// listener's 51 drops), and the count left behind was later taken by a
+/// SYN the kernel had not dropped (netlens 56 overflows, nstat 55).
 ///
 /// # Safety
 /// `accounted` points to a live map value.
 #[inline(always)]
 unsafe fn add_to(accounted: *mut u32, count: u32) {
-    core::ptr::write_volatile(accounted, core::ptr::read_volatile(accounted).wrapping_add(count));
+    // Rust has no atomic add for this target (no compare-and-swap), and
+    // the fetching forms need 5.12+: the instruction itself.
+    core::arch::asm!("lock *(u32 *)({ptr} + 0) += {value}", ptr = in(reg) accounted, value = in(reg) u64::from(count), options(nostack));
 }
 
 /// Whether the SYN `listener` just handled, with its accept queue full,
