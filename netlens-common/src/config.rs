@@ -325,6 +325,13 @@ pub struct AcceptQueueConfig {
     /// The BTF id of `struct tcphdr`, where the typed SYN program reads a
     /// consumed skb's TCP header by plain loads; else 0.
     pub tcphdr_btf_id: u32,
+    /// The BTF id of `struct list_head` (a pointer first), where the typed
+    /// accept exit loads an fd-table slot, at an index known only at run
+    /// time, through a cast of the slot's address; else 0 (a probe read).
+    pub pointer_btf_id: u32,
+    /// `struct task_struct` → `comm`: the accepting task's name by two
+    /// plain loads where the exit has the task typed by BTF.
+    pub task_comm: u32,
 }
 
 /// An argument position a kernel does not have.

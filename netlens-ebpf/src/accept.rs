@@ -26,7 +26,7 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{cast, fexit_return, listener_key, member, record_u64, typed_member, Tuple},
+    kernel::{cast, fexit_return, listener_key, member, name16, record_u64, typed_member, Tuple},
     overflow, owners,
 };
 
@@ -39,11 +39,11 @@ const TCP_LISTEN: u8 = 10;
 static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
 
 /// accept() returned `child` from `listener`, in the calling thread
-/// (`pid_tgid`, which the caller has read already).
+/// (`pid_tgid` and `comm`, which the caller has read already).
 /// `TYPED`: the listener's queue by plain loads where the kernel has the
 /// cast kfunc.
 #[inline(always)]
-fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64) -> Result<(), i32> {
+fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: [u8; 16]) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let flow = flows::lookup_mut(child);
     // The child's namespace and local port are the listener's, and its
@@ -69,7 +69,7 @@ fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64) -> Resu
     let wait_ns = now.saturating_sub(flow.established_ns);
     // From now on the connection is the accepting process's.
     flow.pid = (pid_tgid >> 32) as u32;
-    flow.comm = bpf_get_current_comm().unwrap_or_default();
+    flow.comm = comm;
     let tuple = Tuple::of(flow).ok_or(-1)?;
     emit(|event| {
         stamp(event, kind::ACCEPTED, now, &tuple, flow);
@@ -78,6 +78,12 @@ fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64) -> Resu
         event.backlog = backlog;
     });
     Ok(())
+}
+
+/// The current task's name, through the helper.
+#[inline(always)]
+fn current_comm() -> [u8; 16] {
+    bpf_get_current_comm().unwrap_or_default()
 }
 
 /// A pointer the kernel returned: not NULL, not an ERR_PTR.
@@ -94,7 +100,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
     // The return value follows the parameters (4 before 6.10, 2 since).
     let child = fexit_return::<4>(&ctx, cfg_field!(accept_queue.inet_csk_accept_args)).unwrap_or(0);
     if is_pointer(child) {
-        counted(program::FEXIT_INET_CSK_ACCEPT, accepted::<true>(listener, child, bpf_get_current_pid_tgid()));
+        counted(program::FEXIT_INET_CSK_ACCEPT, accepted::<true>(listener, child, bpf_get_current_pid_tgid(), current_comm()));
     }
     0
 }
@@ -117,7 +123,7 @@ pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
     let _ = ACCEPTING.remove(&thread);
     let child: u64 = ctx.ret();
     if is_pointer(child) {
-        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted::<false>(listener, child, thread));
+        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted::<false>(listener, child, thread, current_comm()));
     }
     0
 }
@@ -138,6 +144,8 @@ static ACCEPTING_FD: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENE
 struct FdTable {
     fds: u64,
     max_fds: u32,
+    /// The task typed by BTF, where the table was found through one; else 0.
+    task: u64,
 }
 
 impl FdTable {
@@ -157,6 +165,7 @@ impl FdTable {
         Ok(Self {
             max_fds: member(fdt, cfg_field!(accept_queue.fdt_max_fds))?,
             fds: member(fdt, cfg_field!(accept_queue.fdt_fd))?,
+            task: 0,
         })
     }
 
@@ -171,21 +180,43 @@ impl FdTable {
         unsafe {
             let files: u64 = typed_member(task, files_at);
             let fdt: u64 = typed_member(files, fdt_at);
-            Self { max_fds: typed_member(fdt, max_fds_at), fds: typed_member(fdt, fd_at) }
+            Self { max_fds: typed_member(fdt, max_fds_at), fds: typed_member(fdt, fd_at), task }
         }
+    }
+
+    /// The task's name: two plain loads where the table was found through
+    /// a typed task, else the helper.
+    #[inline(always)]
+    fn comm<const TYPED: bool>(self) -> [u8; 16] {
+        let comm_at = cfg_field!(accept_queue.task_comm);
+        if !TYPED || self.task == 0 || comm_at == u32::MAX {
+            return current_comm();
+        }
+        // SAFETY: a task typed by BTF and its 16-byte `comm` member.
+        let (low, high): (u64, u64) = unsafe { (typed_member(self.task, comm_at), typed_member(self.task, comm_at + 8)) };
+        name16(low, high)
     }
 
     /// The socket behind file descriptor `fd` (`fd[fd]` → `file->private_data`
     /// → `socket->sk`); `None` for a closed descriptor. Where `TYPED` and
     /// the kernel has the cast kfunc, the file and socket are read by plain
-    /// loads (see [`typed_walk`]); the slot, at an index known only at run
-    /// time, is always a probe read.
+    /// loads (see [`typed_walk`]), and so is the slot, at an index known
+    /// only at run time, through a cast of its address.
     #[inline(always)]
     fn socket<const TYPED: bool>(self, fd: u64) -> Result<Option<u64>, i32> {
         if fd >= self.max_fds as u64 {
             return Err(-1);
         }
-        let file: u64 = member(self.fds + fd * 8, 0)?;
+        let slot = self.fds + fd * 8;
+        let pointer_type = cfg_field!(accept_queue.pointer_btf_id);
+        let file: u64 = if typed_walk::<TYPED>() && pointer_type != 0 {
+            // SAFETY: the slot's address, cast to a struct whose first
+            // member is a pointer: a plain load of it instead of a probe
+            // read (a variable offset into a typed pointer is refused).
+            unsafe { typed_member(cast(slot, pointer_type), 0) }
+        } else {
+            member(slot, 0)?
+        };
         if file == 0 {
             return Ok(None);
         }
@@ -325,7 +356,7 @@ fn accepted_fds<const TYPED: bool>(table: FdTable, listener_fd: u64, fd: u64, th
         return Ok(());
     }
     match table.socket::<TYPED>(fd)? {
-        Some(child) => accepted::<TYPED>(listener, child, thread),
+        Some(child) => accepted::<TYPED>(listener, child, thread, table.comm::<TYPED>()),
         None => Ok(()),
     }
 }

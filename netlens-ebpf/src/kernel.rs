@@ -221,6 +221,17 @@ pub fn cast(pointer: u64, btf_id: u32) -> u64 {
     }
 }
 
+/// A kernel `char[16]` name (a task's `comm`, a congestion control's
+/// `name`) read as two words, `low` the first: two loads instead of
+/// sixteen byte loads.
+#[inline(always)]
+pub fn name16(low: u64, high: u64) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&low.to_ne_bytes());
+    bytes[8..].copy_from_slice(&high.to_ne_bytes());
+    bytes
+}
+
 /// `EEXIST`: a map insert with `BPF_NOEXIST` found the key there already.
 pub const EEXIST: i32 = 17;
 

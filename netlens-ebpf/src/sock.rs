@@ -17,7 +17,7 @@ use netlens_common::AF_INET;
 
 use crate::{
     config::cfg_field,
-    kernel::{cast, member, slot, sock_tuple_in, typed_member, Tuple, Windows},
+    kernel::{cast, member, name16, slot, sock_tuple_in, typed_member, Tuple, Windows},
 };
 
 /// A TCP socket a program can read members of. Offsets are from the start
@@ -64,10 +64,7 @@ pub trait Sock: Copy {
         let (Ok(low), Ok(high)) = (self.follow::<u64>(ops, name), self.follow::<u64>(ops, name + 8)) else {
             return [0; 16];
         };
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&low.to_ne_bytes());
-        bytes[8..].copy_from_slice(&high.to_ne_bytes());
-        bytes
+        name16(low, high)
     }
 
     /// The id of the cgroup the socket was created in, or 0: followed

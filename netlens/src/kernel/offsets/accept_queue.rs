@@ -57,6 +57,7 @@ pub(super) fn config(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         inet_csk_accept_args: accept_args,
         syn_recv_sock_args,
         regs_first_arg: member("pt_regs", "di"),
+        task_comm: member("task_struct", "comm"),
         ..AcceptQueueConfig::default()
     };
     // accept and accept4 must agree: one program serves both.
@@ -83,6 +84,8 @@ pub(super) fn config(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         }
         config.dst_entry_btf_id = btf.struct_id("dst_entry").unwrap_or(0);
         config.tcphdr_btf_id = btf.struct_id("tcphdr").unwrap_or(0);
+        // Its first member is a pointer: a slot of the fd table read as one.
+        config.pointer_btf_id = btf.struct_id("list_head").unwrap_or(0);
     }
     config
 }
