@@ -128,12 +128,20 @@ fn unlistening(sk: u64) -> Result<(), i32> {
 }
 
 /// connect(): runs in the calling process, so pid and comm are the opener's.
+/// The cgroup is the socket's (its creator's at socket(), as the passive
+/// side and sock_diag have it): three plain loads where the socket is
+/// typed and holds a cgroup pointer (5.15+), else the caller's by helper.
 #[inline(never)]
 fn active_open<S: Sock>(sk: S) -> Result<(), i32> {
+    let cgroup = if S::TYPED && cfg_field!(kernel.sock_cgroup) != 0 {
+        sk.cgroup()
+    } else {
+        // SAFETY: plain helper call without arguments.
+        unsafe { bpf_get_current_cgroup_id() }
+    };
     let flow = Flow {
         start_ns: unsafe { bpf_ktime_get_ns() },
-        // SAFETY: plain helper calls without arguments.
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        cgroup,
         comm: bpf_get_current_comm().unwrap_or_default(),
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         netns: sk.netns(),

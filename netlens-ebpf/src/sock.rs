@@ -23,6 +23,8 @@ use crate::{
 /// A TCP socket a program can read members of. Offsets are from the start
 /// of the socket (`struct sock` and `struct tcp_sock` share it).
 pub trait Sock: Copy {
+    /// Members are plain loads (a helper call costs more than a few).
+    const TYPED: bool;
     /// The socket's address: the flow table's key.
     fn addr(self) -> u64;
     /// The member of type `T` (at most 8 bytes) at `offset`.
@@ -131,6 +133,8 @@ impl TcpNow {
 pub struct Probed(pub u64);
 
 impl Sock for Probed {
+    const TYPED: bool = false;
+
     #[inline(always)]
     fn addr(self) -> u64 {
         self.0
@@ -190,6 +194,8 @@ impl Typed {
 }
 
 impl Sock for Typed {
+    const TYPED: bool = true;
+
     #[inline(always)]
     fn addr(self) -> u64 {
         self.0
