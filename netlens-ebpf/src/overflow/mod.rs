@@ -33,7 +33,13 @@
 //! completing on another CPU in between can fill the queue without this
 //! SYN being dropped), but an accept() in between can still hide one, and
 //! drops other than overflows while the queue is full (syncookies off with
-//! the SYN queue full too) count as overflows.
+//! the SYN queue full too) count as overflows. Measured with both CPUs
+//! busy (2026-12-02), about one run in 25 of the accept test's 51
+//! overflows miscounts: one `kfree_skb` with reason TCP_LISTEN_OVERFLOW
+//! more than the kernel's overflows (and no drop in `sk_drops` for it),
+//! or a wave of SYN drops not counted. Exact would be this CPU's
+//! LINUX_MIB_LISTENOVERFLOWS of the namespace read per packet: the SYN and
+//! the final ACK are each handled on one CPU in one softirq.
 //!
 //! Counts are cumulative per listener; userspace reads the table once a
 //! second and reports what grew (one `listen_overflow` per listener per
