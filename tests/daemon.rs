@@ -84,14 +84,16 @@ fn counters_move_by_exactly_the_traffic() -> Result<()> {
     let active = sum(&samples, closed, &[("direction", "active"), ("endpoint", "127.0.0.1:8090")]);
     let passive = sum(&samples, closed, &[("direction", "passive"), ("endpoint", "*:8090")]);
     eprintln!("closed: {active} active, {passive} passive of {total} each; events lost {lost}");
-    assert!(active <= total && total - active <= lost, "closed {active} active of {total}, lost {lost}");
-    assert!(passive <= total && total - passive <= lost, "closed {passive} passive of {total}, lost {lost}");
+    // First, so that a count short below names where the close went.
     let elsewhere: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.name == closed && s.value > 0.0)
         .filter(|s| !matches!(s.label("endpoint"), Some("127.0.0.1:8090" | "*:8090" | "127.0.0.1:9977" | "*:9977")))
         .collect();
     assert!(elsewhere.is_empty(), "closes under other endpoints: {elsewhere:?}");
+    let sockets_left = netns.exec(&["ss", "-tanH", "state", "all"]).unwrap_or_default();
+    assert!(active <= total && total - active <= lost, "closed {active} active of {total}, lost {lost}; sockets now:\n{sockets_left}");
+    assert!(passive <= total && total - passive <= lost, "closed {passive} passive of {total}, lost {lost}; sockets now:\n{sockets_left}");
 
     let retransmits = sum(&samples, "netlens_tcp_retransmits_total", &[]);
     let kernel = delta(&before, &after, "TcpRetransSegs") as f64;
