@@ -39,11 +39,12 @@ const TCP_LISTEN: u8 = 10;
 static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_TABLE_ENTRIES, 0);
 
 /// accept() returned `child` from `listener`, in the calling thread
-/// (`pid_tgid` and `comm`, which the caller has read already).
+/// (`pid_tgid`, which the caller has read already, and its name, which
+/// `comm` reads only for a connection that gets reported).
 /// `TYPED`: the listener's queue by plain loads where the kernel has the
 /// cast kfunc.
 #[inline(always)]
-fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: [u8; 16]) -> Result<(), i32> {
+fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: impl FnOnce() -> [u8; 16]) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let flow = flows::lookup_mut(child);
     // The child's namespace and local port are the listener's, and its
@@ -69,7 +70,7 @@ fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: [
     let wait_ns = now.saturating_sub(flow.established_ns);
     // From now on the connection is the accepting process's.
     flow.pid = (pid_tgid >> 32) as u32;
-    flow.comm = comm;
+    flow.comm = comm();
     let tuple = Tuple::of(flow).ok_or(-1)?;
     emit(|event| {
         stamp(event, kind::ACCEPTED, now, &tuple, flow);
@@ -100,7 +101,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
     // The return value follows the parameters (4 before 6.10, 2 since).
     let child = fexit_return::<4>(&ctx, cfg_field!(accept_queue.inet_csk_accept_args)).unwrap_or(0);
     if is_pointer(child) {
-        counted(program::FEXIT_INET_CSK_ACCEPT, accepted::<true>(listener, child, bpf_get_current_pid_tgid(), current_comm()));
+        counted(program::FEXIT_INET_CSK_ACCEPT, accepted::<true>(listener, child, bpf_get_current_pid_tgid(), current_comm));
     }
     0
 }
@@ -123,7 +124,7 @@ pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
     let _ = ACCEPTING.remove(&thread);
     let child: u64 = ctx.ret();
     if is_pointer(child) {
-        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted::<false>(listener, child, thread, current_comm()));
+        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted::<false>(listener, child, thread, current_comm));
     }
     0
 }
@@ -185,11 +186,11 @@ impl FdTable {
     }
 
     /// The task's name: two plain loads where the table was found through
-    /// a typed task, else the helper.
+    /// a typed task (only the typed builds set `task`), else the helper.
     #[inline(always)]
-    fn comm<const TYPED: bool>(self) -> [u8; 16] {
+    fn comm(self) -> [u8; 16] {
         let comm_at = cfg_field!(accept_queue.task_comm);
-        if !TYPED || self.task == 0 || comm_at == u32::MAX {
+        if self.task == 0 || comm_at == u32::MAX {
             return current_comm();
         }
         // SAFETY: a task typed by BTF and its 16-byte `comm` member.
@@ -356,7 +357,7 @@ fn accepted_fds<const TYPED: bool>(table: FdTable, listener_fd: u64, fd: u64, th
         return Ok(());
     }
     match table.socket::<TYPED>(fd)? {
-        Some(child) => accepted::<TYPED>(listener, child, thread, table.comm::<TYPED>()),
+        Some(child) => accepted::<TYPED>(listener, child, thread, || table.comm()),
         None => Ok(()),
     }
 }
