@@ -22,8 +22,10 @@ pub fn established(flow: &mut Flow, now: u64) {
 }
 
 /// Leaves slow start (once): cwnd reached ssthresh, or the first loss or
-/// recovery began. Reports a `slow_start_exit` event.
-#[inline(always)]
+/// recovery began. Reports a `slow_start_exit` event. Its own BPF function,
+/// as are the other episode edges below: they run once in many segments,
+/// and inlined they made the per-segment program 7 KB of machine code.
+#[inline(never)]
 pub fn exit_slow_start(flow: &mut Flow, now: u64, cwnd: u32) {
     if flow.transport.slow_start_exit_ns != NEVER || flow.established_ns == 0 {
         return;
@@ -68,7 +70,7 @@ fn end_ca_episode(flow: &mut Flow, now: u64) {
 /// for every segment and retransmission from the state read off the socket
 /// (kernels before 6.3: a change is seen at the next ACK or RTO
 /// retransmission after it happened).
-#[inline(always)]
+#[inline(never)]
 pub fn ca_state_seen<S: Sock>(flow: &mut Flow, sk: S, state: u8, now: u64) {
     if !ca_state_changes(flow, state) {
         return;
@@ -108,7 +110,7 @@ pub fn ca_state_of(byte: u8) -> Option<u8> {
 }
 
 /// Ends a zero-window episode of `which` side that began at `since`.
-#[inline(always)]
+#[inline(never)]
 pub fn end_zero_window(flow: &mut Flow, which: u8, since: u64, until: u64) {
     let stall_ns = until.saturating_sub(since);
     flow.transport.zero_window_ns += stall_ns;

@@ -236,7 +236,8 @@ fn report_stall(flow: &Flow, end_ns: u64) -> u64 {
     stall_ns
 }
 
-#[inline(always)]
+/// Its own BPF function: a stall's end is rare beside the segments.
+#[inline(never)]
 fn end_stall(flow: &mut Flow, end_ns: u64) {
     let stall_ns = report_stall(flow, end_ns);
     flow.hol_start_ns = 0;
