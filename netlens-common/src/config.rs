@@ -332,6 +332,16 @@ pub struct AcceptQueueConfig {
     /// `struct task_struct` → `comm`: the accepting task's name by two
     /// plain loads where the exit has the task typed by BTF.
     pub task_comm: u32,
+    /// The kernel's per-CPU count of listen overflows, which the
+    /// tracepoint path reads on this CPU (see overflow/mib.rs):
+    /// `struct bpf_array` → `pptrs` (a per-CPU map's per-CPU pointers),
+    /// `struct net` → `mib.net_statistics`, and where
+    /// `LINUX_MIB_LISTENOVERFLOWS` lies in `struct linux_mib` (its index
+    /// × 8). `u32::MAX` where BTF lacks one.
+    pub bpf_array_pptrs: u32,
+    pub net_mib_statistics: u32,
+    pub mib_listen_overflows: u32,
+    pub _pad_mib: u32,
 }
 
 /// An argument position a kernel does not have.

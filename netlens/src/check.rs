@@ -80,6 +80,7 @@ fn inspect() -> Report {
             row("tracefs", true, facts.tracefs.display().to_string());
             row("offsets", true, "tracepoint fields from tracefs, struct members from BTF".into());
             row("typed socket reads", true, facts.tcp_sock_cast().describe().into());
+            row("overflow counts", true, facts.overflow_evidence().into());
             match loader::open(&facts) {
                 Ok(mut ebpf) => {
                     let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);

@@ -24,22 +24,23 @@
 //! `kfree_skb` (raw) for the final ACK, and `consume_skb` (raw) filtered to
 //! SYNs consumed by `tcp_rcv_state_process()`: the SYN's port and the
 //! device's namespace name the listener (the table below, filled at
-//! listen()), whose queue is tested as the kernel just did.
+//! listen()). Whether that packet overflowed: the kernel's own count of
+//! overflows on this CPU, in that namespace, grew since the last packet
+//! we looked at (mib.rs). Where BTF lacks what that needs, or for the
+//! first packet of a namespace on a CPU, the listener's queue is tested
+//! as the kernel just did, and its `sk_drops` must have grown.
 //! Limits (tracepoints only): a listener that was listening before netlens
 //! attached is unknown until it accepts or overflows at final-ACK time;
 //! several listeners on one port (SO_REUSEPORT) count as the last one
-//! seen; the SYN and cookie tests run microseconds after the kernel's:
-//! the listener's `sk_drops` confirms a SYN was dropped (a handshake
-//! completing on another CPU in between can fill the queue without this
-//! SYN being dropped), but an accept() in between can still hide one, and
-//! drops other than overflows while the queue is full (syncookies off with
-//! the SYN queue full too) count as overflows. Measured with both CPUs
-//! busy (2026-12-02), about one run in 25 of the accept test's 51
-//! overflows miscounts: one `kfree_skb` with reason TCP_LISTEN_OVERFLOW
-//! more than the kernel's overflows (and no drop in `sk_drops` for it),
-//! or a wave of SYN drops not counted. Exact would be this CPU's
-//! LINUX_MIB_LISTENOVERFLOWS of the namespace read per packet: the SYN and
-//! the final ACK are each handled on one CPU in one softirq.
+//! seen; two listeners of one namespace overflowing on one CPU at the same
+//! moment (one handling its backlog in process context, the other
+//! interrupting it) can swap a count. The queue tests run microseconds
+//! after the kernel's: an accept() in between can hide a drop, and drops
+//! other than overflows while the queue is full (syncookies off with the
+//! SYN queue full too) count as overflows. With those tests, about one
+//! run in 25 of the accept test's 51 overflows miscounted with both CPUs
+//! busy (2026-12-02): a `kfree_skb` with reason TCP_LISTEN_OVERFLOW with
+//! no overflow counted by the kernel, or a wave of SYN drops missed.
 //!
 //! Counts are cumulative per listener; userspace reads the table once a
 //! second and reports what grew (one `listen_overflow` per listener per
@@ -54,6 +55,7 @@ use aya_ebpf::{
 };
 use netlens_common::{program, ListenOverflow, ListenerEndpoint, ListenerKey, LISTENER_TABLE_ENTRIES, LISTEN_OVERFLOW_ENTRIES};
 
+mod mib;
 mod tracepoint;
 
 pub use tracepoint::mode_on;

@@ -48,6 +48,9 @@ pub struct KernelBtf {
     /// ids with an equal [`name_key`] ascend (collisions are checked on
     /// lookup). A sorted vector: no allocation per type.
     by_name: Vec<(u64, u32)>,
+    /// The ids of the enums without a name (the kernel's SNMP counters'
+    /// indexes are enumerators of one).
+    anonymous_enums: Vec<u32>,
 }
 
 /// The kinds [`KernelBtf`] looks up by name.
@@ -118,7 +121,7 @@ impl KernelBtf {
         if types_end > data.len() || strings + strings_len > data.len() {
             bail!("BTF sections run past the end of the data");
         }
-        let mut btf = Self { data, strings, strings_len, types: vec![0], by_name: Default::default() };
+        let mut btf = Self { data, strings, strings_len, types: vec![0], by_name: Default::default(), anonymous_enums: Vec::new() };
         let mut at = types_start;
         let mut by_name = Vec::new();
         while at < types_end {
@@ -127,6 +130,8 @@ impl KernelBtf {
             let header = btf.header_at(at)?;
             if header.name_off != 0 && NAMED_KINDS.contains(&header.kind) {
                 by_name.push((name_key(header.kind, btf.name(header.name_off)), id));
+            } else if header.name_off == 0 && header.kind == KIND_ENUM {
+                btf.anonymous_enums.push(id);
             }
             at = header.body + btf.body_len(&header);
         }
@@ -387,6 +392,17 @@ impl KernelBtf {
         bail!("kernel BTF: enum {name} has no {member}")
     }
 
+    /// The value of enumerator `member` of an enum without a name.
+    pub fn anonymous_enum_value(&self, member: &str) -> Option<u32> {
+        self.anonymous_enums.iter().find_map(|&id| {
+            let header = self.header(id).ok()?;
+            (0..header.vlen).find_map(|index| {
+                let at = header.body + 8 * index;
+                (self.name(self.u32_at(at).ok()?) == member.as_bytes()).then(|| self.u32_at(at + 4).ok()).flatten()
+            })
+        })
+    }
+
     /// Every enumerator of `enum name`: (name, value).
     pub fn enum_members(&self, name: &str) -> Result<Vec<(String, u32)>> {
         let header = self.find(name, KIND_ENUM).ok_or_else(|| anyhow!("kernel BTF has no enum {name}"))?;
@@ -407,7 +423,7 @@ mod tests {
     /// c; }; }` with `struct inner { int x; int y; }`, and `enum flags { F0,
     /// F1 }`.
     fn sample() -> Vec<u8> {
-        let strings = b"\0int\0outer\0a\0b\0c\0inner\0x\0y\0flags\0F0\0F1\0bits\0lo\0hi\0";
+        let strings = b"\0int\0outer\0a\0b\0c\0inner\0x\0y\0flags\0F0\0F1\0bits\0lo\0hi\0MIB_A\0MIB_B\0";
         let name = |s: &str| -> u32 {
             let needle = format!("\0{s}\0");
             strings.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() as u32 + 1
@@ -427,6 +443,8 @@ mod tests {
         push(&[name("flags"), info(KIND_ENUM, 2), 4, name("F0"), 0, name("F1"), 1]);
         // 6: struct bits { int lo:5; int hi:3; } (kind_flag: sizes in the offsets)
         push(&[name("bits"), (1 << 31) | info(KIND_STRUCT, 2), 4, name("lo"), 1, 5 << 24, name("hi"), 1, (3 << 24) | 5]);
+        // 7: enum { MIB_A = 0, MIB_B = 23 }, without a name
+        push(&[0, info(KIND_ENUM, 2), 4, name("MIB_A"), 0, name("MIB_B"), 23]);
         let mut blob = Vec::new();
         for word in [0x0001_eb9fu32, 24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
             blob.extend_from_slice(&word.to_le_bytes());
@@ -445,6 +463,9 @@ mod tests {
         assert_eq!(btf.offset("inner", "y").unwrap(), 4);
         assert_eq!(btf.enum_value("flags", "F1").unwrap(), 1);
         assert_eq!(btf.enum_members("flags").unwrap(), [("F0".to_string(), 0), ("F1".to_string(), 1)]);
+        assert_eq!(btf.anonymous_enum_value("MIB_B"), Some(23));
+        assert_eq!(btf.anonymous_enum_value("F1"), None, "F1 is a named enum's");
+        assert_eq!(btf.anonymous_enum_value("MIB_C"), None);
     }
 
     #[test]
@@ -483,6 +504,9 @@ mod tests {
         for (name, member) in [("sk_buff", "head"), ("sk_buff", "transport_header"), ("sk_buff", "_skb_refdst"), ("dst_entry", "dev")] {
             assert!(btf.offset(name, member).is_ok(), "{name}.{member}: {:?}", btf.offset(name, member));
         }
+        assert!(btf.anonymous_enum_value("LINUX_MIB_LISTENOVERFLOWS").is_some());
+        assert!(btf.offset("net", "mib.net_statistics").is_ok());
+        assert!(btf.offset("bpf_array", "pptrs").is_ok());
         let kfree_skb = btf.raw_tracepoint_args("kfree_skb").unwrap();
         assert_eq!(kfree_skb.first().map(String::as_str), Some("struct sk_buff *"), "{kfree_skb:?}");
     }

@@ -58,6 +58,10 @@ pub(super) fn config(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         syn_recv_sock_args,
         regs_first_arg: member("pt_regs", "di"),
         task_comm: member("task_struct", "comm"),
+        bpf_array_pptrs: member("bpf_array", "pptrs"),
+        net_mib_statistics: member("net", "mib.net_statistics"),
+        // An enumerator of an anonymous enum: `mibs[]`'s index, × 8.
+        mib_listen_overflows: btf.anonymous_enum_value("LINUX_MIB_LISTENOVERFLOWS").map_or(MISSING, |index| index * 8),
         ..AcceptQueueConfig::default()
     };
     // accept and accept4 must agree: one program serves both.
