@@ -241,13 +241,17 @@ fn quiet_starts(netlens: &Path) -> Result<Vec<f64>> {
 /// `trace --json` from this build and from `other`,
 /// alternating, with each run's busiest programs: an A/B of an eBPF change
 /// on the same host minutes apart, where the machine's drift is smaller
-/// than between two `bench all` runs.
+/// than between two `bench all` runs. Each pair swaps which build runs
+/// first (A B, B A, ...): the first run of all starts cold, and with a
+/// fixed order "this build" paid for it in every comparison.
 pub fn cost(netlens: &Path, other: &Path, pairs: u32, seconds: u32) -> Result<()> {
     let builds = [("this build", netlens), ("--against", other)];
     let mut per_connection = [Vec::new(), Vec::new()];
     let mut per_segment = [Vec::new(), Vec::new()];
     for pair in 1..=pairs {
-        for (index, (label, binary)) in builds.iter().enumerate() {
+        let order = if pair % 2 == 1 { [0, 1] } else { [1, 0] };
+        for index in order {
+            let (label, binary) = builds[index];
             let newer_than = bpfstats::highest_id()?;
             let (tracer, _) = start_tracer(binary)?;
             let measured = churn_measured(seconds, newer_than);
