@@ -341,7 +341,9 @@ pub struct AcceptQueueConfig {
     pub bpf_array_pptrs: u32,
     pub net_mib_statistics: u32,
     pub mib_listen_overflows: u32,
-    pub _pad_mib: u32,
+    /// The BTF id of `struct linux_mib`, where the typed SYN program reads
+    /// the counter by a plain load through a cast; else 0 (probe reads).
+    pub linux_mib_btf_id: u32,
 }
 
 /// An argument position a kernel does not have.

@@ -20,7 +20,10 @@
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
-use crate::{config::cfg_field, kernel::member};
+use crate::{
+    config::cfg_field,
+    kernel::{cast, member, typed_member},
+};
 
 /// Namespaces remembered per CPU, by inode number modulo this: a host
 /// with more namespaces overflowing on one CPU at once falls back to
@@ -107,16 +110,30 @@ pub const UNKNOWN: u64 = u64::MAX;
 /// `net` (a `struct net *`, its inode number `netns`) since the last call
 /// for it on this CPU; [`UNKNOWN`] the first time, when another namespace
 /// took its slot meanwhile, or where this kernel's counter cannot be read.
+/// `TYPED`: `net` is typed by BTF and the kernel has the cast kfunc: the
+/// counter by plain loads, not two probe reads.
 #[inline(always)]
-pub fn overflows_since_last_look(net: u64, netns: u32) -> u64 {
+pub fn overflows_since_last_look<const TYPED: bool>(net: u64, netns: u32) -> u64 {
     if !available() {
         return UNKNOWN;
     }
     let Some(watch) = MIB_WATCH.get_ptr_mut(0) else { return UNKNOWN };
     let Some(offset) = cpu_offset(watch) else { return UNKNOWN };
-    let Ok(statistics) = member::<u64>(net, cfg_field!(accept_queue.net_mib_statistics)) else { return UNKNOWN };
-    let Ok(count) = member::<u64>(statistics.wrapping_add(offset), cfg_field!(accept_queue.mib_listen_overflows)) else {
-        return UNKNOWN;
+    let (statistics_at, counter_at) = (cfg_field!(accept_queue.net_mib_statistics), cfg_field!(accept_queue.mib_listen_overflows));
+    let mib_type = cfg_field!(accept_queue.linux_mib_btf_id);
+    let count = if TYPED && mib_type != 0 {
+        // SAFETY: `net` is typed and `statistics_at` its member; the
+        // counter's address, a number, is cast to the struct it lies in
+        // (a load through a cast pointer cannot fault).
+        unsafe {
+            let statistics: u64 = typed_member(net, statistics_at);
+            let here = address_of(core::ptr::addr_of_mut!((*watch).scratch), statistics).wrapping_add(offset);
+            typed_member::<u64>(cast(here, mib_type), counter_at)
+        }
+    } else {
+        let Ok(statistics) = member::<u64>(net, statistics_at) else { return UNKNOWN };
+        let Ok(count) = member::<u64>(statistics.wrapping_add(offset), counter_at) else { return UNKNOWN };
+        count
     };
     // SAFETY: this CPU's slot, as above; `net` may be a typed pointer,
     // made a number to compare and keep.

@@ -131,7 +131,7 @@ fn final_ack_overflow(ctx: &RawTracePointContext, test_queue: bool) -> Result<()
     }
     let net: u64 = member(listener, cfg_field!(kernel.sock_net))?;
     let netns: u32 = member(net, cfg_field!(kernel.net_inum))?;
-    let backlog = match mib::overflows_since_last_look(net, netns) {
+    let backlog = match mib::overflows_since_last_look::<false>(net, netns) {
         // The kernel counted no overflow on this CPU since the last packet
         // we looked at: the child could not be made for another reason (a
         // TCP_LISTEN_OVERFLOW free without an overflow behind it was seen
@@ -262,7 +262,7 @@ fn syn_consumed<const TYPED: bool>(skb: SkbHeaders) -> Result<(), i32> {
     let (net, netns) = route_net::<TYPED>(skb.refdst & !1)?;
     // Looked at for every SYN, the listener known or not, so that the
     // growth found at the next packet is that packet's own.
-    let overflows = mib::overflows_since_last_look(net, netns);
+    let overflows = mib::overflows_since_last_look::<TYPED>(net, netns);
     let key = ListenerKey { netns, port: dport, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(listener) = (unsafe { LISTENERS.get(&key).copied() }) else { return Ok(()) };

@@ -88,6 +88,7 @@ pub(super) fn config(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
         }
         config.dst_entry_btf_id = btf.struct_id("dst_entry").unwrap_or(0);
         config.tcphdr_btf_id = btf.struct_id("tcphdr").unwrap_or(0);
+        config.linux_mib_btf_id = btf.struct_id("linux_mib").unwrap_or(0);
         // Its first member is a pointer: a slot of the fd table read as one.
         config.pointer_btf_id = btf.struct_id("list_head").unwrap_or(0);
     }
