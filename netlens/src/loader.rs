@@ -57,15 +57,15 @@ impl KernelFacts {
         Cast::choose(self.btf.function_id(offsets::RDONLY_CAST), self.offsets.config.kernel.tcp_sock_btf_id)
     }
 
-    /// How the tracepoint-only listen-overflow path knows that a packet
-    /// overflowed (overflow/mib.rs in the eBPF crate), as `check` says it.
+    /// How the listen-overflow hooks know that a packet overflowed
+    /// (overflow/mib.rs in the eBPF crate), as `check` says it.
     pub fn overflow_evidence(&self) -> &'static str {
         let queue = &self.offsets.config.accept_queue;
         let missing = u32::MAX;
         if queue.bpf_array_pptrs != missing && queue.net_mib_statistics != missing && queue.mib_listen_overflows != missing {
-            "tracepoint path: the kernel's per-CPU TcpExtListenOverflows, read as each SYN and dropped final ACK pass"
+            "the kernel's per-CPU TcpExtListenOverflows, read around each SYN and at each failed final ACK (fentry/fexit and tracepoint hooks)"
         } else {
-            "tracepoint path: tests of the accept queue (BTF lacks bpf_array.pptrs, net.mib.net_statistics or LINUX_MIB_LISTENOVERFLOWS)"
+            "tests of the accept queue and the listener's drops (BTF lacks bpf_array.pptrs, net.mib.net_statistics or LINUX_MIB_LISTENOVERFLOWS)"
         }
     }
 

@@ -106,43 +106,80 @@ fn cpu_offset(watch: *mut CpuWatch) -> Option<u64> {
 /// the verifier refuses.
 pub const UNKNOWN: u64 = u64::MAX;
 
-/// How many listen overflows the kernel counted on this CPU in namespace
-/// `net` (a `struct net *`, its inode number `netns`) since the last call
-/// for it on this CPU; [`UNKNOWN`] the first time, when another namespace
-/// took its slot meanwhile, or where this kernel's counter cannot be read.
-/// `TYPED`: `net` is typed by BTF and the kernel has the cast kfunc: the
-/// counter by plain loads, not two probe reads.
+/// The kernel's count of listen overflows on this CPU in namespace `net`
+/// (a `struct net *`), [`UNKNOWN`] where it cannot be read. `TYPED`:
+/// `net` is typed by BTF and the kernel has the cast kfunc: plain loads,
+/// not two probe reads.
 #[inline(always)]
-pub fn overflows_since_last_look<const TYPED: bool>(net: u64, netns: u32) -> u64 {
+fn count_here<const TYPED: bool>(watch: *mut CpuWatch, net: u64) -> u64 {
+    let Some(offset) = cpu_offset(watch) else { return UNKNOWN };
+    let (statistics_at, counter_at) = (cfg_field!(accept_queue.net_mib_statistics), cfg_field!(accept_queue.mib_listen_overflows));
+    let mib_type = cfg_field!(accept_queue.linux_mib_btf_id);
+    if TYPED && mib_type != 0 {
+        // SAFETY: `net` is typed and `statistics_at` its member; the
+        // counter's address, a number, is cast to the struct it lies in
+        // (a load through a cast pointer cannot fault).
+        return unsafe {
+            let statistics: u64 = typed_member(net, statistics_at);
+            let here = address_of(core::ptr::addr_of_mut!((*watch).scratch), statistics).wrapping_add(offset);
+            typed_member::<u64>(cast(here, mib_type), counter_at)
+        };
+    }
+    let Ok(statistics) = member::<u64>(net, statistics_at) else { return UNKNOWN };
+    member::<u64>(statistics.wrapping_add(offset), counter_at).unwrap_or(UNKNOWN)
+}
+
+/// The kernel's count of listen overflows on this CPU in namespace `net`
+/// now, [`UNKNOWN`] where it cannot be read: for a before and after around
+/// one kernel function (fentry and fexit).
+#[inline(always)]
+pub fn listen_overflows_now<const TYPED: bool>(net: u64) -> u64 {
     if !available() {
         return UNKNOWN;
     }
     let Some(watch) = MIB_WATCH.get_ptr_mut(0) else { return UNKNOWN };
-    let Some(offset) = cpu_offset(watch) else { return UNKNOWN };
-    let (statistics_at, counter_at) = (cfg_field!(accept_queue.net_mib_statistics), cfg_field!(accept_queue.mib_listen_overflows));
-    let mib_type = cfg_field!(accept_queue.linux_mib_btf_id);
-    let count = if TYPED && mib_type != 0 {
-        // SAFETY: `net` is typed and `statistics_at` its member; the
-        // counter's address, a number, is cast to the struct it lies in
-        // (a load through a cast pointer cannot fault).
-        unsafe {
-            let statistics: u64 = typed_member(net, statistics_at);
-            let here = address_of(core::ptr::addr_of_mut!((*watch).scratch), statistics).wrapping_add(offset);
-            typed_member::<u64>(cast(here, mib_type), counter_at)
-        }
-    } else {
-        let Ok(statistics) = member::<u64>(net, statistics_at) else { return UNKNOWN };
-        let Ok(count) = member::<u64>(statistics.wrapping_add(offset), counter_at) else { return UNKNOWN };
-        count
-    };
+    count_here::<TYPED>(watch, net)
+}
+
+/// The kernel's count of listen overflows on this CPU in a namespace, and
+/// by how much it grew since the last look at that namespace on this CPU.
+#[derive(Clone, Copy)]
+pub struct Look {
+    /// [`UNKNOWN`] where it cannot be read.
+    pub count: u64,
+    /// [`UNKNOWN`] also the first time, or when another namespace took its
+    /// slot meanwhile.
+    pub grown: u64,
+}
+
+/// Looks at the count of namespace `net` (a `struct net *`, its inode
+/// number `netns`) on this CPU. `TYPED` as for [`count_here`].
+#[inline(always)]
+pub fn look<const TYPED: bool>(net: u64, netns: u32) -> Look {
+    let unknown = Look { count: UNKNOWN, grown: UNKNOWN };
+    if !available() {
+        return unknown;
+    }
+    let Some(watch) = MIB_WATCH.get_ptr_mut(0) else { return unknown };
+    let count = count_here::<TYPED>(watch, net);
+    if count == UNKNOWN {
+        return unknown;
+    }
     // SAFETY: this CPU's slot, as above; `net` may be a typed pointer,
     // made a number to compare and keep.
     let (slot, net) = unsafe {
-        let Some(slot) = (*watch).seen.get_mut(netns as usize % NAMESPACE_SLOTS) else { return UNKNOWN };
+        let Some(slot) = (*watch).seen.get_mut(netns as usize % NAMESPACE_SLOTS) else { return unknown };
         (slot, address_of(core::ptr::addr_of_mut!((*watch).scratch), net))
     };
     let same = slot.netns == netns && slot.net == net && count >= slot.count;
     let grown = if same { (count - slot.count).min(UNKNOWN - 1) } else { UNKNOWN };
     *slot = Seen { netns, _pad: 0, net, count };
-    grown
+    Look { count, grown }
+}
+
+/// How many listen overflows the kernel counted on this CPU in namespace
+/// `net` since the last look at it here ([`Look::grown`]).
+#[inline(always)]
+pub fn overflows_since_last_look<const TYPED: bool>(net: u64, netns: u32) -> u64 {
+    look::<TYPED>(net, netns).grown
 }

@@ -11,14 +11,17 @@
 //!   carried a SYN cookie, with reason `NO_SOCKET` by `cookie_v4/v6_check()`
 //!   (measured on 6.18 with backlog 0); `rx_sk` (6.11+) is the listener.
 //! Where fentry/fexit exist: a `tcp_conn_request` during which the
-//! listener's `sk_drops` grew with its queue full dropped its SYN (fentry
-//! and fexit), and a `tcp_v4/v6_syn_recv_sock` that returns no child is a
-//! final-ACK overflow (fexit). Testing the queue at either function's
+//! kernel's own count of overflows on this CPU grew dropped its SYN
+//! (fentry and fexit; mib.rs), and a `tcp_v4/v6_syn_recv_sock` that
+//! returns no child, with that count grown since the last SYN, dropped a
+//! final ACK for a full queue (fexit; its other failures, no memory for
+//! the child, no route, a port it cannot inherit, are not overflows: the
+//! kernel counts them in ListenDrops only). Where the count cannot be
+//! read: the listener's `sk_drops` grew meanwhile with its queue full, and
+//! every failure to make a child. Testing the queue at either function's
 //! entry missed drops: with two CPUs completing handshakes, the queue
 //! could fill between our test and the kernel's (9 counted of 10 in the
-//! 6.1 guest). The other ways the function fails
-//! (no memory for the child, no route, a port it cannot inherit) are rare
-//! and drop the connection as well; the kernel counts them in ListenDrops.
+//! 6.1 guest).
 //! With kprobes only, both tests run at function entry (a kretprobe has no
 //! arguments, and softirqs nest on a CPU). With tracepoints only:
 //! `kfree_skb` (raw) for the final ACK, and `consume_skb` (raw) filtered to
@@ -300,6 +303,9 @@ fn is_ipv4(skb: u64) -> bool {
 #[derive(Clone, Copy)]
 struct SynAtEntry {
     skb: u64,
+    /// The kernel's count of listen overflows on this CPU in the
+    /// listener's namespace (mib.rs; [`mib::UNKNOWN`] where unreadable).
+    overflows: u64,
     /// The listener's `sk_drops` (0 on kernels without it, where the fexit
     /// does not read it either).
     drops: u32,
@@ -321,6 +327,7 @@ pub fn fentry_tcp_conn_request(ctx: FEntryContext) -> i32 {
     if let Some(seen) = SYN_AT_ENTRY.get_ptr_mut(0) {
         let entry = SynAtEntry {
             skb,
+            overflows: mib::listen_overflows_now::<true>(typed_namespace(listener).0),
             drops: sk_drops(listener).unwrap_or(0),
             full: accept_queue_full::<false>(listener).is_some() as u8,
             _pad: [0; 3],
@@ -331,30 +338,60 @@ pub fn fentry_tcp_conn_request(ctx: FEntryContext) -> i32 {
     0
 }
 
-/// Whether `tcp_conn_request` dropped its SYN for a full accept queue.
-/// The kernel tests the queue after our entry: another CPU queueing a
-/// child in between fills it (the 6.1 guest counted 15 of 16 when we
-/// tested at entry). So: the listener's `sk_drops` grew while the function
-/// ran (its drop path, `tcp_listendrop()`, adds one), and the queue was
-/// full at entry or is at exit. Without `sk_drops`, or when the slot is
-/// not this SYN's (nested or migrated), one test of the queue decides.
+/// Whether `tcp_conn_request` dropped its SYN for a full accept queue:
+/// the kernel's count of overflows on this CPU grew while it ran (mib.rs;
+/// the function runs on one CPU, softirqs do not nest, and a slot that
+/// is not this SYN's is not compared). Where that count cannot be read:
+/// the listener's `sk_drops` grew while the function ran (its drop path,
+/// `tcp_listendrop()`, adds one), and the queue was full at entry or is at
+/// exit. The kernel tests the queue after our entry: another CPU queueing
+/// a child in between fills it (the 6.1 guest counted 15 of 16 when we
+/// tested at entry). Without `sk_drops`, or when the slot is not this
+/// SYN's (nested or migrated), one test of the queue decides.
 #[fexit(function = "tcp_conn_request")]
 pub fn fexit_tcp_conn_request(ctx: FExitContext) -> i32 {
     let (listener, skb): (u64, u64) = (ctx.arg(2), ctx.arg(3));
     // SAFETY: copied out at once.
     let seen = SYN_AT_ENTRY.get(0).copied().filter(|seen| seen.skb == skb);
-    let full_now = accept_queue_full::<false>(listener).is_some();
+    // Also keeps this CPU's last look current, for the final ACK's fexit.
+    let (net, netns) = typed_namespace(listener);
+    let now = mib::look::<true>(net, netns).count;
     let dropped = match (seen, sk_drops(listener)) {
+        (Some(seen), _) if seen.overflows != mib::UNKNOWN && now != mib::UNKNOWN => now != seen.overflows,
         (Some(seen), Some(drops)) => {
+            let full_now = accept_queue_full::<false>(listener).is_some();
             (drops.wrapping_sub(seen.drops) as i32) > 0 && (seen.full != 0 || full_now)
         }
         (Some(seen), _) => seen.full != 0,
-        (None, _) => full_now,
+        (None, _) => accept_queue_full::<false>(listener).is_some(),
     };
     if dropped {
         dropped_now(listener, program::FEXIT_TCP_CONN_REQUEST);
     }
     0
+}
+
+/// The namespace of `sk`, a socket typed by BTF (an fentry or fexit
+/// argument): its `struct net` and inode number, by plain loads.
+#[inline(always)]
+fn typed_namespace(sk: u64) -> (u64, u32) {
+    // SAFETY: `sk` is a BTF-typed `struct sock *`; both offsets are
+    // members (of it, and of the `struct net` loaded).
+    unsafe {
+        let net: u64 = typed_member(sk, cfg_field!(kernel.sock_net));
+        (net, typed_member(net, cfg_field!(kernel.net_inum)))
+    }
+}
+
+/// Whether a `tcp_v4/v6_syn_recv_sock` that returned no child overflowed:
+/// the kernel's count on this CPU grew since the last SYN's fexit looked
+/// (the other ways it fails, no memory for the child, no route, a port it
+/// cannot inherit, count in ListenDrops only). Where the count cannot be
+/// read, every failure counts.
+#[inline(always)]
+fn final_ack_overflowed(listener: u64) -> bool {
+    let (net, netns) = typed_namespace(listener);
+    mib::overflows_since_last_look::<true>(net, netns) != 0
 }
 
 /// An fexit found that `listener` dropped a connection (a SYN, or a
@@ -375,7 +412,7 @@ fn returned_child(ctx: &FExitContext) -> Option<u64> {
 
 #[fexit(function = "tcp_v4_syn_recv_sock")]
 pub fn fexit_tcp_v4_syn_recv_sock(ctx: FExitContext) -> i32 {
-    if returned_child(&ctx) == Some(0) {
+    if returned_child(&ctx) == Some(0) && final_ack_overflowed(ctx.arg(0)) {
         dropped_now(ctx.arg(0), program::FEXIT_TCP_V4_SYN_RECV_SOCK);
     }
     0
@@ -383,7 +420,7 @@ pub fn fexit_tcp_v4_syn_recv_sock(ctx: FExitContext) -> i32 {
 
 #[fexit(function = "tcp_v6_syn_recv_sock")]
 pub fn fexit_tcp_v6_syn_recv_sock(ctx: FExitContext) -> i32 {
-    if returned_child(&ctx) == Some(0) && !is_ipv4(ctx.arg(1)) {
+    if returned_child(&ctx) == Some(0) && !is_ipv4(ctx.arg(1)) && final_ack_overflowed(ctx.arg(0)) {
         dropped_now(ctx.arg(0), program::FEXIT_TCP_V6_SYN_RECV_SOCK);
     }
     0
