@@ -60,9 +60,7 @@ impl KernelFacts {
     /// How the listen-overflow hooks know that a packet overflowed
     /// (overflow/mib.rs in the eBPF crate), as `check` says it.
     pub fn overflow_evidence(&self) -> &'static str {
-        let queue = &self.offsets.config.accept_queue;
-        let missing = u32::MAX;
-        if queue.bpf_array_pptrs != missing && queue.net_mib_statistics != missing && queue.mib_listen_overflows != missing {
+        if offsets::reads_overflow_counter(&self.offsets.config.accept_queue) {
             "the kernel's per-CPU TcpExtListenOverflows, read around each SYN and at each failed final ACK (fentry/fexit and tracepoint hooks)"
         } else {
             "tests of the accept queue and the listener's drops (BTF lacks bpf_array.pptrs, net.mib.net_statistics or LINUX_MIB_LISTENOVERFLOWS)"

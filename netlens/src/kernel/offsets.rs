@@ -13,7 +13,7 @@ use netlens_common::{
 use super::{btf::KernelBtf, tracefs::Format};
 
 mod accept_queue;
-pub use accept_queue::AcceptQueueSupport;
+pub use accept_queue::{reads_overflow_counter, AcceptQueueSupport};
 
 fn tuple(format: &Format) -> Result<TupleFields> {
     Ok(TupleFields {

@@ -98,6 +98,12 @@ pub(super) fn config(tracefs: &Path, btf: &KernelBtf) -> AcceptQueueConfig {
 /// A struct member this kernel lacks (0 is a real offset).
 const MISSING: u32 = u32::MAX;
 
+/// Whether the listen-overflow hooks can read the kernel's per-CPU count
+/// of overflows (overflow/mib.rs in the eBPF crate applies the same test).
+pub fn reads_overflow_counter(config: &AcceptQueueConfig) -> bool {
+    [config.bpf_array_pptrs, config.net_mib_statistics, config.mib_listen_overflows].iter().all(|&at| at != MISSING)
+}
+
 /// Which accept-queue hooks can work on this kernel, from the resolved
 /// facts; `Err` says what is missing.
 pub struct AcceptQueueSupport {
