@@ -20,7 +20,7 @@
 //! have no request socket that lives on: those handshakes show one RTT.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
@@ -30,7 +30,7 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     dynamics, flows, owners, probe,
-    kernel::{slot, Tuple},
+    kernel::{current_comm, slot, Tuple},
     overflow,
     retransmit::take_synack_start,
     sock::{Probed, Sock, Typed},
@@ -142,7 +142,7 @@ fn active_open<S: Sock>(sk: S) -> Result<(), i32> {
     let flow = Flow {
         start_ns: unsafe { bpf_ktime_get_ns() },
         cgroup,
-        comm: bpf_get_current_comm().unwrap_or_default(),
+        comm: current_comm(S::TYPED),
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         netns: sk.netns(),
         direction: direction::ACTIVE,
