@@ -263,6 +263,11 @@ fn syn_consumed<const TYPED: bool>(skb: SkbHeaders) -> Result<(), i32> {
     // Looked at for every SYN, the listener known or not, so that the
     // growth found at the next packet is that packet's own.
     let overflows = mib::overflows_since_last_look::<TYPED>(net, netns);
+    // No overflow on this CPU since the last packet (nearly every SYN):
+    // no listener to find, a table lookup (~70 ns) fewer per connection.
+    if overflows == 0 {
+        return Ok(());
+    }
     let key = ListenerKey { netns, port: dport, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(listener) = (unsafe { LISTENERS.get(&key).copied() }) else { return Ok(()) };
@@ -278,7 +283,6 @@ fn syn_consumed<const TYPED: bool>(skb: SkbHeaders) -> Result<(), i32> {
         return Ok(());
     }
     match overflows {
-        0 => Ok(()),
         // Its counter unknown here: the queue, and the listener's drops.
         mib::UNKNOWN => {
             if let Some(backlog) = accept_queue_full::<TYPED>(listener) {
