@@ -76,7 +76,7 @@ fn available() -> bool {
 /// # Safety
 /// `scratch` points into a live map value.
 #[inline(always)]
-unsafe fn address_of(scratch: *mut u64, pointer: u64) -> u64 {
+pub(super) unsafe fn address_of(scratch: *mut u64, pointer: u64) -> u64 {
     core::ptr::write_volatile(scratch, pointer);
     core::ptr::read_volatile(scratch)
 }

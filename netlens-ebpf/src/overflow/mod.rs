@@ -208,27 +208,46 @@ pub fn unlistening(sk: u64) -> Result<(), i32> {
 /// evicted that listener (more than LISTENER_TABLE_ENTRIES listening);
 /// it is put back once another listener's accept on this CPU replaces
 /// this entry.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LastListener {
+    /// Where the listener's address becomes a plain number: the accept
+    /// paths hold it as a typed pointer, which BPF may not compare by
+    /// arithmetic (see `mib::address_of`).
+    scratch: u64,
+    sk: u64,
+    key: u64,
+}
+
 #[map]
-static LAST_KNOWN_LISTENER: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+static LAST_KNOWN_LISTENER: PerCpuArray<LastListener> = PerCpuArray::with_max_entries(1, 0);
 
 /// Remembers a listener seen elsewhere (accept()), under `key`, if it is
 /// new.
 #[inline(always)]
 pub fn known_listener(sk: u64, key: &ListenerKey) -> Result<(), i32> {
     let key_bits = u64::from(key.netns) | u64::from(key.port) << 32;
-    let last = LAST_KNOWN_LISTENER.get_ptr_mut(0);
-    // SAFETY: this CPU's slot; nothing else writes it while we run.
-    if last.is_some_and(|last| unsafe { *last } == [sk, key_bits]) {
-        return Ok(());
+    let Some(last) = LAST_KNOWN_LISTENER.get_ptr_mut(0) else { return remember_listener(sk, key) };
+    // SAFETY: this CPU's slot of a live map value; nothing else writes it
+    // while we run.
+    unsafe {
+        let sk_number = mib::address_of(core::ptr::addr_of_mut!((*last).scratch), sk);
+        if (*last).sk == sk_number && (*last).key == key_bits {
+            return Ok(());
+        }
+        remember_listener(sk, key)?;
+        (*last).sk = sk_number;
+        (*last).key = key_bits;
     }
+    Ok(())
+}
+
+#[inline(always)]
+fn remember_listener(sk: u64, key: &ListenerKey) -> Result<(), i32> {
     // SAFETY: copied out at once.
     if unsafe { LISTENERS.get(key).copied() } != Some(sk) {
         LISTENERS.insert(key, &sk, 0).map_err(|e| e as i32)?;
         all_drops_accounted(sk);
-    }
-    if let Some(last) = last {
-        // SAFETY: as above.
-        unsafe { *last = [sk, key_bits] };
     }
     Ok(())
 }
