@@ -235,9 +235,8 @@ pub fn name16(low: u64, high: u64) -> [u8; 16] {
 /// The current task's name. In a BTF-typed program (`typed`, a constant
 /// of the build) on a kernel with the cast kfunc (6.2+), two plain loads
 /// from the task that `bpf_get_current_task_btf` (5.11+) returns typed;
-/// elsewhere the
-/// `bpf_get_current_comm` helper, whose copy (`strscpy`) cost about
-/// 100 ns per connection in a perf profile of churn. The kfunc's id stands
+/// elsewhere the `bpf_get_current_comm` helper, whose copy (`strscpy`)
+/// cost about 100 ns per connection in a perf profile of churn. The kfunc's id stands
 /// in for "after 5.10" because it is in the frozen config: on 5.10, whose
 /// verifier does not know the task helper, the branch is never explored.
 #[inline(always)]
