@@ -15,7 +15,7 @@
 //! reported (no `established_ns`).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, generated},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, generated},
     macros::{fexit, kprobe, kretprobe, map, tracepoint},
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
@@ -26,7 +26,7 @@ use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{cast, fexit_return, listener_key, member, name16, record_u64, typed_member, Tuple},
+    kernel::{cast, current_comm, fexit_return, listener_key, member, record_u64, task_comm, typed_member, Tuple},
     overflow, owners,
 };
 
@@ -81,12 +81,6 @@ fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: i
     Ok(())
 }
 
-/// The current task's name, through the helper.
-#[inline(always)]
-fn current_comm() -> [u8; 16] {
-    bpf_get_current_comm().unwrap_or_default()
-}
-
 /// A pointer the kernel returned: not NULL, not an ERR_PTR.
 #[inline(always)]
 fn is_pointer(value: u64) -> bool {
@@ -101,7 +95,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> i32 {
     // The return value follows the parameters (4 before 6.10, 2 since).
     let child = fexit_return::<4>(&ctx, cfg_field!(accept_queue.inet_csk_accept_args)).unwrap_or(0);
     if is_pointer(child) {
-        counted(program::FEXIT_INET_CSK_ACCEPT, accepted::<true>(listener, child, bpf_get_current_pid_tgid(), current_comm));
+        counted(program::FEXIT_INET_CSK_ACCEPT, accepted::<true>(listener, child, bpf_get_current_pid_tgid(), || current_comm(false)));
     }
     0
 }
@@ -124,7 +118,7 @@ pub fn kretprobe_inet_csk_accept(ctx: RetProbeContext) -> u32 {
     let _ = ACCEPTING.remove(&thread);
     let child: u64 = ctx.ret();
     if is_pointer(child) {
-        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted::<false>(listener, child, thread, current_comm));
+        counted(program::KRETPROBE_INET_CSK_ACCEPT, accepted::<false>(listener, child, thread, || current_comm(false)));
     }
     0
 }
@@ -189,13 +183,11 @@ impl FdTable {
     /// a typed task (only the typed builds set `task`), else the helper.
     #[inline(always)]
     fn comm(self) -> [u8; 16] {
-        let comm_at = cfg_field!(accept_queue.task_comm);
-        if self.task == 0 || comm_at == u32::MAX {
-            return current_comm();
+        if self.task == 0 || cfg_field!(accept_queue.task_comm) == u32::MAX {
+            return current_comm(false);
         }
-        // SAFETY: a task typed by BTF and its 16-byte `comm` member.
-        let (low, high): (u64, u64) = unsafe { (typed_member(self.task, comm_at), typed_member(self.task, comm_at + 8)) };
-        name16(low, high)
+        // SAFETY: a task typed by BTF, and the config knows its `comm`.
+        unsafe { task_comm(self.task) }
     }
 
     /// The socket behind file descriptor `fd` (`fd[fd]` → `file->private_data`

@@ -236,21 +236,29 @@ pub fn name16(low: u64, high: u64) -> [u8; 16] {
 /// of the build) on a kernel with the cast kfunc (6.2+), two plain loads
 /// from the task that `bpf_get_current_task_btf` (5.11+) returns typed;
 /// elsewhere the `bpf_get_current_comm` helper, whose copy (`strscpy`)
-/// cost about 100 ns per connection in a perf profile of churn. The kfunc's id stands
-/// in for "after 5.10" because it is in the frozen config: on 5.10, whose
-/// verifier does not know the task helper, the branch is never explored.
+/// cost about 100 ns per connection in a perf profile of churn. The
+/// kfunc's id stands in for "after 5.10" because it is in the frozen
+/// config: on 5.10, whose verifier does not know the task helper, the
+/// branch is never explored.
 #[inline(always)]
 pub fn current_comm(typed: bool) -> [u8; 16] {
-    let comm_at = cfg_field!(accept_queue.task_comm);
-    if !typed || cfg_field!(kernel.tcp_sock_btf_id) == 0 || comm_at == u32::MAX {
+    if !typed || cfg_field!(kernel.tcp_sock_btf_id) == 0 || cfg_field!(accept_queue.task_comm) == u32::MAX {
         return aya_ebpf::helpers::bpf_get_current_comm().unwrap_or_default();
     }
-    // SAFETY: the helper returns the current task typed by BTF, and
-    // `comm_at` is its 16-byte `comm` member (checked at load time).
-    let (low, high): (u64, u64) = unsafe {
-        let task = generated::bpf_get_current_task_btf() as u64;
-        (typed_member(task, comm_at), typed_member(task, comm_at + 8))
-    };
+    // SAFETY: the helper returns the current task typed by BTF.
+    unsafe { task_comm(generated::bpf_get_current_task_btf() as u64) }
+}
+
+/// The name of `task`: its 16-byte `comm` member, as two plain loads.
+///
+/// # Safety
+/// `task` is a `struct task_struct *` typed by BTF, and the config knows
+/// where `comm` lies in it (`accept_queue.task_comm` is not `u32::MAX`).
+#[inline(always)]
+pub unsafe fn task_comm(task: u64) -> [u8; 16] {
+    let comm_at = cfg_field!(accept_queue.task_comm);
+    // SAFETY: see above; the offset is checked at load time.
+    let (low, high): (u64, u64) = unsafe { (typed_member(task, comm_at), typed_member(task, comm_at + 8)) };
     name16(low, high)
 }
 

@@ -202,7 +202,7 @@ pub fn unlistening(sk: u64) -> Result<(), i32> {
 }
 
 /// The listener this CPU's last accept() found in [`LISTENERS`], and its
-/// key as one number. A server accepts on one listener nearly every time,
+/// key. A server accepts on one listener nearly every time,
 /// and the next accept on it skips the table lookup (about 70 ns per
 /// connection in a perf profile of churn). Stale only where the table
 /// evicted that listener (more than LISTENER_TABLE_ENTRIES listening);
@@ -216,7 +216,7 @@ struct LastListener {
     /// arithmetic (see `mib::address_of`).
     scratch: u64,
     sk: u64,
-    key: u64,
+    key: ListenerKey,
 }
 
 #[map]
@@ -226,18 +226,17 @@ static LAST_KNOWN_LISTENER: PerCpuArray<LastListener> = PerCpuArray::with_max_en
 /// new.
 #[inline(always)]
 pub fn known_listener(sk: u64, key: &ListenerKey) -> Result<(), i32> {
-    let key_bits = u64::from(key.netns) | u64::from(key.port) << 32;
     let Some(last) = LAST_KNOWN_LISTENER.get_ptr_mut(0) else { return remember_listener(sk, key) };
     // SAFETY: this CPU's slot of a live map value; nothing else writes it
     // while we run.
     unsafe {
         let sk_number = mib::address_of(core::ptr::addr_of_mut!((*last).scratch), sk);
-        if (*last).sk == sk_number && (*last).key == key_bits {
+        if (*last).sk == sk_number && (*last).key == *key {
             return Ok(());
         }
         remember_listener(sk, key)?;
         (*last).sk = sk_number;
-        (*last).key = key_bits;
+        (*last).key = *key;
     }
     Ok(())
 }
