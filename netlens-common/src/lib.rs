@@ -118,7 +118,10 @@ pub mod program {
     pub const SYS_EXIT_ACCEPT_TYPED: u32 = 29;
     /// The accept exit that needs no enter hook (accept.rs).
     pub const SYS_EXIT_ACCEPT_REGS: u32 = 30;
-    pub const COUNT: u32 = 31;
+    /// The overflow count before a final ACK makes its child (overflow).
+    pub const FENTRY_TCP_V4_SYN_RECV_SOCK: u32 = 31;
+    pub const FENTRY_TCP_V6_SYN_RECV_SOCK: u32 = 32;
+    pub const COUNT: u32 = 33;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -153,18 +156,22 @@ pub mod program {
         "consume_skb_btf",
         "sys_exit_accept_typed",
         "sys_exit_accept_regs",
+        "fentry_tcp_v4_syn_recv_sock",
+        "fentry_tcp_v6_syn_recv_sock",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen
     /// overflows): a run the kernel skips makes a count short, not an event
     /// go missing. Most of what the first two see is not TCP at all.
-    pub const COUNT_ONLY: [&str; 8] = [
+    pub const COUNT_ONLY: [&str; 10] = [
         "kfree_skb",
         "consume_skb",
         "consume_skb_btf",
         "fexit_tcp_conn_request",
         "fexit_tcp_v4_syn_recv_sock",
         "fexit_tcp_v6_syn_recv_sock",
+        "fentry_tcp_v4_syn_recv_sock",
+        "fentry_tcp_v6_syn_recv_sock",
         "kprobe_tcp_v4_syn_recv_sock",
         "kprobe_tcp_v6_syn_recv_sock",
     ];

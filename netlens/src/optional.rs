@@ -93,7 +93,9 @@ pub const OPTIONAL: &[Feature] = &[
                 hooks: &[
                     Hook::on("fentry_tcp_conn_request", "", "tcp_conn_request", Attach::FEntry),
                     Hook::on("fexit_tcp_conn_request", "", "tcp_conn_request", Attach::FExit),
+                    Hook::on("fentry_tcp_v4_syn_recv_sock", "", "tcp_v4_syn_recv_sock", Attach::FEntry),
                     Hook::on("fexit_tcp_v4_syn_recv_sock", "", "tcp_v4_syn_recv_sock", Attach::FExit),
+                    Hook::on("fentry_tcp_v6_syn_recv_sock", "", "tcp_v6_syn_recv_sock", Attach::FEntry),
                     Hook::on("fexit_tcp_v6_syn_recv_sock", "", "tcp_v6_syn_recv_sock", Attach::FExit),
                 ],
                 ready: |support, _| support.fexit_syn_recv_sock.clone(),
