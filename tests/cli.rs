@@ -96,6 +96,7 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
     // Every kernel netlens supports takes the BTF-tracepoint builds.
     assert_eq!(feature(&report, "lifecycle")["hook"], "tp_btf sock:inet_sock_set_state", "{report}");
     assert_eq!(feature(&report, "transport")["hook"], "tp_btf tcp:tcp_probe", "{report}");
+    assert_eq!(feature(&report, "retransmits")["hook"], "tp_btf tcp:tcp_retransmit_skb", "{report}");
     // Before 6.10, tcp:tcp_send_reset has the 4-tuple layout (a `sport`
     // field) and skips resets sent without a socket.
     let old_reset_layout = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().any(|root| {
@@ -179,9 +180,11 @@ fn a_missing_optional_hook_degrades_only_its_feature() {
 #[test]
 fn a_missing_required_hook_stops_netlens_in_one_line() {
     let mut trace = command(&["trace"], false);
-    trace.env("NETLENS_SKIP_HOOKS", "tcp_retransmit_skb");
+    // Both builds (sock.rs in the eBPF crate).
+    let both = "tcp_retransmit_skb_btf,tcp_retransmit_skb";
+    trace.env("NETLENS_SKIP_HOOKS", both);
     netlens_tests::netlens::assert_one_line_error(trace, "retransmits cannot be traced on this kernel");
-    let (code, report) = check_json(&[("NETLENS_SKIP_HOOKS", "tcp_retransmit_skb")]);
+    let (code, report) = check_json(&[("NETLENS_SKIP_HOOKS", both)]);
     assert_ne!(code, 0);
     assert_eq!(report["ready"], false);
 }

@@ -159,10 +159,22 @@ fn synack_loss_shows_in_passive_handshake_time() -> Result<()> {
 /// TcpExtTCPDSACKRecvSegs; bytes received equal bytes sent.
 #[test]
 fn data_loss_matches_kernel_counters_exactly() -> Result<()> {
+    data_loss_matches_kernel_counters(8084, "")
+}
+
+/// The same through the formatted record's build of tcp_retransmit_skb,
+/// the one a kernel that refuses the BTF tracepoint gets.
+#[test]
+fn data_loss_matches_kernel_counters_on_the_record_build() -> Result<()> {
+    data_loss_matches_kernel_counters(8085, "tcp_retransmit_skb_btf")
+}
+
+/// `skipped`: hooks left out (see `Netlens::trace_netns_without`).
+fn data_loss_matches_kernel_counters(port: u16, skipped: &str) -> Result<()> {
     let netns = Netns::new()?;
-    let addr: SocketAddr = "127.0.0.1:8084".parse()?;
-    netns.nft(&loss_rule("tcp dport 8084 tcp flags & syn == 0 numgen random mod 1000 < 20 drop"))?;
-    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    netns.nft(&loss_rule(&format!("tcp dport {port} tcp flags & syn == 0 numgen random mod 1000 < 20 drop")))?;
+    let netlens = Netlens::trace_netns_without(netns.inode()?, skipped)?;
     let server = Server::start(&netns, addr, 0)?;
     let before = netns.nstat()?;
     let conns = clients(&netns, addr, 8, 4, 4 << 20)?;
@@ -189,8 +201,9 @@ fn data_loss_matches_kernel_counters_exactly() -> Result<()> {
     let spurious: u64 = closes.iter().map(|e| e["spurious_retransmits"].as_u64().unwrap_or(0)).sum();
     assert_eq!(spurious, delta(&before, &after, "TcpExtTCPDSACKRecvSegs"), "spurious vs DSACKRecvSegs");
     eprintln!(
-        "data loss: retransmit segs {traced_segs}, close retransmits {closed_retrans}, nstat TcpRetransSegs {retrans_segs}; spurious {spurious}, nstat TcpExtTCPDSACKRecvSegs {}",
-        delta(&before, &after, "TcpExtTCPDSACKRecvSegs")
+        "data loss ({hooks}): retransmit segs {traced_segs}, close retransmits {closed_retrans}, nstat TcpRetransSegs {retrans_segs}; spurious {spurious}, nstat TcpExtTCPDSACKRecvSegs {}",
+        delta(&before, &after, "TcpExtTCPDSACKRecvSegs"),
+        hooks = if skipped.is_empty() { "best hooks" } else { skipped },
     );
     let received = server.received.lock().unwrap().clone();
     for conn in &conns {

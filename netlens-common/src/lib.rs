@@ -121,7 +121,8 @@ pub mod program {
     /// The overflow count before a final ACK makes its child (overflow).
     pub const FENTRY_TCP_V4_SYN_RECV_SOCK: u32 = 31;
     pub const FENTRY_TCP_V6_SYN_RECV_SOCK: u32 = 32;
-    pub const COUNT: u32 = 33;
+    pub const TCP_RETRANSMIT_SKB_BTF: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -158,6 +159,7 @@ pub mod program {
         "sys_exit_accept_regs",
         "fentry_tcp_v4_syn_recv_sock",
         "fentry_tcp_v6_syn_recv_sock",
+        "tcp_retransmit_skb_btf",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen

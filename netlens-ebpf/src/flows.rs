@@ -35,20 +35,6 @@ pub fn insert(sk: u64, flow: &Flow) {
     }
 }
 
-/// Records the socket's new `total_retrans`; returns by how much it grew
-/// since the last call (or the flow's start), `None` for an unknown flow.
-#[inline(always)]
-pub fn advance_retrans(sk: u64, total_retrans: u32) -> Option<u32> {
-    let flow = FLOWS.get_ptr_mut(sk)?;
-    // SAFETY: a valid map value; retransmissions of one socket run under its
-    // lock, so no other program writes this field concurrently.
-    unsafe {
-        let grown = total_retrans.wrapping_sub((*flow).total_retrans);
-        (*flow).total_retrans = total_retrans;
-        Some(grown)
-    }
-}
-
 /// The tracked flow of `sk`, in place (no copy on the small BPF stack). It
 /// stays valid for the rest of the program, even after [`remove`].
 #[inline(always)]

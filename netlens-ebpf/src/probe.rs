@@ -140,7 +140,7 @@ fn segment_seqs(skb: u64) -> Result<u64, i32> {
 /// The same from a BTF-typed `struct sk_buff *`: a plain load instead of a
 /// helper call, once per segment.
 #[inline(always)]
-fn segment_seqs_typed(skb: u64) -> u64 {
+pub fn segment_seqs_typed(skb: u64) -> u64 {
     let at = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq);
     // SAFETY: a BTF tracepoint's skb argument; the load lies inside
     // `sk_buff.cb`, a char array the verifier lets programs read as

@@ -1,22 +1,23 @@
-//! Retransmissions: `tcp:tcp_retransmit_skb` (data and SYN) and
-//! `tcp:tcp_retransmit_synack` (the listener's SYN-ACK).
+//! Retransmissions: `tcp:tcp_retransmit_skb` (data and SYN; built twice,
+//! see sock.rs) and `tcp:tcp_retransmit_synack` (the listener's SYN-ACK).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::LruHashMap,
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
-use netlens_common::{direction, kind, program, tcp_state, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
+use netlens_common::{direction, kind, program, tcp_state, Flow, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
     dynamics::{ca_state_of, ca_state_seen},
     events::{counted, emit, stamp},
     flows,
-    kernel::{member, slot, tuple, Record},
-    sock::{Probed, Sock},
+    kernel::{member, slot, tuple, typed_member, Record, Tuple},
+    probe::segment_seqs_typed,
+    sock::{Probed, Sock, Typed},
 };
 
 /// First SYN-ACK time (ns) of pending passive opens whose SYN-ACK was
@@ -35,66 +36,170 @@ pub fn take_synack_start(key: &TupleKey) -> Option<u64> {
     Some(start_ns)
 }
 
+/// The fallback where the kernel refuses the BTF tracepoint below.
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let result = Record::read(&ctx, cfg_field!(retransmit.len), slot::RETRANSMIT).and_then(|record| on_retransmit(&record));
+    let result = Record::read(&ctx, cfg_field!(retransmit.len), slot::RETRANSMIT).and_then(|record| {
+        let sk: u64 = record.get(cfg_field!(retransmit.skaddr))?;
+        on_retransmit(Probed(sk), &FromRecord { record: &record, sk })
+    });
     counted(program::TCP_RETRANSMIT_SKB, result);
     0
 }
 
+/// The same tracepoint with BTF-typed arguments: plain loads from the
+/// socket and the skb instead of a copy of the formatted record and probe
+/// reads (the tracepoint runs for every retransmitted segment).
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    let Some(sk) = Typed::of(ctx.arg(0)) else { return 0 };
+    // `err` follows (sk, skb) since 6.10, where the record has it too. The
+    // frozen config removes the read where it is absent.
+    let err = if cfg_field!(retransmit.err) != FIELD_ABSENT { ctx.arg::<i32>(2) } else { 0 };
+    counted(program::TCP_RETRANSMIT_SKB_BTF, on_retransmit(sk, &FromArgs { sk, skb: ctx.arg(1), err }));
+    0
+}
+
+/// What a retransmission hook knows beyond the socket, read its own way.
+trait Retransmission {
+    /// Whether the attempt failed (traced too since 6.10).
+    fn failed(&self) -> Result<bool, i32>;
+    /// The skb's segment count (`tcp_skb_pcount`), at least 1.
+    fn segs(&self) -> u32;
+    /// The skb's `seq` and `end_seq`, zeros when unreadable.
+    fn seqs(&self) -> (u32, u32);
+    /// The socket's TCP state.
+    fn state(&self) -> Result<u8, i32>;
+    fn tuple(&self) -> Result<Tuple, i32>;
+}
+
+/// The formatted record (and probe reads of the skb).
+struct FromRecord<'a> {
+    record: &'a Record,
+    sk: u64,
+}
+
+impl Retransmission for FromRecord<'_> {
+    #[inline(always)]
+    fn failed(&self) -> Result<bool, i32> {
+        let err_offset = cfg_field!(retransmit.err);
+        Ok(err_offset != FIELD_ABSENT && self.record.get::<i32>(err_offset)? != 0)
+    }
+
+    #[inline(always)]
+    fn segs(&self) -> u32 {
+        let segs_offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_gso_segs);
+        let segs = self.record.get::<u64>(cfg_field!(retransmit.skbaddr)).and_then(|skb| member::<u16>(skb, segs_offset));
+        segs.unwrap_or(1).max(1) as u32
+    }
+
+    #[inline(always)]
+    fn seqs(&self) -> (u32, u32) {
+        let Ok(skb) = self.record.get::<u64>(cfg_field!(retransmit.skbaddr)) else { return (0, 0) };
+        let offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq);
+        let seq: u32 = member(skb, offset).unwrap_or(0);
+        (seq, member(skb, offset + 4).unwrap_or(seq))
+    }
+
+    #[inline(always)]
+    fn state(&self) -> Result<u8, i32> {
+        Ok(self.record.get::<i32>(cfg_field!(retransmit.state))? as u8)
+    }
+
+    #[inline(always)]
+    fn tuple(&self) -> Result<Tuple, i32> {
+        tuple(self.record, &cfg_field!(retransmit.tuple), self.sk)
+    }
+}
+
+/// The BTF-typed arguments.
+struct FromArgs {
+    sk: Typed,
+    /// A BTF-typed `struct sk_buff *`.
+    skb: u64,
+    err: i32,
+}
+
+impl Retransmission for FromArgs {
+    #[inline(always)]
+    fn failed(&self) -> Result<bool, i32> {
+        Ok(self.err != 0)
+    }
+
+    #[inline(always)]
+    fn segs(&self) -> u32 {
+        let at = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_gso_segs);
+        // SAFETY: a BTF-typed skb; the load lies inside `sk_buff.cb`, which
+        // the verifier lets programs read as scratch space.
+        unsafe { typed_member::<u16>(self.skb, at) }.max(1) as u32
+    }
+
+    #[inline(always)]
+    fn seqs(&self) -> (u32, u32) {
+        let seqs = segment_seqs_typed(self.skb);
+        (seqs as u32, (seqs >> 32) as u32)
+    }
+
+    #[inline(always)]
+    fn state(&self) -> Result<u8, i32> {
+        self.sk.get(cfg_field!(accept_queue.sock_state))
+    }
+
+    #[inline(always)]
+    fn tuple(&self) -> Result<Tuple, i32> {
+        self.sk.tuple()
+    }
+}
+
 #[inline(always)]
-fn on_retransmit(record: &Record) -> Result<(), i32> {
+fn on_retransmit<S: Sock, R: Retransmission>(sk: S, retransmission: &R) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let sk: u64 = record.get(cfg_field!(retransmit.skaddr))?;
     // Count segments exactly as the kernel does (TcpRetransSegs and
     // tcp_sock.total_retrans move together). Since 6.10 the tracepoint
     // also fires for failed attempts, and the kernel counts a failure when
     // it happened after the counters moved (in the transmit itself) but not
     // when it happened before (-EBUSY, -EAGAIN, ...). The err value cannot
     // tell those apart; the socket's own total can: report how far it moved.
-    let total_retrans: u32 = member(sk, cfg_field!(kernel.tcp_total_retrans))?;
-    let segs = match flows::advance_retrans(sk, total_retrans) {
-        Some(0) => return Ok(()),
-        Some(grown) => grown,
-        // A connection from before we attached: the skb's segment count
-        // (tcp_skb_pcount), for attempts that did not fail.
-        None => {
-            let err_offset = cfg_field!(retransmit.err);
-            if err_offset != FIELD_ABSENT && record.get::<i32>(err_offset)? != 0 {
+    let total_retrans: u32 = sk.get(cfg_field!(kernel.tcp_total_retrans))?;
+    // One lookup for all three uses below.
+    let mut flow = flows::lookup_mut(sk.addr());
+    let segs = match flow.as_deref_mut() {
+        // How far the total moved since the last event (or the start).
+        Some(flow) => {
+            let grown = total_retrans.wrapping_sub(flow.total_retrans);
+            if grown == 0 {
                 return Ok(());
             }
-            let skb: u64 = record.get(cfg_field!(retransmit.skbaddr))?;
-            let segs_offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_gso_segs);
-            member::<u16>(skb, segs_offset).unwrap_or(1).max(1) as u32
+            flow.total_retrans = total_retrans;
+            grown
         }
+        // A connection from before we attached: the skb's segment count,
+        // for attempts that did not fail.
+        None if retransmission.failed()? => return Ok(()),
+        None => retransmission.segs(),
     };
     // An RTO retransmission follows the switch to Loss at once: on kernels
     // without tcp:tcp_cong_state_set this is where that episode starts.
-    if let (Some(flow), Ok(byte)) = (flows::lookup_mut(sk), member::<u8>(sk, cfg_field!(kernel.icsk_ca_state))) {
+    if let (Some(flow), Ok(byte)) = (flow.as_deref_mut(), sk.get::<u8>(cfg_field!(kernel.icsk_ca_state))) {
         if let Some(ca) = ca_state_of(byte) {
-            ca_state_seen(flow, Probed(sk), ca, now);
+            ca_state_seen(flow, sk, ca, now);
         }
     }
     // Which segment, and how large: the same sequence number retransmitted
     // again and again is a segment that never gets through (a path MTU
     // black hole drops only the large ones). 0 when unreadable.
-    let (seq, span) = match record.get::<u64>(cfg_field!(retransmit.skbaddr)) {
-        Ok(skb) => {
-            let offset = cfg_field!(kernel.skb_cb) + cfg_field!(kernel.tcb_seq);
-            let seq: u32 = member(skb, offset).unwrap_or(0);
-            let end_seq: u32 = member(skb, offset + 4).unwrap_or(seq);
-            (seq, end_seq.wrapping_sub(seq))
-        }
-        Err(_) => (0, 0),
+    let (seq, end_seq) = retransmission.seqs();
+    let state = retransmission.state()?;
+    let tuple = retransmission.tuple()?;
+    let flow: &Flow = match flow {
+        Some(flow) => flow,
+        None => flows::unknown_of(sk, slot::RETRANSMIT).ok_or(-1)?,
     };
-    let state = record.get::<i32>(cfg_field!(retransmit.state))? as u8;
-    let tuple = tuple(record, &cfg_field!(retransmit.tuple), sk)?;
-    let flow = flows::known_or_unknown(sk, slot::RETRANSMIT).ok_or(-1)?;
     emit(|event| {
         stamp(event, kind::RETRANSMIT, now, &tuple, flow);
         event.state = state;
         event.segs = segs;
-        event.bytes_sent = u64::from(span);
+        event.bytes_sent = u64::from(end_seq.wrapping_sub(seq));
         event.bytes_received = u64::from(seq);
     });
     Ok(())

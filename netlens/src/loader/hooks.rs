@@ -81,6 +81,7 @@ impl Hook {
 pub const HOOKS: &[Hook] = &[
     Hook::on("inet_sock_set_state_btf", "sock", "inet_sock_set_state", Attach::Btf),
     Hook::tracepoint("inet_sock_set_state", "sock", Attach::Raw),
+    Hook::on("tcp_retransmit_skb_btf", "tcp", "tcp_retransmit_skb", Attach::Btf),
     Hook::tracepoint("tcp_retransmit_skb", "tcp", Attach::Record),
     Hook::tracepoint("tcp_retransmit_synack", "tcp", Attach::Record),
     Hook::tracepoint("tcp_send_reset", "tcp", Attach::Record),
@@ -99,6 +100,7 @@ pub const HOOKS: &[Hook] = &[
 /// and the BTF-tracepoint build tried before it.
 pub(super) const TYPED_BUILDS: &[(&str, &str)] = &[
     ("inet_sock_set_state", "inet_sock_set_state_btf"),
+    ("tcp_retransmit_skb", "tcp_retransmit_skb_btf"),
     ("tcp_probe", "tcp_probe_btf"),
     ("tcp_cong_state_set", "tcp_cong_state_set_btf"),
     ("sk_data_ready", "sk_data_ready_btf"),
