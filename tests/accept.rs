@@ -132,13 +132,25 @@ fn final_ack_listen_overflows_match_nstat_exactly() -> Result<()> {
 /// measured (client's connect() return to the server's accept() return,
 /// both CLOCK_MONOTONIC in this process) within 10 % or 20 ms, and names
 /// the accepting process; the connection's close carries it too.
+/// Where flows live in socket storage (5.11+), userspace times the wait
+/// from the passive handshake; with the LRU table, the kernel side does.
 #[test]
 fn accept_waits_match_the_server() -> Result<()> {
+    accept_waits_match(&[])
+}
+
+/// The same with flows in the LRU table (asking for its size chooses it).
+#[test]
+fn accept_waits_match_the_server_with_the_flow_table() -> Result<()> {
+    accept_waits_match(&[("NETLENS_FLOW_TABLE_ENTRIES", "65536")])
+}
+
+fn accept_waits_match(env: &[(&str, &str)]) -> Result<()> {
     const CLIENTS: usize = 5;
     let _serial = one_at_a_time();
     let netns = Netns::new()?;
     let addr: SocketAddr = "127.0.0.1:8091".parse()?;
-    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let netlens = Netlens::start_with_env(None, &["trace", "--json", "--netns", &netns.inode()?.to_string()], env)?;
     let listener = netns.spawn(move || TcpListener::bind(addr)).join().expect("listener thread")??;
     let (connected_tx, connected_rx) = mpsc::channel();
     let clients: Vec<_> = (0..CLIENTS)

@@ -97,6 +97,13 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
     assert_eq!(feature(&report, "lifecycle")["hook"], "tp_btf sock:inet_sock_set_state", "{report}");
     assert_eq!(feature(&report, "transport")["hook"], "tp_btf tcp:tcp_probe", "{report}");
     assert_eq!(feature(&report, "retransmits")["hook"], "tp_btf tcp:tcp_retransmit_skb", "{report}");
+    // Socket storage for tracing programs came in 5.11.
+    let release = report["kernel"].as_str().unwrap_or_default();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    let storage = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (5, 11);
+    let flow_state = report["checks"].as_array().into_iter().flatten().find(|c| c["check"] == "flow state");
+    let detail = flow_state.map(|c| c["detail"].as_str().unwrap_or_default()).unwrap_or_default();
+    assert_eq!(detail.starts_with("socket storage"), storage, "{report}");
     // Before 6.10, tcp:tcp_send_reset has the 4-tuple layout (a `sport`
     // field) and skips resets sent without a socket.
     let old_reset_layout = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().any(|root| {

@@ -385,7 +385,9 @@ pub struct Config {
     /// wake-up costs a context switch, and only `trace` shows events as
     /// they come.
     pub wakeup_bytes: u32,
-    pub _pad: u32,
+    /// 1: flows live in socket storage, else in the LRU table (the
+    /// eBPF crate's flows.rs; the loader chooses).
+    pub flows_in_storage: u32,
 }
 
 /// [`Config::wakeup_bytes`] where nothing else is asked for.

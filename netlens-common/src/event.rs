@@ -37,6 +37,10 @@ pub mod ca_state {
 /// `slow_start_exit_ns` of a connection that never left slow start.
 pub const NEVER: u64 = u64::MAX;
 
+/// An `ACCEPTED` event's `duration_ns` where the kernel side could not
+/// time the wait (flows in socket storage: userspace does).
+pub const ACCEPT_WAIT_UNKNOWN: u64 = u64::MAX;
+
 /// Which end opened the connection.
 pub mod direction {
     pub const UNKNOWN: u8 = 0;

@@ -20,14 +20,15 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
-use netlens_common::{kind, program, ListenerKey, LISTENER_TABLE_ENTRIES};
+use netlens_common::{direction, kind, program, ListenerKey, ACCEPT_WAIT_UNKNOWN, LISTENER_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
     events::{counted, emit, stamp},
     flows,
-    kernel::{cast, current_comm, fexit_return, listener_key, member, record_u64, task_comm, typed_member, Tuple},
+    kernel::{cast, current_comm, fexit_return, listener_key, member, record_u64, slot, sock_tuple_in, task_comm, typed_member, Tuple},
     overflow, owners,
+    sock::Probed,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -46,7 +47,10 @@ static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_T
 #[inline(always)]
 fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: impl FnOnce() -> [u8; 16]) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let flow = flows::lookup_mut(child);
+    if flows::in_storage() {
+        return accepted_unjoined::<TYPED>(listener, child, pid_tgid, comm, now);
+    }
+    let flow = flows::lookup_mut(Probed(child));
     // The child's namespace and local port are the listener's, and its
     // flow holds them: three reads of the listener fewer.
     let key = match flow.as_deref() {
@@ -75,6 +79,33 @@ fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: i
     emit(|event| {
         stamp(event, kind::ACCEPTED, now, &tuple, flow);
         event.duration_ns = wait_ns;
+        event.queue_len = queue_len;
+        event.backlog = backlog;
+    });
+    Ok(())
+}
+
+/// [`accepted`] where flows live in socket storage, which these programs
+/// cannot reach (flows.rs): the event names the connection by its 4-tuple
+/// and the accepting process, and userspace joins it to the passive
+/// handshake it saw (the wait, and the process the connection's later
+/// events carry; `netlens::source::Owners`).
+#[inline(always)]
+fn accepted_unjoined<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: impl FnOnce() -> [u8; 16], now: u64) -> Result<(), i32> {
+    let key = listener_key(listener)?;
+    let _ = overflow::known_listener(listener, &key);
+    owners::accepting(listener, &key);
+    let (queue_len, backlog) = overflow::accept_queue::<TYPED>(listener).unwrap_or((0, 0));
+    let tuple = sock_tuple_in(child, slot::ACCEPT)?;
+    // The child's namespace is its listener's; userspace fills the rest.
+    let flow = flows::blank(slot::ACCEPT).ok_or(-1)?;
+    flow.netns = key.netns;
+    flow.direction = direction::PASSIVE;
+    flow.pid = (pid_tgid >> 32) as u32;
+    flow.comm = comm();
+    emit(|event| {
+        stamp(event, kind::ACCEPTED, now, &tuple, flow);
+        event.duration_ns = ACCEPT_WAIT_UNKNOWN;
         event.queue_len = queue_len;
         event.backlog = backlog;
     });

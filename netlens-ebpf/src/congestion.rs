@@ -29,7 +29,7 @@ pub fn tcp_cong_state_set_btf(ctx: BtfTracePointContext) -> i32 {
     if !kernel_state_changes(tp, state) {
         return 0;
     }
-    let Some(flow) = flows::lookup_mut(sk) else { return 0 };
+    let Some(flow) = flows::lookup_mut(tp) else { return 0 };
     if !ca_state_changes(flow, state) {
         return 0;
     }
@@ -64,7 +64,7 @@ fn on_cong_state(record: &Record) -> Result<(), i32> {
     if !kernel_state_changes(Probed(sk), state) {
         return Ok(());
     }
-    let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
+    let Some(flow) = flows::lookup_mut(Probed(sk)) else { return Ok(()) };
     if !ca_state_changes(flow, state) {
         return Ok(());
     }

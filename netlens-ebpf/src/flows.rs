@@ -1,35 +1,95 @@
-//! The flow table: per-connection state keyed by socket address.
-//!
-//! An LRU hash, so a close we never saw (netlens attached mid-connection,
-//! a missed event) cannot fill it forever. LRU evictions are silent in the
-//! kernel (and the BPF target has no fetch-and-add to keep a shared live
-//! count), so we count inserts and removals per CPU; userspace derives
-//! evictions as inserts - removals - entries still in the table.
+//! Per-connection state (a [`Flow`]), kept in one of two places, chosen
+//! by the loader at start-up (`Config::flows_in_storage`, frozen, so each
+//! program is verified with one of the two):
+//! - socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): the flow lives
+//!   with its socket and the kernel frees it with the socket, so there is
+//!   no table to fill, nothing to evict, and no entry of an earlier socket
+//!   at a reused address. Its helpers take only the BTF-typed socket a
+//!   tracing program was handed (5.11+), so the loader chooses it only
+//!   where every program that keeps flows is one (BTF tracepoints,
+//!   fentry). The others (the resets' and accept()'s record tracepoints)
+//!   find no flow there: userspace joins what they report to the
+//!   connection by its 4-tuple (`netlens::source::Owners`).
+//! - an LRU hash keyed by socket address, where socket storage cannot be
+//!   reached: a close we never saw (netlens attached mid-connection, a
+//!   missed event) cannot fill it forever. LRU evictions are silent in the
+//!   kernel (and the BPF target has no fetch-and-add to keep a shared live
+//!   count), so we count inserts and removals per CPU; userspace derives
+//!   evictions as inserts - removals - entries still in the table.
+
+use core::ptr;
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    macros::map,
+    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
+    btf_maps::SkStorage,
+    cty::c_void,
+    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray},
 };
 use netlens_common::{counter, Flow, FLOW_TABLE_ENTRIES};
 
 use crate::{
+    config::cfg_field,
     events::count,
     kernel::{slot, EEXIST},
-    sock::{Probed, Sock},
+    sock::{Probed, Sock, SockRef},
 };
 
 #[map]
 static FLOWS: LruHashMap<u64, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_ENTRIES, 0);
 
+#[btf_map]
+static FLOW_STORAGE: SkStorage<Flow> = SkStorage::new();
+
+/// Whether flows live in socket storage (see the top of this file).
+#[inline(always)]
+pub fn in_storage() -> bool {
+    cfg_field!(flows_in_storage) != 0
+}
+
+/// The flow in `sk`'s storage, made (zeroed) if `create`. `None` for a
+/// socket the program holds only by address: it cannot reach the storage.
+#[inline(always)]
+fn stored<S: SockRef>(sk: S, create: bool) -> Option<&'static mut Flow> {
+    if !S::TYPED {
+        return None;
+    }
+    let flags = if create { u64::from(BPF_SK_STORAGE_GET_F_CREATE) } else { 0 };
+    let map = ptr::addr_of!(FLOW_STORAGE).cast_mut().cast::<c_void>();
+    // SAFETY: `handed()` is the BTF-typed socket the kernel handed this
+    // program (checked by the verifier); no initial value is passed.
+    let flow = unsafe { bpf_sk_storage_get(map, sk.handed() as *mut c_void, ptr::null_mut(), flags) }.cast::<Flow>();
+    // SAFETY: a live storage value, valid while the program runs (RCU);
+    // one socket's state changes and segments are handled under its lock.
+    (!flow.is_null()).then(|| unsafe { &mut *flow })
+}
+
+/// Drops `sk`'s storage, if the program can reach it.
+#[inline(always)]
+fn unstore<S: SockRef>(sk: S) {
+    if S::TYPED {
+        let map = ptr::addr_of!(FLOW_STORAGE).cast_mut().cast::<c_void>();
+        // SAFETY: as in `stored`.
+        let _ = unsafe { bpf_sk_storage_delete(map, sk.handed() as *mut c_void) };
+    }
+}
+
 /// Starts tracking the connection of socket `sk`.
 #[inline(always)]
-pub fn insert(sk: u64, flow: &Flow) {
-    match FLOWS.insert(sk, flow, BPF_NOEXIST as u64) {
+pub fn insert<S: SockRef>(sk: S, flow: &Flow) {
+    if in_storage() {
+        match stored(sk, true) {
+            Some(slot) => *slot = *flow,
+            None => count(counter::FLOW_INSERT_FAILURES, 1),
+        }
+        return;
+    }
+    match FLOWS.insert(sk.addr(), flow, BPF_NOEXIST as u64) {
         Ok(()) => count(counter::FLOW_INSERTS, 1),
         // The socket address was reused without a close we saw: replace.
         Err(err) if err == -EEXIST => {
-            let _ = FLOWS.insert(sk, flow, 0);
+            let _ = FLOWS.insert(sk.addr(), flow, 0);
         }
         Err(_) => count(counter::FLOW_INSERT_FAILURES, 1),
     }
@@ -38,15 +98,16 @@ pub fn insert(sk: u64, flow: &Flow) {
 /// The tracked flow of `sk`, in place (no copy on the small BPF stack). It
 /// stays valid for the rest of the program, even after [`remove`].
 #[inline(always)]
-pub fn lookup(sk: u64) -> Option<&'static Flow> {
-    // SAFETY: map values live until the program ends (RCU).
-    FLOWS.get_ptr(sk).map(|flow| unsafe { &*flow })
+pub fn lookup<S: SockRef>(sk: S) -> Option<&'static Flow> {
+    lookup_mut(sk).map(|flow| &*flow)
 }
 
 /// Stops tracking `sk`.
 #[inline(always)]
-pub fn remove(sk: u64) {
-    if FLOWS.remove(sk).is_ok() {
+pub fn remove<S: SockRef>(sk: S) {
+    if in_storage() {
+        unstore(sk);
+    } else if FLOWS.remove(sk.addr()).is_ok() {
         count(counter::FLOW_REMOVES, 1);
     }
 }
@@ -54,19 +115,27 @@ pub fn remove(sk: u64) {
 /// Drops the entry at `sk` that belongs to an earlier socket at the same
 /// address (its close was missed). Not counted as a removal: like an LRU
 /// eviction, it is a connection whose end we did not see, and it shows in
-/// the evictions (inserts - removals - live).
+/// the evictions (inserts - removals - live). (In socket storage, an
+/// earlier connection of the same socket: a connect() after a failed one.)
 #[inline(always)]
-pub fn discard_stale(sk: u64) {
-    let _ = FLOWS.remove(sk);
+pub fn discard_stale<S: SockRef>(sk: S) {
+    if in_storage() {
+        unstore(sk);
+    } else {
+        let _ = FLOWS.remove(sk.addr());
+    }
 }
 
 /// The tracked flow of `sk`, in place, for updates.
 #[inline(always)]
-pub fn lookup_mut(sk: u64) -> Option<&'static mut Flow> {
+pub fn lookup_mut<S: SockRef>(sk: S) -> Option<&'static mut Flow> {
+    if in_storage() {
+        return stored(sk, false);
+    }
     // SAFETY: map values live until the program ends (RCU); one socket's
     // segments and state changes are handled under its lock, so no other
     // program writes this flow at the same time.
-    FLOWS.get_ptr_mut(sk).map(|flow| unsafe { &mut *flow })
+    FLOWS.get_ptr_mut(sk.addr()).map(|flow| unsafe { &mut *flow })
 }
 
 /// Per-CPU room for a flow that is not in the table (a connection from
@@ -79,7 +148,7 @@ static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(slot::COUNT, 0
 /// and cgroup (in this program's scratch slot).
 #[inline(always)]
 pub fn known_or_unknown(sk: u64, slot: u32) -> Option<&'static Flow> {
-    if let Some(flow) = lookup(sk) {
+    if let Some(flow) = lookup(Probed(sk)) {
         return Some(flow);
     }
     if sk == 0 {

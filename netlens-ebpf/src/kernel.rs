@@ -58,7 +58,9 @@ pub mod slot {
     /// overflow.rs: `kfree_skb`, and the SYN-path hooks.
     pub const DROP: u32 = 6;
     pub const SYN: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// accept.rs, where flows live in socket storage.
+    pub const ACCEPT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Per-CPU scratch space for records: the 512-byte BPF stack has no room

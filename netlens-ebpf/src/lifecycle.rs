@@ -148,7 +148,7 @@ fn active_open<S: Sock>(sk: S) -> Result<(), i32> {
         direction: direction::ACTIVE,
         ..Flow::default()
     };
-    flows::insert(sk.addr(), &flow);
+    flows::insert(sk, &flow);
     Ok(())
 }
 
@@ -156,12 +156,12 @@ fn active_open<S: Sock>(sk: S) -> Result<(), i32> {
 fn active_established<S: Sock>(sk: S) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // No entry: the connect() began before netlens attached.
-    let Some(flow) = flows::lookup_mut(sk.addr()) else { return Ok(()) };
+    let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
     // connect() put an active flow without endpoints here. Anything else
     // is an earlier socket's, at the same address, whose close we missed
     // (see `closed`): not this connection.
     if flow.direction != direction::ACTIVE || flow.family != 0 {
-        flows::discard_stale(sk.addr());
+        flows::discard_stale(sk);
         return Ok(());
     }
     let tuple = sk.tuple()?;
@@ -211,7 +211,7 @@ fn passive_established<S: Sock>(sk: S) -> Result<(), i32> {
     owners::claim(flow, tuple.sport);
     tuple.store(flow);
     dynamics::established(flow, now);
-    flows::insert(sk.addr(), flow);
+    flows::insert(sk, flow);
     emit(|event| {
         stamp(event, kind::HANDSHAKE, now, &tuple, flow);
         event.duration_ns = now.saturating_sub(start_ns);
@@ -227,16 +227,16 @@ fn passive_established<S: Sock>(sk: S) -> Result<(), i32> {
 #[inline(never)]
 fn connect_failed<S: Sock>(sk: S) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(flow) = flows::lookup(sk.addr()) else { return Ok(()) };
+    let Some(flow) = flows::lookup(sk) else { return Ok(()) };
     // Not connect()'s flow: an earlier socket's (see `active_established`).
     if flow.direction != direction::ACTIVE || flow.family != 0 {
-        flows::discard_stale(sk.addr());
+        flows::discard_stale(sk);
         return Ok(());
     }
     let reported = report_connect_failure(sk, flow, now);
     // Only after the report: a removed LRU entry can be handed to another
     // CPU's insert at once, and `flow` would then read a new connection.
-    flows::remove(sk.addr());
+    flows::remove(sk);
     reported
 }
 
@@ -265,16 +265,16 @@ fn closed<S: Sock>(sk: S) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // A TCP connection opened before netlens attached still reports its
     // totals, with an unknown direction and lifetime.
-    match flows::lookup_mut(sk.addr()) {
+    match flows::lookup_mut(sk) {
         Some(flow) if !owns(flow, sk) => {
-            flows::discard_stale(sk.addr());
+            flows::discard_stale(sk);
             report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now)
         }
         Some(flow) => {
             probe::end_stall_drained_at_close(flow, sk, now);
             let reported = report_close(sk, flow, now);
             // After the report: see connect_failed().
-            flows::remove(sk.addr());
+            flows::remove(sk);
             reported
         }
         None if sk.is_tcp() => report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now),

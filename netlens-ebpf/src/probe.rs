@@ -38,7 +38,7 @@ use crate::{
     events::{counted, emit, stamp},
     flows,
     kernel::{member, typed_member, window_slot, Clock, Tuple},
-    sock::{Probed, Sock, Typed},
+    sock::{Handed, Probed, Sock, SockRef, Typed},
 };
 
 /// `a` comes after `b` in sequence space (the kernel's after()).
@@ -107,7 +107,7 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     // Connections we do not track (opened before we attached) cost one
     // lookup and nothing else.
-    let mut flow = flows::lookup_mut(sk);
+    let mut flow = flows::lookup_mut(Probed(sk));
     if let Some(flow) = flow.as_deref_mut() {
         let result = segment_seqs(ctx.arg(1)).and_then(|seqs| on_segment(flow, Probed(sk), seqs));
         counted(program::TCP_PROBE, result);
@@ -121,10 +121,11 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    let mut flow = flows::lookup_mut(sk);
+    // Every socket tcp_probe passes is TCP: a cast, no call, on 6.2+.
+    let Some(tp) = Typed::of(sk) else { return 0 };
+    let mut flow = flows::lookup_mut(tp);
     if let Some(flow) = flow.as_deref_mut() {
-        let result = Typed::of(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
-        counted(program::TCP_PROBE_BTF, result);
+        counted(program::TCP_PROBE_BTF, on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
     }
     remember_segment(sk, flow.as_deref());
     0
@@ -265,7 +266,7 @@ pub fn end_stall_drained_at_close<S: Sock>(flow: &mut Flow, sk: S, now: u64) {
 /// the application: a stall whose held data is now readable is over.
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn sk_data_ready(ctx: RawTracePointContext) -> i32 {
-    data_ready(Probed(ctx.arg(0)), program::SK_DATA_READY);
+    data_ready(Probed(ctx.arg(0)), Probed(ctx.arg(0)), program::SK_DATA_READY);
     0
 }
 
@@ -282,7 +283,7 @@ pub fn sk_data_ready_btf(ctx: BtfTracePointContext) -> i32 {
     if ooopack_at != 0 && tp.get::<u32>(ooopack_at) == Ok(0) {
         return 0;
     }
-    data_ready(tp, program::SK_DATA_READY_BTF);
+    data_ready(tp, tp, program::SK_DATA_READY_BTF);
     0
 }
 
@@ -291,7 +292,7 @@ pub fn sk_data_ready_btf(ctx: BtfTracePointContext) -> i32 {
 /// fires from (through `sk->sk_data_ready`).
 #[fentry(function = "tcp_data_ready")]
 pub fn tcp_data_ready_fentry(ctx: FEntryContext) -> i32 {
-    data_ready(Probed(ctx.arg(0)), program::TCP_DATA_READY_FENTRY);
+    data_ready(Probed(ctx.arg(0)), Handed(ctx.arg(0)), program::TCP_DATA_READY_FENTRY);
     0
 }
 
@@ -299,17 +300,19 @@ pub fn tcp_data_ready_fentry(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn tcp_data_ready_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        data_ready(Probed(sk), program::TCP_DATA_READY_KPROBE);
+        data_ready(Probed(sk), Probed(sk), program::TCP_DATA_READY_KPROBE);
     }
     0
 }
 
+/// `sk` as the program reads it, `handle` as it finds its flow (an
+/// fentry reads by probe but holds a typed pointer).
 #[inline(always)]
-fn data_ready<S: Sock>(sk: S, program: u32) {
+fn data_ready<S: Sock, H: SockRef>(sk: S, handle: H, program: u32) {
     if no_stall_open(sk.addr()) {
         return;
     }
-    if let Some(flow) = flows::lookup_mut(sk.addr()) {
+    if let Some(flow) = flows::lookup_mut(handle) {
         if flow.hol_start_ns != 0 {
             counted(program, end_stall_if_drained(flow, sk));
         }

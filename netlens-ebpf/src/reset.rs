@@ -31,7 +31,7 @@ fn on_send_reset(record: &Record) -> Result<(), i32> {
     } else {
         sockaddr_tuple(record, local, cfg_field!(send_reset.daddr))?
     };
-    let flow = match flows::lookup(sk) {
+    let flow = match flows::lookup(Probed(sk)) {
         Some(flow) => flow,
         None if sk != 0 => flows::unknown_of(Probed(sk), slot::SEND_RESET).ok_or(-1)?,
         None => {

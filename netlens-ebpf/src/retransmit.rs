@@ -162,7 +162,7 @@ fn on_retransmit<S: Sock, R: Retransmission>(sk: S, retransmission: &R) -> Resul
     // tell those apart; the socket's own total can: report how far it moved.
     let total_retrans: u32 = sk.get(cfg_field!(kernel.tcp_total_retrans))?;
     // One lookup for all three uses below.
-    let mut flow = flows::lookup_mut(sk.addr());
+    let mut flow = flows::lookup_mut(sk);
     let segs = match flow.as_deref_mut() {
         // How far the total moved since the last event (or the start).
         Some(flow) => {

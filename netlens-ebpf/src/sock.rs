@@ -20,13 +20,43 @@ use crate::{
     kernel::{cast, member, name16, slot, sock_tuple_in, typed_member, Tuple, Windows},
 };
 
+/// What a program holds of a socket, as the flow table takes it (flows.rs):
+/// its address, and where the program was handed the socket typed by BTF,
+/// that pointer as the kernel handed it. Socket storage's helpers take no
+/// other: not an address, nor a pointer made by a cast.
+pub trait SockRef: Copy {
+    /// Members are plain loads (a helper call costs more than a few), and
+    /// [`Self::handed`] is the kernel's typed pointer.
+    const TYPED: bool;
+    /// The socket's address: the LRU flow table's key.
+    fn addr(self) -> u64;
+    /// The BTF-typed `struct sock *` the program was handed (0 where not
+    /// [`Self::TYPED`]).
+    fn handed(self) -> u64;
+}
+
+/// A socket's BTF-typed pointer as a BTF tracepoint or fentry program was
+/// handed it, used only to find its flow.
+#[derive(Clone, Copy)]
+pub struct Handed(pub u64);
+
+impl SockRef for Handed {
+    const TYPED: bool = true;
+
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0
+    }
+
+    #[inline(always)]
+    fn handed(self) -> u64 {
+        self.0
+    }
+}
+
 /// A TCP socket a program can read members of. Offsets are from the start
 /// of the socket (`struct sock` and `struct tcp_sock` share it).
-pub trait Sock: Copy {
-    /// Members are plain loads (a helper call costs more than a few).
-    const TYPED: bool;
-    /// The socket's address: the flow table's key.
-    fn addr(self) -> u64;
+pub trait Sock: SockRef {
     /// The member of type `T` (at most 8 bytes) at `offset`.
     fn get<T: Copy>(self, offset: u32) -> Result<T, i32>;
     /// Whether the socket is TCP (SCTP and MPTCP's own sockets pass the
@@ -132,7 +162,7 @@ impl TcpNow {
 #[derive(Clone, Copy)]
 pub struct Probed(pub u64);
 
-impl Sock for Probed {
+impl SockRef for Probed {
     const TYPED: bool = false;
 
     #[inline(always)]
@@ -140,6 +170,13 @@ impl Sock for Probed {
         self.0
     }
 
+    #[inline(always)]
+    fn handed(self) -> u64 {
+        0
+    }
+}
+
+impl Sock for Probed {
     #[inline(always)]
     fn get<T: Copy>(self, offset: u32) -> Result<T, i32> {
         member(self.0, offset)
@@ -167,9 +204,13 @@ impl Sock for Probed {
     }
 }
 
-/// A `struct tcp_sock *` typed by BTF.
+/// A `struct tcp_sock *` typed by BTF, and the `struct sock *` it was
+/// made from (see [`SockRef::handed`]).
 #[derive(Clone, Copy)]
-pub struct Typed(u64);
+pub struct Typed {
+    tp: u64,
+    handed: u64,
+}
 
 impl Typed {
     /// `sk`, a BTF-typed `struct sock *` (a BTF tracepoint's argument), as
@@ -188,24 +229,30 @@ impl Typed {
         }
         // The kfunc, or `bpf_skc_to_tcp_sock` where the id is 0.
         let tp = cast(sk, tcp_sock_type);
-        (tp != 0).then_some(Self(tp))
+        (tp != 0).then_some(Self { tp, handed: sk })
     }
-
 }
 
-impl Sock for Typed {
+impl SockRef for Typed {
     const TYPED: bool = true;
 
     #[inline(always)]
     fn addr(self) -> u64 {
-        self.0
+        self.tp
     }
 
+    #[inline(always)]
+    fn handed(self) -> u64 {
+        self.handed
+    }
+}
+
+impl Sock for Typed {
     #[inline(always)]
     fn get<T: Copy>(self, offset: u32) -> Result<T, i32> {
         // SAFETY: a `struct tcp_sock *` typed by BTF (see `Typed::of`);
         // `offset` lies inside one of its members (checked at load time).
-        Ok(unsafe { typed_member(self.0, offset) })
+        Ok(unsafe { typed_member(self.tp, offset) })
     }
 
     #[inline(always)]

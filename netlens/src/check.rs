@@ -76,14 +76,20 @@ fn inspect() -> Report {
     let mut hooks = Vec::new();
     let facts = privileged.then(loader::resolve_config);
     match facts {
-        Some(Ok(facts)) => {
+        Some(Ok(mut facts)) => {
             row("tracefs", true, facts.tracefs.display().to_string());
             row("offsets", true, "tracepoint fields from tracefs, struct members from BTF".into());
             row("typed socket reads", true, facts.tcp_sock_cast().describe().into());
             row("overflow counts", true, facts.overflow_evidence().into());
-            match loader::open(&facts) {
-                Ok(mut ebpf) => {
-                    let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);
+            let home = loader::FlowHome::first_choice();
+            facts.offsets.config.flows_in_storage = u32::from(home.in_storage());
+            let attached = loader::open(&facts).and_then(|mut ebpf| {
+                let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);
+                loader::place_flows(home, (ebpf, statuses, tried), &mut facts, loader::open)
+            });
+            match attached {
+                Ok((mut ebpf, statuses, tried, home)) => {
+                    row("flow state", true, home.describe());
                     features = statuses;
                     // The accept-queue features choose among hook families.
                     let optional = crate::optional::attach_optional(&mut ebpf, &facts);

@@ -13,6 +13,7 @@ pub mod filter;
 pub mod jsonl;
 pub mod lastgood;
 pub mod kernel;
+pub mod known_connections;
 pub mod loader;
 pub mod optional;
 pub mod service;

@@ -22,10 +22,12 @@ use crate::{
 mod attach_btf;
 mod casts;
 mod ebpf_loader;
+mod flow_home;
 mod hooks;
 mod sizing;
 mod tables;
 pub use casts::Cast;
+pub use flow_home::FlowHome;
 use hooks::{builds_of, TYPED_BUILDS};
 pub use hooks::{Attach, Hook, HOOKS};
 pub use sizing::FlowTableUse;
@@ -97,7 +99,10 @@ pub fn open(facts: &KernelFacts) -> Result<Ebpf> {
 fn open_with<'a>(mut loader: EbpfLoader<'a>, facts: &'a KernelFacts, ring_bytes: u32, flows: FlowTableUse) -> Result<Ebpf> {
     raise_memlock();
     let object = casts::rewrite(EBPF_OBJECT, facts.tcp_sock_cast())?;
-    loader.map_max_entries("FLOWS", sizing::flow_table_entries(flows)?);
+    // Unused where flows live in socket storage (one entry: the map must
+    // exist for the programs that reference it).
+    let table_entries = if facts.offsets.config.flows_in_storage != 0 { 1 } else { sizing::flow_table_entries(flows)? };
+    loader.map_max_entries("FLOWS", table_entries);
     loader.map_max_entries("EVENTS", ring_bytes);
     loader
         .override_global("CONFIG", &facts.offsets.config, true)
@@ -275,6 +280,8 @@ pub struct Probes {
     /// The start-up's facts, the BTF parses most of their memory: freed by
     /// [`Probes::settle`].
     start_up: Option<KernelFacts>,
+    /// Where the programs keep flows.
+    pub flow_home: FlowHome,
 }
 
 /// Verifies, two at a time, the tracepoint programs of each feature's best
@@ -373,6 +380,32 @@ pub fn attach_features(
     (statuses, tried)
 }
 
+/// The features' hooks, attached, and where flows live: `home` as loaded
+/// in `attached`, or where a hook that keeps flows cannot reach socket
+/// storage, everything loaded again by `reopen` with the LRU table.
+pub fn place_flows(
+    home: FlowHome,
+    attached: (Ebpf, Vec<FeatureStatus>, Tried),
+    facts: &mut KernelFacts,
+    reopen: impl FnOnce(&KernelFacts) -> Result<Ebpf>,
+) -> Result<(Ebpf, Vec<FeatureStatus>, Tried, FlowHome)> {
+    let (ebpf, features, tried) = attached;
+    let hooks: Vec<&Hook> = tried.iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| *hook).collect();
+    let placed = home.clone().given(&hooks);
+    if placed == home {
+        return Ok((ebpf, features, tried, home));
+    }
+    // Detached with the object, before the same hooks attach again.
+    drop(ebpf);
+    facts.offsets.config.flows_in_storage = 0;
+    let mut ebpf = reopen(facts)?;
+    let (features, tried) = attach_features(&mut ebpf, facts);
+    Ok((ebpf, features, tried, placed))
+}
+
+/// Every hook tried, with its outcome.
+pub type Tried = Vec<(&'static Hook, Result<(), String>)>;
+
 /// Features a hook serves only in part on this kernel because of what its
 /// tracepoint reports, not whether it attaches.
 fn degrade_for_layouts(statuses: &mut [FeatureStatus], facts: &KernelFacts) {
@@ -416,10 +449,12 @@ impl Probes {
         let loader = std::thread::spawn(ebpf_loader::without_kernel_btf);
         let mut facts = resolve_config()?;
         facts.offsets.config.wakeup_bytes = wakeup_bytes;
+        let home = FlowHome::first_choice();
+        facts.offsets.config.flows_in_storage = u32::from(home.in_storage());
         let t = |what: &str| timing(started, &format!("since start, {what}"));
         // The BTF the BTF-tracepoint and fentry programs load with (a
         // stand-in, attach_btf.rs, ~1 ms): made while the object opens.
-        let (mut ebpf, mut features, tried) = std::thread::scope(|scope| {
+        let (ebpf, features, tried) = std::thread::scope(|scope| {
             scope.spawn(|| facts.fentry_btf().is_ok());
             let loader = loader.join().map_err(|_| anyhow!("creating the eBPF loader failed"))?;
             t("loader ready");
@@ -427,6 +462,9 @@ impl Probes {
             t("object opened, maps created");
             let (features, tried) = attach_features(&mut ebpf, &facts);
             anyhow::Ok((ebpf, features, tried))
+        })?;
+        let (mut ebpf, mut features, tried, flow_home) = place_flows(home, (ebpf, features, tried), &mut facts, |facts| {
+            open_with(ebpf_loader::without_kernel_btf(), facts, ring_bytes, flows)
         })?;
         if let Some(missing) = features.iter().find(|f| f.feature.required && f.level == features::Level::Missing) {
             anyhow::bail!("{} cannot be traced on this kernel: {} (run `netlens check`)", missing.feature.name, missing.why);
@@ -438,7 +476,7 @@ impl Probes {
         t("optional features attached");
         let drop_reason_names = drop_reason_names(&facts.btf.enum_members("skb_drop_reason").unwrap_or_default());
         let attach_time = started.elapsed();
-        Ok(Self { ebpf, attached, features, attach_time, optional, drop_reason_names, start_up: Some(facts) })
+        Ok(Self { ebpf, attached, features, attach_time, optional, drop_reason_names, start_up: Some(facts), flow_home })
     }
 
     /// The accept-queue hooks attached.

@@ -15,6 +15,7 @@ pub use crate::loader::FlowTableUse;
 use crate::{
     census,
     event::ConnEvent,
+    known_connections::KnownConnections,
     kernel::progstats::ProgramStats,
     filter::Filter,
     loader::{KernelCounters, Probes},
@@ -77,6 +78,9 @@ pub struct EventSource {
     overflows_unreadable_said: bool,
     /// Each event's service, resolved off the event path.
     attribution: Attribution,
+    /// Where flows live in socket storage: the connections seen, for the
+    /// events that could not reach their flow (see known_connections.rs).
+    known: Option<KnownConnections>,
 }
 
 /// The processes of the listeners of the namespaces `only_netns` watches,
@@ -159,7 +163,18 @@ impl EventSource {
         }
         let mut tick = tokio::time::interval(delivery.drain_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ok(Self { probes, ring, tick, undecodable: 0, overflows_reported: HashMap::new(), overflows_read: Instant::now(), overflows_unreadable_said: false, attribution: Attribution::start() })
+        let known = probes.flow_home.in_storage().then(KnownConnections::default);
+        Ok(Self {
+            probes,
+            ring,
+            tick,
+            undecodable: 0,
+            overflows_reported: HashMap::new(),
+            overflows_read: Instant::now(),
+            overflows_unreadable_said: false,
+            attribution: Attribution::start(),
+            known,
+        })
     }
 
     /// Waits until events may be pending: a wake-up from the kernel or the
@@ -176,10 +191,18 @@ impl EventSource {
     pub fn drain(&mut self, filter: &Filter, mut sink: impl FnMut(ConnEvent)) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
-            match ConnEvent::from_record(&item) {
+            let Some(event) = ConnEvent::from_record(&item) else {
+                self.undecodable += 1;
+                continue;
+            };
+            // Joined before filtering: a filter may name the process.
+            let joined = match &mut self.known {
+                Some(known) => known.join(event),
+                None => Some(event),
+            };
+            match joined {
                 Some(event) if filter.matches(&event) => self.attribution.push(event, &mut sink),
-                Some(_) => {}
-                None => self.undecodable += 1,
+                _ => {}
             }
         }
         self.attribution.release(&mut sink);
@@ -246,12 +269,22 @@ impl EventSource {
         self.probes.counters(programs)
     }
 
+    /// The kernel's flow table; where flows live in socket storage, the
+    /// connections this side could not keep count as evicted.
     pub fn flow_table(&self) -> Result<crate::loader::FlowTable> {
-        self.probes.flow_table()
+        let mut table = self.probes.flow_table()?;
+        if let Some(known) = &self.known {
+            table.live = known.len() as u64;
+            table.evictions += known.refused;
+        }
+        Ok(table)
     }
 
     pub fn live_flows(&self, limit: usize) -> Result<Vec<crate::loader::LiveFlow>> {
-        self.probes.live_flows(limit)
+        match &self.known {
+            Some(known) => Ok(known.live(limit)),
+            None => self.probes.live_flows(limit),
+        }
     }
 
     pub fn packet_histograms(&self) -> Result<netlens_common::PacketHistograms> {

@@ -51,7 +51,7 @@ impl Hook {
         Self { program, category, target: program, attach }
     }
 
-    const fn function(program: &'static str, target: &'static str, attach: Attach) -> Self {
+    pub(crate) const fn function(program: &'static str, target: &'static str, attach: Attach) -> Self {
         Self { program, category: "", target, attach }
     }
 

@@ -1,0 +1,96 @@
+//! Where the programs keep per-connection state (flows.rs in the eBPF
+//! crate): in socket-local storage, which the kernel frees with the socket
+//! (no table to fill, no evictions), or in the LRU table, sized at start.
+//!
+//! Socket storage's helpers take only the BTF-typed socket a tracing
+//! program was handed, and tracing programs may call them from 5.11 on.
+//! So it is chosen where every hook that keeps flows is a BTF tracepoint or
+//! fentry; hooks that only report (the resets' and accept()'s tracepoints)
+//! find no flow there, and userspace joins them to their connection
+//! (`source::Owners`). The choice is made before the programs load (it is
+//! frozen into their config): a kernel that then refuses a typed build, so
+//! that a raw one keeps flows, gets everything loaded again with the table.
+
+use super::{sizing::FLOW_TABLE_ENV, Attach, Hook};
+use crate::kernel::probe;
+
+/// Tracing programs may use socket storage from this release on.
+const STORAGE_FOR_TRACING: (u32, u32) = (5, 11);
+
+/// Programs that keep flows (both builds of each; see hooks.rs).
+const FLOW_KEEPERS: &[&str] =
+    &["inet_sock_set_state", "tcp_probe", "sk_data_ready", "tcp_data_ready", "tcp_cong_state_set", "tcp_retransmit_skb"];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlowHome {
+    Storage,
+    /// The LRU table, and why not socket storage.
+    Table(String),
+}
+
+impl FlowHome {
+    /// What to load with: socket storage unless this kernel or the
+    /// environment rules it out.
+    pub fn first_choice() -> Self {
+        if std::env::var_os(FLOW_TABLE_ENV).is_some() {
+            return Self::Table(format!("{FLOW_TABLE_ENV} sizes the table"));
+        }
+        match probe::parse_release(&probe::kernel_release()) {
+            Some(version) if version >= STORAGE_FOR_TRACING => Self::Storage,
+            _ => Self::Table(format!(
+                "socket storage needs Linux {}.{}+ for tracing programs",
+                STORAGE_FOR_TRACING.0, STORAGE_FOR_TRACING.1
+            )),
+        }
+    }
+
+    /// This choice, given the hooks that attached; the table where a hook
+    /// that keeps flows cannot reach socket storage (load again).
+    pub fn given(self, attached: &[&Hook]) -> Self {
+        match (self, unreachable_by(attached)) {
+            (Self::Storage, Some(hook)) => Self::Table(format!("{} keeps flows and cannot reach socket storage", hook.describe())),
+            (home, _) => home,
+        }
+    }
+
+    pub fn in_storage(&self) -> bool {
+        *self == Self::Storage
+    }
+
+    /// `check`'s line.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Storage => "socket storage (freed with each socket; nothing to evict)".into(),
+            Self::Table(why) => format!("LRU table, evictions counted ({why})"),
+        }
+    }
+}
+
+fn keeps_flows(program: &str) -> bool {
+    FLOW_KEEPERS.iter().any(|keeper| program.starts_with(keeper))
+}
+
+/// The first hook in `attached` that keeps flows from a program that
+/// cannot call socket storage's helpers.
+fn unreachable_by<'a>(attached: &[&'a Hook]) -> Option<&'a Hook> {
+    attached.iter().copied().find(|hook| keeps_flows(hook.program) && !matches!(hook.attach, Attach::Btf | Attach::FEntry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_build_keeping_flows_sends_them_to_the_table() {
+        let typed = Hook::on("tcp_probe_btf", "tcp", "tcp_probe", Attach::Btf);
+        let raw = Hook::tracepoint("tcp_probe", "tcp", Attach::Raw);
+        let reset = Hook::tracepoint("tcp_send_reset", "tcp", Attach::Record);
+        let fentry = Hook::function("tcp_data_ready_fentry", "tcp_data_ready", Attach::FEntry);
+        let kprobe = Hook::function("tcp_data_ready_kprobe", "tcp_data_ready", Attach::KProbe);
+        assert_eq!(FlowHome::Storage.given(&[&typed, &reset, &fentry]), FlowHome::Storage, "resets only report");
+        assert!(matches!(FlowHome::Storage.given(&[&typed, &raw]), FlowHome::Table(why) if why.contains("tcp_probe")));
+        assert!(matches!(FlowHome::Storage.given(&[&kprobe]), FlowHome::Table(_)));
+        let table = FlowHome::Table("5.10".into());
+        assert_eq!(table.clone().given(&[&typed]), table);
+    }
+}
