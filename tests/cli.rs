@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use serde_json::Value;
+
 use netlens_tests::netlens::binary;
 
 /// The netlens command, run as nobody without capabilities if `as_nobody`.
@@ -97,13 +99,6 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
     assert_eq!(feature(&report, "lifecycle")["hook"], "tp_btf sock:inet_sock_set_state", "{report}");
     assert_eq!(feature(&report, "transport")["hook"], "tp_btf tcp:tcp_probe", "{report}");
     assert_eq!(feature(&report, "retransmits")["hook"], "tp_btf tcp:tcp_retransmit_skb", "{report}");
-    // Socket storage for tracing programs came in 5.11.
-    let release = report["kernel"].as_str().unwrap_or_default();
-    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
-    let storage = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (5, 11);
-    let flow_state = report["checks"].as_array().into_iter().flatten().find(|c| c["check"] == "flow state");
-    let detail = flow_state.map(|c| c["detail"].as_str().unwrap_or_default()).unwrap_or_default();
-    assert_eq!(detail.starts_with("socket storage"), storage, "{report}");
     // Before 6.10, tcp:tcp_send_reset has the 4-tuple layout (a `sport`
     // field) and skips resets sent without a socket.
     let old_reset_layout = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().any(|root| {
@@ -157,6 +152,30 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
             assert!(best.iter().any(|way| outcome.starts_with(way)), "{hook}");
         }
     }
+    // Flows live in the LRU table unless socket storage is asked for.
+    assert!(flow_state(&report).starts_with("LRU table"), "{report}");
+}
+
+/// Asked for, socket storage is what `check` reports on 5.11+ (tracing
+/// programs may use it from then on), the table before; a value that is
+/// neither is refused in one line.
+#[test]
+fn check_reports_flows_in_socket_storage_when_asked() {
+    let (code, report) = check_json(&[("NETLENS_FLOW_STATE", "storage")]);
+    assert_eq!(code, 0, "{report}");
+    let release = report["kernel"].as_str().unwrap_or_default();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    let storage = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (5, 11);
+    assert_eq!(flow_state(&report).starts_with("socket storage"), storage, "{report}");
+    let mut trace = command(&["trace"], false);
+    trace.env("NETLENS_FLOW_STATE", "lru");
+    netlens_tests::netlens::assert_one_line_error(trace, "NETLENS_FLOW_STATE=`lru` must be `table` or `storage`");
+}
+
+/// `check`'s `flow state` line.
+fn flow_state(report: &Value) -> String {
+    let row = report["checks"].as_array().into_iter().flatten().find(|c| c["check"] == "flow state");
+    row.and_then(|c| c["detail"].as_str()).unwrap_or_default().to_string()
 }
 
 /// A hook left out (as on a kernel without it) degrades only its feature,

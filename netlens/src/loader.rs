@@ -449,7 +449,7 @@ impl Probes {
         let loader = std::thread::spawn(ebpf_loader::without_kernel_btf);
         let mut facts = resolve_config()?;
         facts.offsets.config.wakeup_bytes = wakeup_bytes;
-        let home = FlowHome::first_choice();
+        let home = FlowHome::first_choice().map_err(|err| anyhow!(err))?;
         facts.offsets.config.flows_in_storage = u32::from(home.in_storage());
         let t = |what: &str| timing(started, &format!("since start, {what}"));
         // The BTF the BTF-tracepoint and fentry programs load with (a

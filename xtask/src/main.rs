@@ -146,6 +146,17 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
             .env("NETLENS_SKIP_HOOKS", "sys_exit_accept_regs");
         println!("xtask: the accept tests again, with the accept enter hooks (sys_exit_accept_regs left out)");
         counts.merge(run_tests(&mut command)?);
+        // Flows in socket storage (NETLENS_FLOW_STATE=storage, 5.11+): the
+        // tests of what keeps flows and what userspace joins to them.
+        let mut command = cargo();
+        toolchain.apply(&mut command);
+        command
+            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests"])
+            .args(["--test", "lifecycle", "--test", "retransmit", "--test", "transport", "--test", "accept", "--test", "daemon", "--test", "top"])
+            .env("NETLENS_BIN", &binary)
+            .env("NETLENS_FLOW_STATE", "storage");
+        println!("xtask: the lifecycle, retransmit, transport, accept, daemon and top tests again, with flows in socket storage");
+        counts.merge(run_tests(&mut command)?);
     }
     Ok(counts)
 }
@@ -153,7 +164,7 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
 /// The BTF-tracepoint builds, and the accept exit that needs BTF-typed
 /// registers, left out to test their raw fallbacks.
 const RAW_FALLBACK_SKIPS: &str =
-    "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf,sys_exit_accept_typed,sys_exit_accept_regs";
+    "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf,tcp_retransmit_skb_btf,sys_exit_accept_typed,sys_exit_accept_regs";
 
 /// Installs what is missing and builds; returns the netlens binary.
 fn build(with_test_tools: bool) -> Result<PathBuf> {

@@ -2,7 +2,8 @@
 //! crate): in socket-local storage, which the kernel frees with the socket
 //! (no table to fill, no evictions), or in the LRU table, sized at start.
 //!
-//! Socket storage's helpers take only the BTF-typed socket a tracing
+//! The table is the default (see [`DEFAULT_WHY`]); socket storage is asked
+//! for with [`FLOW_STATE_ENV`]. Socket storage's helpers take only the BTF-typed socket a tracing
 //! program was handed, and tracing programs may call them from 5.11 on.
 //! So it is chosen where every hook that keeps flows is a BTF tracepoint or
 //! fentry; hooks that only report (the resets' and accept()'s tracepoints)
@@ -13,6 +14,17 @@
 
 use super::{sizing::FLOW_TABLE_ENV, Attach, Hook};
 use crate::kernel::probe;
+
+/// Chooses where flows live: `table` (the default) or `storage`.
+pub const FLOW_STATE_ENV: &str = "NETLENS_FLOW_STATE";
+
+/// Why the table is the default: measured on 6.18 (README, "Where the time
+/// went", 2026-12-02 15:10), socket storage made each connection cost more
+/// kernel time (two storage allocations per connection, ~650 ns each)
+/// than the LRU operations it replaced, and each segment less (tcp_probe
+/// -18 %). Connection churn is the common load of the hosts the daemon
+/// runs on.
+const DEFAULT_WHY: &str = "the default; NETLENS_FLOW_STATE=storage puts flows in socket storage: cheaper per segment, dearer per connection";
 
 /// Tracing programs may use socket storage from this release on.
 const STORAGE_FOR_TRACING: (u32, u32) = (5, 11);
@@ -29,19 +41,26 @@ pub enum FlowHome {
 }
 
 impl FlowHome {
-    /// What to load with: socket storage unless this kernel or the
-    /// environment rules it out.
-    pub fn first_choice() -> Self {
-        if std::env::var_os(FLOW_TABLE_ENV).is_some() {
-            return Self::Table(format!("{FLOW_TABLE_ENV} sizes the table"));
+    /// What to load with: [`FLOW_STATE_ENV`] (`table`, the default, or
+    /// `storage`), unless this kernel or the environment rules storage out.
+    /// An unknown value is an error.
+    pub fn first_choice() -> Result<Self, String> {
+        let asked = std::env::var(FLOW_STATE_ENV).unwrap_or_default();
+        match asked.trim() {
+            "" | "table" => return Ok(Self::Table(DEFAULT_WHY.into())),
+            "storage" => {}
+            other => return Err(format!("{FLOW_STATE_ENV}=`{other}` must be `table` or `storage`")),
         }
-        match probe::parse_release(&probe::kernel_release()) {
+        if std::env::var_os(FLOW_TABLE_ENV).is_some() {
+            return Ok(Self::Table(format!("{FLOW_TABLE_ENV} sizes the table")));
+        }
+        Ok(match probe::parse_release(&probe::kernel_release()) {
             Some(version) if version >= STORAGE_FOR_TRACING => Self::Storage,
             _ => Self::Table(format!(
                 "socket storage needs Linux {}.{}+ for tracing programs",
                 STORAGE_FOR_TRACING.0, STORAGE_FOR_TRACING.1
             )),
-        }
+        })
     }
 
     /// This choice, given the hooks that attached; the table where a hook
