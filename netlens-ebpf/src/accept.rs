@@ -20,7 +20,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
-use netlens_common::{direction, kind, program, ListenerKey, ACCEPT_WAIT_UNKNOWN, LISTENER_TABLE_ENTRIES};
+use netlens_common::{direction, kind, program, Flow, ListenerKey, ACCEPT_WAIT_UNKNOWN, LISTENER_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
@@ -70,32 +70,39 @@ fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: i
     if flow.established_ns == 0 {
         return Ok(());
     }
-    let (queue_len, backlog) = overflow::accept_queue::<TYPED>(listener).unwrap_or((0, 0));
+    let queue = overflow::accept_queue::<TYPED>(listener).unwrap_or((0, 0));
     let wait_ns = now.saturating_sub(flow.established_ns);
     // From now on the connection is the accepting process's.
     flow.pid = (pid_tgid >> 32) as u32;
     flow.comm = comm();
     let tuple = Tuple::of(flow).ok_or(-1)?;
+    report_accepted(now, &tuple, flow, wait_ns, queue);
+    Ok(())
+}
+
+/// The `accepted` event: the wait since ESTABLISHED ([`ACCEPT_WAIT_UNKNOWN`]
+/// where userspace times it), and the listener's (queue length, backlog).
+#[inline(always)]
+fn report_accepted(now: u64, tuple: &Tuple, flow: &Flow, wait_ns: u64, (queue_len, backlog): (u32, u32)) {
     emit(|event| {
-        stamp(event, kind::ACCEPTED, now, &tuple, flow);
+        stamp(event, kind::ACCEPTED, now, tuple, flow);
         event.duration_ns = wait_ns;
         event.queue_len = queue_len;
         event.backlog = backlog;
     });
-    Ok(())
 }
 
 /// [`accepted`] where flows live in socket storage, which these programs
 /// cannot reach (flows.rs): the event names the connection by its 4-tuple
 /// and the accepting process, and userspace joins it to the passive
 /// handshake it saw (the wait, and the process the connection's later
-/// events carry; `netlens::source::Owners`).
+/// events carry; netlens/src/known_connections.rs).
 #[inline(always)]
 fn accepted_unjoined<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: impl FnOnce() -> [u8; 16], now: u64) -> Result<(), i32> {
     let key = listener_key(listener)?;
     let _ = overflow::known_listener(listener, &key);
     owners::accepting(listener, &key);
-    let (queue_len, backlog) = overflow::accept_queue::<TYPED>(listener).unwrap_or((0, 0));
+    let queue = overflow::accept_queue::<TYPED>(listener).unwrap_or((0, 0));
     let tuple = sock_tuple_in(child, slot::ACCEPT)?;
     // The child's namespace is its listener's; userspace fills the rest.
     let flow = flows::blank(slot::ACCEPT).ok_or(-1)?;
@@ -103,12 +110,7 @@ fn accepted_unjoined<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64
     flow.direction = direction::PASSIVE;
     flow.pid = (pid_tgid >> 32) as u32;
     flow.comm = comm();
-    emit(|event| {
-        stamp(event, kind::ACCEPTED, now, &tuple, flow);
-        event.duration_ns = ACCEPT_WAIT_UNKNOWN;
-        event.queue_len = queue_len;
-        event.backlog = backlog;
-    });
+    report_accepted(now, &tuple, flow, ACCEPT_WAIT_UNKNOWN, queue);
     Ok(())
 }
 

@@ -1,17 +1,18 @@
 //! Per-connection state (a [`Flow`]), kept in one of two places, chosen
 //! by the loader at start-up (`Config::flows_in_storage`, frozen, so each
 //! program is verified with one of the two):
-//! - socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): the flow lives
-//!   with its socket and the kernel frees it with the socket, so there is
-//!   no table to fill, nothing to evict, and no entry of an earlier socket
-//!   at a reused address. Its helpers take only the BTF-typed socket a
-//!   tracing program was handed (5.11+), so the loader chooses it only
-//!   where every program that keeps flows is one (BTF tracepoints,
-//!   fentry). The others (the resets' and accept()'s record tracepoints)
+//! - socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`), when asked for
+//!   (`NETLENS_FLOW_STATE=storage`): the flow lives with its socket and
+//!   the kernel frees it with the socket, so there is no table to fill,
+//!   nothing to evict, and no entry of an earlier socket at a reused
+//!   address. A lookup is cheaper than the table's (tcp_probe -18 %), a
+//!   connection dearer (two allocations; see the README). Its helpers
+//!   take only the BTF-typed socket a tracing program was handed (5.11+),
+//!   so the loader uses it only where every program that keeps flows is
+//!   one (BTF tracepoints, fentry). The others (the resets' and accept()'s record tracepoints)
 //!   find no flow there: userspace joins what they report to the
-//!   connection by its 4-tuple (`netlens::source::Owners`).
-//! - an LRU hash keyed by socket address, where socket storage cannot be
-//!   reached: a close we never saw (netlens attached mid-connection, a
+//!   connection by its 4-tuple (netlens/src/known_connections.rs).
+//! - an LRU hash keyed by socket address, the default: a close we never saw (netlens attached mid-connection, a
 //!   missed event) cannot fill it forever. LRU evictions are silent in the
 //!   kernel (and the BPF target has no fetch-and-add to keep a shared live
 //!   count), so we count inserts and removals per CPU; userspace derives

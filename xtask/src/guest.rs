@@ -107,6 +107,10 @@ pub fn run(label: &str, image: &KernelImage, inputs: &GuestInputs, test_args: &[
     Ok(GuestResults { outcome, dir })
 }
 
+/// Environment variables of netlens that the guest's runs take from the
+/// host's.
+const PASSED_TO_GUESTS: [&str; 1] = ["NETLENS_FLOW_STATE"];
+
 /// plan.tsv: what guest.sh runs, one tab-separated record a line.
 fn plan(netlens: &Path, tests: &[&TestBinary], test_args: &[String], whole_guest_limit: Duration) -> String {
     let mut plan = format!("netlens\t{}\n", netlens.display());
@@ -118,6 +122,13 @@ fn plan(netlens: &Path, tests: &[&TestBinary], test_args: &[String], whole_guest
     let _ = writeln!(plan, "limit\tguest_dump\t{}", whole_guest_limit.saturating_sub(GUEST_DUMP_BEFORE).as_secs());
     for arg in test_args {
         let _ = writeln!(plan, "arg\t{arg}");
+    }
+    // Choices the host was asked for carry into the guest (e.g.
+    // `NETLENS_FLOW_STATE=storage cargo xtask test --kernel 6.1`).
+    for name in PASSED_TO_GUESTS {
+        if let Ok(value) = std::env::var(name) {
+            let _ = writeln!(plan, "env\t{name}\t{value}");
+        }
     }
     for test in tests {
         let _ = writeln!(plan, "test\t{}\t{}\t{}", test.name, test.package_dir.display(), test.executable.display());

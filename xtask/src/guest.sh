@@ -46,6 +46,7 @@ while IFS="$tab" read -r kind a b c; do
         netlens) netlens=$a ;;
         limit) eval "${a}_limit=\$b" ;;
         arg) set -- "$@" "$a" ;;
+        env) export "$a=$b" ;;
     esac
 done <"$out/plan.tsv"
 

@@ -8,7 +8,7 @@
 //! So it is chosen where every hook that keeps flows is a BTF tracepoint or
 //! fentry; hooks that only report (the resets' and accept()'s tracepoints)
 //! find no flow there, and userspace joins them to their connection
-//! (`source::Owners`). The choice is made before the programs load (it is
+//! (known_connections.rs). The choice is made before the programs load (it is
 //! frozen into their config): a kernel that then refuses a typed build, so
 //! that a raw one keeps flows, gets everything loaded again with the table.
 
