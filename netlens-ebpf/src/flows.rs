@@ -9,11 +9,13 @@
 //!   connection dearer (two allocations; see the README). Its helpers
 //!   take only the BTF-typed socket a tracing program was handed (5.11+),
 //!   so the loader uses it only where every program that keeps flows is
-//!   one (BTF tracepoints, fentry). The others (the resets' and accept()'s record tracepoints)
-//!   find no flow there: userspace joins what they report to the
-//!   connection by its 4-tuple (netlens/src/known_connections.rs).
-//! - an LRU hash keyed by socket address, the default: a close we never saw (netlens attached mid-connection, a
-//!   missed event) cannot fill it forever. LRU evictions are silent in the
+//!   one (BTF tracepoints, fentry). The others (the resets' and accept()'s
+//!   record tracepoints) find no flow there: userspace joins what they
+//!   report to the connection by its 4-tuple
+//!   (netlens/src/known_connections.rs).
+//! - an LRU hash keyed by socket address, the default: a close we never
+//!   saw (netlens attached mid-connection, a missed event) cannot fill it
+//!   forever. LRU evictions are silent in the
 //!   kernel (and the BPF target has no fetch-and-add to keep a shared live
 //!   count), so we count inserts and removals per CPU; userspace derives
 //!   evictions as inserts - removals - entries still in the table.
@@ -57,10 +59,9 @@ fn stored<S: SockRef>(sk: S, create: bool) -> Option<&'static mut Flow> {
         return None;
     }
     let flags = if create { u64::from(BPF_SK_STORAGE_GET_F_CREATE) } else { 0 };
-    let map = ptr::addr_of!(FLOW_STORAGE).cast_mut().cast::<c_void>();
     // SAFETY: `handed()` is the BTF-typed socket the kernel handed this
     // program (checked by the verifier); no initial value is passed.
-    let flow = unsafe { bpf_sk_storage_get(map, sk.handed() as *mut c_void, ptr::null_mut(), flags) }.cast::<Flow>();
+    let flow = unsafe { bpf_sk_storage_get(storage_map(), sk.handed() as *mut c_void, ptr::null_mut(), flags) }.cast::<Flow>();
     // SAFETY: a live storage value, valid while the program runs (RCU);
     // one socket's state changes and segments are handled under its lock.
     (!flow.is_null()).then(|| unsafe { &mut *flow })
@@ -70,10 +71,15 @@ fn stored<S: SockRef>(sk: S, create: bool) -> Option<&'static mut Flow> {
 #[inline(always)]
 fn unstore<S: SockRef>(sk: S) {
     if S::TYPED {
-        let map = ptr::addr_of!(FLOW_STORAGE).cast_mut().cast::<c_void>();
         // SAFETY: as in `stored`.
-        let _ = unsafe { bpf_sk_storage_delete(map, sk.handed() as *mut c_void) };
+        let _ = unsafe { bpf_sk_storage_delete(storage_map(), sk.handed() as *mut c_void) };
     }
+}
+
+/// [`FLOW_STORAGE`] as the storage helpers take it.
+#[inline(always)]
+fn storage_map() -> *mut c_void {
+    ptr::addr_of!(FLOW_STORAGE).cast_mut().cast()
 }
 
 /// Starts tracking the connection of socket `sk`.

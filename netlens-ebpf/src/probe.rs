@@ -121,11 +121,11 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    // Every socket tcp_probe passes is TCP: a cast, no call, on 6.2+.
-    let Some(tp) = Typed::of(sk) else { return 0 };
-    let mut flow = flows::lookup_mut(tp);
+    // The flow by the socket as handed; the cast only for tracked ones.
+    let mut flow = flows::lookup_mut(Handed(sk));
     if let Some(flow) = flow.as_deref_mut() {
-        counted(program::TCP_PROBE_BTF, on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
+        let result = Typed::of(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
+        counted(program::TCP_PROBE_BTF, result);
     }
     remember_segment(sk, flow.as_deref());
     0

@@ -81,9 +81,8 @@ fn inspect() -> Report {
             row("offsets", true, "tracepoint fields from tracefs, struct members from BTF".into());
             row("typed socket reads", true, facts.tcp_sock_cast().describe().into());
             row("overflow counts", true, facts.overflow_evidence().into());
-            let home = loader::FlowHome::first_choice().map_err(|err| anyhow::anyhow!(err));
-            facts.offsets.config.flows_in_storage = u32::from(home.as_ref().is_ok_and(|home| home.in_storage()));
-            let attached = home.and_then(|home| Ok((home, loader::open(&facts)?))).and_then(|(home, mut ebpf)| {
+            let attached = loader::choose_flow_home(&mut facts).and_then(|home| {
+                let mut ebpf = loader::open(&facts)?;
                 let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);
                 loader::place_flows(home, (ebpf, statuses, tried), &mut facts, loader::open)
             });

@@ -23,11 +23,13 @@ mod attach_btf;
 mod casts;
 mod ebpf_loader;
 mod flow_home;
+mod hook_error;
 mod hooks;
 mod sizing;
 mod tables;
 pub use casts::Cast;
-pub use flow_home::FlowHome;
+pub use flow_home::{choose as choose_flow_home, place_flows, FlowHome, Tried};
+pub use hook_error::{HookError, FULL_ERRORS};
 use hooks::{builds_of, TYPED_BUILDS};
 pub use hooks::{Attach, Hook, HOOKS};
 pub use sizing::FlowTableUse;
@@ -108,15 +110,6 @@ fn open_with<'a>(mut loader: EbpfLoader<'a>, facts: &'a KernelFacts, ring_bytes:
         .override_global("CONFIG", &facts.offsets.config, true)
         .load(object.bytes())
         .context("loading the eBPF object")
-}
-
-/// Why a hook could not be set up.
-#[derive(Debug)]
-pub enum HookError {
-    /// The kernel lacks it (or netlens cannot read its layout here).
-    Unavailable(String),
-    Load(anyhow::Error),
-    Attach(anyhow::Error),
 }
 
 /// Loads and attaches one hook's program, after checking that this kernel
@@ -227,34 +220,6 @@ fn unavailable(facts: &KernelFacts, hook: &Hook) -> Option<String> {
     let served = TYPED_BUILDS.iter().find(|(_, typed)| *typed == hook.program).map_or(hook.program, |(name, _)| *name);
     facts.offsets.unavailable(served).map(str::to_string)
 }
-
-impl std::fmt::Display for HookError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HookError::Unavailable(why) => write!(f, "{why}"),
-            HookError::Load(err) => write!(f, "the kernel rejected the program: {}", short_error(err)),
-            HookError::Attach(err) => write!(f, "attaching failed: {}", short_error(err)),
-        }
-    }
-}
-
-/// Whether hook errors keep the kernel's whole verifier log (`netlens
-/// check --verbose`) instead of its first line.
-pub static FULL_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// aya's errors carry the verifier log; a line for a table needs the cause.
-fn short_error(err: &anyhow::Error) -> String {
-    let text = format!("{err:#}");
-    if FULL_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
-        return text;
-    }
-    let line = text.lines().next().unwrap_or_default();
-    let line = line.split(". Verifier output").next().unwrap_or(line);
-    let cut: String = line.chars().take(160).collect();
-    cut
-}
-
-impl std::error::Error for HookError {}
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock() {
@@ -380,32 +345,6 @@ pub fn attach_features(
     (statuses, tried)
 }
 
-/// The features' hooks, attached, and where flows live: `home` as loaded
-/// in `attached`, or where a hook that keeps flows cannot reach socket
-/// storage, everything loaded again by `reopen` with the LRU table.
-pub fn place_flows(
-    home: FlowHome,
-    attached: (Ebpf, Vec<FeatureStatus>, Tried),
-    facts: &mut KernelFacts,
-    reopen: impl FnOnce(&KernelFacts) -> Result<Ebpf>,
-) -> Result<(Ebpf, Vec<FeatureStatus>, Tried, FlowHome)> {
-    let (ebpf, features, tried) = attached;
-    let hooks: Vec<&Hook> = tried.iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| *hook).collect();
-    let placed = home.clone().given(&hooks);
-    if placed == home {
-        return Ok((ebpf, features, tried, home));
-    }
-    // Detached with the object, before the same hooks attach again.
-    drop(ebpf);
-    facts.offsets.config.flows_in_storage = 0;
-    let mut ebpf = reopen(facts)?;
-    let (features, tried) = attach_features(&mut ebpf, facts);
-    Ok((ebpf, features, tried, placed))
-}
-
-/// Every hook tried, with its outcome.
-pub type Tried = Vec<(&'static Hook, Result<(), String>)>;
-
 /// Features a hook serves only in part on this kernel because of what its
 /// tracepoint reports, not whether it attaches.
 fn degrade_for_layouts(statuses: &mut [FeatureStatus], facts: &KernelFacts) {
@@ -449,8 +388,7 @@ impl Probes {
         let loader = std::thread::spawn(ebpf_loader::without_kernel_btf);
         let mut facts = resolve_config()?;
         facts.offsets.config.wakeup_bytes = wakeup_bytes;
-        let home = FlowHome::first_choice().map_err(|err| anyhow!(err))?;
-        facts.offsets.config.flows_in_storage = u32::from(home.in_storage());
+        let home = flow_home::choose(&mut facts)?;
         let t = |what: &str| timing(started, &format!("since start, {what}"));
         // The BTF the BTF-tracepoint and fentry programs load with (a
         // stand-in, attach_btf.rs, ~1 ms): made while the object opens.

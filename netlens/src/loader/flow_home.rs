@@ -12,8 +12,11 @@
 //! frozen into their config): a kernel that then refuses a typed build, so
 //! that a raw one keeps flows, gets everything loaded again with the table.
 
-use super::{sizing::FLOW_TABLE_ENV, Attach, Hook};
-use crate::kernel::probe;
+use anyhow::{anyhow, Result};
+use aya::Ebpf;
+
+use super::{attach_features, sizing::FLOW_TABLE_ENV, Attach, Hook, KernelFacts};
+use crate::{features::FeatureStatus, kernel::probe};
 
 /// Chooses where flows live: `table` (the default) or `storage`.
 pub const FLOW_STATE_ENV: &str = "NETLENS_FLOW_STATE";
@@ -84,6 +87,40 @@ impl FlowHome {
         }
     }
 }
+
+/// Chooses where flows live ([`FlowHome::first_choice`]) and writes the
+/// choice into the programs' config, before they load.
+pub fn choose(facts: &mut KernelFacts) -> Result<FlowHome> {
+    let home = FlowHome::first_choice().map_err(|err| anyhow!(err))?;
+    facts.offsets.config.flows_in_storage = u32::from(home.in_storage());
+    Ok(home)
+}
+
+/// The features' hooks, attached, and where flows live: `home` as loaded
+/// in `attached`, or where a hook that keeps flows cannot reach socket
+/// storage, everything loaded again by `reopen` with the LRU table.
+pub fn place_flows(
+    home: FlowHome,
+    attached: (Ebpf, Vec<FeatureStatus>, Tried),
+    facts: &mut KernelFacts,
+    reopen: impl FnOnce(&KernelFacts) -> Result<Ebpf>,
+) -> Result<(Ebpf, Vec<FeatureStatus>, Tried, FlowHome)> {
+    let (ebpf, features, tried) = attached;
+    let hooks: Vec<&Hook> = tried.iter().filter(|(_, outcome)| outcome.is_ok()).map(|(hook, _)| *hook).collect();
+    let placed = home.clone().given(&hooks);
+    if placed == home {
+        return Ok((ebpf, features, tried, home));
+    }
+    // Detached with the object, before the same hooks attach again.
+    drop(ebpf);
+    facts.offsets.config.flows_in_storage = 0;
+    let mut ebpf = reopen(facts)?;
+    let (features, tried) = attach_features(&mut ebpf, facts);
+    Ok((ebpf, features, tried, placed))
+}
+
+/// Every hook tried, with its outcome.
+pub type Tried = Vec<(&'static Hook, Result<(), String>)>;
 
 fn keeps_flows(program: &str) -> bool {
     FLOW_KEEPERS.iter().any(|keeper| program.starts_with(keeper))
