@@ -78,7 +78,15 @@ pub mod counter {
     /// direction, as an evicted one's do; userspace counts them with the
     /// evictions.
     pub const FLOW_INSERT_FAILURES: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Retransmissions no `retransmit` event reported: at close, how far
+    /// the socket's total is ahead of the last one seen. The kernel skips
+    /// a tracepoint program while another runs on that CPU (a map read
+    /// from userspace counts too), uncounted before 6.7; and before 6.10
+    /// the tracepoint does not fire for a retransmission that failed to
+    /// send. An earlier gap shows in the connection's next event (`segs`
+    /// 2 or more); this counts the ones after a connection's last.
+    pub const RETRANSMITS_UNSEEN: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// The eBPF programs, each with a slot in the per-CPU `PROGRAM_ERRORS` map:

@@ -32,7 +32,7 @@ use crate::{
     dynamics, flows, owners, probe,
     kernel::{current_comm, slot, Tuple},
     overflow,
-    retransmit::take_synack_start,
+    retransmit::{self, take_synack_start},
     sock::{Probed, Sock, Typed},
     synstart,
 };
@@ -272,6 +272,7 @@ fn closed<S: Sock>(sk: S) -> Result<(), i32> {
         }
         Some(flow) => {
             probe::end_stall_drained_at_close(flow, sk, now);
+            retransmit::count_unseen_at_close(sk, flow);
             let reported = report_close(sk, flow, now);
             // After the report: see connect_failed().
             flows::remove(sk);

@@ -8,12 +8,12 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{BtfTracePointContext, TracePointContext},
 };
-use netlens_common::{direction, kind, program, tcp_state, Flow, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
+use netlens_common::{counter, direction, kind, program, tcp_state, Flow, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
     dynamics::{ca_state_of, ca_state_seen},
-    events::{counted, emit, stamp},
+    events::{count, counted, emit, stamp},
     flows,
     kernel::{member, slot, tuple, typed_member, Record, Tuple},
     probe::segment_seqs_typed,
@@ -241,4 +241,17 @@ fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
         event.segs = 1;
     });
     Ok(())
+}
+
+/// Retransmissions after the connection's last `retransmit` event (see
+/// `counter::RETRANSMITS_UNSEEN`): the close's total has them, the events
+/// do not.
+#[inline(always)]
+pub fn count_unseen_at_close<S: Sock>(sk: S, flow: &Flow) {
+    let Ok(total_retrans) = sk.get::<u32>(cfg_field!(kernel.tcp_total_retrans)) else { return };
+    let unseen = total_retrans.wrapping_sub(flow.total_retrans);
+    // The total only grows; a "negative" gap would be a stale entry.
+    if unseen != 0 && unseen < 1 << 31 {
+        count(counter::RETRANSMITS_UNSEEN, unseen as u64);
+    }
 }

@@ -176,6 +176,7 @@ struct Reported {
     lost: u64,
     missed: u64,
     counts_missed: u64,
+    retransmits_unseen: u64,
 }
 
 /// Says on stderr when events were lost since the last report: lost events
@@ -199,6 +200,13 @@ fn report_losses(source: &EventSource, reported: &mut Reported) {
             counters.counts_missed
         );
         reported.counts_missed = counters.counts_missed;
+    }
+    if counters.retransmits_unseen > reported.retransmits_unseen {
+        eprintln!(
+            "netlens: {} retransmissions so far had no retransmit event, only their connection's total at close: the kernel skipped the hook or failed to send them",
+            counters.retransmits_unseen
+        );
+        reported.retransmits_unseen = counters.retransmits_unseen;
     }
 }
 

@@ -57,6 +57,12 @@ impl Traced {
         self.said("runs of counting programs skipped")
     }
 
+    /// Retransmissions netlens said only a close's total showed (its last
+    /// report).
+    pub fn retransmits_unseen(&self) -> u64 {
+        self.said("retransmissions so far had no retransmit event")
+    }
+
     /// Flow-table evictions netlens reported at exit (0 when it said nothing).
     pub fn evictions(&self) -> u64 {
         self.stderr

@@ -252,11 +252,12 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
     // netlens's own health and cost.
     families.push(family(
         "netlens_events_lost_total",
-        "Events that never reached netlens: ring_buffer_full (reader too slow), kernel_skipped (program already running on that CPU).",
+        "Events that never reached netlens: ring_buffer_full (reader too slow), kernel_skipped (program already running on that CPU), retransmit_seen_at_close (retransmissions only a close's total showed).",
         MetricType::COUNTER,
         vec![
             counter(vec![label("cause", "ring_buffer_full")], inputs.counters.events_lost as f64),
             counter(vec![label("cause", "kernel_skipped")], inputs.counters.events_missed as f64),
+            counter(vec![label("cause", "retransmit_seen_at_close")], inputs.counters.retransmits_unseen as f64),
         ],
     ));
     families.push(family(

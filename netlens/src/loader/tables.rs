@@ -71,6 +71,9 @@ pub struct KernelCounters {
     /// The same in programs that only count (`program::COUNT_ONLY`): drop
     /// and listen-overflow counts that may be short.
     pub counts_missed: u64,
+    /// Retransmissions that only a close's total showed, no `retransmit`
+    /// event (see `counter::RETRANSMITS_UNSEEN`).
+    pub retransmits_unseen: u64,
 }
 
 impl Probes {
@@ -111,7 +114,12 @@ impl Probes {
                 .map(|(_, stats)| stats.recursion_misses)
                 .sum()
         };
-        Ok(KernelCounters { events_lost: self.counter(counter::EVENTS_LOST)?, events_missed: missed(false), counts_missed: missed(true) })
+        Ok(KernelCounters {
+            events_lost: self.counter(counter::EVENTS_LOST)?,
+            events_missed: missed(false),
+            counts_missed: missed(true),
+            retransmits_unseen: self.counter(counter::RETRANSMITS_UNSEEN)?,
+        })
     }
 
     /// Up to `limit` connections from the flow table (those whose endpoints
