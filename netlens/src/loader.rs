@@ -74,7 +74,12 @@ impl KernelFacts {
     /// The kernel's BTF as aya parses it, for fentry/fexit.
     pub(crate) fn fentry_btf(&self) -> Result<&Btf, HookError> {
         self.fentry_btf
-            .get_or_init(|| attach_btf::for_hooks(&self.btf, HOOKS.iter().chain(optional::all_hooks())))
+            .get_or_init(|| {
+                let started = Instant::now();
+                let stand_in = attach_btf::for_hooks(&self.btf, HOOKS.iter().chain(optional::all_hooks()));
+                timing(started, "stand-in BTF for typed loads made");
+                stand_in
+            })
             .as_ref()
             .ok_or_else(|| HookError::Load(anyhow!("kernel BTF unreadable for fentry")))
     }
@@ -99,17 +104,21 @@ pub fn open(facts: &KernelFacts) -> Result<Ebpf> {
 /// `ring_bytes`: the size of the event ring buffer (a power of two, at
 /// least a page); the flow table is sized for `flows` (see sizing.rs).
 fn open_with<'a>(mut loader: EbpfLoader<'a>, facts: &'a KernelFacts, ring_bytes: u32, flows: FlowTableUse) -> Result<Ebpf> {
+    let started = Instant::now();
     raise_memlock();
     let object = casts::rewrite(EBPF_OBJECT, facts.tcp_sock_cast())?;
+    timing(started, "object rewritten");
     // Unused where flows live in socket storage (one entry: the map must
     // exist for the programs that reference it).
     let table_entries = if facts.offsets.config.flows_in_storage != 0 { 1 } else { sizing::flow_table_entries(flows)? };
     loader.map_max_entries("FLOWS", table_entries);
     loader.map_max_entries("EVENTS", ring_bytes);
-    loader
+    let ebpf = loader
         .override_global("CONFIG", &facts.offsets.config, true)
         .load(object.bytes())
-        .context("loading the eBPF object")
+        .context("loading the eBPF object");
+    timing(started, "object parsed, maps created");
+    ebpf
 }
 
 /// Loads and attaches one hook's program, after checking that this kernel
