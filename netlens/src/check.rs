@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::{
     features::{FeatureStatus, Level},
     kernel::{btf::VMLINUX, probe},
-    loader::{self, HOOKS},
+    loader::{self, Attach, Hook, HOOKS},
 };
 
 struct Row {
@@ -105,6 +105,12 @@ fn inspect() -> Report {
                         })
                         .collect();
                     hooks.extend(optional.iter().map(|status| (format!("{} hooks", status.feature), status.describe())));
+                    let attached = tried
+                        .iter()
+                        .filter(|(_, outcome)| outcome.is_ok())
+                        .map(|(hook, _)| *hook)
+                        .chain(optional.iter().filter_map(|status| status.served_by).flat_map(|family| family.hooks.iter()));
+                    row("skipped runs", true, skipped_runs(probe::parse_release(&kernel), attached));
                 }
                 Err(err) => row("ebpf object", false, format!("{err:#}")),
             }
@@ -113,6 +119,29 @@ fn inspect() -> Report {
         None => row("tracefs", false, "not checked: needs privileges".into()),
     }
     Report { kernel, rows, features, hooks }
+}
+
+/// Whether netlens can count every program run the kernel skips (a
+/// program is not run while another runs on that CPU, e.g. when a softirq
+/// interrupts one): `events missed` rests on the kernel's count. Before 6.7
+/// the kernel skips classic tracepoint and kprobe programs without counting
+/// it (`trace_call_bpf`); BTF-typed and raw programs either nest or are
+/// counted on every kernel. `attached`: the hooks in use.
+fn skipped_runs<'a>(version: Option<(u32, u32)>, attached: impl Iterator<Item = &'a Hook>) -> String {
+    if version.is_some_and(|version| version >= (6, 7)) {
+        return "counted for every program: netlens reports them as events missed".into();
+    }
+    let uncounted: Vec<String> = attached
+        .filter(|hook| matches!(hook.attach, Attach::Record | Attach::KProbe | Attach::KRetProbe))
+        .map(Hook::describe)
+        .collect();
+    if uncounted.is_empty() {
+        return "counted for every program in use (all BTF-typed or raw)".into();
+    }
+    format!(
+        "not counted for {}: before 6.7 the kernel skips those while another BPF program runs on that CPU without counting it",
+        uncounted.join(", ")
+    )
 }
 
 fn print_tables(report: &Report) {
@@ -169,4 +198,22 @@ fn print_json(report: &Report) {
         "hooks": report.hooks.iter().map(|(hook, outcome)| json!({"hook": hook, "outcome": outcome})).collect::<Vec<_>>(),
     });
     println!("{value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before 6.7 the classic tracepoints in use are named; from 6.7, or
+    /// with only typed hooks, every skipped run is counted.
+    #[test]
+    fn skipped_runs_name_the_uncounted_hooks() {
+        let record = HOOKS.iter().find(|hook| matches!(hook.attach, Attach::Record)).expect("a classic tracepoint hook");
+        let typed = HOOKS.iter().find(|hook| matches!(hook.attach, Attach::Btf)).expect("a BTF tracepoint hook");
+        let old = skipped_runs(Some((6, 1)), [record, typed].into_iter());
+        assert!(old.starts_with(&format!("not counted for {}: before 6.7", record.describe())), "{old}");
+        assert!(!old.contains(&typed.describe()), "{old}");
+        assert!(skipped_runs(Some((6, 7)), [record].into_iter()).starts_with("counted for every program:"));
+        assert!(skipped_runs(Some((5, 10)), [typed].into_iter()).starts_with("counted for every program in use"));
+    }
 }
