@@ -130,7 +130,8 @@ pub mod program {
     pub const FENTRY_TCP_V4_SYN_RECV_SOCK: u32 = 31;
     pub const FENTRY_TCP_V6_SYN_RECV_SOCK: u32 = 32;
     pub const TCP_RETRANSMIT_SKB_BTF: u32 = 33;
-    pub const COUNT: u32 = 34;
+    pub const TCP_RECEIVE_RESET_BTF: u32 = 34;
+    pub const COUNT: u32 = 35;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -168,6 +169,7 @@ pub mod program {
         "fentry_tcp_v4_syn_recv_sock",
         "fentry_tcp_v6_syn_recv_sock",
         "tcp_retransmit_skb_btf",
+        "tcp_receive_reset_btf",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen

@@ -85,6 +85,7 @@ pub const HOOKS: &[Hook] = &[
     Hook::tracepoint("tcp_retransmit_skb", "tcp", Attach::Record),
     Hook::tracepoint("tcp_retransmit_synack", "tcp", Attach::Record),
     Hook::tracepoint("tcp_send_reset", "tcp", Attach::Record),
+    Hook::on("tcp_receive_reset_btf", "tcp", "tcp_receive_reset", Attach::Btf),
     Hook::tracepoint("tcp_receive_reset", "tcp", Attach::Record),
     Hook::on("tcp_probe_btf", "tcp", "tcp_probe", Attach::Btf),
     Hook::tracepoint("tcp_probe", "tcp", Attach::Raw),
@@ -101,6 +102,7 @@ pub const HOOKS: &[Hook] = &[
 pub(super) const TYPED_BUILDS: &[(&str, &str)] = &[
     ("inet_sock_set_state", "inet_sock_set_state_btf"),
     ("tcp_retransmit_skb", "tcp_retransmit_skb_btf"),
+    ("tcp_receive_reset", "tcp_receive_reset_btf"),
     ("tcp_probe", "tcp_probe_btf"),
     ("tcp_cong_state_set", "tcp_cong_state_set_btf"),
     ("sk_data_ready", "sk_data_ready_btf"),
