@@ -139,9 +139,7 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
     // classic tracepoints, which every kernel in the matrix uses (resets).
     let skipped = checks.iter().find(|row| row["check"] == "skipped runs").expect("a `skipped runs` row");
     let skipped = skipped["detail"].as_str().unwrap_or("");
-    let release = report["kernel"].as_str().unwrap_or_default();
-    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
-    if (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 7) {
+    if kernel_version(&report) >= (6, 7) {
         assert!(skipped.starts_with("counted for every program:"), "{skipped}");
     } else {
         assert!(skipped.starts_with("not counted for ") && skipped.contains("tracepoint tcp:tcp_send_reset"), "{skipped}");
@@ -174,13 +172,18 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
 fn check_reports_flows_in_socket_storage_when_asked() {
     let (code, report) = check_json(&[("NETLENS_FLOW_STATE", "storage")]);
     assert_eq!(code, 0, "{report}");
-    let release = report["kernel"].as_str().unwrap_or_default();
-    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
-    let storage = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (5, 11);
+    let storage = kernel_version(&report) >= (5, 11);
     assert_eq!(flow_state(&report).starts_with("socket storage"), storage, "{report}");
     let mut trace = command(&["trace"], false);
     trace.env("NETLENS_FLOW_STATE", "lru");
     netlens_tests::netlens::assert_one_line_error(trace, "NETLENS_FLOW_STATE=`lru` must be `table` or `storage`");
+}
+
+/// (major, minor) of the kernel `check` reported.
+fn kernel_version(report: &Value) -> (u32, u32) {
+    let release = report["kernel"].as_str().unwrap_or_default();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
 }
 
 /// `check`'s `flow state` line.

@@ -36,7 +36,7 @@ use crate::{
     config::cfg_field,
     events::count,
     kernel::{slot, EEXIST},
-    sock::{Probed, Sock, SockRef},
+    sock::{Sock, SockRef},
 };
 
 #[map]
@@ -157,14 +157,14 @@ static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(slot::COUNT, 0
 /// The tracked flow of `sk`, or a stand-in that knows only its namespace
 /// and cgroup (in this program's scratch slot).
 #[inline(always)]
-pub fn known_or_unknown(sk: u64, slot: u32) -> Option<&'static Flow> {
-    if let Some(flow) = lookup(Probed(sk)) {
+pub fn known_or_unknown<S: Sock>(sk: S, slot: u32) -> Option<&'static Flow> {
+    if let Some(flow) = lookup(sk) {
         return Some(flow);
     }
-    if sk == 0 {
+    if sk.addr() == 0 {
         return blank(slot).map(|flow| &*flow);
     }
-    unknown_of(Probed(sk), slot).map(|flow| &*flow)
+    unknown_of(sk, slot).map(|flow| &*flow)
 }
 
 /// A stand-in flow for socket `sk`, which we do not track, in scratch

@@ -268,17 +268,16 @@ fn closed<S: Sock>(sk: S) -> Result<(), i32> {
     match flows::lookup_mut(sk) {
         Some(flow) if !owns(flow, sk) => {
             flows::discard_stale(sk);
-            report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now)
+            report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now, Tracked::No)
         }
         Some(flow) => {
             probe::end_stall_drained_at_close(flow, sk, now);
-            retransmit::count_unseen_at_close(sk, flow);
-            let reported = report_close(sk, flow, now);
+            let reported = report_close(sk, flow, now, Tracked::Yes);
             // After the report: see connect_failed().
             flows::remove(sk);
             reported
         }
-        None if sk.is_tcp() => report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now),
+        None if sk.is_tcp() => report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now, Tracked::No),
         None => Ok(()),
     }
 }
@@ -302,9 +301,17 @@ fn owns<S: Sock>(flow: &Flow, sk: S) -> bool {
     }
 }
 
+/// Whether a close's flow is the connection's own, tracked since it
+/// opened, or a stand-in that knows nothing of what came before.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tracked {
+    Yes,
+    No,
+}
+
 /// Its own BPF function: the close report needs most of the stack.
 #[inline(never)]
-fn report_close<S: Sock>(sk: S, flow: &Flow, now: u64) -> Result<(), i32> {
+fn report_close<S: Sock>(sk: S, flow: &Flow, now: u64, tracked: Tracked) -> Result<(), i32> {
     let tuple = Tuple::of(flow).map_or_else(|| sk.tuple(), Ok)?;
     let lifetime_ns = if flow.start_ns != 0 { now.saturating_sub(flow.start_ns) } else { 0 };
     // Payload only: the kernel's byte counters also count SYN and FIN
@@ -317,6 +324,9 @@ fn report_close<S: Sock>(sk: S, flow: &Flow, now: u64) -> Result<(), i32> {
     let sk_flags: u64 = sk.get(cfg_field!(kernel.sock_flags)).unwrap_or(0);
     let fin_received = (sk_flags >> (cfg_field!(kernel.sock_done_bit) & 63)) & 1;
     let total_retrans: u32 = sk.get(cfg_field!(kernel.tcp_total_retrans)).unwrap_or(0);
+    if tracked == Tracked::Yes {
+        retransmit::count_unseen_at_close(total_retrans, flow);
+    }
     let dsack_dups: u32 = sk.get(cfg_field!(kernel.tcp_dsack_dups)).unwrap_or(0);
     let segs_out: u32 = sk.get(cfg_field!(kernel.tcp_segs_out)).unwrap_or(0);
     emit(|close: &mut RawClose| {

@@ -90,7 +90,7 @@ fn on_receive_reset(record: &Record) -> Result<(), i32> {
     let tuple = tuple(record, &cfg_field!(receive_reset.tuple), sk)?;
     // The tracepoint has no state field; the socket's state is in
     // sock_common, but the lifecycle events already say it.
-    let flow = flows::known_or_unknown(sk, slot::RECEIVE_RESET).ok_or(-1)?;
+    let flow = flows::known_or_unknown(Probed(sk), slot::RECEIVE_RESET).ok_or(-1)?;
     emit(|event| stamp(event, kind::RESET_RECEIVED, unsafe { bpf_ktime_get_ns() }, &tuple, flow));
     Ok(())
 }
@@ -112,10 +112,7 @@ pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn on_receive_reset_typed(sk: Typed) -> Result<(), i32> {
     let tuple = sk.tuple()?;
-    let flow = match flows::lookup(sk) {
-        Some(flow) => flow,
-        None => flows::unknown_of(sk, slot::RECEIVE_RESET).ok_or(-1)?,
-    };
+    let flow = flows::known_or_unknown(sk, slot::RECEIVE_RESET).ok_or(-1)?;
     emit(|event| stamp(event, kind::RESET_RECEIVED, unsafe { bpf_ktime_get_ns() }, &tuple, flow));
     Ok(())
 }

@@ -244,11 +244,10 @@ fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
 }
 
 /// Retransmissions after the connection's last `retransmit` event (see
-/// `counter::RETRANSMITS_UNSEEN`): the close's total has them, the events
-/// do not.
+/// `counter::RETRANSMITS_UNSEEN`): the socket's `total_retrans` at close
+/// has them, the events do not.
 #[inline(always)]
-pub fn count_unseen_at_close<S: Sock>(sk: S, flow: &Flow) {
-    let Ok(total_retrans) = sk.get::<u32>(cfg_field!(kernel.tcp_total_retrans)) else { return };
+pub fn count_unseen_at_close(total_retrans: u32, flow: &Flow) {
     let unseen = total_retrans.wrapping_sub(flow.total_retrans);
     // The total only grows; a "negative" gap would be a stale entry.
     if unseen != 0 && unseen < 1 << 31 {
