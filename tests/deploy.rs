@@ -26,6 +26,7 @@ const NETLENS_METRICS: &[&str] = &[
     "netlens_tcp_zero_window_duration_seconds",
     "netlens_tcp_srtt_seconds",
     "netlens_tcp_segment_srtt_seconds",
+    "netlens_tcp_segment_cwnd_segments",
     "netlens_tcp_drops_total",
     "netlens_tcp_sockets",
     "netlens_tcp_ephemeral_ports_used_ratio",

@@ -202,7 +202,11 @@ pub struct Flow {
     pub hol_ooo_segments: u32,
     /// Congestion state in force and since when.
     pub ca_state: u8,
-    pub _pad_ca: [u8; 3],
+    /// The log2 buckets of srtt and cwnd at the last segment
+    /// (`histogram::log2_bucket_from`).
+    pub srtt_bucket: u8,
+    pub cwnd_bucket: u8,
+    pub _pad_ca: u8,
     pub ca_since_ns: u64,
     /// Zero-window episodes in progress (0: none).
     pub peer_zero_since_ns: u64,

@@ -30,7 +30,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
 };
-use netlens_common::{kind, log2_bucket, program, Flow, PacketHistograms, NEVER};
+use netlens_common::{kind, log2_bucket_from, program, Flow, PacketHistograms, NEVER};
 
 use crate::{
     config::cfg_field,
@@ -51,15 +51,19 @@ fn after(a: u32, b: u32) -> bool {
 #[map]
 static PACKET_HISTOGRAMS: PerCpuArray<PacketHistograms> = PerCpuArray::with_max_entries(1, 0);
 
+/// Counts one segment in this CPU's distributions. Each value's bucket is
+/// checked against the flow's last one first (it rarely moves).
 #[inline(always)]
-fn count_segment(srtt_us: u32, cwnd: u32) {
+fn count_segment(flow: &mut Flow, srtt_us: u32, cwnd: u32) {
+    let srtt_bucket = log2_bucket_from(srtt_us, &mut flow.srtt_bucket);
+    let cwnd_bucket = log2_bucket_from(cwnd, &mut flow.cwnd_bucket);
     if let Some(histograms) = PACKET_HISTOGRAMS.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; nothing else writes it while we run.
         let histograms = unsafe { &mut *histograms };
-        if let Some(bucket) = histograms.srtt_us.get_mut(log2_bucket(srtt_us)) {
+        if let Some(bucket) = histograms.srtt_us.get_mut(srtt_bucket) {
             *bucket += 1;
         }
-        if let Some(bucket) = histograms.cwnd.get_mut(log2_bucket(cwnd)) {
+        if let Some(bucket) = histograms.cwnd.get_mut(cwnd_bucket) {
             *bucket += 1;
         }
     }
@@ -124,7 +128,7 @@ pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
     // The flow by the socket as handed; the cast only for tracked ones.
     let mut flow = flows::lookup_mut(Handed(sk));
     if let Some(flow) = flow.as_deref_mut() {
-        let result = Typed::of(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
+        let result = Typed::of_tcp(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
         counted(program::TCP_PROBE_BTF, result);
     }
     remember_segment(sk, flow.as_deref());
@@ -165,9 +169,9 @@ fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
     transport.ssthresh = ssthresh;
     transport.srtt_us = tp.srtt_us >> 3;
     transport.min_rtt_us = tp.min_rtt_us;
-    count_segment(transport.srtt_us, cwnd);
+    count_segment(flow, tp.srtt_us >> 3, cwnd);
     // BBR keeps ssthresh infinite: it leaves slow start on loss only.
-    if cwnd >= ssthresh && transport.slow_start_exit_ns == NEVER {
+    if cwnd >= ssthresh && flow.transport.slow_start_exit_ns == NEVER {
         exit_slow_start(flow, clock.now(), cwnd);
     }
     // A no-op where tcp:tcp_cong_state_set already reported the change.

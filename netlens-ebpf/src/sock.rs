@@ -231,6 +231,16 @@ impl Typed {
         let tp = cast(sk, tcp_sock_type);
         (tp != 0).then_some(Self { tp, handed: sk })
     }
+
+    /// `sk` as a tcp_sock, from a hook that passes only TCP sockets
+    /// (`tcp:tcp_probe`, called from `tcp_rcv_established`): no protocol
+    /// test (its load of `sk_protocol`, a line the receive path does not
+    /// touch, was about 5 % of tcp_probe's samples in a perf profile).
+    #[inline(always)]
+    pub fn of_tcp(sk: u64) -> Option<Self> {
+        let tp = cast(sk, cfg_field!(kernel.tcp_sock_btf_id));
+        (tp != 0).then_some(Self { tp, handed: sk })
+    }
 }
 
 impl SockRef for Typed {

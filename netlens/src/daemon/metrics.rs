@@ -205,9 +205,15 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
     if let Some(packets) = &inputs.packets {
         families.push(family(
             "netlens_tcp_segment_srtt_seconds",
-            "Smoothed RTT as of each received segment (in-kernel log2 histogram; sum approximated from bucket middles).",
+            "Smoothed RTT as of each received segment of a tracked connection, host-wide (every network namespace: --netns does not narrow it; in-kernel log2 histogram, sum approximated from bucket middles).",
             MetricType::HISTOGRAM,
             vec![log2_histogram(&packets.srtt_us, 1e-6)],
+        ));
+        families.push(family(
+            "netlens_tcp_segment_cwnd_segments",
+            "Congestion window (in segments) as of each received segment of a tracked connection, host-wide (every network namespace: --netns does not narrow it; in-kernel log2 histogram, sum approximated from bucket middles).",
+            MetricType::HISTOGRAM,
+            vec![log2_histogram(&packets.cwnd, 1.0)],
         ));
     }
     families.push(family(
@@ -400,6 +406,7 @@ mod tests {
         assert!(text.contains("netlens_tcp_connections_opened_total{direction=\"passive\",endpoint=\"other\"} 0"));
         assert!(text.contains("# TYPE netlens_tcp_retransmits_total counter"));
         assert!(text.contains("netlens_tcp_segment_srtt_seconds_bucket{le=\"0.000002\"} 0"));
+        assert!(text.contains("netlens_tcp_segment_cwnd_segments_bucket{le=\"16\"} 0"), "{text}");
         assert!(text.contains("netlens_bpf_errors_total{program=\"tcp_probe\"} 2"), "{text}");
         assert!(text.contains("netlens_tcp_drops_total{reason=\"tcp_rcvqdrop\"} 3"), "{text}");
         assert!(text.contains("netlens_map_read_failures_total 1"), "{text}");

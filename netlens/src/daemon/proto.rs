@@ -64,14 +64,14 @@ pub(super) fn histogram(labels: Vec<LabelPair>, buckets: &Buckets) -> Metric {
 
 /// A log2 histogram from the kernel: bucket i holds [2^(i-1), 2^i) in
 /// `unit`s, so its upper bound is 2^i units.
-pub(super) fn log2_histogram(counts: &[u64; LOG2_BUCKETS], unit_seconds: f64) -> Metric {
+pub(super) fn log2_histogram(counts: &[u64; LOG2_BUCKETS], unit: f64) -> Metric {
     let mut histogram = Histogram::default();
     let mut running = 0;
     let mut sum = 0.0;
     let mut buckets = Vec::with_capacity(LOG2_BUCKETS);
     for (index, count) in counts.iter().enumerate() {
         running += count;
-        let upper = if index == 0 { 0.0 } else { (1u64 << index) as f64 * unit_seconds };
+        let upper = if index == 0 { 0.0 } else { (1u64 << index) as f64 * unit };
         // The middle of the bucket stands for its samples in the sum.
         sum += *count as f64 * upper * 0.75;
         let mut bucket = Bucket::default();
