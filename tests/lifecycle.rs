@@ -141,6 +141,56 @@ fn refused_connect_reports_reset() -> Result<()> {
     Ok(())
 }
 
+/// An abortive close (SO_LINGER 0) with unread data: the client's kernel
+/// sends one reset from the client's end, the socket already in CLOSE
+/// (tcp_disconnect moves it there first), and the server receives it. In
+/// socket storage the flow outlives the close, so the reset names the
+/// client's process; in the table the close removed it.
+#[test]
+fn abortive_close_reports_reset_sent() -> Result<()> {
+    let netns = Netns::new()?;
+    let netlens = Netlens::trace_netns(netns.inode()?)?;
+    let addr: SocketAddr = "127.0.0.1:8094".parse()?;
+    let (client_port, server_saw) = netns
+        .spawn(move || -> Result<(u16, std::io::ErrorKind)> {
+            use std::io::{Read as _, Write as _};
+            let listener = std::net::TcpListener::bind(addr)?;
+            let mut client = std::net::TcpStream::connect(addr)?;
+            let (mut server, _) = listener.accept()?;
+            server.write_all(b"unread")?;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let port = client.local_addr()?.port();
+            client.flush()?;
+            netlens_tests::traffic::abort(client)?;
+            let mut byte = [0u8; 1];
+            let saw = server.read(&mut byte).map_or_else(|err| err.kind(), |_| std::io::ErrorKind::Other);
+            Ok((port, saw))
+        })
+        .join()
+        .expect("client thread")??;
+    assert_eq!(server_saw, std::io::ErrorKind::ConnectionReset);
+    let traced = netlens.stop()?;
+
+    let sent: Vec<&Value> = traced.named("reset_sent").filter(|e| port_of(e, "sport") == client_port).collect();
+    assert_eq!(sent.len(), 1, "{:?}", traced.events);
+    assert_eq!((&sent[0]["dport"], &sent[0]["state"]), (&addr.port().into(), &"CLOSE".into()), "{}", sent[0]);
+    assert_eq!(sent[0]["netns"], netns.inode()?, "{}", sent[0]);
+    let in_storage = std::env::var("NETLENS_FLOW_STATE").as_deref() == Ok("storage") && netlens_tests::kernel_version() >= (5, 11);
+    if in_storage && typed_send_reset() {
+        assert_eq!(sent[0]["pid"], std::process::id(), "{}", sent[0]);
+    }
+    let received: Vec<&Value> = traced.named("reset_received").filter(|e| port_of(e, "dport") == client_port).collect();
+    assert_eq!(received.len(), 1, "{:?}", traced.events);
+    assert_eq!(received[0]["sport"], addr.port());
+    Ok(())
+}
+
+/// Whether this run's netlens sends `tcp_send_reset` through its typed
+/// build (not left out to test the record build).
+fn typed_send_reset() -> bool {
+    !std::env::var("NETLENS_SKIP_HOOKS").unwrap_or_default().split(',').any(|p| p == "tcp_send_reset_btf")
+}
+
 /// Four local ports (ip_local_port_range, TIME_WAIT reuse off) toward one
 /// server: four connections hold them in TIME_WAIT, the fifth connect()
 /// fails with EADDRNOTAVAIL. netlens reports exactly that one as a failed

@@ -131,7 +131,8 @@ pub mod program {
     pub const FENTRY_TCP_V6_SYN_RECV_SOCK: u32 = 32;
     pub const TCP_RETRANSMIT_SKB_BTF: u32 = 33;
     pub const TCP_RECEIVE_RESET_BTF: u32 = 34;
-    pub const COUNT: u32 = 35;
+    pub const TCP_SEND_RESET_BTF: u32 = 35;
+    pub const COUNT: u32 = 36;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -170,6 +171,7 @@ pub mod program {
         "fentry_tcp_v6_syn_recv_sock",
         "tcp_retransmit_skb_btf",
         "tcp_receive_reset_btf",
+        "tcp_send_reset_btf",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen

@@ -361,6 +361,47 @@ pub fn listener_key(sk: u64) -> Result<ListenerKey, i32> {
     Ok(ListenerKey { netns: Probed(sk).netns(), port: u16::from_be(port), _pad: 0 })
 }
 
+/// The ends of the TCP segment in `skb` as its receiver sees them, from
+/// its IP and TCP headers: `local` is where it was sent to. IPv4 addresses
+/// fill the first 4 bytes.
+pub struct PacketEnds {
+    pub v4: bool,
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+const ETH_P_IP: u16 = 0x0800;
+
+/// Reads [`PacketEnds`] from a received `skb` (probed: the headers lie in
+/// packet memory that BTF does not type).
+#[inline(always)]
+pub fn packet_ends(skb: u64) -> Result<PacketEnds, i32> {
+    let head: u64 = member(skb, cfg_field!(accept_queue.skb_head))?;
+    let ip = head + member::<u16>(skb, cfg_field!(accept_queue.skb_network_header))? as u64;
+    let tcp = head + member::<u16>(skb, cfg_field!(accept_queue.skb_transport_header))? as u64;
+    let mut ends = PacketEnds {
+        v4: member::<u16>(skb, cfg_field!(accept_queue.skb_protocol))? == ETH_P_IP.to_be(),
+        local: [0; 16],
+        remote: [0; 16],
+        local_port: u16::from_be(member(tcp, 2)?),
+        remote_port: u16::from_be(member(tcp, 0)?),
+    };
+    if ends.v4 {
+        // struct iphdr: saddr at 12, daddr at 16.
+        let remote: [u8; 4] = member(ip, 12)?;
+        let local: [u8; 4] = member(ip, 16)?;
+        ends.remote[..4].copy_from_slice(&remote);
+        ends.local[..4].copy_from_slice(&local);
+    } else {
+        // struct ipv6hdr: saddr at 8, daddr at 24.
+        ends.remote = member(ip, 8)?;
+        ends.local = member(ip, 24)?;
+    }
+    Ok(ends)
+}
+
 /// The network namespace of the device an skb arrived on, or 0.
 #[inline(always)]
 pub fn skb_netns(skb: u64) -> u32 {

@@ -10,7 +10,7 @@ use netlens_common::{mode, TupleKey, AF_INET, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
-    kernel::{member, EEXIST},
+    kernel::{member, packet_ends, EEXIST},
     overflow,
     sock::{Probed, Sock},
 };
@@ -19,8 +19,6 @@ use crate::{
 /// socket will name it. LRU: handshakes that never finish age out.
 #[map]
 static SYN_STARTS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(SYNACK_TABLE_ENTRIES, 0);
-
-const ETH_P_IP: u16 = 0x0800;
 
 /// Removes and returns the SYN arrival recorded for `key`. Without a
 /// program that records them (tracepoints only) the table is empty, and
@@ -51,36 +49,26 @@ pub fn syn_arrived(listener: u64, skb: u64) -> i32 {
 #[inline(always)]
 fn record_syn(listener: u64, skb: u64) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let head: u64 = member(skb, cfg_field!(accept_queue.skb_head))?;
-    let ip = head + member::<u16>(skb, cfg_field!(accept_queue.skb_network_header))? as u64;
-    let tcp = head + member::<u16>(skb, cfg_field!(accept_queue.skb_transport_header))? as u64;
+    let ends = packet_ends(skb)?;
     // The child's family is the listener's: an IPv4 SYN to a dual-stack
     // IPv6 listener makes an AF_INET6 child with v4-mapped addresses.
     let family: u16 = member(listener, cfg_field!(kernel.sock_tuple.family) as u32)?;
     let mut key = TupleKey {
-        saddr: [0; 16],
-        daddr: [0; 16],
+        saddr: ends.local,
+        daddr: ends.remote,
         netns: Probed(listener).netns(),
-        sport: u16::from_be(member(tcp, 2)?),
-        dport: u16::from_be(member(tcp, 0)?),
+        sport: ends.local_port,
+        dport: ends.remote_port,
         family,
         _pad: [0; 6],
     };
-    if member::<u16>(skb, cfg_field!(accept_queue.skb_protocol))? == ETH_P_IP.to_be() {
-        // struct iphdr: saddr at 12, daddr at 16.
-        let remote: [u8; 4] = member(ip, 12)?;
-        let local: [u8; 4] = member(ip, 16)?;
-        let at = if family == AF_INET { 0 } else { 12 };
-        if family != AF_INET {
-            key.saddr[10..12].copy_from_slice(&[0xff, 0xff]);
-            key.daddr[10..12].copy_from_slice(&[0xff, 0xff]);
-        }
-        key.saddr[at..at + 4].copy_from_slice(&local);
-        key.daddr[at..at + 4].copy_from_slice(&remote);
-    } else {
-        // struct ipv6hdr: saddr at 8, daddr at 24.
-        key.daddr = member(ip, 8)?;
-        key.saddr = member(ip, 24)?;
+    if ends.v4 && family != AF_INET {
+        key.saddr = [0; 16];
+        key.daddr = [0; 16];
+        key.saddr[10..12].copy_from_slice(&[0xff, 0xff]);
+        key.daddr[10..12].copy_from_slice(&[0xff, 0xff]);
+        key.saddr[12..].copy_from_slice(&ends.local[..4]);
+        key.daddr[12..].copy_from_slice(&ends.remote[..4]);
     }
     // EEXIST: a retransmitted SYN; the first one's arrival is kept.
     match SYN_STARTS.insert(&key, &now, BPF_NOEXIST as u64) {

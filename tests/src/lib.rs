@@ -21,6 +21,13 @@ pub fn in_guest() -> bool {
     std::env::var_os("NETLENS_GUEST").is_some_and(|value| value == "1")
 }
 
+/// (major, minor) of the running kernel.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
+}
+
 /// A timing tolerance: `host_us` on real hardware, at least 50 ms in a
 /// guest.
 pub fn timing_slack_us(host_us: f64) -> f64 {

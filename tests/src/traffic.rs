@@ -196,6 +196,22 @@ pub fn total_retrans(stream: &TcpStream) -> Result<u32> {
     Ok(info.tcpi_total_retrans)
 }
 
+/// Closes `stream` abortively: SO_LINGER on with a zero timeout makes
+/// close() reset the connection instead of sending a FIN.
+pub fn abort(stream: TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket and a plain struct of its declared size.
+    let rc = unsafe {
+        libc::setsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const linger).cast(), size_of::<libc::linger>() as libc::socklen_t)
+    };
+    if rc != 0 {
+        anyhow::bail!("setsockopt(SO_LINGER): {}", std::io::Error::last_os_error());
+    }
+    drop(stream);
+    Ok(())
+}
+
 /// A minimal server for churn: accepts, waits for the client's EOF and
 /// closes, inline on one thread (no thread per connection to skew the
 /// rate). It lives until the process exits.
