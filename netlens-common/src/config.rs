@@ -156,9 +156,10 @@ pub const FIELD_ABSENT: u16 = u16::MAX;
 pub struct SockTupleOffsets {
     /// `skc_family` (u16).
     pub family: u16,
-    /// `skc_family` is followed by the ports: the local one is read from
-    /// `inet_sock.inet_sport` instead (see `KernelOffsets::inet_sport`).
-    pub _num: u16,
+    /// `skc_num`: local port, host byte order (u16). Only a request
+    /// socket's is read: a full socket's local port is read from
+    /// `inet_sock.inet_sport` (see `KernelOffsets::inet_sport`).
+    pub num: u16,
     /// `skc_dport`: remote port, network byte order (u16).
     pub dport: u16,
     /// `skc_rcv_saddr`: local IPv4 address.

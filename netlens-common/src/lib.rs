@@ -132,7 +132,8 @@ pub mod program {
     pub const TCP_RETRANSMIT_SKB_BTF: u32 = 33;
     pub const TCP_RECEIVE_RESET_BTF: u32 = 34;
     pub const TCP_SEND_RESET_BTF: u32 = 35;
-    pub const COUNT: u32 = 36;
+    pub const TCP_RETRANSMIT_SYNACK_BTF: u32 = 36;
+    pub const COUNT: u32 = 37;
 
     /// The programs' names in the eBPF object, by slot.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -172,6 +173,7 @@ pub mod program {
         "tcp_retransmit_skb_btf",
         "tcp_receive_reset_btf",
         "tcp_send_reset_btf",
+        "tcp_retransmit_synack_btf",
     ];
 
     /// Programs that only add to per-CPU counts (packet drop reasons, listen

@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{BtfTracePointContext, TracePointContext},
 };
-use netlens_common::{counter, direction, kind, program, tcp_state, Flow, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
+use netlens_common::{counter, direction, kind, program, tcp_state, Flow, TupleKey, AF_INET, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
@@ -218,11 +218,62 @@ fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
     let listener: u64 = record.get(cfg_field!(synack.skaddr))?;
     let req: u64 = record.get(cfg_field!(synack.req))?;
     let tuple = tuple(record, &cfg_field!(synack.tuple), req)?;
-    let netns = Probed(listener).netns();
+    synack_retransmitted(Probed(listener), req, &tuple, now)
+}
+
+/// The same tracepoint with its arguments typed by BTF: no record to
+/// format, the request socket's ends read from the `sock_common` it starts
+/// with, and never skipped uncounted before 6.7 (`check`'s `skipped runs`).
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> i32 {
+    let result = Typed::of_tcp(ctx.arg(0)).ok_or(-1).and_then(|listener| {
+        let req: u64 = ctx.arg(1);
+        synack_retransmitted(listener, req, &request_tuple(req), unsafe { bpf_ktime_get_ns() })
+    });
+    counted(program::TCP_RETRANSMIT_SYNACK_BTF, result);
+    0
+}
+
+/// The ends of a BTF-typed `struct request_sock *`, from its `sock_common`:
+/// the local port is `skc_num`, in host order.
+#[inline(always)]
+fn request_tuple(req: u64) -> Tuple {
+    // SAFETY: a BTF tracepoint's request socket; each offset lies in the
+    // `sock_common` it starts with (resolved from BTF by the loader).
+    let at = |offset: u16| offset as u32;
+    let mut tuple = Tuple {
+        family: unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.family))) },
+        sport: unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.num))) },
+        dport: u16::from_be(unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.dport))) }),
+        ..Tuple::default()
+    };
+    if tuple.family == AF_INET {
+        let saddr: u32 = unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.rcv_saddr))) };
+        let daddr: u32 = unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.daddr))) };
+        tuple.saddr[..4].copy_from_slice(&saddr.to_ne_bytes());
+        tuple.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
+    } else {
+        // Two loads each: a load is at most 8 bytes.
+        for (half, step) in [(0, 0u16), (8, 8)] {
+            let saddr: u64 = unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.v6_rcv_saddr) + step)) };
+            let daddr: u64 = unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.v6_daddr) + step)) };
+            tuple.saddr[half..half + 8].copy_from_slice(&saddr.to_ne_bytes());
+            tuple.daddr[half..half + 8].copy_from_slice(&daddr.to_ne_bytes());
+        }
+    }
+    tuple
+}
+
+/// A SYN-ACK of the pending connection `req` (ends `tuple`) of `listener`
+/// was retransmitted: its first one's time is kept for the passive
+/// handshake (see lifecycle.rs), and an event reported.
+#[inline(always)]
+fn synack_retransmitted<S: Sock>(listener: S, req: u64, tuple: &Tuple, now: u64) -> Result<(), i32> {
+    let listener_flow = flows::unknown_of(listener, slot::SYNACK).ok_or(-1)?;
     let key = TupleKey {
         saddr: tuple.saddr,
         daddr: tuple.daddr,
-        netns,
+        netns: listener_flow.netns,
         sport: tuple.sport,
         dport: tuple.dport,
         family: tuple.family,
@@ -230,13 +281,13 @@ fn on_synack_retransmit(record: &Record) -> Result<(), i32> {
     };
     // snt_synack: the first SYN-ACK's tcp_clock_us(), the same monotonic
     // clock as bpf_ktime_get_ns(). Keep the first one we see per handshake.
+    // Probed: it lies past `struct request_sock`, in `tcp_request_sock`.
     let snt_synack_us: u64 = member(req, cfg_field!(kernel.treq_snt_synack)).unwrap_or(0);
     let first_ns = if snt_synack_us != 0 { snt_synack_us * 1000 } else { now };
     let _ = SYNACK_STARTS.insert(&key, &first_ns, BPF_NOEXIST as u64);
-    let listener_flow = flows::unknown_of(Probed(listener), slot::SYNACK).ok_or(-1)?;
     listener_flow.direction = direction::PASSIVE;
     emit(|event| {
-        stamp(event, kind::SYNACK_RETRANSMIT, now, &tuple, listener_flow);
+        stamp(event, kind::SYNACK_RETRANSMIT, now, tuple, listener_flow);
         event.state = tcp_state::SYN_RECV;
         event.segs = 1;
     });

@@ -164,7 +164,7 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
 /// The BTF-tracepoint builds, and the accept exit that needs BTF-typed
 /// registers, left out to test their raw fallbacks.
 const RAW_FALLBACK_SKIPS: &str =
-    "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf,tcp_retransmit_skb_btf,tcp_receive_reset_btf,tcp_send_reset_btf,sys_exit_accept_typed,sys_exit_accept_regs";
+    "inet_sock_set_state_btf,tcp_probe_btf,tcp_cong_state_set_btf,sk_data_ready_btf,consume_skb_btf,tcp_retransmit_skb_btf,tcp_receive_reset_btf,tcp_send_reset_btf,tcp_retransmit_synack_btf,sys_exit_accept_typed,sys_exit_accept_regs";
 
 /// Installs what is missing and builds; returns the netlens binary.
 fn build(with_test_tools: bool) -> Result<PathBuf> {

@@ -229,6 +229,7 @@ fn sock_tuple(btf: &KernelBtf) -> Result<SockTupleOffsets> {
         at("skc_daddr", 4)?,
         at("skc_v6_rcv_saddr", 16)?,
         at("skc_v6_daddr", 16)?,
+        at("skc_num", 2)?,
     ];
     let len = fields.iter().map(|(_, end)| *end).max().unwrap_or(0);
     if len as usize > RECORD_MAX {
@@ -236,7 +237,7 @@ fn sock_tuple(btf: &KernelBtf) -> Result<SockTupleOffsets> {
     }
     Ok(SockTupleOffsets {
         family: fields[0].0,
-        _num: 0,
+        num: fields[6].0,
         dport: fields[1].0,
         rcv_saddr: fields[2].0,
         daddr: fields[3].0,
