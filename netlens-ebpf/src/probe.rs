@@ -52,18 +52,20 @@ fn after(a: u32, b: u32) -> bool {
 static PACKET_HISTOGRAMS: PerCpuArray<PacketHistograms> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counts one segment in this CPU's distributions. Each value's bucket is
-/// checked against the flow's last one first (it rarely moves).
+/// checked against the flow's last one first (it rarely moves). Each is
+/// found right before its count: the verifier walks each of the 32 ways
+/// through `log2_bucket` to its count, and two buckets found first made
+/// it walk their 32 × 32 combinations (tcp_probe verified in 25-35 ms,
+/// 50-80 with the cached buckets, instead of 4-6).
 #[inline(always)]
 fn count_segment(flow: &mut Flow, srtt_us: u32, cwnd: u32) {
-    let srtt_bucket = log2_bucket_from(srtt_us, &mut flow.srtt_bucket);
-    let cwnd_bucket = log2_bucket_from(cwnd, &mut flow.cwnd_bucket);
     if let Some(histograms) = PACKET_HISTOGRAMS.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; nothing else writes it while we run.
         let histograms = unsafe { &mut *histograms };
-        if let Some(bucket) = histograms.srtt_us.get_mut(srtt_bucket) {
+        if let Some(bucket) = histograms.srtt_us.get_mut(log2_bucket_from(srtt_us, &mut flow.srtt_bucket)) {
             *bucket += 1;
         }
-        if let Some(bucket) = histograms.cwnd.get_mut(cwnd_bucket) {
+        if let Some(bucket) = histograms.cwnd.get_mut(log2_bucket_from(cwnd, &mut flow.cwnd_bucket)) {
             *bucket += 1;
         }
     }
