@@ -117,9 +117,15 @@ pub(crate) fn start_tracer(netlens: &Path) -> Result<(Child, Duration)> {
 /// shows a line starting with `ready`, and how long that took. Later stderr
 /// lines are kept for [`stop_netlens`].
 pub(crate) fn start_netlens(netlens: &Path, args: &[&str], ready: &str) -> Result<(Child, Duration)> {
+    start_netlens_with(netlens, args, ready, &[])
+}
+
+/// [`start_netlens`] with `env` added to its environment.
+pub(crate) fn start_netlens_with(netlens: &Path, args: &[&str], ready: &str, env: &[(&str, &str)]) -> Result<(Child, Duration)> {
     let started = Instant::now();
     let mut child = Command::new(netlens)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

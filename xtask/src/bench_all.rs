@@ -2,7 +2,9 @@
 //! work in one table, each beside the same workload with no netlens and
 //! with a minimal reference (a bpftrace script timing handshakes on the
 //! same tracepoint; an empty program on tcp_probe), as ratios within one
-//! run. Program costs are the kernel's own accounting (bpf_stats), taken
+//! run, and the kernel costs again with flows in socket storage (the
+//! other home: dearer per connection, cheaper per segment). Program costs
+//! are the kernel's own accounting (bpf_stats), taken
 //! in runs of their own: stats add two clock reads and a counter update to
 //! every program run, which users do not pay, so every rate is measured
 //! with them off.
@@ -18,7 +20,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench::{cpu_seconds, rss_kib, start_netlens, start_tracer, stop_netlens, TopSession},
+    bench::{cpu_seconds, rss_kib, start_netlens, start_netlens_with, start_tracer, stop_netlens, TopSession},
     bpfstats::{self, EmptyProgram, StatsOn},
     capture, workspace_root,
 };
@@ -110,6 +112,9 @@ struct Figures {
     bulk_empty: Vec<f64>,
     probe_ns: Vec<f64>,
     empty_ns: Vec<f64>,
+    /// The same two costs with flows in socket storage.
+    storage_ns_per_conn: Vec<f64>,
+    storage_probe_ns: Vec<f64>,
     top_cpu_pct: Vec<(f64, f64)>,
 }
 
@@ -194,6 +199,20 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
             Some(ns) => f.probe_ns.push(ns),
             None => println!("pair {pair}: no tcp_probe program ran during bulk: {ran:?}"),
         }
+        // The two kernel costs again with flows in socket storage (stats
+        // on, so no rates): the trade-off between the two homes.
+        let newer_than = bpfstats::highest_id()?;
+        let storage = [("NETLENS_FLOW_STATE", "storage")];
+        let (tracer, _) = start_netlens_with(netlens, &["trace", "--json"], "netlens: attached", &storage)?;
+        let churned = churn_measured(seconds, newer_than);
+        let ran = churned.is_ok().then(|| bulk_measured(seconds, newer_than));
+        stop_netlens(tracer)?;
+        let (_, storage_ns, _) = churned?;
+        f.storage_ns_per_conn.push(storage_ns);
+        if let Some(ns) = ran.transpose()?.as_deref().and_then(probe_ns_per_run) {
+            f.storage_probe_ns.push(ns);
+        }
+        println!("pair {pair}: flows in socket storage: {storage_ns:.0} ns kernel/conn, tcp_probe {:.0} ns/run", f.storage_probe_ns.last().unwrap_or(&0.0));
         let empty = EmptyProgram::attach("tcp_probe")?;
         let rate = bulk(seconds);
         let ran = bulk_measured(seconds, empty.id - 1)?;
@@ -336,6 +355,12 @@ fn print_table(f: &Figures, pairs: u32) {
         mean(&f.probe_ns),
         mean(&f.empty_ns),
         mean(&f.probe_ns) - mean(&f.empty_ns)
+    );
+    println!(
+        "| the same two, flows in socket storage (`NETLENS_FLOW_STATE=storage`) | | {:.0} ns per connection, tcp_probe {:.0} ns | | +{:.0} ns over the empty program | ≤ 2,000 ns; ≤ 100 ns, ≤ +40 ns |",
+        mean(&f.storage_ns_per_conn),
+        mean(&f.storage_probe_ns),
+        mean(&f.storage_probe_ns) - mean(&f.empty_ns)
     );
     println!(
         "| bulk throughput kept (pinned, stats off) | {:.2} Gbit/s | {:.2} Gbit/s ({:.3}) | empty program {:.2} Gbit/s ({:.3}) | {:.3} | ≥ 0.98 |",
