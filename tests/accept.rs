@@ -46,7 +46,7 @@ fn listen_overflows_match_nstat(port: u16, backlog: i32, clients: usize, hold_ac
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let netlens = Netlens::trace_netns(netns.inode()?)?;
     let listener = netns
-        .spawn(move || netlens_tests::traffic::listener_with_backlog(addr.port(), backlog))
+        .spawn(move || netlens_tests::sockets::listener_with_backlog(addr.port(), backlog))
         .join()
         .expect("listener thread")??;
     if hold_acks {

@@ -14,7 +14,8 @@ use std::{net::SocketAddr, thread, time::Duration};
 use anyhow::Result;
 use netlens_tests::{
     bulk::Bulk,
-    traffic::{churn_server, clients, keepalive, listener_with_backlog, paced_churn, retry_without_backoff, Server},
+    sockets::listener_with_backlog,
+    traffic::{churn_server, clients, keepalive, paced_churn, retry_without_backoff, Server},
     Netlens, Netns,
 };
 use serde_json::Value;

@@ -161,7 +161,7 @@ fn abortive_close_reports_reset_sent() -> Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(50));
             let port = client.local_addr()?.port();
             client.flush()?;
-            netlens_tests::traffic::abort(client)?;
+            netlens_tests::sockets::abort(client)?;
             let mut byte = [0u8; 1];
             let saw = server.read(&mut byte).map_or_else(|err| err.kind(), |_| std::io::ErrorKind::Other);
             Ok((port, saw))

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{FExitContext, TracePointContext},
     EbpfContext,
 };
-use netlens_common::{ListenerKey, CAST_CALL, TupleFields, Window, AF_INET, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
+use netlens_common::{ListenerKey, CAST_CALL, TupleFields, Window, AF_INET, AF_INET6, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX};
 
 use crate::{
     config::cfg_field,
@@ -370,6 +370,20 @@ pub struct PacketEnds {
     pub remote: [u8; 16],
     pub local_port: u16,
     pub remote_port: u16,
+}
+
+impl PacketEnds {
+    /// These ends as a [`Tuple`], local first.
+    #[inline(always)]
+    pub fn tuple(&self) -> Tuple {
+        Tuple {
+            family: if self.v4 { AF_INET } else { AF_INET6 },
+            sport: self.local_port,
+            dport: self.remote_port,
+            saddr: self.local,
+            daddr: self.remote,
+        }
+    }
 }
 
 const ETH_P_IP: u16 = 0x0800;

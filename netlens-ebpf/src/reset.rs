@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use netlens_common::{kind, program, AF_INET, AF_INET6, FIELD_ABSENT};
+use netlens_common::{kind, program, tcp_state, AF_INET, FIELD_ABSENT};
 
 use crate::{
     config::cfg_field,
@@ -59,18 +59,14 @@ fn on_send_reset(record: &Record) -> Result<(), i32> {
 /// connects and 3,000 aborts), the flow found by a typed pointer (so in
 /// socket storage too, where it outlives the close that comes before an
 /// abort's reset), and never skipped uncounted before 6.7 (see
-/// `tcp_receive_reset_btf`). The
-/// 4-tuple as the record has it: from a full socket, else (6.10+: a
-/// TIME_WAIT or request socket, or none) from the offending segment,
-/// reversed; `tcp_send_active_reset` passes no segment.
+/// `tcp_receive_reset_btf`). The 4-tuple as the record has it: from a full
+/// socket, else (6.10+: a TIME_WAIT or request socket, or none) from the
+/// offending segment, reversed; `tcp_send_active_reset` passes no segment.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
     counted(program::TCP_SEND_RESET_BTF, on_send_reset_typed(ctx.arg(0), ctx.arg(1)));
     0
 }
-
-const TCP_TIME_WAIT: u8 = 6;
-const TCP_NEW_SYN_RECV: u8 = 12;
 
 #[inline(always)]
 fn on_send_reset_typed(sk: u64, skb: u64) -> Result<(), i32> {
@@ -79,33 +75,20 @@ fn on_send_reset_typed(sk: u64, skb: u64) -> Result<(), i32> {
     // SAFETY: `sk` is the tracepoint's BTF-typed `struct sock *`, and
     // `skc_state` a u8 of the `sock_common` every kind of socket starts with.
     let state = if sk != 0 && state_at != u32::MAX { unsafe { typed_member::<u8>(sk, state_at) } } else { 0 };
-    if sk != 0 && state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV {
+    let (tuple, flow) = if sk != 0 && state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV {
         // A full socket: the tracepoint passes only TCP ones.
         let tp = Typed::of_tcp(sk).ok_or(-1)?;
-        let tuple = tp.tuple()?;
-        let flow = flows::known_or_unknown(tp, slot::SEND_RESET).ok_or(-1)?;
-        emit(|event| {
-            stamp(event, kind::RESET_SENT, now, &tuple, flow);
-            event.state = state;
-        });
+        (tp.tuple()?, flows::known_or_unknown(tp, slot::SEND_RESET).ok_or(-1)?)
+    } else if skb != 0 {
+        // The namespace of the socket, or of the device the segment came in on.
+        let unknown = flows::blank(slot::SEND_RESET).ok_or(-1)?;
+        unknown.netns = if sk != 0 { Probed(sk).netns() } else { skb_netns(skb) };
+        (packet_ends(skb)?.tuple(), &*unknown)
+    } else {
         return Ok(());
-    }
-    if skb == 0 {
-        return Ok(());
-    }
-    let ends = packet_ends(skb)?;
-    let mut tuple = Tuple {
-        family: if ends.v4 { AF_INET } else { AF_INET6 },
-        sport: ends.local_port,
-        dport: ends.remote_port,
-        ..Tuple::default()
     };
-    (tuple.saddr, tuple.daddr) = (ends.local, ends.remote);
-    // The namespace of the socket, or of the device the segment came in on.
-    let unknown = flows::blank(slot::SEND_RESET).ok_or(-1)?;
-    unknown.netns = if sk != 0 { Probed(sk).netns() } else { skb_netns(skb) };
     emit(|event| {
-        stamp(event, kind::RESET_SENT, now, &tuple, unknown);
+        stamp(event, kind::RESET_SENT, now, &tuple, flow);
         event.state = state;
     });
     Ok(())

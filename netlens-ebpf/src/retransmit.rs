@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{BtfTracePointContext, TracePointContext},
 };
-use netlens_common::{counter, direction, kind, program, tcp_state, Flow, TupleKey, AF_INET, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
+use netlens_common::{counter, direction, kind, program, tcp_state, Flow, TupleKey, FIELD_ABSENT, SYNACK_TABLE_ENTRIES};
 
 use crate::{
     config::cfg_field,
@@ -17,7 +17,7 @@ use crate::{
     flows,
     kernel::{member, slot, tuple, typed_member, Record, Tuple},
     probe::segment_seqs_typed,
-    sock::{Probed, Sock, Typed},
+    sock::{common_tuple, Probed, Sock, Typed},
 };
 
 /// First SYN-ACK time (ns) of pending passive opens whose SYN-ACK was
@@ -234,34 +234,13 @@ pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// The ends of a BTF-typed `struct request_sock *`, from its `sock_common`:
-/// the local port is `skc_num`, in host order.
+/// The ends of a BTF-typed `struct request_sock *`: its local port is
+/// `skc_num`, in host order.
 #[inline(always)]
 fn request_tuple(req: u64) -> Tuple {
-    // SAFETY: a BTF tracepoint's request socket; each offset lies in the
-    // `sock_common` it starts with (resolved from BTF by the loader).
-    let at = |offset: u16| offset as u32;
-    let mut tuple = Tuple {
-        family: unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.family))) },
-        sport: unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.num))) },
-        dport: u16::from_be(unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.dport))) }),
-        ..Tuple::default()
-    };
-    if tuple.family == AF_INET {
-        let saddr: u32 = unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.rcv_saddr))) };
-        let daddr: u32 = unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.daddr))) };
-        tuple.saddr[..4].copy_from_slice(&saddr.to_ne_bytes());
-        tuple.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
-    } else {
-        // Two loads each: a load is at most 8 bytes.
-        for (half, step) in [(0, 0u16), (8, 8)] {
-            let saddr: u64 = unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.v6_rcv_saddr) + step)) };
-            let daddr: u64 = unsafe { typed_member(req, at(cfg_field!(kernel.sock_tuple.v6_daddr) + step)) };
-            tuple.saddr[half..half + 8].copy_from_slice(&saddr.to_ne_bytes());
-            tuple.daddr[half..half + 8].copy_from_slice(&daddr.to_ne_bytes());
-        }
-    }
-    tuple
+    // SAFETY: `skc_num` lies in the `sock_common` the request socket
+    // starts with (checked at load time).
+    common_tuple(req, unsafe { typed_member(req, cfg_field!(kernel.sock_tuple.num) as u32) })
 }
 
 /// A SYN-ACK of the pending connection `req` (ends `tuple`) of `listener`

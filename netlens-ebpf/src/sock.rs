@@ -280,25 +280,8 @@ impl Sock for Typed {
 
     #[inline(always)]
     fn tuple(self) -> Result<Tuple, i32> {
-        let mut tuple = Tuple {
-            family: self.get(cfg_field!(kernel.sock_tuple.family) as u32)?,
-            sport: u16::from_be(self.get(cfg_field!(kernel.inet_sport))?),
-            dport: u16::from_be(self.get(cfg_field!(kernel.sock_tuple.dport) as u32)?),
-            ..Tuple::default()
-        };
-        if tuple.family == AF_INET {
-            tuple.saddr[..4].copy_from_slice(&self.get::<u32>(cfg_field!(kernel.sock_tuple.rcv_saddr) as u32)?.to_ne_bytes());
-            tuple.daddr[..4].copy_from_slice(&self.get::<u32>(cfg_field!(kernel.sock_tuple.daddr) as u32)?.to_ne_bytes());
-        } else {
-            // Two loads each: a load is at most 8 bytes.
-            for (half, at) in [(0, 0u32), (8, 8)] {
-                let saddr: u64 = self.get(cfg_field!(kernel.sock_tuple.v6_rcv_saddr) as u32 + at)?;
-                let daddr: u64 = self.get(cfg_field!(kernel.sock_tuple.v6_daddr) as u32 + at)?;
-                tuple.saddr[half..half + 8].copy_from_slice(&saddr.to_ne_bytes());
-                tuple.daddr[half..half + 8].copy_from_slice(&daddr.to_ne_bytes());
-            }
-        }
-        Ok(tuple)
+        let sport = u16::from_be(self.get(cfg_field!(kernel.inet_sport))?);
+        Ok(common_tuple(self.tp, sport))
     }
 
     /// One load per member, at its offset in the socket.
@@ -315,4 +298,35 @@ impl Sock for Typed {
             ca_state_byte: self.get(cfg_field!(probe.at.ca_state))?,
         })
     }
+}
+
+/// The ends in the `sock_common` that `sk`, a BTF-typed pointer to a socket
+/// of any kind (full, request), starts with; its local port `sport` is
+/// read by the caller, from where that kind keeps it.
+#[inline(always)]
+pub fn common_tuple(sk: u64, sport: u16) -> Tuple {
+    let at = |offset: u16| offset as u32;
+    // SAFETY (each load): `sk` is typed by BTF, and every offset lies in
+    // the `sock_common` it starts with (checked at load time).
+    let mut tuple = Tuple {
+        family: unsafe { typed_member(sk, at(cfg_field!(kernel.sock_tuple.family))) },
+        sport,
+        dport: u16::from_be(unsafe { typed_member(sk, at(cfg_field!(kernel.sock_tuple.dport))) }),
+        ..Tuple::default()
+    };
+    if tuple.family == AF_INET {
+        let saddr: u32 = unsafe { typed_member(sk, at(cfg_field!(kernel.sock_tuple.rcv_saddr))) };
+        let daddr: u32 = unsafe { typed_member(sk, at(cfg_field!(kernel.sock_tuple.daddr))) };
+        tuple.saddr[..4].copy_from_slice(&saddr.to_ne_bytes());
+        tuple.daddr[..4].copy_from_slice(&daddr.to_ne_bytes());
+    } else {
+        // Two loads each: a load is at most 8 bytes.
+        for (half, step) in [(0, 0u16), (8, 8)] {
+            let saddr: u64 = unsafe { typed_member(sk, at(cfg_field!(kernel.sock_tuple.v6_rcv_saddr) + step)) };
+            let daddr: u64 = unsafe { typed_member(sk, at(cfg_field!(kernel.sock_tuple.v6_daddr) + step)) };
+            tuple.saddr[half..half + 8].copy_from_slice(&saddr.to_ne_bytes());
+            tuple.daddr[half..half + 8].copy_from_slice(&daddr.to_ne_bytes());
+        }
+    }
+    tuple
 }

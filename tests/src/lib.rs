@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod exposition;
 pub mod netlens;
 pub mod netns;
+pub mod sockets;
 pub mod traffic;
 
 pub use netlens::{Netlens, Traced};

@@ -201,18 +201,10 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         }
         // The two kernel costs again with flows in socket storage (stats
         // on, so no rates): the trade-off between the two homes.
-        let newer_than = bpfstats::highest_id()?;
-        let storage = [("NETLENS_FLOW_STATE", "storage")];
-        let (tracer, _) = start_netlens_with(netlens, &["trace", "--json"], "netlens: attached", &storage)?;
-        let churned = churn_measured(seconds, newer_than);
-        let ran = churned.is_ok().then(|| bulk_measured(seconds, newer_than));
-        stop_netlens(tracer)?;
-        let (_, storage_ns, _) = churned?;
-        f.storage_ns_per_conn.push(storage_ns);
-        if let Some(ns) = ran.transpose()?.as_deref().and_then(probe_ns_per_run) {
-            f.storage_probe_ns.push(ns);
-        }
-        println!("pair {pair}: flows in socket storage: {storage_ns:.0} ns kernel/conn, tcp_probe {:.0} ns/run", f.storage_probe_ns.last().unwrap_or(&0.0));
+        let storage = kernel_costs(netlens, &[("NETLENS_FLOW_STATE", "storage")], seconds)?;
+        f.storage_ns_per_conn.push(storage.per_connection_ns);
+        f.storage_probe_ns.push(storage.probe_ns);
+        println!("pair {pair}: flows in socket storage: {:.0} ns kernel/conn, tcp_probe {:.0} ns/run", storage.per_connection_ns, storage.probe_ns);
         let empty = EmptyProgram::attach("tcp_probe")?;
         let rate = bulk(seconds);
         let ran = bulk_measured(seconds, empty.id - 1)?;
@@ -271,20 +263,15 @@ pub fn cost(netlens: &Path, other: &Path, pairs: u32, seconds: u32) -> Result<()
         let order = if pair % 2 == 1 { [0, 1] } else { [1, 0] };
         for index in order {
             let (label, binary) = builds[index];
-            let newer_than = bpfstats::highest_id()?;
-            let (tracer, _) = start_tracer(binary)?;
-            let measured = churn_measured(seconds, newer_than);
-            // Per segment: one pinned bulk run with stats on.
-            let bulk_ran = measured.is_ok().then(|| bulk_measured(seconds, newer_than));
-            stop_netlens(tracer)?;
-            let (run, ns, programs) = measured?;
-            let probe_ns = bulk_ran.transpose()?.as_deref().and_then(probe_ns_per_run).unwrap_or(0.0);
-            per_connection[index].push(ns);
-            per_segment[index].push(probe_ns);
+            let costs = kernel_costs(binary, &[], seconds)?;
+            per_connection[index].push(costs.per_connection_ns);
+            per_segment[index].push(costs.probe_ns);
             println!(
-                "pair {pair}: {label}: {:.0} conn/s, {ns:.0} ns kernel/conn ({}); bulk: tcp_probe {probe_ns:.0} ns/run",
-                run.rate,
-                busiest(&programs, run.connections)
+                "pair {pair}: {label}: {:.0} conn/s, {:.0} ns kernel/conn ({}); bulk: tcp_probe {:.0} ns/run",
+                costs.churn.rate,
+                costs.per_connection_ns,
+                busiest(&costs.programs, costs.churn.connections),
+                costs.probe_ns
             );
         }
     }
@@ -293,6 +280,27 @@ pub fn cost(netlens: &Path, other: &Path, pairs: u32, seconds: u32) -> Result<()
     let (this, against) = (mean(&per_segment[0]), mean(&per_segment[1]));
     println!("cost: tcp_probe this build {this:.0} ns/run, --against {against:.0} ns/run, ratio {:.3}", this / against.max(1.0));
     Ok(())
+}
+
+/// What `trace --json` from `netlens` (with `env`) costs the kernel, BPF
+/// stats on: per connection under churn, per `tcp_probe` run under a
+/// pinned bulk transfer (0 where none ran).
+struct KernelCosts {
+    churn: Churn,
+    per_connection_ns: f64,
+    programs: Vec<(String, u64, u64)>,
+    probe_ns: f64,
+}
+
+fn kernel_costs(netlens: &Path, env: &[(&str, &str)], seconds: u32) -> Result<KernelCosts> {
+    let newer_than = bpfstats::highest_id()?;
+    let (tracer, _) = start_netlens_with(netlens, &["trace", "--json"], "netlens: attached", env)?;
+    let measured = churn_measured(seconds, newer_than);
+    let bulk_ran = measured.is_ok().then(|| bulk_measured(seconds, newer_than));
+    stop_netlens(tracer)?;
+    let (churn, per_connection_ns, programs) = measured?;
+    let probe_ns = bulk_ran.transpose()?.as_deref().and_then(probe_ns_per_run).unwrap_or(0.0);
+    Ok(KernelCosts { churn, per_connection_ns, programs, probe_ns })
 }
 
 /// The costliest programs of a run: runs per connection × ns per run.
