@@ -3,7 +3,7 @@
 //! the connections open. Both compare netlens's counts with what the
 //! client made. Needs root.
 //!
-//! Losses and evictions are counted host-wide, so other namespaces'
+//! Losses are counted host-wide, so other namespaces'
 //! traffic (another test suite on this host) adds to them. Beside the
 //! netlens under test runs a watcher: a second netlens, reading all along
 //! with a full-size table, that loses nothing. It counts the other
@@ -222,13 +222,13 @@ fn overflow_once() -> Result<bool> {
 }
 
 /// A flow table of 64 entries and 100 connections held open at once (200
-/// flows, both ends on loopback): at least 136 flows are pushed out. Every
-/// close is still reported; an evicted one has lost its direction and
-/// lifetime, and netlens's eviction count equals the number of those, plus
-/// other namespaces' flows it evicted: none when a second netlens (a full
+/// flows, both ends on loopback): at least 136 flows find no room. Every
+/// close is still reported; a lost one has no direction and lifetime,
+/// and netlens's count of flows lost equals the number of those, plus
+/// other namespaces' flows it lost: none when a second netlens (a full
 /// table) saw no other connection open meanwhile, else at most those.
 #[test]
-fn tiny_flow_table_evictions_are_counted_exactly() -> Result<()> {
+fn tiny_flow_table_losses_are_counted_exactly() -> Result<()> {
     const TABLE: usize = 64;
     const HELD: usize = 100;
     let netns = Netns::new()?;
@@ -272,18 +272,18 @@ fn tiny_flow_table_evictions_are_counted_exactly() -> Result<()> {
         traced.named("close").filter(|e| e["netns"] == inode && (port(e, "sport") == 7111 || port(e, "dport") == 7111)).collect();
     // The kernel's truth: both ends of every connection closed.
     assert_eq!(closes.len(), 2 * clients, "close events");
-    let evicted = closes.iter().filter(|e| e["direction"].is_null()).count() as u64;
+    let lost = closes.iter().filter(|e| e["direction"].is_null()).count() as u64;
     assert!(closes.iter().filter(|e| e["direction"].is_null()).all(|e| e["lifetime_us"].is_null()));
-    assert!(evicted as usize >= 2 * HELD - TABLE, "{evicted} flows evicted; {} cannot fit in {TABLE}", 2 * HELD);
+    assert!(lost as usize >= 2 * HELD - TABLE, "{lost} flows lost; {} cannot fit in {TABLE}", 2 * HELD);
     let foreign = foreign_openings(&watched, inode) as u64;
-    eprintln!("{evicted} of {} flows evicted; netlens says {}; other namespaces opened {foreign}", closes.len(), traced.evictions());
+    eprintln!("{lost} of {} flows lost; netlens says {}; other namespaces opened {foreign}", closes.len(), traced.flows_lost());
     assert!(
-        (evicted..=evicted + foreign).contains(&traced.evictions()),
+        (lost..=lost + foreign).contains(&traced.flows_lost()),
         "netlens's count vs closes that lost their flow (+ at most {foreign} others); stderr: {:?}",
         traced.stderr
     );
     if foreign == 0 {
-        assert_eq!(traced.evictions(), evicted, "exact when nothing else opened");
+        assert_eq!(traced.flows_lost(), lost, "exact when nothing else opened");
     }
     Ok(())
 }

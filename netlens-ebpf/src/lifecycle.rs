@@ -234,7 +234,7 @@ fn connect_failed<S: Sock>(sk: S) -> Result<(), i32> {
         return Ok(());
     }
     let reported = report_connect_failure(sk, flow, now);
-    // Only after the report: a removed LRU entry can be handed to another
+    // Only after the report: a removed table entry can be handed to another
     // CPU's insert at once, and `flow` would then read a new connection.
     flows::remove(sk);
     reported

@@ -28,7 +28,7 @@ pub trait SockRef: Copy {
     /// Members are plain loads (a helper call costs more than a few), and
     /// [`Self::handed`] is the kernel's typed pointer.
     const TYPED: bool;
-    /// The socket's address: the LRU flow table's key.
+    /// The socket's address: the flow table's key.
     fn addr(self) -> u64;
     /// The BTF-typed `struct sock *` the program was handed (0 where not
     /// [`Self::TYPED`]).

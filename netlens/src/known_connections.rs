@@ -9,7 +9,7 @@
 //! resets' record tracepoints carry no process. This joins them here: the
 //! accept wait is the time from the passive handshake's event to accept()'s,
 //! and from accept() on, the connection's events carry the accepting
-//! process, as the kernel side does with the LRU table. Bounded: a table
+//! process, as the kernel side does with its flow table. Bounded: a table
 //! at [`MAX_CONNECTIONS`] takes no more, and counts what it refused.
 
 use std::{collections::HashMap, net::SocketAddr};
@@ -19,7 +19,7 @@ use crate::{
     loader::LiveFlow,
 };
 
-/// As many as the kernel's LRU table holds by default.
+/// As many as the kernel's flow table holds by default.
 pub const MAX_CONNECTIONS: usize = netlens_common::FLOW_TABLE_ENTRIES as usize;
 
 type Key = (u32, SocketAddr, SocketAddr);
@@ -47,7 +47,7 @@ pub struct KnownConnections {
 impl KnownConnections {
     /// Joins `event` to its connection; `None` for an event to drop: an
     /// accept() of a connection established before netlens attached (its
-    /// wait is unknown; the LRU table's programs skip those too).
+    /// wait is unknown; the flow table's programs skip those too).
     pub fn join(&mut self, mut event: ConnEvent) -> Option<ConnEvent> {
         let key = (event.netns, event.local, event.remote);
         match &mut event.detail {
@@ -174,7 +174,7 @@ mod tests {
         assert_eq!((reset.pid, reset.comm.as_deref(), reset.direction, reset.cgroup), (Some(10), Some("server"), Some(Direction::Passive), 9));
     }
 
-    /// As the LRU table's programs do: a connection established before
+    /// As the flow table's programs do: a connection established before
     /// netlens attached has no wait to report.
     #[test]
     fn an_accept_of_an_unseen_handshake_is_dropped() {

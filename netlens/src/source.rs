@@ -275,7 +275,7 @@ impl EventSource {
         let mut table = self.probes.flow_table()?;
         if let Some(known) = &self.known {
             table.live = known.len() as u64;
-            table.evictions += known.refused;
+            table.lost += known.refused;
         }
         Ok(table)
     }

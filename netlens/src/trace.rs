@@ -143,7 +143,7 @@ fn write_drops(out: &mut impl Write, source: &EventSource, watch: &mut DropWatch
     Ok(())
 }
 
-/// At exit: failures inside the programs, flow-table evictions, and, when
+/// At exit: failures inside the programs, flows the table lost, and, when
 /// `kernel.bpf_stats_enabled` is on, what each program cost per run.
 fn report_costs(source: &EventSource) {
     match source.program_errors() {
@@ -155,8 +155,8 @@ fn report_costs(source: &EventSource) {
         Err(err) => eprintln!("netlens: reading the programs' error counts failed: {err}"),
     }
     if let Ok(table) = source.flow_table() {
-        if table.evictions > 0 {
-            eprintln!("netlens: the flow table evicted {} connections (their close events lack lifetime and direction)", table.evictions);
+        if table.lost > 0 {
+            eprintln!("netlens: the flow table lost {} connections (refused when full, or their close unseen): their close events lack lifetime and direction", table.lost);
         }
     }
     for (program, stats) in source.program_stats() {

@@ -63,11 +63,12 @@ impl Traced {
         self.said("retransmissions so far had no retransmit event")
     }
 
-    /// Flow-table evictions netlens reported at exit (0 when it said nothing).
-    pub fn evictions(&self) -> u64 {
+    /// Flows the kernel's flow table lost, as netlens reported at exit (0
+    /// when it said nothing).
+    pub fn flows_lost(&self) -> u64 {
         self.stderr
             .iter()
-            .filter_map(|l| l.strip_prefix("netlens: the flow table evicted ")?.split(' ').next()?.parse().ok())
+            .filter_map(|l| l.strip_prefix("netlens: the flow table lost ")?.split(' ').next()?.parse().ok())
             .max()
             .unwrap_or(0)
     }

@@ -9,7 +9,7 @@ use crate::event::{ConnEvent, Detail, Direction, FailReason, WindowSide};
 /// Slots of the `[_; 3]` arrays indexed by direction.
 pub const ACTIVE: usize = 0;
 pub const PASSIVE: usize = 1;
-/// Connections netlens did not see open (started before it, or evicted).
+/// Connections netlens did not see open (started before it, or lost by the flow table).
 pub const UNKNOWN: usize = 2;
 pub const DIRECTIONS: [&str; 3] = ["active", "passive", "unknown"];
 

@@ -280,7 +280,7 @@ pub fn families(inputs: &Inputs) -> Vec<MetricFamily> {
     ));
     families.push(family(
         "netlens_flow_table_evictions_total",
-        "Connections the kernel flow table evicted to make room (their close lacks lifetime and direction).",
+        "Connections the kernel flow table lost: refused when it was full, or whose close went unseen (their close lacks lifetime and direction).",
         MetricType::COUNTER,
         vec![counter(Vec::new(), inputs.flow_table_evictions as f64)],
     ));

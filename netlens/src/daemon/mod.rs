@@ -86,8 +86,9 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
     Ok(())
 }
 
-/// What a scrape needs besides the aggregator: the census, the flow-table
-/// evictions (a walk of every key, so at most every FLOW_TABLE_INTERVAL) and
+/// What a scrape needs besides the aggregator: the census, the flows the
+/// table lost, exported as `netlens_flow_table_evictions_total` (a walk of
+/// every key, so at most every FLOW_TABLE_INTERVAL) and
 /// the process's own metrics.
 struct Exporter {
     census: CensusCache,
@@ -124,7 +125,7 @@ impl Exporter {
             // A `_total` never goes down: the walk's bound can run ahead
             // of a later one's while connections churn (see flow_table).
             let reported = *self.evictions.value();
-            self.evictions.update(source.flow_table().map(|table| table.evictions.max(reported)));
+            self.evictions.update(source.flow_table().map(|table| table.lost.max(reported)));
             self.evictions_read = Some(Instant::now());
         }
         self.census.refresh();

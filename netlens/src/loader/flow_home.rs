@@ -1,6 +1,6 @@
 //! Where the programs keep per-connection state (flows.rs in the eBPF
 //! crate): in socket-local storage, which the kernel frees with the socket
-//! (no table to fill, no evictions), or in the LRU table, sized at start.
+//! (no table to fill, nothing lost), or in a hash table, sized at start.
 //!
 //! The table is the default (see [`DEFAULT_WHY`]); socket storage is asked
 //! for with [`FLOW_STATE_ENV`]. Socket storage's helpers take only the BTF-typed socket a tracing
@@ -24,7 +24,7 @@ pub const FLOW_STATE_ENV: &str = "NETLENS_FLOW_STATE";
 /// Why the table is the default: measured on 6.18 (README, "Where the time
 /// went", 2026-12-02 15:10), socket storage made each connection cost more
 /// kernel time (two storage allocations per connection, ~650 ns each)
-/// than the LRU operations it replaced, and each segment less (tcp_probe
+/// than the LRU table operations it replaced, and each segment less (tcp_probe
 /// -18 %). Connection churn is the common load of the hosts the daemon
 /// runs on.
 const DEFAULT_WHY: &str = "the default; NETLENS_FLOW_STATE=storage puts flows in socket storage: cheaper per segment, dearer per connection";
@@ -83,7 +83,7 @@ impl FlowHome {
     pub fn describe(&self) -> String {
         match self {
             Self::Storage => "socket storage (freed with each socket; nothing to evict)".into(),
-            Self::Table(why) => format!("LRU table, evictions counted ({why})"),
+            Self::Table(why) => format!("hash table, flows lost counted ({why})"),
         }
     }
 }
@@ -98,7 +98,7 @@ pub fn choose(facts: &mut KernelFacts) -> Result<FlowHome> {
 
 /// The features' hooks, attached, and where flows live: `home` as loaded
 /// in `attached`, or where a hook that keeps flows cannot reach socket
-/// storage, everything loaded again by `reopen` with the LRU table.
+/// storage, everything loaded again by `reopen` with the table.
 pub fn place_flows(
     home: FlowHome,
     attached: (Ebpf, Vec<FeatureStatus>, Tried),

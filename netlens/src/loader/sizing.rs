@@ -1,16 +1,16 @@
-//! How big the flow table is made. It is an LRU hash, preallocated in
+//! How big the flow table is made. It is a hash, preallocated in
 //! full when netlens starts: 65,536 entries are 22.5 MB of kernel memory
 //! and took 4 ms of the start-up here, most of the time spent creating
 //! maps. A session (`trace`, `top`, `doctor`, `check`) sizes it to the
 //! host as it is: room for four times the TCP sockets allocated now, at
 //! least 16,384. The daemon outlives today's load (it may start at boot,
 //! before the proxy it watches) and keeps at least 65,536. Either way a
-//! table that fills evicts its oldest connections and counts them.
+//! table that fills refuses new connections and counts them.
 
 use anyhow::{anyhow, Result};
 
 /// Set to a number of entries to size the flow table yourself: how the
-/// tests force evictions with a tiny table, and a way to give a very busy
+/// tests fill a tiny table, and a way to give a very busy
 /// host a larger one.
 pub const FLOW_TABLE_ENV: &str = "NETLENS_FLOW_TABLE_ENTRIES";
 

@@ -16,8 +16,9 @@ use crate::kernel::progstats::{self, ProgramStats};
 pub struct FlowTable {
     /// Flows tracked right now.
     pub live: u64,
-    /// Flows the LRU pushed out to make room.
-    pub evictions: u64,
+    /// Flows lost to the table: refused when it was full, or whose close
+    /// went unseen (flows.rs in the eBPF crate).
+    pub lost: u64,
 }
 
 /// One live connection from the kernel's flow table, as plain values.
@@ -227,16 +228,16 @@ impl Probes {
         Ok(seeded)
     }
 
-    /// The flow table's occupancy and evictions. Walks every key (up to
+    /// The flow table's occupancy and the flows it lost. Walks every key (up to
     /// FLOW_TABLE_ENTRIES syscalls): for occasional use, not per second.
     ///
     /// Other connections open and close while the table is walked, and a
     /// key deleted under the walk sends it back to the first key: keys are
     /// counted once each, and the counters are read on both sides of the
-    /// walk so that the evictions reported are the most there can have
+    /// walk so that the losses reported are the most there can have
     /// been (inserts after it, removals before it): exact when nothing
     /// changed meanwhile, never short. A CI run with another test's 13,184
-    /// connections going on reported 6 fewer evictions than closes had
+    /// connections going on reported 6 fewer losses than closes had
     /// lost their flow (the removals and the walk, read at different
     /// moments).
     pub fn flow_table(&self) -> Result<FlowTable> {
@@ -249,10 +250,11 @@ impl Probes {
         let live: std::collections::HashSet<u64> = flows.keys().take(WALK_LIMIT).filter_map(Result::ok).collect();
         let live = live.len() as u64;
         let inserted = self.counter(counter::FLOW_INSERTS)?;
-        // Connections the table could not take are lost to it like evicted
-        // ones (see counter::FLOW_INSERT_FAILURES).
+        // Inserts not removed and not in the table: stale entries of
+        // unseen closes, replaced or discarded since. Plus the connections
+        // the table could not take (counter::FLOW_INSERT_FAILURES).
         let refused = self.counter(counter::FLOW_INSERT_FAILURES)?;
-        Ok(FlowTable { live, evictions: inserted.saturating_sub(removed).saturating_sub(live) + refused })
+        Ok(FlowTable { live, lost: inserted.saturating_sub(removed).saturating_sub(live) + refused })
     }
 }
 
