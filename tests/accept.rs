@@ -132,7 +132,7 @@ fn final_ack_listen_overflows_match_nstat_exactly() -> Result<()> {
 /// measured (client's connect() return to the server's accept() return,
 /// both CLOCK_MONOTONIC in this process) within 10 % or 20 ms, and names
 /// the accepting process; the connection's close carries it too.
-/// With flows in the LRU table the kernel side times the wait; in socket
+/// With flows in the table the kernel side times the wait; in socket
 /// storage (5.11+, see the test below), userspace does, from the passive
 /// handshake.
 #[test]

@@ -162,8 +162,8 @@ fn check_passes_here_and_names_what_this_kernel_lacks() {
             assert!(best.iter().any(|way| outcome.starts_with(way)), "{hook}");
         }
     }
-    // Flows live in the LRU table unless socket storage is asked for.
-    assert!(flow_state(&report).starts_with("LRU table"), "{report}");
+    // Flows live in the hash table unless socket storage is asked for.
+    assert!(flow_state(&report).starts_with("hash table"), "{report}");
 }
 
 /// Asked for, socket storage is what `check` reports on 5.11+ (tracing
