@@ -1,8 +1,9 @@
 //! `cargo xtask bench all`: every goal figure of the per-connection cost
 //! work in one table, each beside the same workload with no netlens and
 //! with a minimal reference (a bpftrace script timing handshakes on the
-//! same tracepoint; an empty program on tcp_probe), as ratios within one
-//! run, and the kernel costs again with flows in socket storage (the
+//! same tracepoint; an empty program on tcp_probe; empty programs on every
+//! hook netlens attaches, the dispatch floor of its design), as ratios
+//! within one run, and the kernel costs again with flows in socket storage (the
 //! other home: dearer per connection, cheaper per segment). Program costs
 //! are the kernel's own accounting (bpf_stats), taken
 //! in runs of their own: stats add two clock reads and a counter update to
@@ -21,7 +22,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     bench::{cpu_seconds, rss_kib, start_netlens, start_netlens_with, start_tracer, stop_netlens, TopSession},
-    bpfstats::{self, EmptyProgram, StatsOn},
+    bpfstats::{self, EmptyOnNetlensHooks, EmptyProgram, StatsOn},
     capture, workspace_root,
 };
 
@@ -116,6 +117,12 @@ struct Figures {
     storage_ns_per_conn: Vec<f64>,
     storage_probe_ns: Vec<f64>,
     top_cpu_pct: Vec<(f64, f64)>,
+    /// Empty programs on netlens's hooks (the dispatch floor): churn rate,
+    /// kernel ns and program runs per connection, how many hooks.
+    floor: Vec<f64>,
+    floor_ns_per_conn: Vec<f64>,
+    floor_runs_per_conn: Vec<f64>,
+    floor_hooks: usize,
 }
 
 pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
@@ -186,6 +193,23 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         f.reference_ns_per_conn.push(per_connection);
         println!("pair {pair}: churn bpftrace {:.0}/s, {per_connection:.0} ns kernel/conn", run.rate);
 
+        // Empty programs on the hooks netlens attaches: what any tracer of
+        // these hooks pays before its first instruction.
+        let newer_than = bpfstats::highest_id()?;
+        let empties = EmptyOnNetlensHooks::attach()?;
+        let kept = churn(seconds, None);
+        let measured = churn_measured(seconds, newer_than);
+        drop(empties.programs);
+        let (run, (_, per_connection, ran)) = (kept?, measured?);
+        f.floor.push(run.rate);
+        f.floor_ns_per_conn.push(per_connection);
+        f.floor_hooks = empties.attached;
+        f.floor_runs_per_conn.push(ran.iter().map(|(_, runs, _)| *runs as f64).sum::<f64>() / run.connections.max(1.0));
+        if !empties.missing.is_empty() {
+            println!("pair {pair}: no empty program on {} (this kernel lacks them)", empties.missing.join(", "));
+        }
+        println!("pair {pair}: churn, empty programs on {} hooks {:.0}/s, {per_connection:.0} ns kernel/conn", empties.attached, run.rate);
+
         // Bulk, pinned: no netlens, netlens, an empty program on tcp_probe.
         f.bulk_none.push(bulk(seconds)?);
         let newer_than = bpfstats::highest_id()?;
@@ -210,7 +234,7 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         let ran = bulk_measured(seconds, empty.id - 1)?;
         drop(empty);
         f.bulk_empty.push(rate?);
-        if let Some((_, runs, ns)) = ran.iter().find(|(name, _, _)| name == "empty_ref") {
+        if let Some((_, runs, ns)) = ran.iter().find(|(name, _, _)| name == bpfstats::EMPTY_NAME) {
             f.empty_ns.push(*ns as f64 / (*runs).max(1) as f64);
         }
         println!(
@@ -353,10 +377,24 @@ fn print_table(f: &Figures, pairs: u32) {
     );
     println!("| churn rate kept, `daemon` | {:.0}/s | {:.0}/s ({:.3}) | | {:.3} | ≥ 0.97 |", mean(&f.none), mean(&f.daemon), kept(&f.daemon), kept(&f.daemon));
     println!(
+        "| churn rate kept, empty programs on netlens's {} hooks (the dispatch floor) | | | {:.0}/s ({:.3}) | trace {:.3}, daemon {:.3} of it | |",
+        f.floor_hooks,
+        mean(&f.floor),
+        kept(&f.floor),
+        mean(&f.trace) / mean(&f.floor),
+        mean(&f.daemon) / mean(&f.floor)
+    );
+    println!(
         "| kernel time per connection (BPF stats, own run) | 0 | {:.0} ns | bpftrace {:.0} ns | {:.1}× bpftrace | ≤ 2,000 ns |",
         mean(&f.trace_ns_per_conn),
         mean(&f.reference_ns_per_conn),
         mean(&f.trace_ns_per_conn) / mean(&f.reference_ns_per_conn).max(1.0)
+    );
+    println!(
+        "| kernel time per connection, empty programs on the same hooks (BPF stats) | | | {:.0} ns ({:.1} runs) | netlens +{:.0} ns | |",
+        mean(&f.floor_ns_per_conn),
+        mean(&f.floor_runs_per_conn),
+        mean(&f.trace_ns_per_conn) - mean(&f.floor_ns_per_conn)
     );
     println!(
         "| tcp_probe per run (BPF stats, own run) | | {:.0} ns | empty program {:.0} ns | +{:.0} ns | ≤ 100 ns, ≤ +40 ns |",

@@ -13,6 +13,7 @@ const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
@@ -113,44 +114,10 @@ pub struct EmptyProgram {
 }
 
 impl EmptyProgram {
+    /// On raw tracepoint `name` (the dispatch of netlens's BTF and raw
+    /// tracepoint programs).
     pub fn attach(tracepoint: &str) -> Result<Self> {
-        // r0 = 0; exit
-        let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
-        let license = b"GPL\0";
-        #[repr(C)]
-        struct LoadAttr {
-            prog_type: u32,
-            insn_cnt: u32,
-            insns: u64,
-            license: u64,
-            log_level: u32,
-            log_size: u32,
-            log_buf: u64,
-            kern_version: u32,
-            prog_flags: u32,
-            prog_name: [u8; 16],
-            prog_ifindex: u32,
-            expected_attach_type: u32,
-        }
-        let mut name = [0u8; 16];
-        name[..10].copy_from_slice(b"empty_ref\0");
-        let mut load = LoadAttr {
-            prog_type: BPF_PROG_TYPE_RAW_TRACEPOINT,
-            insn_cnt: 2,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: 0,
-            log_size: 0,
-            log_buf: 0,
-            kern_version: 0,
-            prog_flags: 0,
-            prog_name: name,
-            prog_ifindex: 0,
-            expected_attach_type: 0,
-        };
-        let fd = bpf(BPF_PROG_LOAD, &mut load).context("loading the empty reference program")?;
-        // SAFETY: a new fd the kernel just returned to us.
-        let program = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let program = load_empty(BPF_PROG_TYPE_RAW_TRACEPOINT)?;
         let tracepoint = std::ffi::CString::new(tracepoint)?;
         #[repr(C)]
         struct OpenAttr {
@@ -160,9 +127,159 @@ impl EmptyProgram {
         }
         let mut open = OpenAttr { name: tracepoint.as_ptr() as u64, prog_fd: program.as_raw_fd() as u32, _pad: 0 };
         let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut open).context("attaching the empty reference program")?;
-        // SAFETY: as above.
+        // SAFETY: a new fd the kernel just returned to us.
         let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
-        let id = snapshot()?.iter().filter(|p| p.name == "empty_ref").map(|p| p.id).max().unwrap_or(0);
+        Self::attached(program, link)
+    }
+
+    /// On classic tracepoint `category:name` (the dispatch of netlens's
+    /// record tracepoints, such as the syscall exits): through a perf
+    /// event, as aya attaches them.
+    pub fn attach_classic(category: &str, name: &str) -> Result<Self> {
+        const PERF_TYPE_TRACEPOINT: u32 = 2;
+        const PERF_SAMPLE_RAW: u64 = 1 << 10;
+        const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+        const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+        const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+        /// `struct perf_event_attr` up to `config1` (PERF_ATTR_SIZE_VER0).
+        #[repr(C)]
+        struct PerfEventAttr {
+            kind: u32,
+            size: u32,
+            config: u64,
+            sample_period: u64,
+            sample_type: u64,
+            read_format: u64,
+            flags: u64,
+            wakeup_events: u32,
+            bp_type: u32,
+            config1: u64,
+        }
+        let id_path = format!("/sys/kernel/tracing/events/{category}/{name}/id");
+        let id: u64 = std::fs::read_to_string(&id_path).with_context(|| format!("reading {id_path}"))?.trim().parse().context("a tracepoint id")?;
+        let program = load_empty(BPF_PROG_TYPE_TRACEPOINT)?;
+        let attr = PerfEventAttr {
+            kind: PERF_TYPE_TRACEPOINT,
+            size: size_of::<PerfEventAttr>() as u32,
+            config: id,
+            sample_period: 1,
+            sample_type: PERF_SAMPLE_RAW,
+            read_format: 0,
+            flags: 0,
+            wakeup_events: 1,
+            bp_type: 0,
+            config1: 0,
+        };
+        // SAFETY: perf_event_open(2) with a filled attr: any pid, CPU 0
+        // (a tracepoint's program runs on every CPU), no group.
+        let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr as *const PerfEventAttr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("opening tracepoint {category}:{name}"));
+        }
+        // SAFETY: a new fd the kernel just returned to us.
+        let event = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: ioctls on our perf event fd; SET_BPF takes a program fd.
+        let attached = unsafe {
+            libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, program.as_raw_fd()) == 0 && libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) == 0
+        };
+        if !attached {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("attaching the empty program to {category}:{name}"));
+        }
+        Self::attached(program, event)
+    }
+
+    fn attached(program: OwnedFd, link: OwnedFd) -> Result<Self> {
+        let id = snapshot()?.iter().filter(|p| p.name == EMPTY_NAME).map(|p| p.id).max().unwrap_or(0);
         Ok(Self { _program: program, _link: link, id })
+    }
+}
+
+/// What every empty reference program is called (bpf_prog_info's name).
+pub const EMPTY_NAME: &str = "empty_ref";
+
+/// Loads `r0 = 0; exit` as a program of `prog_type`.
+fn load_empty(prog_type: u32) -> Result<OwnedFd> {
+    let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    let license = b"GPL\0";
+    #[repr(C)]
+    struct LoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let mut name = [0u8; 16];
+    name[..EMPTY_NAME.len()].copy_from_slice(EMPTY_NAME.as_bytes());
+    let mut load = LoadAttr {
+        prog_type,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: name,
+        prog_ifindex: 0,
+        expected_attach_type: 0,
+    };
+    let fd = bpf(BPF_PROG_LOAD, &mut load).context("loading the empty reference program")?;
+    // SAFETY: a new fd the kernel just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The hooks `trace` attaches on a kernel like this machine's (6.18: BTF
+/// tracepoints, no kprobes or fentry): raw tracepoints, and the
+/// classic tracepoints of accept()'s exit. An empty program on each is
+/// the floor any tracer of these hooks pays, dispatch alone.
+const NETLENS_RAW_HOOKS: [&str; 10] = [
+    "inet_sock_set_state",
+    "tcp_probe",
+    "sk_data_ready",
+    "tcp_cong_state_set",
+    "consume_skb",
+    "kfree_skb",
+    "tcp_send_reset",
+    "tcp_receive_reset",
+    "tcp_retransmit_skb",
+    "tcp_retransmit_synack",
+];
+const NETLENS_CLASSIC_HOOKS: [(&str, &str); 2] = [("syscalls", "sys_exit_accept4"), ("syscalls", "sys_exit_accept")];
+
+/// Empty programs on every hook of [`NETLENS_RAW_HOOKS`] and
+/// [`NETLENS_CLASSIC_HOOKS`] this kernel has (the missing ones are
+/// skipped: their names are in `missing`). Detached when dropped.
+pub struct EmptyOnNetlensHooks {
+    pub programs: Vec<EmptyProgram>,
+    pub attached: usize,
+    pub missing: Vec<String>,
+}
+
+impl EmptyOnNetlensHooks {
+    pub fn attach() -> Result<Self> {
+        let mut programs = Vec::new();
+        let mut missing = Vec::new();
+        for hook in NETLENS_RAW_HOOKS {
+            match EmptyProgram::attach(hook) {
+                Ok(program) => programs.push(program),
+                Err(_) => missing.push(hook.to_string()),
+            }
+        }
+        for (category, name) in NETLENS_CLASSIC_HOOKS {
+            match EmptyProgram::attach_classic(category, name) {
+                Ok(program) => programs.push(program),
+                Err(_) => missing.push(format!("{category}:{name}")),
+            }
+        }
+        Ok(Self { attached: programs.len(), programs, missing })
     }
 }
