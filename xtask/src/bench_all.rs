@@ -98,6 +98,7 @@ fn mean(values: &[f64]) -> f64 {
 
 #[derive(Default)]
 struct Figures {
+    /// No netlens, at the start and at the end of each pair's churn runs.
     none: Vec<f64>,
     trace: Vec<f64>,
     daemon: Vec<f64>,
@@ -209,6 +210,15 @@ pub fn all(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
             println!("pair {pair}: no empty program on {} (this kernel lacks them)", empties.missing.join(", "));
         }
         println!("pair {pair}: churn, empty programs on {} hooks {:.0}/s, {per_connection:.0} ns kernel/conn", empties.attached, run.rate);
+
+        // The baseline again: this VM drifts by 10-20 % within a minute,
+        // and with one baseline run at the start of the pair the last runs
+        // were compared with a rate the machine no longer had (the empty
+        // programs "kept" 1.029 of it). Every churn ratio is to the mean of
+        // the runs before and after.
+        let none_after = churn(seconds, None)?;
+        f.none.push(none_after.rate);
+        println!("pair {pair}: churn none again {:.0}/s", none_after.rate);
 
         // Bulk, pinned: no netlens, netlens, an empty program on tcp_probe.
         f.bulk_none.push(bulk(seconds)?);
