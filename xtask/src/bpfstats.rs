@@ -6,15 +6,17 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context as _, Result};
-use aya_obj::generated::bpf_prog_info;
+use aya_obj::generated::{
+    bpf_prog_info, bpf_prog_type, perf_event_attr, perf_event_sample_format, perf_type_id, PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF, PERF_FLAG_FD_CLOEXEC,
+};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
-const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
-const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+const BPF_PROG_TYPE_TRACEPOINT: u32 = bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT as u32;
+const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = bpf_prog_type::BPF_PROG_TYPE_RAW_TRACEPOINT as u32;
 
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
     // SAFETY: `attr` is a live, zero-padded `union bpf_attr` prefix of the
@@ -136,43 +138,22 @@ impl EmptyProgram {
     /// record tracepoints, such as the syscall exits): through a perf
     /// event, as aya attaches them.
     pub fn attach_classic(category: &str, name: &str) -> Result<Self> {
-        const PERF_TYPE_TRACEPOINT: u32 = 2;
-        const PERF_SAMPLE_RAW: u64 = 1 << 10;
-        const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
-        const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-        const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
-        /// `struct perf_event_attr` up to `config1` (PERF_ATTR_SIZE_VER0).
-        #[repr(C)]
-        struct PerfEventAttr {
-            kind: u32,
-            size: u32,
-            config: u64,
-            sample_period: u64,
-            sample_type: u64,
-            read_format: u64,
-            flags: u64,
-            wakeup_events: u32,
-            bp_type: u32,
-            config1: u64,
-        }
         let id_path = format!("/sys/kernel/tracing/events/{category}/{name}/id");
         let id: u64 = std::fs::read_to_string(&id_path).with_context(|| format!("reading {id_path}"))?.trim().parse().context("a tracepoint id")?;
         let program = load_empty(BPF_PROG_TYPE_TRACEPOINT)?;
-        let attr = PerfEventAttr {
-            kind: PERF_TYPE_TRACEPOINT,
-            size: size_of::<PerfEventAttr>() as u32,
-            config: id,
-            sample_period: 1,
-            sample_type: PERF_SAMPLE_RAW,
-            read_format: 0,
-            flags: 0,
-            wakeup_events: 1,
-            bp_type: 0,
-            config1: 0,
-        };
+        // SAFETY: perf_event_attr is plain old data; zero is a valid value.
+        let mut attr: perf_event_attr = unsafe { std::mem::zeroed() };
+        attr.type_ = perf_type_id::PERF_TYPE_TRACEPOINT as u32;
+        attr.size = size_of::<perf_event_attr>() as u32;
+        attr.config = id;
+        attr.__bindgen_anon_1.sample_period = 1;
+        attr.sample_type = perf_event_sample_format::PERF_SAMPLE_RAW as u64;
+        attr.__bindgen_anon_2.wakeup_events = 1;
         // SAFETY: perf_event_open(2) with a filled attr: any pid, CPU 0
         // (a tracepoint's program runs on every CPU), no group.
-        let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr as *const PerfEventAttr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC) };
+        let fd = unsafe {
+            libc::syscall(libc::SYS_perf_event_open, &attr as *const perf_event_attr, -1, 0, -1, libc::c_ulong::from(PERF_FLAG_FD_CLOEXEC))
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).with_context(|| format!("opening tracepoint {category}:{name}"));
         }
@@ -180,7 +161,8 @@ impl EmptyProgram {
         let event = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         // SAFETY: ioctls on our perf event fd; SET_BPF takes a program fd.
         let attached = unsafe {
-            libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, program.as_raw_fd()) == 0 && libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) == 0
+            libc::ioctl(event.as_raw_fd(), libc::c_ulong::from(PERF_EVENT_IOC_SET_BPF), program.as_raw_fd()) == 0
+                && libc::ioctl(event.as_raw_fd(), libc::c_ulong::from(PERF_EVENT_IOC_ENABLE), 0) == 0
         };
         if !attached {
             return Err(std::io::Error::last_os_error()).with_context(|| format!("attaching the empty program to {category}:{name}"));
@@ -237,27 +219,9 @@ fn load_empty(prog_type: u32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The hooks `trace` attaches on a kernel like this machine's (6.18: BTF
-/// tracepoints, no kprobes or fentry): raw tracepoints, and the
-/// classic tracepoints of accept()'s exit. An empty program on each is
-/// the floor any tracer of these hooks pays, dispatch alone.
-const NETLENS_RAW_HOOKS: [&str; 10] = [
-    "inet_sock_set_state",
-    "tcp_probe",
-    "sk_data_ready",
-    "tcp_cong_state_set",
-    "consume_skb",
-    "kfree_skb",
-    "tcp_send_reset",
-    "tcp_receive_reset",
-    "tcp_retransmit_skb",
-    "tcp_retransmit_synack",
-];
-const NETLENS_CLASSIC_HOOKS: [(&str, &str); 2] = [("syscalls", "sys_exit_accept4"), ("syscalls", "sys_exit_accept")];
-
-/// Empty programs on every hook of [`NETLENS_RAW_HOOKS`] and
-/// [`NETLENS_CLASSIC_HOOKS`] this kernel has (the missing ones are
-/// skipped: their names are in `missing`). Detached when dropped.
+/// Empty programs on the hooks `netlens check` reports serving its
+/// features here. Kinds an empty program is not made for here (kprobes,
+/// fentry) are skipped: their names are in `missing`. Detached when dropped.
 pub struct EmptyOnNetlensHooks {
     pub programs: Vec<EmptyProgram>,
     pub attached: usize,
@@ -265,19 +229,23 @@ pub struct EmptyOnNetlensHooks {
 }
 
 impl EmptyOnNetlensHooks {
-    pub fn attach() -> Result<Self> {
+    /// `hooks` as `check` names them: `tp_btf sock:inet_sock_set_state`,
+    /// `raw tracepoint skb:kfree_skb`, `tracepoint syscalls:sys_exit_accept4`.
+    pub fn attach(hooks: &[String]) -> Result<Self> {
         let mut programs = Vec::new();
         let mut missing = Vec::new();
-        for hook in NETLENS_RAW_HOOKS {
-            match EmptyProgram::attach(hook) {
+        for hook in hooks {
+            let (kind, target) = hook.rsplit_once(' ').unwrap_or(("", hook));
+            let (category, name) = target.split_once(':').unwrap_or(("", target));
+            let program = match kind {
+                // Raw and BTF tracepoints share the kernel's dispatch.
+                "tp_btf" | "raw tracepoint" => EmptyProgram::attach(name),
+                "tracepoint" => EmptyProgram::attach_classic(category, name),
+                _ => Err(anyhow::anyhow!("no empty program for {kind}")),
+            };
+            match program {
                 Ok(program) => programs.push(program),
-                Err(_) => missing.push(hook.to_string()),
-            }
-        }
-        for (category, name) in NETLENS_CLASSIC_HOOKS {
-            match EmptyProgram::attach_classic(category, name) {
-                Ok(program) => programs.push(program),
-                Err(_) => missing.push(format!("{category}:{name}")),
+                Err(_) => missing.push(hook.clone()),
             }
         }
         Ok(Self { attached: programs.len(), programs, missing })

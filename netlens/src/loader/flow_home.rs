@@ -21,8 +21,8 @@ use crate::{features::FeatureStatus, kernel::probe};
 /// Chooses where flows live: `table` (the default) or `storage`.
 pub const FLOW_STATE_ENV: &str = "NETLENS_FLOW_STATE";
 
-/// Why the table is the default: measured on 6.18 (README, "Where the time
-/// went", 2026-12-02 15:10), socket storage made each connection cost more
+/// Why the table is the default: measured on 6.18 (docs/benchmarks.md,
+/// "Where the time went", 2026-12-02 15:10; README, "Where the time goes"), socket storage made each connection cost more
 /// kernel time (two storage allocations per connection, ~650 ns each)
 /// than the LRU table operations it replaced, and each segment less (tcp_probe
 /// -18 %). Connection churn is the common load of the hosts the daemon
