@@ -386,9 +386,14 @@ pub struct Config {
     /// wake-up costs a context switch, and only `trace` shows events as
     /// they come.
     pub wakeup_bytes: u32,
-    /// 1: flows live in socket storage, else in the LRU table (the
+    /// 1: flows live in socket storage, else in the hash table (the
     /// eBPF crate's flows.rs; the loader chooses).
     pub flows_in_storage: u32,
+    /// 1: the table keeps a closed flow's entry for the next socket at its
+    /// address, and userspace sweeps the ones left (loader/closed_flows.rs);
+    /// 0: a close removes its entry.
+    pub flows_kept_closed: u32,
+    pub _pad_flows: u32,
 }
 
 /// [`Config::wakeup_bytes`] where nothing else is asked for.

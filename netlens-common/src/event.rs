@@ -223,6 +223,10 @@ pub struct Flow {
     /// was established: accept() then has no owner to record.
     pub owner_claimed: u8,
     pub _pad: [u8; 2],
+    /// When the connection closed, where the table keeps closed flows for
+    /// the next socket at their address (the eBPF crate's flows.rs); 0
+    /// while it is open. A closed flow is no connection's: lookups skip it.
+    pub closed_ns: u64,
 }
 
 /// Key of the SYN-ACK start table: the 4-tuple of a pending passive open as

@@ -67,16 +67,13 @@ pub const AF_INET6: u16 = 10;
 pub mod counter {
     /// Events dropped because the ring buffer was full.
     pub const EVENTS_LOST: u32 = 0;
-    /// New entries in the flow table.
+    /// Flows the table took: in a new entry, or in a closed flow's.
     pub const FLOW_INSERTS: u32 = 1;
-    /// Entries removed because their connection ended. Inserts - removals -
-    /// live entries = entries the LRU evicted.
+    /// Flows that ended at a close we saw (removed, or kept closed).
     pub const FLOW_REMOVES: u32 = 2;
-    /// Connections the flow table could not take: the LRU found no free
-    /// entry for this CPU (`-ENOMEM`, possible when the table is small and
-    /// every CPU inserts at once). Their closes lack lifetime and
-    /// direction, as an evicted one's do; userspace counts them with the
-    /// evictions.
+    /// Connections the flow table could not take: it was full (`-E2BIG`).
+    /// Their closes lack lifetime and direction; userspace counts them
+    /// with the flows lost.
     pub const FLOW_INSERT_FAILURES: u32 = 3;
     /// Retransmissions no `retransmit` event reported: at close, how far
     /// the socket's total is ahead of the last one seen. The kernel skips
@@ -86,7 +83,17 @@ pub mod counter {
     /// send. An earlier gap shows in the connection's next event (`segs`
     /// 2 or more); this counts the ones after a connection's last.
     pub const RETRANSMITS_UNSEEN: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Flows whose close went unseen (the kernel skipped the program, as
+    /// `events missed` counts), found when the next socket at the address
+    /// opened: replaced or discarded. Flows lost, with the refused.
+    pub const FLOW_STALE: u32 = 5;
+    /// Flows kept in the table, closed, for the next socket at their
+    /// address (`Config::flows_kept_closed`).
+    pub const FLOW_KEPT_CLOSED: u32 = 6;
+    /// Closed flows whose entry a new connection took. Kept - reused -
+    /// what userspace swept = closed flows in the table now.
+    pub const FLOW_REUSED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// The eBPF programs, each with a slot in the per-CPU `PROGRAM_ERRORS` map:

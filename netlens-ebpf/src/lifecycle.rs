@@ -161,7 +161,7 @@ fn active_established<S: Sock>(sk: S) -> Result<(), i32> {
     // is an earlier socket's, at the same address, whose close we missed
     // (see `closed`): not this connection.
     if flow.direction != direction::ACTIVE || flow.family != 0 {
-        flows::discard_stale(sk);
+        flows::discard_stale(sk, flow, now);
         return Ok(());
     }
     let tuple = sk.tuple()?;
@@ -227,16 +227,16 @@ fn passive_established<S: Sock>(sk: S) -> Result<(), i32> {
 #[inline(never)]
 fn connect_failed<S: Sock>(sk: S) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(flow) = flows::lookup(sk) else { return Ok(()) };
+    let Some(flow) = flows::lookup_mut(sk) else { return Ok(()) };
     // Not connect()'s flow: an earlier socket's (see `active_established`).
     if flow.direction != direction::ACTIVE || flow.family != 0 {
-        flows::discard_stale(sk);
+        flows::discard_stale(sk, flow, now);
         return Ok(());
     }
     let reported = report_connect_failure(sk, flow, now);
     // Only after the report: a removed table entry can be handed to another
     // CPU's insert at once, and `flow` would then read a new connection.
-    flows::remove(sk);
+    flows::remove(sk, flow, now);
     reported
 }
 
@@ -267,14 +267,14 @@ fn closed<S: Sock>(sk: S) -> Result<(), i32> {
     // totals, with an unknown direction and lifetime.
     match flows::lookup_mut(sk) {
         Some(flow) if !owns(flow, sk) => {
-            flows::discard_stale(sk);
+            flows::discard_stale(sk, flow, now);
             report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now, Tracked::No)
         }
         Some(flow) => {
             probe::end_stall_drained_at_close(flow, sk, now);
             let reported = report_close(sk, flow, now, Tracked::Yes);
             // After the report: see connect_failed().
-            flows::remove(sk);
+            flows::remove(sk, flow, now);
             reported
         }
         None if sk.is_tcp() => report_close(sk, flows::unknown_of(sk, slot::SET_STATE).ok_or(-1)?, now, Tracked::No),

@@ -88,7 +88,7 @@ fn inspect() -> Report {
             });
             match attached {
                 Ok((mut ebpf, statuses, tried, home)) => {
-                    row("flow state", true, home.describe());
+                    row("flow state", true, home.describe(&facts.offsets.config));
                     features = statuses;
                     // The accept-queue features choose among hook families.
                     let optional = crate::optional::attach_optional(&mut ebpf, &facts);

@@ -22,6 +22,7 @@ use crate::{
 mod attach_btf;
 mod casts;
 mod ebpf_loader;
+mod closed_flows;
 mod flow_home;
 mod hook_error;
 mod hooks;
@@ -119,6 +120,14 @@ fn open_with<'a>(mut loader: EbpfLoader<'a>, facts: &'a KernelFacts, ring_bytes:
         .context("loading the eBPF object");
     timing(started, "object parsed, maps created");
     ebpf
+}
+
+/// The flow table's entries, as created.
+fn table_capacity(ebpf: &Ebpf) -> Result<u64> {
+    match ebpf.map("FLOWS") {
+        Some(aya::maps::Map::HashMap(data)) => Ok(u64::from(data.info()?.max_entries())),
+        _ => Err(anyhow!("FLOWS map missing")),
+    }
 }
 
 /// Loads and attaches one hook's program, after checking that this kernel
@@ -256,6 +265,8 @@ pub struct Probes {
     start_up: Option<KernelFacts>,
     /// Where the programs keep flows.
     pub flow_home: FlowHome,
+    /// Where the table keeps closed flows: what sweeping them did.
+    closed_flows: Option<closed_flows::ClosedFlows>,
 }
 
 /// Verifies, two at a time, the tracepoint programs of each feature's best
@@ -425,7 +436,10 @@ impl Probes {
         t("optional features attached");
         let drop_reason_names = drop_reason_names(&facts.btf.enum_members("skb_drop_reason").unwrap_or_default());
         let attach_time = started.elapsed();
-        Ok(Self { ebpf, attached, features, attach_time, optional, drop_reason_names, start_up: Some(facts), flow_home })
+        let closed_flows = (facts.offsets.config.flows_kept_closed != 0)
+            .then(|| table_capacity(&ebpf).map(closed_flows::ClosedFlows::new))
+            .transpose()?;
+        Ok(Self { ebpf, attached, features, attach_time, optional, drop_reason_names, start_up: Some(facts), flow_home, closed_flows })
     }
 
     /// The accept-queue hooks attached.

@@ -76,6 +76,8 @@ pub struct EventSource {
     overflows_read: Instant,
     /// Whether a failed read of the listen-overflow table was said.
     overflows_unreadable_said: bool,
+    /// Whether a failed sweep of the flow table's closed flows was said.
+    sweep_failure_said: bool,
     /// Each event's service, resolved off the event path.
     attribution: Attribution,
     /// Where flows live in socket storage: the connections seen, for the
@@ -172,6 +174,7 @@ impl EventSource {
             overflows_reported: HashMap::new(),
             overflows_read: Instant::now(),
             overflows_unreadable_said: false,
+            sweep_failure_said: false,
             attribution: Attribution::start(),
             known,
         })
@@ -208,6 +211,12 @@ impl EventSource {
         self.attribution.release(&mut sink);
         if self.overflows_read.elapsed() >= OVERFLOW_PERIOD {
             self.read_overflows(filter, &mut sink);
+        }
+        if let Err(err) = self.probes.sweep_closed_flows() {
+            // Said once: an unswept table fills, and its refusals count.
+            if !std::mem::replace(&mut self.sweep_failure_said, true) {
+                eprintln!("netlens: sweeping closed flows out of the flow table failed: {err:#}");
+            }
         }
     }
 

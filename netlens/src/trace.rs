@@ -158,6 +158,9 @@ fn report_costs(source: &EventSource) {
         if table.lost > 0 {
             eprintln!("netlens: the flow table lost {} connections (refused when full, or their close unseen): their close events lack lifetime and direction", table.lost);
         }
+        if table.swept > 0 {
+            eprintln!("netlens: {} closed flows swept out of the flow table (no new socket took their addresses)", table.swept);
+        }
     }
     for (program, stats) in source.program_stats() {
         if stats.run_count > 0 && stats.run_time_ns > 0 {

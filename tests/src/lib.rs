@@ -7,6 +7,7 @@
 pub mod bulk;
 pub mod cgroup;
 pub mod exposition;
+pub mod flow_table;
 pub mod netlens;
 pub mod netns;
 pub mod sockets;

@@ -73,6 +73,11 @@ impl Traced {
             .unwrap_or(0)
     }
 
+    /// Closed flows swept out of the flow table, as said at exit.
+    pub fn flows_swept(&self) -> u64 {
+        self.said("closed flows swept out of the flow table")
+    }
+
     /// The largest N of stderr lines `netlens: N <what>…`.
     fn said(&self, what: &str) -> u64 {
         self.stderr

@@ -32,6 +32,13 @@ const DEFAULT_WHY: &str = "the default; NETLENS_FLOW_STATE=storage puts flows in
 /// Tracing programs may use socket storage from this release on.
 const STORAGE_FOR_TRACING: (u32, u32) = (5, 11);
 
+/// The table keeps closed flows for reuse from this release on: userspace
+/// sweeps the ones left with BPF_MAP_LOOKUP_AND_DELETE_ELEM, which hash
+/// maps have since 5.14, and which tells it whether a new connection
+/// took the entry meanwhile (closed_flows.rs). Before, each close removes
+/// its entry.
+const KEEP_CLOSED_FROM: (u32, u32) = (5, 14);
+
 /// Programs that keep flows (both builds of each; see hooks.rs).
 const FLOW_KEEPERS: &[&str] =
     &["inet_sock_set_state", "tcp_probe", "sk_data_ready", "tcp_data_ready", "tcp_cong_state_set", "tcp_retransmit_skb"];
@@ -39,8 +46,13 @@ const FLOW_KEEPERS: &[&str] =
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlowHome {
     Storage,
-    /// The LRU table, and why not socket storage.
+    /// The hash table, and why not socket storage.
     Table(String),
+}
+
+/// Whether this kernel's table keeps closed flows (see [`KEEP_CLOSED_FROM`]).
+fn table_keeps_closed() -> bool {
+    probe::parse_release(&probe::kernel_release()).is_some_and(|version| version >= KEEP_CLOSED_FROM)
 }
 
 impl FlowHome {
@@ -79,20 +91,31 @@ impl FlowHome {
         *self == Self::Storage
     }
 
-    /// `check`'s line.
-    pub fn describe(&self) -> String {
+    /// `check`'s line, given the config the programs loaded with.
+    pub fn describe(&self, config: &netlens_common::Config) -> String {
+        let closed = match config.flows_kept_closed {
+            0 => format!("a close removes its entry (Linux {}.{}+ keeps it for reuse)", KEEP_CLOSED_FROM.0, KEEP_CLOSED_FROM.1),
+            _ => "closed flows kept for the next socket at their address, swept by userspace".into(),
+        };
         match self {
             Self::Storage => "socket storage (freed with each socket; nothing to evict)".into(),
-            Self::Table(why) => format!("hash table, flows lost counted ({why})"),
+            Self::Table(why) => format!("hash table, flows lost counted, {closed} ({why})"),
         }
     }
+}
+
+/// Writes `home` into the programs' config, before they load.
+fn configure(facts: &mut KernelFacts, home: &FlowHome) {
+    let config = &mut facts.offsets.config;
+    config.flows_in_storage = u32::from(home.in_storage());
+    config.flows_kept_closed = u32::from(!home.in_storage() && table_keeps_closed());
 }
 
 /// Chooses where flows live ([`FlowHome::first_choice`]) and writes the
 /// choice into the programs' config, before they load.
 pub fn choose(facts: &mut KernelFacts) -> Result<FlowHome> {
     let home = FlowHome::first_choice().map_err(|err| anyhow!(err))?;
-    facts.offsets.config.flows_in_storage = u32::from(home.in_storage());
+    configure(facts, &home);
     Ok(home)
 }
 
@@ -113,7 +136,7 @@ pub fn place_flows(
     }
     // Detached with the object, before the same hooks attach again.
     drop(ebpf);
-    facts.offsets.config.flows_in_storage = 0;
+    configure(facts, &placed);
     let mut ebpf = reopen(facts)?;
     let (features, tried) = attach_features(&mut ebpf, facts);
     Ok((ebpf, features, tried, placed))
