@@ -2,10 +2,17 @@
 //! and timed against the client's connect(), closes with exact byte counts,
 //! refused connects. Needs root; each test runs in its own namespace.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::HashMap,
+    io::Read,
+    net::{SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use netlens_tests::{
+    flow_table,
     traffic::{churn_server, clients, paced_churn, Server, ServerProcess},
     Netlens, Netns,
 };
@@ -330,6 +337,81 @@ fn closes_keep_their_direction() -> Result<()> {
         }
         assert!(active <= 300 && 300 - active <= slack, "run {run}: {active} active closes (missed {slack})");
         assert!(passive <= 300 && 300 - passive <= slack, "run {run}: {passive} passive closes (missed {slack})");
+    }
+    Ok(())
+}
+
+/// Where the kernel has BPF_MAP_LOOKUP_AND_DELETE_ELEM for hash maps
+/// (5.14+), a close leaves its flow in the table, closed, for the next
+/// socket at that address, and userspace sweeps the ones no socket took;
+/// before, a close removes its entry. Read from the kernel's copy of the
+/// table (bpftool), by the flows' namespace: other namespaces' sockets
+/// may take our entries, never add to them.
+#[test]
+fn closed_flows_are_kept_for_reuse_then_swept() -> Result<()> {
+    const CONNECTIONS: usize = 20;
+    let keeps = netlens_tests::kernel_version() >= (5, 14);
+    let netns = Netns::new()?;
+    let inode = netns.inode()?;
+    let addr: SocketAddr = "127.0.0.1:7112".parse()?;
+    // 256 entries: a sweep is due once a sixteenth of them, 16, are closed.
+    let netlens = Netlens::start_with_env(None, &["trace", "--json"], &[("NETLENS_FLOW_TABLE_ENTRIES", "256")])?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = netns.spawn(move || -> Result<()> {
+        let listener = TcpListener::bind(addr)?;
+        let _ = ready_tx.send(());
+        let mut held = Vec::with_capacity(CONNECTIONS);
+        for _ in 0..CONNECTIONS {
+            held.push(listener.accept()?.0);
+        }
+        let mut buffer = [0u8; 16];
+        for mut stream in held {
+            stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+            while stream.read(&mut buffer)? > 0 {}
+        }
+        Ok(())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
+    netns
+        .spawn(move || -> Result<()> {
+            let held: Vec<TcpStream> = (0..CONNECTIONS).map(|_| TcpStream::connect(addr)).collect::<Result<_, _>>()?;
+            drop(held);
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))???;
+    server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))???;
+    netns.wait_closed(Duration::from_secs(30))?;
+    let closed_by = flow_table::monotonic_ns();
+    let ours = |entries: Vec<flow_table::Entry>| -> Vec<_> { entries.into_iter().filter(|e| e.netns == inode).collect() };
+
+    // Within a second of the closes: no sweep may take them yet.
+    let kept = ours(flow_table::entries(netlens.pid())?);
+    eprintln!("{} of our {} flows in the table right after they closed", kept.len(), 2 * CONNECTIONS);
+    if keeps {
+        assert!(!kept.is_empty(), "closed flows kept for reuse");
+        assert!(kept.iter().all(|entry| entry.closed_ns != 0 && entry.closed_ns <= closed_by), "every one closed: {kept:?}");
+    } else {
+        assert!(kept.is_empty(), "a close removes its entry before 5.14: {kept:?}");
+    }
+
+    // Swept within a second of their first second (the sweep's minimum age
+    // and its check period), or taken by other sockets; polled for 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = kept;
+    while left.iter().any(|entry| entry.closed_ns != 0) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(250));
+        left = ours(flow_table::entries(netlens.pid())?);
+    }
+    let traced = netlens.stop()?;
+    let (closed, open): (Vec<_>, Vec<_>) = left.into_iter().partition(|entry| entry.closed_ns != 0);
+    assert!(closed.is_empty(), "closed flows left in the table after 10 s: {closed:?}");
+    // An open one is a connection whose close the kernel skipped (other
+    // tests' programs run meanwhile), counted as missed.
+    assert!(open.len() as u64 <= traced.unaccounted(), "{} flows left open, {} events missed", open.len(), traced.unaccounted());
+    eprintln!("netlens swept {} closed flows", traced.flows_swept());
+    if keeps {
+        assert!(traced.flows_swept() > 0, "a sweep ran; stderr: {:?}", traced.stderr);
     }
     Ok(())
 }
