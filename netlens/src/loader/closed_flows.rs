@@ -8,11 +8,12 @@
 //!
 //! When: checked once a second from the event source's drain. A sweep
 //! runs when the closed flows in the table (kept - reused - swept, from
-//! the kernel's per-CPU counters) grew by [`ClosedFlows::threshold`] since
-//! the last sweep, or when the table refused a flow while closed ones
-//! were in it. Growth, not a level: a host whose hot addresses hold
-//! thousands of closed entries between reuses would otherwise be walked
-//! every second for nothing.
+//! the kernel's per-CPU counters) reach [`ClosedFlows::threshold`], or
+//! when the table refused a flow while closed ones were in it. A sweep
+//! that finds fewer than that many old enough to take (a host whose hot
+//! addresses hold thousands of closed entries between reuses) doubles
+//! the wait before the next, up to [`MAX_WAIT`]: such a table is not
+//! walked every second for nothing. A refusal does not wait.
 //!
 //! How: each entry closed at least [`MIN_AGE_NS`] ago is taken with
 //! BPF_MAP_LOOKUP_AND_DELETE_ELEM, which returns the entry as it was when
@@ -37,9 +38,12 @@ pub const CHECK_PERIOD: Duration = Duration::from_secs(1);
 /// about to be taken by the next socket.
 pub const MIN_AGE_NS: u64 = 1_000_000_000;
 
-/// The most closed flows let accumulate between sweeps, whatever the
+/// The most closed flows let accumulate before a sweep, whatever the
 /// table's size: `top` reads every entry of the table at each refresh.
-const MAX_GROWTH: u64 = 4_096;
+const MAX_THRESHOLD: u64 = 4_096;
+
+/// The longest wait between sweeps that took little.
+const MAX_WAIT: Duration = Duration::from_secs(64);
 
 /// What the sweeps did, and when the next one is due.
 #[derive(Debug)]
@@ -51,23 +55,26 @@ pub struct ClosedFlows {
     /// Open flows a sweep took (a new connection reused the entry between
     /// the walk and the delete) and put back: counted as lost.
     pub raced: u64,
-    /// Closed flows in the table right after the last sweep.
-    closed_after_sweep: u64,
     /// The table's refusals at the last check.
     refused_at_check: u64,
     /// When the counters were last looked at.
     pub checked: Instant,
+    /// The wait after the last sweep, and the earliest the next may run
+    /// (but for a refusal).
+    wait: Duration,
+    next_sweep: Instant,
 }
 
 impl ClosedFlows {
     pub fn new(capacity: u64) -> Self {
-        Self { capacity, swept: 0, raced: 0, closed_after_sweep: 0, refused_at_check: 0, checked: Instant::now() }
+        let now = Instant::now();
+        Self { capacity, swept: 0, raced: 0, refused_at_check: 0, checked: now, wait: CHECK_PERIOD, next_sweep: now }
     }
 
-    /// The growth in closed flows that calls for a sweep: a sixteenth of
-    /// the table, at most [`MAX_GROWTH`].
+    /// The closed flows that call for a sweep: a sixteenth of the table,
+    /// at most [`MAX_THRESHOLD`].
     fn threshold(&self) -> u64 {
-        (self.capacity / 16).clamp(1, MAX_GROWTH)
+        (self.capacity / 16).clamp(1, MAX_THRESHOLD)
     }
 
     /// The closed flows in the table now, from the kernel's counts of
@@ -77,16 +84,25 @@ impl ClosedFlows {
     }
 
     /// Whether to sweep, given the closed flows in the table now and the
-    /// table's refusals so far; remembers the refusals.
-    pub fn due(&mut self, closed: u64, refused: u64) -> bool {
-        self.checked = Instant::now();
+    /// table's refusals so far, at `now`; remembers the refusals.
+    pub fn due(&mut self, closed: u64, refused: u64, now: Instant) -> bool {
+        self.checked = now;
         let refused_since = refused > std::mem::replace(&mut self.refused_at_check, refused);
-        closed >= self.closed_after_sweep + self.threshold() || (refused_since && closed > 0)
+        (refused_since && closed > 0) || (closed >= self.threshold() && now >= self.next_sweep)
+    }
+
+    /// After a sweep at `now` that took `taken` closed flows: the next may
+    /// follow at the next check if this one was worth it, else after
+    /// twice the last wait.
+    fn swept_at(&mut self, taken: u64, now: Instant) {
+        self.swept += taken;
+        self.wait = if taken >= self.threshold() { CHECK_PERIOD } else { (self.wait * 2).min(MAX_WAIT) };
+        self.next_sweep = now + self.wait;
     }
 
     /// Takes every flow closed before `before_ns` (CLOCK_MONOTONIC) out of
     /// `table`, putting back any a new connection took meanwhile.
-    pub fn sweep(&mut self, table: &mut Map, before_ns: u64, closed: u64) -> Result<()> {
+    pub fn sweep(&mut self, table: &mut Map, before_ns: u64) -> Result<()> {
         let aged: Vec<u64> = {
             let flows: BpfHashMap<&MapData, u64, Flow> = BpfHashMap::try_from(&*table)?;
             // A key deleted under a walk sends it back to the first key:
@@ -105,7 +121,7 @@ impl ClosedFlows {
                 None => {}
             }
         }
-        self.swept += swept;
+        self.swept_at(swept, Instant::now());
         let mut flows: BpfHashMap<&mut MapData, u64, Flow> = BpfHashMap::try_from(table)?;
         for (key, flow) in taken_open {
             self.raced += 1;
@@ -113,7 +129,6 @@ impl ClosedFlows {
             // entry already, that one is newer.
             let _ = flows.insert(key, flow, 1);
         }
-        self.closed_after_sweep = closed.saturating_sub(swept);
         Ok(())
     }
 }
@@ -128,26 +143,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn growth_since_the_last_sweep_calls_for_one() {
+    fn enough_closed_flows_call_for_a_sweep() {
         let mut closed = ClosedFlows::new(65_536);
+        let start = Instant::now();
         assert_eq!(closed.threshold(), 4_096);
-        assert!(!closed.due(4_095, 0));
-        assert!(closed.due(4_096, 0));
-        // After a sweep that left 10,000 (hot ones, too young to take), the
-        // same level is no reason to walk again.
-        closed.closed_after_sweep = 10_000;
-        assert!(!closed.due(10_000, 0));
-        assert!(!closed.due(14_095, 0));
-        assert!(closed.due(14_096, 0));
+        assert!(!closed.due(4_095, 0, start));
+        assert!(closed.due(4_096, 0, start));
+    }
+
+    #[test]
+    fn sweeps_that_take_little_wait_longer_each_time() {
+        let start = Instant::now();
+        let mut closed = ClosedFlows::new(256);
+        let threshold = closed.threshold();
+        assert_eq!(threshold, 16);
+        // Hot addresses: 1,000 closed flows, all too young to take.
+        closed.swept_at(0, start);
+        assert!(!closed.due(1_000, 0, start + Duration::from_millis(1_999)));
+        assert!(closed.due(1_000, 0, start + Duration::from_secs(2)));
+        closed.swept_at(0, start + Duration::from_secs(2));
+        assert!(!closed.due(1_000, 0, start + Duration::from_millis(5_999)));
+        assert!(closed.due(1_000, 0, start + Duration::from_secs(6)));
+        for _ in 0..10 {
+            closed.swept_at(0, start);
+        }
+        assert_eq!(closed.wait, MAX_WAIT);
+        // A sweep worth it: the next may follow at the next check.
+        closed.swept_at(threshold, start);
+        assert!(closed.due(1_000, 0, start + CHECK_PERIOD));
+        assert_eq!(closed.swept, threshold);
     }
 
     #[test]
     fn a_refusal_calls_for_a_sweep_when_closed_flows_hold_room() {
+        let start = Instant::now();
         let mut closed = ClosedFlows::new(64);
-        assert_eq!(closed.threshold(), 4);
-        assert!(closed.due(1, 1), "refused while one closed flow held an entry");
-        assert!(!closed.due(1, 1), "no new refusal");
-        assert!(!closed.due(0, 2), "refused, but nothing closed to take");
+        closed.swept_at(0, start);
+        assert!(closed.due(1, 1, start), "refused while one closed flow held an entry, without waiting");
+        assert!(!closed.due(1, 1, start), "no new refusal");
+        assert!(!closed.due(0, 2, start), "refused, but nothing closed to take");
     }
 
     #[test]

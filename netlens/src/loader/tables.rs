@@ -262,13 +262,12 @@ impl Probes {
         let reused = self.counter(counter::FLOW_REUSED)?;
         let refused = self.counter(counter::FLOW_INSERT_FAILURES)?;
         let Some(closed) = self.closed_flows.as_mut() else { return Ok(()) };
-        let now_closed = closed.closed_now(kept, reused);
-        if !closed.due(now_closed, refused) {
+        if !closed.due(closed.closed_now(kept, reused), refused, std::time::Instant::now()) {
             return Ok(());
         }
         let table = self.ebpf.map_mut("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?;
         let before_ns = crate::source::monotonic_ns().saturating_sub(closed_flows::MIN_AGE_NS);
-        closed.sweep(table, before_ns, now_closed)
+        closed.sweep(table, before_ns)
     }
 }
 
