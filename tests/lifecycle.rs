@@ -4,16 +4,15 @@
 
 use std::{
     collections::HashMap,
-    io::Read,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use netlens_tests::{
     flow_table,
-    traffic::{churn_server, clients, paced_churn, Server, ServerProcess},
+    traffic::{churn_server, clients, held_connections, paced_churn, Server, ServerProcess},
     Netlens, Netns,
 };
 use serde_json::Value;
@@ -356,31 +355,7 @@ fn closed_flows_are_kept_for_reuse_then_swept() -> Result<()> {
     let addr: SocketAddr = "127.0.0.1:7112".parse()?;
     // 256 entries: a sweep is due once a sixteenth of them, 16, are closed.
     let netlens = Netlens::start_with_env(None, &["trace", "--json"], &[("NETLENS_FLOW_TABLE_ENTRIES", "256")])?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = netns.spawn(move || -> Result<()> {
-        let listener = TcpListener::bind(addr)?;
-        let _ = ready_tx.send(());
-        let mut held = Vec::with_capacity(CONNECTIONS);
-        for _ in 0..CONNECTIONS {
-            held.push(listener.accept()?.0);
-        }
-        let mut buffer = [0u8; 16];
-        for mut stream in held {
-            stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-            while stream.read(&mut buffer)? > 0 {}
-        }
-        Ok(())
-    });
-    ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
-    netns
-        .spawn(move || -> Result<()> {
-            let held: Vec<TcpStream> = (0..CONNECTIONS).map(|_| TcpStream::connect(addr)).collect::<Result<_, _>>()?;
-            drop(held);
-            Ok(())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))???;
-    server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))???;
+    held_connections(&netns, addr, CONNECTIONS)?;
     netns.wait_closed(Duration::from_secs(30))?;
     let closed_by = flow_table::monotonic_ns();
     let ours = |entries: Vec<flow_table::Entry>| -> Vec<_> { entries.into_iter().filter(|e| e.netns == inode).collect() };

@@ -13,16 +13,16 @@
 
 use std::{
     io::Read,
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use netlens_tests::{
     netlens::{assert_one_line_error, binary},
-    traffic::churn_server,
+    traffic::{churn_server, held_connections},
     Netlens, Netns, Traced,
 };
 use serde_json::Value;
@@ -236,33 +236,7 @@ fn tiny_flow_table_losses_are_counted_exactly() -> Result<()> {
     let addr: SocketAddr = "127.0.0.1:7111".parse()?;
     let watcher = Netlens::start(&["trace", "--json"])?;
     let netlens = Netlens::start_with_env(None, &["trace", "--json"], &[("NETLENS_FLOW_TABLE_ENTRIES", "64")])?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = netns.spawn(move || -> Result<()> {
-        let listener = TcpListener::bind(addr)?;
-        let _ = ready_tx.send(());
-        let mut held = Vec::with_capacity(HELD);
-        for _ in 0..HELD {
-            held.push(listener.accept()?.0);
-        }
-        // Each closes after its client's EOF.
-        let mut buffer = [0u8; 16];
-        for mut stream in held {
-            stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-            while stream.read(&mut buffer)? > 0 {}
-        }
-        Ok(())
-    });
-    ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
-    let clients = netns
-        .spawn(move || -> Result<usize> {
-            let held: Vec<TcpStream> = (0..HELD).map(|_| TcpStream::connect(addr)).collect::<Result<_, _>>()?;
-            let count = held.len();
-            drop(held);
-            Ok(count)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))???;
-    server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))???;
+    let clients = held_connections(&netns, addr, HELD)?;
     netns.wait_closed(Duration::from_secs(30))?;
     let traced = netlens.stop()?;
     let watched = watcher.stop()?;

@@ -453,3 +453,34 @@ pub fn idle_connections(netns: &Netns, addr: SocketAddr, count: usize, request: 
         .join()
         .map_err(|_| anyhow::anyhow!("idle connection thread panicked"))??
 }
+
+/// `count` connections to `addr` open all at once, then closed: the client
+/// closes them all, and the server closes each after its client's EOF.
+/// Returns the number the client opened.
+pub fn held_connections(netns: &Netns, addr: SocketAddr, count: usize) -> Result<usize> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = netns.spawn(move || -> Result<()> {
+        let listener = TcpListener::bind(addr)?;
+        let _ = ready_tx.send(());
+        let mut held = Vec::with_capacity(count);
+        for _ in 0..count {
+            held.push(listener.accept()?.0);
+        }
+        let mut buffer = [0u8; 16];
+        for mut stream in held {
+            stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+            while stream.read(&mut buffer)? > 0 {}
+        }
+        Ok(())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")?;
+    let opened = netns
+        .spawn(move || -> Result<usize> {
+            let held: Vec<TcpStream> = (0..count).map(|_| TcpStream::connect(addr)).collect::<Result<_, _>>()?;
+            Ok(held.len())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))???;
+    server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))???;
+    Ok(opened)
+}
