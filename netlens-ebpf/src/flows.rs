@@ -32,7 +32,8 @@
 //! freed socket's memory to the next socket at once, so nearly every open
 //! finds its address's entry (a 10 s churn of 200,000 connections here
 //! left 25 entries): neither takes the bucket lock, and each connection
-//! costs ~20 % less kernel time (`bench cost`, 4 of 4 pairs). Lookups skip
+//! costs 7-20 % less kernel time (`bench cost`, three runs, lower in 13
+//! of 14 pairs; docs/benchmarks.md). Lookups skip
 //! a closed flow, as if it were gone. The entries of addresses the kernel
 //! does not reuse are swept by userspace (netlens/src/loader/closed_flows.rs).
 
