@@ -8,9 +8,11 @@ use anyhow::{bail, Context as _, Result};
 use netlens_common::Flow;
 use serde_json::Value;
 
-/// One entry: the flow's network namespace and when it closed (0: open).
+/// One entry: its key (the socket's address), the flow's network
+/// namespace and when it closed (0: open).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
+    pub key: u64,
     pub netns: u32,
     pub closed_ns: u64,
 }
@@ -40,23 +42,34 @@ pub fn entries(pid: u32) -> Result<Vec<Entry>> {
         bail!("bpftool map dump: {}", String::from_utf8_lossy(&output.stderr));
     }
     let dump: Vec<Value> = serde_json::from_slice(&output.stdout).context("bpftool's dump")?;
-    dump.iter().map(|entry| entry_of(&entry["value"])).collect()
+    dump.iter().map(entry_of).collect()
 }
 
-/// An entry from bpftool's value: its bytes as "0x.." strings.
-fn entry_of(value: &Value) -> Result<Entry> {
-    let bytes: Vec<u8> = value
-        .as_array()
-        .context("a value that is not a byte list")?
+/// An entry from bpftool's dump: key and value as lists of "0x.." bytes.
+fn entry_of(entry: &Value) -> Result<Entry> {
+    let key = bytes_of(&entry["key"])?;
+    let value = bytes_of(&entry["value"])?;
+    if key.len() != 8 || value.len() != size_of::<Flow>() {
+        bail!("an entry of {} + {} bytes, not a socket address and a Flow's {}", key.len(), value.len(), size_of::<Flow>());
+    }
+    Ok(Entry {
+        key: little_endian(&key),
+        netns: little_endian(&value[offset_of!(Flow, netns)..][..4]) as u32,
+        closed_ns: little_endian(&value[offset_of!(Flow, closed_ns)..][..8]),
+    })
+}
+
+fn bytes_of(list: &Value) -> Result<Vec<u8>> {
+    list.as_array()
+        .context("not a byte list")?
         .iter()
         .map(|byte| byte.as_str().and_then(|hex| u8::from_str_radix(hex.trim_start_matches("0x"), 16).ok()))
         .collect::<Option<_>>()
-        .context("a value byte that is not hex")?;
-    if bytes.len() != size_of::<Flow>() {
-        bail!("a value of {} bytes, not a Flow's {}", bytes.len(), size_of::<Flow>());
-    }
-    let read = |at: usize, len: usize| bytes[at..at + len].iter().rev().fold(0u64, |n, &b| n << 8 | u64::from(b));
-    Ok(Entry { netns: read(offset_of!(Flow, netns), 4) as u32, closed_ns: read(offset_of!(Flow, closed_ns), 8) })
+        .context("a byte that is not hex")
+}
+
+fn little_endian(bytes: &[u8]) -> u64 {
+    bytes.iter().rev().fold(0, |n, &b| n << 8 | u64::from(b))
 }
 
 /// CLOCK_MONOTONIC now, the clock of `closed_ns`.
