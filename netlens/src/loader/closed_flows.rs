@@ -25,8 +25,8 @@
 
 use std::{os::fd::AsFd, time::{Duration, Instant}};
 
-use anyhow::{anyhow, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use anyhow::Result;
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData};
 use netlens_common::Flow;
 
 use crate::kernel::map_ops;
@@ -103,32 +103,27 @@ impl ClosedFlows {
     /// Takes every flow closed before `before_ns` (CLOCK_MONOTONIC) out of
     /// `table`, putting back any a new connection took meanwhile.
     pub fn sweep(&mut self, table: &mut Map, before_ns: u64) -> Result<()> {
-        let aged: Vec<u64> = {
-            let flows: BpfHashMap<&MapData, u64, Flow> = BpfHashMap::try_from(&*table)?;
-            // A key deleted under a walk sends it back to the first key:
-            // collect first, take after.
-            let walk = flows.iter().take(self.capacity as usize * 2).filter_map(Result::ok);
-            walk.filter(|(_, flow)| is_aged(flow, before_ns)).map(|(key, _)| key).collect()
-        };
-        let Map::HashMap(data) = &*table else { return Err(anyhow!("FLOWS is not a hash map")) };
-        let mut taken_open = Vec::new();
+        let mut flows: BpfHashMap<&mut MapData, u64, Flow> = BpfHashMap::try_from(table)?;
+        // A key deleted under a walk sends it back to the first key:
+        // collect first, take after.
+        let walk = flows.iter().take(self.capacity as usize * 2).filter_map(Result::ok);
+        let aged: Vec<u64> = walk.filter(|(_, flow)| is_aged(flow, before_ns)).map(|(key, _)| key).collect();
         let mut swept = 0;
         for key in aged {
-            match map_ops::lookup_and_delete::<u64, Flow>(data.fd().as_fd(), &key)? {
-                Some(flow) if flow.closed_ns == 0 => taken_open.push((key, flow)),
+            match map_ops::lookup_and_delete::<u64, Flow>(flows.map().fd().as_fd(), &key)? {
+                Some(flow) if flow.closed_ns == 0 => {
+                    // A new connection took the entry since the walk: put
+                    // its flow back at once. BPF_NOEXIST: where its next
+                    // event made a new entry already, that one is newer.
+                    let _ = flows.insert(key, flow, 1);
+                    self.raced += 1;
+                }
                 Some(_) => swept += 1,
                 // Gone since the walk: nothing taken.
                 None => {}
             }
         }
         self.swept_at(swept, Instant::now());
-        let mut flows: BpfHashMap<&mut MapData, u64, Flow> = BpfHashMap::try_from(table)?;
-        for (key, flow) in taken_open {
-            self.raced += 1;
-            // BPF_NOEXIST: where the connection's next event made a new
-            // entry already, that one is newer.
-            let _ = flows.insert(key, flow, 1);
-        }
         Ok(())
     }
 }
