@@ -359,7 +359,7 @@ fn closed_flows_are_kept_for_reuse_then_swept() -> Result<()> {
     let netlens = Netlens::start_with_env(None, &["trace", "--json"], &[("NETLENS_FLOW_TABLE_ENTRIES", "256")])?;
     held_connections(&netns, addr, CONNECTIONS)?;
     netns.wait_closed(Duration::from_secs(30))?;
-    let closed_by = flow_table::monotonic_ns();
+    let closed_by = netlens_tests::monotonic_ns();
     let ours = |entries: Vec<flow_table::Entry>| -> Vec<_> { entries.into_iter().filter(|e| e.netns == inode).collect() };
 
     // Within a second of the closes: no sweep may take them yet.

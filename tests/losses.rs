@@ -124,7 +124,7 @@ fn overflow_once() -> Result<bool> {
     connections(&netns, before, AROUND, Duration::from_secs(60))?;
     // Let it drain those (20 ms timer) before it stops reading.
     thread::sleep(Duration::from_millis(300));
-    let window_start = monotonic_ns();
+    let window_start = netlens_tests::monotonic_ns();
     let nstat_before = netns.nstat()?;
     netlens.signal(libc::SIGSTOP);
     let churned = connections(&netns, during, STOPPED, Duration::from_secs(120));
@@ -132,7 +132,7 @@ fn overflow_once() -> Result<bool> {
     churned?;
     netns.wait_closed(Duration::from_secs(30))?;
     let nstat_after = netns.nstat()?;
-    let window_end = monotonic_ns();
+    let window_end = netlens_tests::monotonic_ns();
     // It reads the full ring (tens of thousands of events) at its pace.
     thread::sleep(Duration::from_secs(2));
     connections(&netns, after, AROUND, Duration::from_secs(60))?;
@@ -270,12 +270,4 @@ fn bad_flow_table_size_is_one_line() {
         command.args(["trace", "--duration", "1"]).env("NETLENS_FLOW_TABLE_ENTRIES", bad);
         assert_one_line_error(command, "NETLENS_FLOW_TABLE_ENTRIES");
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of the events' `ts_ns`.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }

@@ -30,6 +30,15 @@ pub fn kernel_version() -> (u32, u32) {
     (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
 }
 
+/// CLOCK_MONOTONIC in ns: the clock of the events' `ts_ns` and of the
+/// flow table's `closed_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 /// A timing tolerance: `host_us` on real hardware, at least 50 ms in a
 /// guest.
 pub fn timing_slack_us(host_us: f64) -> f64 {

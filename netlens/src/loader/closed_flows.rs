@@ -32,7 +32,7 @@ use netlens_common::Flow;
 use crate::kernel::map_ops;
 
 /// How often [`ClosedFlows::due`] is asked.
-pub const CHECK_PERIOD: Duration = Duration::from_secs(1);
+const CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// A closed flow younger than this is left: its address is likely hot,
 /// about to be taken by the next socket.
@@ -58,7 +58,7 @@ pub struct ClosedFlows {
     /// The table's refusals at the last check.
     refused_at_check: u64,
     /// When the counters were last looked at.
-    pub checked: Instant,
+    checked: Instant,
     /// The wait after the last sweep, and the earliest the next may run
     /// (but for a refusal).
     wait: Duration,
@@ -81,6 +81,12 @@ impl ClosedFlows {
     /// flows kept closed and of closed entries reused.
     pub fn closed_now(&self, kept: u64, reused: u64) -> u64 {
         kept.saturating_sub(reused).saturating_sub(self.swept)
+    }
+
+    /// Whether a [`CHECK_PERIOD`] has passed since the counters were
+    /// last looked at.
+    pub fn check_due(&self) -> bool {
+        self.checked.elapsed() >= CHECK_PERIOD
     }
 
     /// Whether to sweep, given the closed flows in the table now and the

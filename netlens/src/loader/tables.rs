@@ -254,8 +254,7 @@ impl Probes {
     /// Sweeps the closed flows the table keeps, when they call for it
     /// (closed_flows.rs); at most once per `CHECK_PERIOD`.
     pub fn sweep_closed_flows(&mut self) -> Result<()> {
-        let Some(closed) = self.closed_flows.as_ref() else { return Ok(()) };
-        if closed.checked.elapsed() < closed_flows::CHECK_PERIOD {
+        if !self.closed_flows.as_ref().is_some_and(|closed| closed.check_due()) {
             return Ok(());
         }
         let kept = self.counter(counter::FLOW_KEPT_CLOSED)?;
