@@ -34,6 +34,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
     let mut source = EventSource::start(&options.filter, Delivery::Prompt, FlowTableUse::Session)?;
     let clock = WallClock::now();
     let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let mut json_line = Vec::with_capacity(1024);
     if !options.json {
         writeln!(out, "{}", text_header())?;
     }
@@ -62,7 +63,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
         let mut print = |event: ConnEvent| {
             if write_error.is_none() {
                 let written = if options.json {
-                    jsonl::write(&mut out, &event)
+                    jsonl::write(&mut out, &mut json_line, &event)
                 } else {
                     writeln!(out, "{}", text_line(&event, &clock))
                 };
