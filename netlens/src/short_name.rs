@@ -48,9 +48,14 @@ impl ShortName {
 
 impl std::ops::Deref for ShortName {
     type Target = str;
+    /// Read on every event by every view (keys, filters, output): checked
+    /// again here, the check was 8 % of `top`'s time under churn (perf).
     fn deref(&self) -> &str {
-        // Only whole UTF-8 text is ever pushed.
-        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or_default()
+        let text = &self.bytes[..self.len as usize];
+        debug_assert!(std::str::from_utf8(text).is_ok());
+        // SAFETY: `bytes[..len]` only ever holds whole `&str`s, appended by
+        // `push`, so it is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(text) }
     }
 }
 
