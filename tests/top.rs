@@ -300,3 +300,52 @@ fn half_closed_connections_show_their_tcp_state() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every row has its flow, on a host with more connections than `top`
+/// shows (2,000 rows): 1,100 connections opened after netlens attached,
+/// 2,200 ends, each found in the flow table, which `top` reads a chunk of
+/// entries a syscall (more than a dozen chunks) and matches to the listed
+/// rows: each row shows the age only the table knows.
+#[test]
+fn every_row_has_its_flow_with_more_connections_than_rows() -> Result<()> {
+    const CONNECTIONS: usize = 1_100;
+    // Both ends of every connection are this process's sockets.
+    raise_open_file_limit(4 * CONNECTIONS as u64)?;
+    let netns = Netns::new()?;
+    let inode = netns.inode()?.to_string();
+    let top = Netlens::start(&["top", "--json", "--view", "connections", "-n", "8", "-d", "1", "--netns", &inode])?;
+    let server: SocketAddr = "127.0.0.1:8097".parse()?;
+    let idle = idle_connections(&netns, server, CONNECTIONS, 10, 10)?;
+    let traced = top.wait_exit(Duration::from_secs(30))?;
+    let last = traced.events.last().context("no snapshot")?;
+    assert_eq!(last["connections_total"], 2 * CONNECTIONS, "two ends each");
+    let rows = last["rows"].as_array().context("no rows")?;
+    assert_eq!(rows.len(), 2_000, "top's most rows");
+    let ours: std::collections::HashSet<String> = idle
+        .iter()
+        .flat_map(|conn| [conn.client.local_addr(), conn.server.local_addr()])
+        .map(|addr| addr.map(|addr| addr.to_string()))
+        .collect::<Result<_, _>>()?;
+    let without_age: Vec<_> = rows.iter().filter(|row| !row["age_us"].is_u64()).collect();
+    assert!(rows.iter().all(|row| row["local"].as_str().is_some_and(|local| ours.contains(local))), "a row not of ours");
+    assert!(without_age.is_empty(), "{} of 2,000 rows without their flow: {:?}", without_age.len(), &without_age[..without_age.len().min(3)]);
+    Ok(())
+}
+
+fn raise_open_file_limit(at_least: u64) -> Result<()> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < at_least {
+            limit.rlim_cur = at_least.max(limit.rlim_cur);
+            limit.rlim_max = limit.rlim_max.max(limit.rlim_cur);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                bail!("setrlimit RLIMIT_NOFILE {at_least}: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}

@@ -94,11 +94,11 @@ impl KnownConnections {
         Some(event)
     }
 
-    /// Up to `limit` connections, for views that list live ones (`top`).
-    pub fn live(&self, limit: usize) -> Vec<LiveFlow> {
+    /// Up to `limit` connections that `wanted` keeps, for views that list
+    /// live ones (`top`).
+    pub fn live(&self, limit: usize, wanted: &dyn Fn(&LiveFlow) -> bool) -> Vec<LiveFlow> {
         self.by_endpoints
             .iter()
-            .take(limit)
             .map(|(&(netns, local, remote), known)| LiveFlow {
                 local,
                 remote,
@@ -113,6 +113,8 @@ impl KnownConnections {
                 retransmits: 0,
                 hol_stall_ns: 0,
             })
+            .filter(wanted)
+            .take(limit)
             .collect()
     }
 
@@ -199,6 +201,6 @@ mod tests {
         one_more.local.set_port(81);
         known.join(one_more);
         assert_eq!((known.len(), known.refused), (MAX_CONNECTIONS, 1));
-        assert_eq!(known.live(10).len(), 10);
+        assert_eq!(known.live(10, &|_| true).len(), 10);
     }
 }

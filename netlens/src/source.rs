@@ -289,10 +289,11 @@ impl EventSource {
         Ok(table)
     }
 
-    pub fn live_flows(&self, limit: usize) -> Result<Vec<crate::loader::LiveFlow>> {
+    /// Up to `limit` live connections that `wanted` keeps.
+    pub fn live_flows(&self, limit: usize, wanted: &dyn Fn(&crate::loader::LiveFlow) -> bool) -> Result<Vec<crate::loader::LiveFlow>> {
         match &self.known {
-            Some(known) => Ok(known.live(limit)),
-            None => self.probes.live_flows(limit),
+            Some(known) => Ok(known.live(limit, wanted)),
+            None => self.probes.live_flows(limit, wanted),
         }
     }
 

@@ -2,14 +2,20 @@
 //! values for the views: the event ring buffer, counters, program
 //! statistics and errors, the flow table, listen overflows, drop reasons.
 
-use std::os::fd::AsFd;
+use std::{ops::ControlFlow, os::fd::AsFd};
 
 use anyhow::{anyhow, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use netlens_common::{counter, program, Flow, ListenOverflow, ListenerEndpoint, ListenerKey, ListenerOwner, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
 
 use super::{closed_flows, Probes};
-use crate::kernel::progstats::{self, ProgramStats};
+use crate::kernel::{
+    map_ops,
+    progstats::{self, ProgramStats},
+};
+
+/// Flow table entries read a syscall (their values ~280 bytes each).
+pub(super) const FLOWS_A_SYSCALL: usize = 128;
 
 /// The flow table right now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,12 +138,21 @@ impl Probes {
     }
 
     /// Up to `limit` connections from the flow table (those whose endpoints
-    /// are known). Two syscalls per entry: for a view's refresh, not a hot
-    /// path.
-    pub fn live_flows(&self, limit: usize) -> Result<Vec<LiveFlow>> {
+    /// are known) that `wanted` keeps, read a chunk of entries a syscall.
+    pub fn live_flows(&self, limit: usize, wanted: &dyn Fn(&LiveFlow) -> bool) -> Result<Vec<LiveFlow>> {
         let flows: BpfHashMap<&MapData, u64, Flow> =
             BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
-        Ok(flows.iter().filter_map(Result::ok).filter_map(|(_, flow)| LiveFlow::from_flow(&flow)).take(limit).collect())
+        let mut live = Vec::new();
+        let walked = map_ops::for_each_entry::<u64, Flow>(flows.map().fd().as_fd(), FLOWS_A_SYSCALL, |_, flow| {
+            live.extend(LiveFlow::from_flow(flow).filter(wanted));
+            if live.len() < limit { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
+        });
+        if walked.is_err() {
+            // Refused (a security module, say): two syscalls an entry.
+            let walk = flows.iter().filter_map(Result::ok);
+            live = walk.filter_map(|(_, flow)| LiveFlow::from_flow(&flow).filter(wanted)).take(limit).collect();
+        }
+        Ok(live)
     }
 
     /// The per-segment log2 histograms, summed over CPUs.

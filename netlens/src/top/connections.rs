@@ -37,6 +37,25 @@ pub struct Listing {
     pub taken_ns: u64,
 }
 
+/// Which of the flow table's flows [`merge`] can use: those of listed
+/// connections and those opened since the listing was taken; all where
+/// there is no listing yet. Asked of each flow as the table is read, before
+/// the view's limit: on a host with more connections than rows, the listed
+/// rows then find their flows, instead of whichever the table holds first
+/// (half of 2,000 rows showed no age with 4,000 flows in the table). A
+/// capped listing fills every row itself, so the older flows it left out
+/// would not show either. Flows without endpoints yet are never used.
+pub fn wanted(listing: Option<&Listing>) -> impl Fn(&LiveFlow) -> bool {
+    let listed: Option<HashSet<(u32, SocketAddr, SocketAddr)>> =
+        listing.map(|l| l.list.connections.iter().map(|c| (c.netns, c.local, c.remote)).collect());
+    let taken_ns = listing.map_or(0, |l| l.taken_ns);
+    move |flow| {
+        let known = flow.established_ns != 0 || flow.local.port() != 0;
+        known
+            && listed.as_ref().is_none_or(|listed| flow.start_ns >= taken_ns || listed.contains(&(flow.netns, flow.local, flow.remote)))
+    }
+}
+
 /// The rows, at most `limit`, and how many connections there are in all.
 pub fn merge(listing: Option<&Listing>, flows: &[LiveFlow], now_ns: u64, limit: usize) -> (Vec<ConnectionRow>, u64) {
     let key = |netns: u32, local: SocketAddr, remote: SocketAddr| (netns, local, remote);
@@ -184,6 +203,23 @@ mod tests {
         assert_eq!(row.age_us, Some(2_000_000));
         assert_eq!(row.hol_stall_us, Some(7_000));
         assert_eq!((row.pid, row.comm.as_deref()), (Some(42), Some("nginx")));
+    }
+
+    /// With a listing, the flows of listed connections and those opened
+    /// since it was taken; with none yet, all. Never a flow without
+    /// endpoints.
+    #[test]
+    fn wanted_flows_are_those_the_listing_can_use() {
+        let listing = listing(vec![kernel("10.0.0.1:80", "10.0.0.2:5000", tcp_state::ESTABLISHED, 7)], 5, 2_000);
+        let listed = flow("10.0.0.1:80", "10.0.0.2:5000", 1_000);
+        let gone = flow("10.0.0.1:80", "10.0.0.3:5000", 1_000);
+        let newer = flow("10.0.0.1:80", "10.0.0.4:5000", 3_000);
+        let mut no_endpoints = flow("0.0.0.0:0", "0.0.0.0:0", 3_000);
+        no_endpoints.established_ns = 0;
+        let keeps = wanted(Some(&listing));
+        assert_eq!([&listed, &gone, &newer, &no_endpoints].map(|f| keeps(f)), [true, false, true, false]);
+        let keeps = wanted(None);
+        assert_eq!([&listed, &gone, &newer, &no_endpoints].map(|f| keeps(f)), [true, true, true, false]);
     }
 
     #[test]

@@ -80,19 +80,13 @@ impl Collector {
         if let Some(census) = self.census.latest() {
             self.feed.findings.record_census(census);
         }
-        let flows: Vec<_> = self
-            .source
-            .live_flows(MAX_CONNECTIONS)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|flow| flow.established_ns != 0 || flow.local.port() != 0)
-            .collect();
+        let listing = self.listing.latest();
+        let flows = self.source.live_flows(MAX_CONNECTIONS, &connections::wanted(listing.as_deref())).unwrap_or_default();
         // A failed listing leaves the flow table's rows; top cannot print
         // over its screen.
         let _ = self.listing.take_failure();
         let now_ns = monotonic_ns();
-        let (mut connections, connections_total) =
-            connections::merge(self.listing.latest().as_deref(), &flows, now_ns, MAX_CONNECTIONS);
+        let (mut connections, connections_total) = connections::merge(listing.as_deref(), &flows, now_ns, MAX_CONNECTIONS);
         let filter = &self.filter;
         connections.retain(|row| filter.matches_connection(&row.local, &row.remote, row.pid, row.comm.as_deref(), row.netns));
         let counters = self.counters.update(self.source.counters());
