@@ -332,6 +332,35 @@ fn every_row_has_its_flow_with_more_connections_than_rows() -> Result<()> {
     Ok(())
 }
 
+/// `--port` finds its connections among more than `top` shows: 1,100
+/// other connections (2,200 ends) and 3 to the port asked for. The kernel's
+/// list is filtered before it is capped, so all 6 ends show, and the total
+/// counts only those (every list of 2,000 then filtered counted 2,206, and
+/// missed some of the 6 whenever the dump had them past its 2,000th).
+#[test]
+fn port_filter_finds_its_connections_among_more_than_the_rows() -> Result<()> {
+    const OTHERS: usize = 1_100;
+    raise_open_file_limit(4 * OTHERS as u64)?;
+    let netns = Netns::new()?;
+    let inode = netns.inode()?.to_string();
+    let others = idle_connections(&netns, "127.0.0.1:8096".parse()?, OTHERS, 10, 10)?;
+    let wanted = idle_connections(&netns, "127.0.0.1:8095".parse()?, 3, 10, 10)?;
+    let top = Netlens::start(&["top", "--json", "--view", "connections", "-n", "2", "-d", "1", "--netns", &inode, "--port", "8095"])?;
+    let traced = top.wait_exit(Duration::from_secs(30))?;
+    let last = traced.events.last().context("no snapshot")?;
+    assert_eq!(last["connections_total"], 6, "three connections, two ends each");
+    let rows = last["rows"].as_array().context("no rows")?;
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    for conn in &wanted {
+        let (client, server_end) = (conn.client.local_addr()?, conn.server.local_addr()?);
+        for (local, remote) in [(client, server_end), (server_end, client)] {
+            connection_row(last, local, remote).with_context(|| format!("no row for {local} -> {remote}"))?;
+        }
+    }
+    drop(others);
+    Ok(())
+}
+
 fn raise_open_file_limit(at_least: u64) -> Result<()> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit read and write the struct we own.

@@ -31,10 +31,16 @@ impl Filter {
         comm: Option<&str>,
         netns: u32,
     ) -> bool {
-        let family = if local.is_ipv4() { 4 } else { 6 };
-        self.port.is_none_or(|port| local.port() == port || remote.port() == port)
+        self.matches_endpoints(local, remote, netns)
             && self.pid.is_none_or(|wanted| pid == Some(wanted))
             && self.comm.as_deref().is_none_or(|wanted| comm == Some(wanted))
+    }
+
+    /// The tests on what a socket dump knows of a connection (its ends and
+    /// namespace, not yet its process).
+    pub fn matches_endpoints(&self, local: &SocketAddr, remote: &SocketAddr, netns: u32) -> bool {
+        let family = if local.is_ipv4() { 4 } else { 6 };
+        self.port.is_none_or(|port| local.port() == port || remote.port() == port)
             && self.netns.is_none_or(|wanted| netns == wanted)
             && self.family.is_none_or(|wanted| family == wanted)
     }
@@ -79,5 +85,17 @@ mod tests {
         assert!(!Filter { netns: Some(1), ..Default::default() }.matches(&e));
         // A passive connection has no pid: a pid filter excludes it.
         assert!(!Filter { pid: Some(7), ..Default::default() }.matches(&event("127.0.0.1:80", "127.0.0.1:1", None, None)));
+    }
+
+    /// A socket dump's test: the ends and the namespace; the process is
+    /// not known yet, so `--pid` and `--comm` do not exclude.
+    #[test]
+    fn endpoints_alone_leave_the_process_tests_out() {
+        let (local, remote) = ("127.0.0.1:443".parse().unwrap(), "127.0.0.1:5000".parse().unwrap());
+        let filter = Filter { port: Some(443), pid: Some(1), comm: Some("nginx".into()), ..Filter::default() };
+        assert!(filter.matches_endpoints(&local, &remote, 7));
+        assert!(!Filter { port: Some(80), ..filter.clone() }.matches_endpoints(&local, &remote, 7));
+        assert!(!Filter { family: Some(6), ..filter.clone() }.matches_endpoints(&local, &remote, 7));
+        assert!(!Filter { netns: Some(8), ..filter }.matches_endpoints(&local, &remote, 7));
     }
 }

@@ -102,15 +102,16 @@ fn listed_states() -> StateFlags {
         | StateFlags::CLOSING
 }
 
-/// Lists the connections of `namespaces`, keeping the first `cap`. A
-/// namespace that cannot be dumped (gone since it was found) is skipped;
-/// fails only when none could be.
-pub fn list(namespaces: &[Namespace], cap: usize) -> Result<ConnectionList> {
+/// Lists the connections of `namespaces` that `keep` (namespace inode,
+/// local end, remote end) keeps, the first `cap` of them; `total` counts
+/// every one kept. A namespace that cannot be dumped (gone since it was
+/// found) is skipped; fails only when none could be.
+pub fn list(namespaces: &[Namespace], cap: usize, keep: &dyn Fn(u32, &SocketAddr, &SocketAddr) -> bool) -> Result<ConnectionList> {
     let mut list = ConnectionList::default();
     let mut first_error = None;
     let mut dumped = 0;
     for namespace in namespaces {
-        match dump_namespace(namespace, cap, &mut list) {
+        match dump_namespace(namespace, cap, keep, &mut list) {
             Ok(()) => dumped += 1,
             Err(err) => {
                 first_error.get_or_insert(err);
@@ -123,20 +124,30 @@ pub fn list(namespaces: &[Namespace], cap: usize) -> Result<ConnectionList> {
     }
 }
 
-fn dump_namespace(namespace: &Namespace, cap: usize, list: &mut ConnectionList) -> Result<()> {
+fn dump_namespace(
+    namespace: &Namespace,
+    cap: usize,
+    keep: &dyn Fn(u32, &SocketAddr, &SocketAddr) -> bool,
+    list: &mut ConnectionList,
+) -> Result<()> {
     let mut sock_diag = namespace.enter(SockDiag::open)??;
     for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
         let request = DumpRequest { family, states: listed_states(), extensions: ExtensionFlags::INFO };
         sock_diag.dump_tcp(&request, sequence, |socket, attributes| {
+            let id = &socket.socket_id;
+            let local = SocketAddr::new(id.source_address, id.source_port);
+            let remote = SocketAddr::new(id.destination_address, id.destination_port);
+            if !keep(namespace.inode, &local, &remote) {
+                return;
+            }
             list.total += 1;
             if list.connections.len() >= cap {
                 return;
             }
-            let id = &socket.socket_id;
             list.connections.push(KernelConnection {
                 netns: namespace.inode,
-                local: SocketAddr::new(id.source_address, id.source_port),
-                remote: SocketAddr::new(id.destination_address, id.destination_port),
+                local,
+                remote,
                 state: socket.state,
                 inode: socket.inode,
                 tcp: tcp_info(attributes).map(|(info, len)| figures(&info, len, socket.state)),
@@ -196,13 +207,18 @@ mod tests {
     #[test]
     fn kernel_list_is_capped_but_counts_every_connection() {
         let (address, pairs) = connected_pairs(30);
-        let full = list(&own_namespace(), usize::MAX).unwrap();
+        let full = list(&own_namespace(), usize::MAX, &|_, _, _| true).unwrap();
         let ours = full.connections.iter().filter(|c| c.local == address || c.remote == address).count();
         assert_eq!(ours, 60, "both ends of 30 connections");
         assert!(full.connections.iter().all(|c| c.tcp.is_some() || c.state == tcp_state::FIN_WAIT2));
-        let capped = list(&own_namespace(), 10).unwrap();
+        let capped = list(&own_namespace(), 10, &|_, _, _| true).unwrap();
         assert_eq!(capped.connections.len(), 10);
         assert!(capped.total >= 60, "the total counts past the cap: {}", capped.total);
+        // Kept before the cap, counted only if kept.
+        let port = address.port();
+        let kept = list(&own_namespace(), 10, &|_, local, remote| local.port() == port || remote.port() == port).unwrap();
+        assert_eq!(kept.total, 60);
+        assert!(kept.connections.iter().all(|c| c.local == address || c.remote == address));
         drop(pairs);
     }
 
@@ -216,7 +232,7 @@ mod tests {
         let mut durations: Vec<_> = (0..20)
             .map(|_| {
                 let started = Instant::now();
-                let listed = list(&namespaces, 2_000).unwrap();
+                let listed = list(&namespaces, 2_000, &|_, _, _| true).unwrap();
                 assert!(listed.total >= 4_000);
                 started.elapsed()
             })

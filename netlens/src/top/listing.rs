@@ -8,6 +8,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc, Mutex,
@@ -19,6 +20,7 @@ use std::{
 use super::connections::Listing;
 use crate::{
     census::{connections, netns, owners},
+    filter::Filter,
     source::monotonic_ns,
 };
 
@@ -48,10 +50,14 @@ pub struct Lister {
 }
 
 impl Lister {
-    /// Starts listing the connections of `only_netns` (`--netns`), else of
-    /// every namespace, at most `cap` of them, while `wanted` (see
-    /// [`Self::want`]); waits briefly for the first.
-    pub fn start(only_netns: Option<u32>, cap: usize, wanted: bool) -> Self {
+    /// Starts listing the connections that `filter`'s tests on their ends
+    /// keep (`--port`, `-4`/`-6`; `--netns`, else every namespace), at
+    /// most `cap` of them, while `wanted` (see [`Self::want`]); waits
+    /// briefly for the first. Filtered in the dump, before the cap: on a
+    /// host with more connections than the cap, `--port 443` would else
+    /// show those of the first `cap` that happen to match. `--pid` and
+    /// `--comm` are tested on the rows, once their processes are known.
+    pub fn start(filter: Filter, cap: usize, wanted: bool) -> Self {
         let latest = Arc::new(Mutex::new(Latest::default()));
         let wanted = Arc::new(AtomicBool::new(wanted));
         let (wake, woken) = mpsc::channel::<()>();
@@ -59,7 +65,7 @@ impl Lister {
         let (shared, wanted_there) = (latest.clone(), wanted.clone());
         thread::Builder::new()
             .name("netlens-listing".into())
-            .spawn(move || run(only_netns, cap, &shared, &wanted_there, &woken, first_tx))
+            .spawn(move || run(&filter, cap, &shared, &wanted_there, &woken, first_tx))
             .map(|_| ())
             .unwrap_or_else(|err| latest.lock().unwrap_or_else(|p| p.into_inner()).failure = Some(err.to_string()));
         if wanted.load(Ordering::Relaxed) {
@@ -87,7 +93,7 @@ impl Lister {
 }
 
 fn run(
-    only_netns: Option<u32>,
+    filter: &Filter,
     cap: usize,
     latest: &Mutex<Latest>,
     wanted: &AtomicBool,
@@ -106,7 +112,8 @@ fn run(
             continue;
         }
         let taken_ns = monotonic_ns();
-        let result = netns::watched(only_netns).and_then(|namespaces| connections::list(&namespaces, cap));
+        let keep = |netns: u32, local: &SocketAddr, remote: &SocketAddr| filter.matches_endpoints(local, remote, netns);
+        let result = netns::watched(filter.netns).and_then(|namespaces| connections::list(&namespaces, cap, &keep));
         match result {
             Ok(list) => {
                 let inodes = list.connections.iter().map(|c| c.inode).filter(|&inode| inode != 0).collect();

@@ -123,7 +123,7 @@ pub async fn run(options: TopOptions) -> Result<()> {
         feed: Feed::for_port(options.filter.port),
         filter: options.filter.clone(),
         census: CensusCache::new(CENSUS_INTERVAL),
-        listing: Lister::start(options.filter.netns, MAX_CONNECTIONS, options.settings.view == View::Connections),
+        listing: Lister::start(options.filter.clone(), MAX_CONNECTIONS, options.settings.view == View::Connections),
         last_epoch: Instant::now(),
         counters: LastGood::default(),
         bpf_errors: LastGood::default(),
