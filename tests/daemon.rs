@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use netlens_tests::{
     assert_close,
+    nstat_delta,
     exposition::{self, get, parse, promtool_check, sum, Sample},
     traffic::{churn_server, clients, retry_without_backoff, Server},
     Netlens, Netns,
@@ -36,10 +37,6 @@ fn scrape(netns: &Netns) -> Result<Vec<Sample>> {
     let text = get(netns, LISTEN, "/metrics")?;
     promtool_check(&text)?;
     parse(&text)
-}
-
-fn delta(before: &std::collections::HashMap<String, u64>, after: &std::collections::HashMap<String, u64>, key: &str) -> u64 {
-    after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0)
 }
 
 /// N connections: opened counters and the handshake histogram count N on
@@ -96,7 +93,7 @@ fn counters_move_by_exactly_the_traffic() -> Result<()> {
     assert!(passive <= total && total - passive <= lost, "closed {passive} passive of {total}, lost {lost}; sockets now:\n{sockets_left}");
 
     let retransmits = sum(&samples, "netlens_tcp_retransmits_total", &[]);
-    let kernel = delta(&before, &after, "TcpRetransSegs") as f64;
+    let kernel = nstat_delta(&before, &after, "TcpRetransSegs") as f64;
     eprintln!("retransmits: netlens {retransmits}, TcpRetransSegs {kernel}, events lost {lost}");
     assert!(kernel > 0.0, "2 % loss over 12 MB retransmitted nothing");
     assert!(retransmits <= kernel && kernel - retransmits <= lost, "netlens {retransmits} vs kernel {kernel}");

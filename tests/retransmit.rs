@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Result;
-use netlens_tests::{assert_close, traffic::{clients, Server}, Netlens, Netns};
+use netlens_tests::{assert_close, nstat_delta, traffic::{clients, Server}, Netlens, Netns};
 use serde_json::Value;
 
 /// An nftables ruleset that drops what `rule` matches in prerouting.
@@ -20,10 +20,6 @@ fn loss_rule(rule: &str) -> String {
 
 fn port_of(event: &Value, key: &str) -> u16 {
     event[key].as_u64().unwrap_or(0) as u16
-}
-
-fn delta(before: &std::collections::HashMap<String, u64>, after: &std::collections::HashMap<String, u64>, key: &str) -> u64 {
-    after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0)
 }
 
 /// 20 % of SYNs dropped: SYN_SENT retransmits equal TcpExtTCPSynRetrans;
@@ -49,7 +45,7 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
     // The kernel counts retransmitted SYN-ACKs in TcpExtTCPSynRetrans too
     // (tcp_rtx_synack), and netlens reports those as synack_retransmit.
     let synack_retransmits = traced.named("synack_retransmit").count() as u64;
-    let syn_retrans = delta(&before, &after, "TcpExtTCPSynRetrans");
+    let syn_retrans = nstat_delta(&before, &after, "TcpExtTCPSynRetrans");
     assert!(syn_retrans > 0, "20 % SYN loss over 60 connects retransmitted nothing");
     // A port can serve two connects in one run: the loopback reuses a
     // client port still in TIME_WAIT (tcp_tw_reuse=2). So each handshake is
@@ -108,7 +104,7 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
     eprintln!(
         "syn loss: {} SYN_SENT + {synack_retransmits} SYN-ACK retransmits, nstat TcpExtTCPSynRetrans {syn_retrans}, TcpExtListenOverflows {}, {slow} of {} handshakes >= 1 s, {} events missed or lost; slow without an event: {slow_unexplained:?}; retransmits in other states: {other_states:?}",
         syn_retransmits.len(),
-        delta(&before, &after, "TcpExtListenOverflows"),
+        nstat_delta(&before, &after, "TcpExtListenOverflows"),
         conns.len(),
         traced.unaccounted(),
     );
@@ -155,11 +151,11 @@ fn synack_loss_shows_in_passive_handshake_time() -> Result<()> {
     let syn_sent = traced.named("retransmit").filter(|e| e["state"] == "SYN_SENT").count() as u64;
     let synacks: Vec<&Value> = traced.named("synack_retransmit").collect();
     assert!(!synacks.is_empty(), "dropping every third SYN-ACK retransmitted none");
-    assert_close(synacks.len() as u64 + syn_sent, delta(&before, &after, "TcpExtTCPSynRetrans"), traced.unaccounted(), "SYN and SYN-ACK retransmits vs TcpExtTCPSynRetrans");
+    assert_close(synacks.len() as u64 + syn_sent, nstat_delta(&before, &after, "TcpExtTCPSynRetrans"), traced.unaccounted(), "SYN and SYN-ACK retransmits vs TcpExtTCPSynRetrans");
     eprintln!(
         "synack loss: {} synack_retransmit + {syn_sent} SYN retransmits, nstat TcpExtTCPSynRetrans {}",
         synacks.len(),
-        delta(&before, &after, "TcpExtTCPSynRetrans")
+        nstat_delta(&before, &after, "TcpExtTCPSynRetrans")
     );
     let delayed: HashSet<u16> = synacks.iter().map(|e| port_of(e, "dport")).collect();
     let passive: Vec<&Value> = traced.named("handshake").filter(|e| e["direction"] == "passive").collect();
@@ -205,7 +201,7 @@ fn data_loss_matches_kernel_counters(port: u16, skipped: &str) -> Result<()> {
     let after = netns.nstat()?;
     let traced = netlens.stop()?;
 
-    let retrans_segs = delta(&before, &after, "TcpRetransSegs");
+    let retrans_segs = nstat_delta(&before, &after, "TcpRetransSegs");
     assert!(retrans_segs > 0, "2 % loss over 32 MB retransmitted nothing");
     let traced_segs: u64 = traced.named("retransmit").map(|e| e["segs"].as_u64().unwrap_or(0)).sum();
     let synack_segs = traced.named("synack_retransmit").count() as u64;
@@ -214,7 +210,7 @@ fn data_loss_matches_kernel_counters(port: u16, skipped: &str) -> Result<()> {
     // before 6.10 failed to send it) shows in the connection's next event,
     // or, after its last, only in the close's total: netlens counts those.
     let unseen = traced.retransmits_unseen();
-    let failed = delta(&before, &after, "TcpExtTCPRetransFail");
+    let failed = nstat_delta(&before, &after, "TcpExtTCPRetransFail");
     assert_close(traced_segs + synack_segs, retrans_segs, slack + unseen, "retransmit segs vs TcpRetransSegs");
     // Each data retransmission names its segment: at least one MSS-sized
     // span, at most what the skb's segments can hold (64 KB).
@@ -227,10 +223,10 @@ fn data_loss_matches_kernel_counters(port: u16, skipped: &str) -> Result<()> {
     let closed_retrans: u64 = closes.iter().map(|e| e["retransmits"].as_u64().unwrap_or(0)).sum();
     assert_close(closed_retrans, retrans_segs, slack, "close retransmits vs TcpRetransSegs");
     let spurious: u64 = closes.iter().map(|e| e["spurious_retransmits"].as_u64().unwrap_or(0)).sum();
-    assert_eq!(spurious, delta(&before, &after, "TcpExtTCPDSACKRecvSegs"), "spurious vs DSACKRecvSegs");
+    assert_eq!(spurious, nstat_delta(&before, &after, "TcpExtTCPDSACKRecvSegs"), "spurious vs DSACKRecvSegs");
     eprintln!(
         "data loss ({hooks}): retransmit segs {traced_segs}, close retransmits {closed_retrans}, nstat TcpRetransSegs {retrans_segs}, TcpExtTCPRetransFail {failed}, seen only at close {unseen}; spurious {spurious}, nstat TcpExtTCPDSACKRecvSegs {}",
-        delta(&before, &after, "TcpExtTCPDSACKRecvSegs"),
+        nstat_delta(&before, &after, "TcpExtTCPDSACKRecvSegs"),
         hooks = if skipped.is_empty() { "best hooks" } else { skipped },
     );
     let received = server.received.lock().unwrap().clone();

@@ -6,7 +6,7 @@
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use anyhow::Result;
-use netlens_tests::{bulk::Bulk, Netlens, Netns, Traced};
+use netlens_tests::{bulk::Bulk, nstat_delta, Netlens, Netns, Traced};
 use serde_json::Value;
 
 fn num(event: &Value, key: &str) -> f64 {
@@ -84,8 +84,7 @@ fn receive_drops(before: &HashMap<String, u64>, after: &HashMap<String, u64>) ->
         "TcpExtTCPBacklogDrop",
         "TcpExtTCPDSACKOfoSent",
     ];
-    let delta = |name: &str| after.get(name).copied().unwrap_or(0).saturating_sub(before.get(name).copied().unwrap_or(0));
-    COUNTERS.iter().map(|name| format!("{name} {}", delta(name))).collect::<Vec<_>>().join(", ")
+    COUNTERS.iter().map(|name| format!("{name} {}", nstat_delta(before, after, name))).collect::<Vec<_>>().join(", ")
 }
 
 /// No loss, both ends on one CPU: nothing arrives out of order, so no

@@ -14,7 +14,7 @@ pub mod sockets;
 pub mod traffic;
 
 pub use netlens::{Netlens, Traced};
-pub use netns::{Netns, NsThread};
+pub use netns::{nstat_delta, Netns, NsThread};
 
 /// Inside a software-emulated guest of the kernel matrix (`cargo xtask
 /// test --kernel`, which sets `NETLENS_GUEST=1`), where a loopback

@@ -185,3 +185,8 @@ pub fn sh(command: &mut Command) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
+
+/// How much nstat counter `key` grew between two [`Netns::nstat`] reads.
+pub fn nstat_delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, key: &str) -> u64 {
+    after.get(key).copied().unwrap_or(0).saturating_sub(before.get(key).copied().unwrap_or(0))
+}

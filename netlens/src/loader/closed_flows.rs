@@ -33,7 +33,7 @@ use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData};
 use netlens_common::Flow;
 
-use super::tables::FLOWS_A_SYSCALL;
+use super::tables::visit_flows;
 use crate::kernel::map_ops;
 
 /// How often [`ClosedFlows::due`] is asked.
@@ -115,20 +115,15 @@ impl ClosedFlows {
     /// `table`, putting back any a new connection took meanwhile.
     pub fn sweep(&mut self, table: &mut Map, before_ns: u64) -> Result<()> {
         let mut flows: BpfHashMap<&mut MapData, u64, Flow> = BpfHashMap::try_from(table)?;
-        // A key deleted under a walk sends it back to the start: collect
-        // first, take after. A chunk of entries a syscall; key by key
-        // where the kernel refuses that.
+        // Collect first, take after: the walk is not made for deletions
+        // under it.
         let mut aged = Vec::new();
-        let walked = map_ops::for_each_entry::<u64, Flow>(flows.map().fd().as_fd(), FLOWS_A_SYSCALL, |key, flow| {
+        visit_flows(&flows, |key, flow| {
             if is_aged(flow, before_ns) {
-                aged.push(*key);
+                aged.push(key);
             }
             ControlFlow::Continue(())
-        });
-        if walked.is_err() {
-            let walk = flows.iter().take(self.capacity as usize * 2).filter_map(Result::ok);
-            aged = walk.filter(|(_, flow)| is_aged(flow, before_ns)).map(|(key, _)| key).collect();
-        }
+        })?;
         let mut swept = 0;
         for key in aged {
             match map_ops::lookup_and_delete::<u64, Flow>(flows.map().fd().as_fd(), &key)? {

@@ -2,7 +2,7 @@
 //! values for the views: the event ring buffer, counters, program
 //! statistics and errors, the flow table, listen overflows, drop reasons.
 
-use std::{ops::ControlFlow, os::fd::AsFd};
+use std::{borrow::Borrow, ops::ControlFlow, os::fd::AsFd};
 
 use anyhow::{anyhow, Result};
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
@@ -15,7 +15,36 @@ use crate::kernel::{
 };
 
 /// Flow table entries read a syscall (their values ~280 bytes each).
-pub(super) const FLOWS_A_SYSCALL: usize = 128;
+const FLOWS_A_SYSCALL: usize = 128;
+
+/// Visits the flow table's entries until `visit` says `Break`: a chunk a
+/// syscall (`map_ops::for_each_entry`), or, where the kernel refuses that
+/// (a security module, say) before anything was read, aya's walk, two
+/// syscalls an entry, bounded by twice the table's entries: a key deleted
+/// under that walk sends it back to the start.
+pub(super) fn visit_flows<T: Borrow<MapData>>(
+    flows: &BpfHashMap<T, u64, Flow>,
+    mut visit: impl FnMut(u64, &Flow) -> ControlFlow<()>,
+) -> Result<()> {
+    let mut visited = false;
+    let batched = map_ops::for_each_entry::<u64, Flow>(flows.map().fd().as_fd(), FLOWS_A_SYSCALL, |&key, flow| {
+        visited = true;
+        visit(key, flow)
+    });
+    match batched {
+        Ok(()) => Ok(()),
+        Err(err) if visited => Err(err.into()),
+        Err(_) => {
+            let bound = 2 * flows.map().info().map_or(u32::MAX, |info| info.max_entries()) as usize;
+            for (key, flow) in flows.iter().take(bound).filter_map(Result::ok) {
+                if visit(key, &flow).is_break() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+}
 
 /// The flow table right now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -143,15 +172,10 @@ impl Probes {
         let flows: BpfHashMap<&MapData, u64, Flow> =
             BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
         let mut live = Vec::new();
-        let walked = map_ops::for_each_entry::<u64, Flow>(flows.map().fd().as_fd(), FLOWS_A_SYSCALL, |_, flow| {
+        visit_flows(&flows, |_, flow| {
             live.extend(LiveFlow::from_flow(flow).filter(wanted));
             if live.len() < limit { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
-        });
-        if walked.is_err() {
-            // Refused (a security module, say): two syscalls an entry.
-            let walk = flows.iter().filter_map(Result::ok);
-            live = walk.filter_map(|(_, flow)| LiveFlow::from_flow(&flow).filter(wanted)).take(limit).collect();
-        }
+        })?;
         Ok(live)
     }
 
