@@ -43,7 +43,8 @@ pub struct KernelBtf {
     strings: usize,
     strings_len: usize,
     /// Byte offset of each type's header; index = type id (0 is void).
-    types: Vec<usize>,
+    /// u32: BTF sections are sized in u32.
+    types: Vec<u32>,
     /// (key, id) of the named types of the kinds looked up by name, sorted:
     /// ids with an equal [`name_key`] ascend (collisions are checked on
     /// lookup). A sorted vector: no allocation per type.
@@ -121,12 +122,19 @@ impl KernelBtf {
         if types_end > data.len() || strings + strings_len > data.len() {
             bail!("BTF sections run past the end of the data");
         }
-        let mut btf = Self { data, strings, strings_len, types: vec![0], by_name: Default::default(), anonymous_enums: Vec::new() };
+        // Room for as many types as the section could hold (each at least
+        // a header), so neither vector grows by copying itself: reserved
+        // pages the index does not fill are never touched (on this kind of
+        // VM each new page costs several µs).
+        let most_types = (types_end - types_start) / TYPE_HEADER + 1;
+        let mut types = Vec::with_capacity(most_types);
+        types.push(0);
+        let mut btf = Self { data, strings, strings_len, types, by_name: Default::default(), anonymous_enums: Vec::new() };
         let mut at = types_start;
-        let mut by_name = Vec::new();
+        let mut by_name = Vec::with_capacity(most_types);
         while at < types_end {
             let id = btf.types.len() as u32;
-            btf.types.push(at);
+            btf.types.push(at as u32);
             let header = btf.header_at(at)?;
             if header.name_off != 0 && NAMED_KINDS.contains(&header.kind) {
                 by_name.push((name_key(header.kind, btf.name(header.name_off)), id));
@@ -176,7 +184,7 @@ impl KernelBtf {
     }
 
     fn header(&self, id: u32) -> Result<TypeHeader> {
-        let at = *self.types.get(id as usize).ok_or_else(|| anyhow!("BTF type id {id} out of range"))?;
+        let at = *self.types.get(id as usize).ok_or_else(|| anyhow!("BTF type id {id} out of range"))? as usize;
         self.header_at(at)
     }
 
