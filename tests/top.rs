@@ -361,6 +361,54 @@ fn port_filter_finds_its_connections_among_more_than_the_rows() -> Result<()> {
     Ok(())
 }
 
+/// `--pid` and `--comm` keep their process's connections from the
+/// kernel's whole list, before the 2,000-row cap, and the total counts
+/// only those: a bash holding one connection, among 1,100 connections of
+/// this test process (2,200 ends). Tested on the 2,000 rows alone, bash's
+/// row was there only when the dump had it among its first 2,000, and the
+/// total counted every connection in the namespace.
+#[test]
+fn pid_and_comm_filters_find_their_connection_among_more_than_the_rows() -> Result<()> {
+    const OTHERS: usize = 1_100;
+    raise_open_file_limit(4 * OTHERS as u64)?;
+    let netns = Netns::new()?;
+    let inode = netns.inode()?.to_string();
+    let others = idle_connections(&netns, "127.0.0.1:8096".parse()?, OTHERS, 10, 10)?;
+    let addr: SocketAddr = "127.0.0.1:8094".parse()?;
+    let listener = netns.spawn(move || std::net::TcpListener::bind(addr)).join().map_err(|_| anyhow::anyhow!("bind panicked"))???;
+    // bash connects, then waits for a line that never comes; `ip netns
+    // exec` execs it, so its pid is the child's.
+    let mut bash = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8094 && read line"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (_held, bash_end) = loop {
+            match listener.accept() {
+                Ok(accepted) => break accepted,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+                Err(err) => bail!("bash's connection never came: {err}"),
+            }
+        };
+        let bash_pid = bash.id().to_string();
+        for filter in [["--pid", bash_pid.as_str()], ["--comm", "bash"]] {
+            let top = Netlens::start(&["top", "--json", "--view", "connections", "-n", "2", "-d", "1", "--netns", &inode, filter[0], filter[1]])?;
+            let last = top.wait_exit(Duration::from_secs(30))?.events.last().cloned().context("no snapshot")?;
+            assert_eq!(last["connections_total"], 1, "{filter:?}: bash's end only");
+            let rows = last["rows"].as_array().context("no rows")?;
+            assert_eq!(rows.len(), 1, "{filter:?}: {rows:?}");
+            connection_row(&last, bash_end, addr).with_context(|| format!("{filter:?}: no row for {bash_end} -> {addr}"))?;
+        }
+        Ok(())
+    })();
+    let _ = bash.kill();
+    let _ = bash.wait();
+    drop(others);
+    result
+}
+
 fn raise_open_file_limit(at_least: u64) -> Result<()> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit read and write the struct we own.

@@ -103,10 +103,10 @@ fn listed_states() -> StateFlags {
 }
 
 /// Lists the connections of `namespaces` that `keep` (namespace inode,
-/// local end, remote end) keeps, the first `cap` of them; `total` counts
-/// every one kept. A namespace that cannot be dumped (gone since it was
+/// socket inode, local end, remote end) keeps, the first `cap` of them;
+/// `total` counts every one kept. A namespace that cannot be dumped (gone since it was
 /// found) is skipped; fails only when none could be.
-pub fn list(namespaces: &[Namespace], cap: usize, keep: &dyn Fn(u32, &SocketAddr, &SocketAddr) -> bool) -> Result<ConnectionList> {
+pub fn list(namespaces: &[Namespace], cap: usize, keep: &dyn Fn(u32, u32, &SocketAddr, &SocketAddr) -> bool) -> Result<ConnectionList> {
     let mut list = ConnectionList::default();
     let mut first_error = None;
     let mut dumped = 0;
@@ -127,7 +127,7 @@ pub fn list(namespaces: &[Namespace], cap: usize, keep: &dyn Fn(u32, &SocketAddr
 fn dump_namespace(
     namespace: &Namespace,
     cap: usize,
-    keep: &dyn Fn(u32, &SocketAddr, &SocketAddr) -> bool,
+    keep: &dyn Fn(u32, u32, &SocketAddr, &SocketAddr) -> bool,
     list: &mut ConnectionList,
 ) -> Result<()> {
     let mut sock_diag = namespace.enter(SockDiag::open)??;
@@ -137,7 +137,7 @@ fn dump_namespace(
             let id = &socket.socket_id;
             let local = SocketAddr::new(id.source_address, id.source_port);
             let remote = SocketAddr::new(id.destination_address, id.destination_port);
-            if !keep(namespace.inode, &local, &remote) {
+            if !keep(namespace.inode, socket.inode, &local, &remote) {
                 return;
             }
             list.total += 1;
@@ -207,16 +207,16 @@ mod tests {
     #[test]
     fn kernel_list_is_capped_but_counts_every_connection() {
         let (address, pairs) = connected_pairs(30);
-        let full = list(&own_namespace(), usize::MAX, &|_, _, _| true).unwrap();
+        let full = list(&own_namespace(), usize::MAX, &|_, _, _, _| true).unwrap();
         let ours = full.connections.iter().filter(|c| c.local == address || c.remote == address).count();
         assert_eq!(ours, 60, "both ends of 30 connections");
         assert!(full.connections.iter().all(|c| c.tcp.is_some() || c.state == tcp_state::FIN_WAIT2));
-        let capped = list(&own_namespace(), 10, &|_, _, _| true).unwrap();
+        let capped = list(&own_namespace(), 10, &|_, _, _, _| true).unwrap();
         assert_eq!(capped.connections.len(), 10);
         assert!(capped.total >= 60, "the total counts past the cap: {}", capped.total);
         // Kept before the cap, counted only if kept.
         let port = address.port();
-        let kept = list(&own_namespace(), 10, &|_, local, remote| local.port() == port || remote.port() == port).unwrap();
+        let kept = list(&own_namespace(), 10, &|_, _, local, remote| local.port() == port || remote.port() == port).unwrap();
         assert_eq!(kept.total, 60);
         assert!(kept.connections.iter().all(|c| c.local == address || c.remote == address));
         drop(pairs);
@@ -232,7 +232,7 @@ mod tests {
         let mut durations: Vec<_> = (0..20)
             .map(|_| {
                 let started = Instant::now();
-                let listed = list(&namespaces, 2_000, &|_, _, _| true).unwrap();
+                let listed = list(&namespaces, 2_000, &|_, _, _, _| true).unwrap();
                 assert!(listed.total >= 4_000);
                 started.elapsed()
             })

@@ -50,13 +50,15 @@ pub struct Lister {
 }
 
 impl Lister {
-    /// Starts listing the connections that `filter`'s tests on their ends
-    /// keep (`--port`, `-4`/`-6`; `--netns`, else every namespace), at
-    /// most `cap` of them, while `wanted` (see [`Self::want`]); waits
-    /// briefly for the first. Filtered in the dump, before the cap: on a
-    /// host with more connections than the cap, `--port 443` would else
-    /// show those of the first `cap` that happen to match. `--pid` and
-    /// `--comm` are tested on the rows, once their processes are known.
+    /// Starts listing the connections that `filter` keeps (`--port`,
+    /// `-4`/`-6`, `--netns`, else every namespace; `--pid`/`--comm`: the
+    /// sockets their processes hold), at most `cap` of them, while
+    /// `wanted` (see [`Self::want`]); waits briefly for the first.
+    /// Filtered in the dump, before the cap: on a host with more
+    /// connections than the cap, `--port 443` would else show those of the
+    /// first `cap` that happen to match. The rows are tested again once
+    /// their holders are known (a socket two processes share is the lowest
+    /// pid's).
     pub fn start(filter: Filter, cap: usize, wanted: bool) -> Self {
         let latest = Arc::new(Mutex::new(Latest::default()));
         let wanted = Arc::new(AtomicBool::new(wanted));
@@ -112,7 +114,11 @@ fn run(
             continue;
         }
         let taken_ns = monotonic_ns();
-        let keep = |netns: u32, local: &SocketAddr, remote: &SocketAddr| filter.matches_endpoints(local, remote, netns);
+        // Taken with each dump: the processes' sockets change as they do.
+        let held = (filter.pid.is_some() || filter.comm.is_some()).then(|| owners::sockets_held_by(filter.pid, filter.comm.as_deref()));
+        let keep = |netns: u32, inode: u32, local: &SocketAddr, remote: &SocketAddr| {
+            filter.matches_endpoints(local, remote, netns) && held.as_ref().is_none_or(|held| held.contains(&inode))
+        };
         let result = netns::watched(filter.netns).and_then(|namespaces| connections::list(&namespaces, cap, &keep));
         match result {
             Ok(list) => {
