@@ -396,7 +396,7 @@ fn pid_and_comm_filters_find_their_connection_among_more_than_the_rows() -> Resu
         for filter in [["--pid", bash_pid.as_str()], ["--comm", "bash"]] {
             let top = Netlens::start(&["top", "--json", "--view", "connections", "-n", "2", "-d", "1", "--netns", &inode, filter[0], filter[1]])?;
             let last = top.wait_exit(Duration::from_secs(30))?.events.last().cloned().context("no snapshot")?;
-            assert_eq!(last["connections_total"], 1, "{filter:?}: bash's end only");
+            assert_eq!(last["connections_total"], 1, "{filter:?}: bash's end only; rows {}: {:?}", last["rows"].as_array().map_or(0, Vec::len), last["rows"].as_array().map(|r| r.iter().take(3).collect::<Vec<_>>()));
             let rows = last["rows"].as_array().context("no rows")?;
             assert_eq!(rows.len(), 1, "{filter:?}: {rows:?}");
             connection_row(&last, bash_end, addr).with_context(|| format!("{filter:?}: no row for {bash_end} -> {addr}"))?;

@@ -22,6 +22,7 @@ use crate::{
         owners::Process,
     },
     event::Direction,
+    filter::Filter,
     loader::LiveFlow,
 };
 
@@ -45,14 +46,25 @@ pub struct Listing {
 /// (half of 2,000 rows showed no age with 4,000 flows in the table). A
 /// capped listing fills every row itself, so the older flows it left out
 /// would not show either. Flows without endpoints yet are never used.
-pub fn wanted(listing: Option<&Listing>) -> impl Fn(&LiveFlow) -> bool {
+/// A flow that would be a row of its own (not listed) must match `filter`
+/// too: else, counted in the total before the rows are filtered, every
+/// flow another namespace opened since the dump made `--netns` and
+/// `--pid` totals count connections they do not show (2,001 for one row).
+/// A listed connection's flow is kept whatever it is: its row is
+/// filtered as a whole.
+pub fn wanted<'a>(listing: Option<&Listing>, filter: &'a Filter) -> impl Fn(&LiveFlow) -> bool + 'a {
     let listed: Option<HashSet<(u32, SocketAddr, SocketAddr)>> =
         listing.map(|l| l.list.connections.iter().map(|c| (c.netns, c.local, c.remote)).collect());
     let taken_ns = listing.map_or(0, |l| l.taken_ns);
     move |flow| {
         let known = flow.established_ns != 0 || flow.local.port() != 0;
+        let matches = || filter.matches_connection(&flow.local, &flow.remote, flow.pid, flow.comm.as_deref(), flow.netns);
         known
-            && listed.as_ref().is_none_or(|listed| flow.start_ns >= taken_ns || listed.contains(&(flow.netns, flow.local, flow.remote)))
+            && match &listed {
+                Some(listed) if listed.contains(&(flow.netns, flow.local, flow.remote)) => true,
+                Some(_) => flow.start_ns >= taken_ns && matches(),
+                None => matches(),
+            }
     }
 }
 
@@ -216,10 +228,17 @@ mod tests {
         let newer = flow("10.0.0.1:80", "10.0.0.4:5000", 3_000);
         let mut no_endpoints = flow("0.0.0.0:0", "0.0.0.0:0", 3_000);
         no_endpoints.established_ns = 0;
-        let keeps = wanted(Some(&listing));
+        let everything = Filter::default();
+        let keeps = wanted(Some(&listing), &everything);
         assert_eq!([&listed, &gone, &newer, &no_endpoints].map(|f| keeps(f)), [true, false, true, false]);
-        let keeps = wanted(None);
+        let keeps = wanted(None, &everything);
         assert_eq!([&listed, &gone, &newer, &no_endpoints].map(|f| keeps(f)), [true, true, true, false]);
+        // Another process's: only the listed one, whose row is tested whole.
+        let other_pid = Filter { pid: Some(7), ..Filter::default() };
+        let keeps = wanted(Some(&listing), &other_pid);
+        assert_eq!([&listed, &gone, &newer, &no_endpoints].map(|f| keeps(f)), [true, false, false, false]);
+        let keeps = wanted(None, &other_pid);
+        assert_eq!([&listed, &gone, &newer, &no_endpoints].map(|f| keeps(f)), [false, false, false, false]);
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl Collector {
             self.feed.findings.record_census(census);
         }
         let listing = self.listing.latest();
-        let flows = self.source.live_flows(MAX_CONNECTIONS, &connections::wanted(listing.as_deref())).unwrap_or_default();
+        let flows = self.source.live_flows(MAX_CONNECTIONS, &connections::wanted(listing.as_deref(), &self.filter)).unwrap_or_default();
         // A failed listing leaves the flow table's rows; top cannot print
         // over its screen.
         let _ = self.listing.take_failure();
