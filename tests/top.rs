@@ -339,11 +339,7 @@ fn every_row_has_its_flow_with_more_connections_than_rows() -> Result<()> {
 /// missed some of the 6 whenever the dump had them past its 2,000th).
 #[test]
 fn port_filter_finds_its_connections_among_more_than_the_rows() -> Result<()> {
-    const OTHERS: usize = 1_100;
-    raise_open_file_limit(4 * OTHERS as u64)?;
-    let netns = Netns::new()?;
-    let inode = netns.inode()?.to_string();
-    let others = idle_connections(&netns, "127.0.0.1:8096".parse()?, OTHERS, 10, 10)?;
+    let (netns, inode, others) = crowded_namespace()?;
     let wanted = idle_connections(&netns, "127.0.0.1:8095".parse()?, 3, 10, 10)?;
     let top = Netlens::start(&["top", "--json", "--view", "connections", "-n", "2", "-d", "1", "--netns", &inode, "--port", "8095"])?;
     let traced = top.wait_exit(Duration::from_secs(30))?;
@@ -369,11 +365,7 @@ fn port_filter_finds_its_connections_among_more_than_the_rows() -> Result<()> {
 /// total counted every connection in the namespace.
 #[test]
 fn pid_and_comm_filters_find_their_connection_among_more_than_the_rows() -> Result<()> {
-    const OTHERS: usize = 1_100;
-    raise_open_file_limit(4 * OTHERS as u64)?;
-    let netns = Netns::new()?;
-    let inode = netns.inode()?.to_string();
-    let others = idle_connections(&netns, "127.0.0.1:8096".parse()?, OTHERS, 10, 10)?;
+    let (netns, inode, others) = crowded_namespace()?;
     let addr: SocketAddr = "127.0.0.1:8094".parse()?;
     let listener = netns.spawn(move || std::net::TcpListener::bind(addr)).join().map_err(|_| anyhow::anyhow!("bind panicked"))???;
     // bash connects, then waits for a line that never comes; `ip netns
@@ -407,6 +399,18 @@ fn pid_and_comm_filters_find_their_connection_among_more_than_the_rows() -> Resu
     let _ = bash.wait();
     drop(others);
     result
+}
+
+/// A new namespace (and its inode, as `--netns` takes it) holding 1,100
+/// idle connections to port 8096, both ends this process's: 2,200 ends,
+/// more than the 2,000 rows `top` shows.
+fn crowded_namespace() -> Result<(Netns, String, Vec<netlens_tests::traffic::IdleConnection>)> {
+    const OTHERS: usize = 1_100;
+    raise_open_file_limit(4 * OTHERS as u64)?;
+    let netns = Netns::new()?;
+    let inode = netns.inode()?.to_string();
+    let others = idle_connections(&netns, "127.0.0.1:8096".parse()?, OTHERS, 10, 10)?;
+    Ok((netns, inode, others))
 }
 
 fn raise_open_file_limit(at_least: u64) -> Result<()> {

@@ -132,12 +132,15 @@ mod tests {
         assert_eq!(socket_inode("socket:[12345"), None);
     }
 
+    /// The inode of a socket this process holds.
+    fn inode_of(socket: &TcpListener) -> u32 {
+        std::fs::metadata(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(socket))).unwrap().ino() as u32
+    }
+
     #[test]
     fn finds_this_process_holding_its_listener() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let inode = std::fs::metadata(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&listener)))
-            .unwrap()
-            .ino() as u32;
+        let inode = inode_of(&listener);
         let found = holders(&HashSet::from([inode]));
         let process = found.found.get(&inode).expect("this process holds it");
         assert_eq!(process.pid, std::process::id());
@@ -148,9 +151,7 @@ mod tests {
     #[test]
     fn finds_the_sockets_of_a_process_by_pid_and_by_name() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let inode = std::fs::metadata(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&listener)))
-            .unwrap()
-            .ino() as u32;
+        let inode = inode_of(&listener);
         let (me, my_name) = (std::process::id(), read_comm(std::process::id()));
         assert!(sockets_held_by(Some(me), None).contains(&inode));
         assert!(sockets_held_by(None, Some(&my_name)).contains(&inode));
