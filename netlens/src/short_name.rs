@@ -18,6 +18,12 @@ impl ShortName {
             return None;
         }
         let mut comm = Self { bytes: [0; 16], len: 0 };
+        // Nearly every name is ASCII: checked as words, with no call.
+        if raw.is_ascii() && raw.len() <= comm.bytes.len() {
+            comm.bytes[..raw.len()].copy_from_slice(raw);
+            comm.len = raw.len() as u8;
+            return Some(comm);
+        }
         match std::str::from_utf8(raw) {
             // At most 16 bytes: it fits.
             Ok(text) => {

@@ -7,7 +7,7 @@
 //! connection, zero windows per side, per-process connect failures and
 //! retransmits per segment net of spurious ones.
 
-use std::net::SocketAddr;
+use std::{collections::hash_map::Entry, net::SocketAddr};
 
 // Hashed per event: foldhash, not std's SipHash.
 use foldhash::{HashMap, HashMapExt};
@@ -169,12 +169,18 @@ impl Watch {
         self.last_ns = self.last_ns.max(event.ts_ns);
         // Endpoints are named as top and the metrics name them.
         let Some(key) = EndpointBy::Auto.key(event) else { return };
-        if !self.endpoints.contains_key(&key) && self.endpoints.len() >= MAX_ENDPOINTS {
-            self.untracked_events += 1;
-            return;
-        }
+        // One lookup per event: this runs for every event `top` and the
+        // doctor see.
+        let tracked = self.endpoints.len();
+        let evidence = match self.endpoints.entry(key.clone()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(_) if tracked >= MAX_ENDPOINTS => {
+                self.untracked_events += 1;
+                return;
+            }
+            Entry::Vacant(entry) => entry.insert(Evidence::default()),
+        };
         let flow = (event.local, event.remote);
-        let evidence = self.endpoints.entry(key.clone()).or_default();
         evidence.stats.record(event);
         match &event.detail {
             Detail::Handshake { handshake_ns, .. } => {
