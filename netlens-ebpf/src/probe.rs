@@ -21,8 +21,9 @@
 //! Limits: a stall that began before netlens attached starts at the first
 //! out-of-order segment we see; one still undrained at close is not reported
 //! as a `hol_stall` (its segments are in the close's `ooo_segments`);
-//! segments beyond the receive window, which the kernel drops, are counted
-//! anyway.
+//! tcp_probe sees a segment before the kernel validates it, so one after
+//! `rcv_nxt` that the kernel then rejects (beyond the receive window, or
+//! an old timestamp: PAWS, TcpExtPAWSEstab) is counted anyway.
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
