@@ -486,16 +486,4 @@ mod tests {
             }
         }
     }
-
-    /// The object is embedded without its DWARF (build.rs), with the BTF
-    /// the programs load with.
-    #[test]
-    fn the_embedded_object_has_btf_and_no_dwarf() {
-        use object::{Object as _, ObjectSection as _};
-        let file = object::File::parse(super::EBPF_OBJECT).expect("the embedded object parses");
-        let names: Vec<&str> = file.sections().filter_map(|section| section.name().ok()).collect();
-        assert!(names.contains(&".BTF") && names.contains(&".BTF.ext"), "sections: {names:?}");
-        assert!(!names.iter().any(|name| name.contains(".debug")), "sections: {names:?}");
-        assert!(super::EBPF_OBJECT.len() < 1 << 20, "{} bytes", super::EBPF_OBJECT.len());
-    }
 }

@@ -104,8 +104,8 @@ fn listed_states() -> StateFlags {
 
 /// Lists the connections of `namespaces` that `keep` (namespace inode,
 /// socket inode, local end, remote end) keeps, the first `cap` of them;
-/// `total` counts every one kept. A namespace that cannot be dumped (gone since it was
-/// found) is skipped; fails only when none could be.
+/// `total` counts every one kept. A namespace that cannot be dumped (gone
+/// since it was found) is skipped; fails only when none could be.
 pub fn list(namespaces: &[Namespace], cap: usize, keep: &dyn Fn(u32, u32, &SocketAddr, &SocketAddr) -> bool) -> Result<ConnectionList> {
     let mut list = ConnectionList::default();
     let mut first_error = None;

@@ -36,9 +36,7 @@ pub fn holders(wanted: &HashSet<u32>) -> Holders {
     if wanted.is_empty() {
         return holders;
     }
-    let mut pids: Vec<u32> = read_dir(Path::new("/proc"))
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut pids = process_ids();
     pids.sort_unstable();
     for pid in pids {
         let mut comm = None;
@@ -85,9 +83,9 @@ pub fn holders(wanted: &HashSet<u32>) -> Holders {
 /// (one process's descriptors); a name reads every process's `comm`, and
 /// the descriptors of those it names.
 pub fn sockets_held_by(pid: Option<u32>, comm: Option<&str>) -> HashSet<u32> {
-    let pids: Vec<u32> = match pid {
+    let pids = match pid {
         Some(pid) => vec![pid],
-        None => read_dir(Path::new("/proc")).filter_map(|entry| entry.file_name().to_str()?.parse().ok()).collect(),
+        None => process_ids(),
     };
     let mut inodes = HashSet::new();
     for pid in pids {
@@ -101,6 +99,11 @@ pub fn sockets_held_by(pid: Option<u32>, comm: Option<&str>) -> HashSet<u32> {
         }
     }
     inodes
+}
+
+/// Every process's id, from the numbered entries of /proc.
+fn process_ids() -> Vec<u32> {
+    read_dir(Path::new("/proc")).filter_map(|entry| entry.file_name().to_str()?.parse().ok()).collect()
 }
 
 fn read_dir(directory: &Path) -> impl Iterator<Item = std::fs::DirEntry> {

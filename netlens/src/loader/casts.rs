@@ -192,4 +192,15 @@ mod tests {
         let rewritten = rewrite(super::super::EBPF_OBJECT, Cast::Helper).expect("rewrite");
         assert_eq!(rewritten.bytes().len(), super::super::EBPF_OBJECT.len());
     }
+
+    /// The object is embedded without its DWARF (build.rs), with the BTF
+    /// the programs load with.
+    #[test]
+    fn the_embedded_object_has_btf_and_no_dwarf() {
+        let file = object::File::parse(super::super::EBPF_OBJECT).expect("the embedded object parses");
+        let names: Vec<&str> = file.sections().filter_map(|section| section.name().ok()).collect();
+        assert!(names.contains(&".BTF") && names.contains(&".BTF.ext"), "sections: {names:?}");
+        assert!(!names.iter().any(|name| name.contains(".debug")), "sections: {names:?}");
+        assert!(super::super::EBPF_OBJECT.len() < 1 << 20, "{} bytes", super::super::EBPF_OBJECT.len());
+    }
 }
