@@ -13,10 +13,6 @@ fn num(event: &Value, key: &str) -> f64 {
     event[key].as_f64().unwrap_or(0.0)
 }
 
-fn ofo_queue(counters: &HashMap<String, u64>) -> u64 {
-    counters.get("TcpExtTCPOFOQueue").copied().unwrap_or(0)
-}
-
 /// The receiver's close event (the server's end of the client's port).
 fn receiver_close(traced: &Traced, client_port: u16) -> &Value {
     traced
@@ -37,11 +33,35 @@ fn loss_rule(rule: &str) -> String {
 }
 
 /// What the kernel counted on the receive side over a transfer.
+#[derive(Clone, Copy)]
 struct Received {
     /// Segments queued out of order (TcpExtTCPOFOQueue).
     ofo: u64,
     /// Segments rejected for an old timestamp (TcpExtPAWSEstab).
     paws: u64,
+    /// Segments dropped after tcp_probe saw them, for no memory for the
+    /// out-of-order queue or a zero window (TcpExtTCPOFODrop,
+    /// TcpExtTCPZeroWindowDrop): netlens counts those it saw beyond
+    /// `rcv_nxt`, the kernel did not queue them.
+    dropped: u64,
+}
+
+impl Received {
+    fn over(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> Self {
+        let delta = |name| nstat_delta(before, after, name);
+        Self {
+            ofo: delta("TcpExtTCPOFOQueue"),
+            paws: delta("TcpExtPAWSEstab"),
+            dropped: delta("TcpExtTCPOFODrop") + delta("TcpExtTCPZeroWindowDrop"),
+        }
+    }
+
+    /// Whether `counted` out-of-order segments are the kernel's: every one
+    /// it queued, less any whose tcp_probe run it skipped (`missed`), plus
+    /// any it then dropped for no memory or a zero window.
+    fn agrees(&self, counted: u64, missed: u64) -> bool {
+        counted + missed >= self.ofo && counted <= self.ofo + self.dropped
+    }
 }
 
 /// Runs `bulk` in a fresh namespace under netlens; returns what netlens
@@ -57,10 +77,21 @@ fn traced_transfer_without(
     nft: Option<&str>,
     hooks: Option<&str>,
 ) -> Result<(Traced, netlens_tests::bulk::Transfer, Received)> {
+    traced_transfer_prepared(port, bulk, hooks, |netns| match nft {
+        Some(rule) => netns.nft(&loss_rule(rule)),
+        None => Ok(()),
+    })
+}
+
+/// [`traced_transfer_without`], the namespace set up by `prepare`.
+fn traced_transfer_prepared(
+    port: u16,
+    bulk: Bulk,
+    hooks: Option<&str>,
+    prepare: impl FnOnce(&Netns) -> Result<()>,
+) -> Result<(Traced, netlens_tests::bulk::Transfer, Received)> {
     let netns = Netns::new()?;
-    if let Some(rule) = nft {
-        netns.nft(&loss_rule(rule))?;
-    }
+    prepare(&netns)?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let netlens = match hooks {
         Some(hooks) => Netlens::trace_netns_without(netns.inode()?, hooks)?,
@@ -73,15 +104,14 @@ fn traced_transfer_without(
     let traced = netlens.stop()?;
     assert_eq!(transfer.received, bulk.bytes as u64);
     eprintln!("port {port}: {}", receive_drops(&before, &after));
-    let received = Received { ofo: ofo_queue(&after) - ofo_queue(&before), paws: nstat_delta(&before, &after, "TcpExtPAWSEstab") };
-    Ok((traced, transfer, received))
+    Ok((traced, transfer, Received::over(&before, &after)))
 }
 
 /// The kernel's counts of received segments it dropped or set aside
 /// without queuing them out of order, over the transfer: where netlens's
-/// `ooo_segments` (every data segment after `rcv_nxt` at `tcp_probe`)
-/// can exceed TcpExtTCPOFOQueue. Printed as evidence: a 5.10 guest counted
-/// 11 against 10 with TcpExtPAWSEstab 5 (a 6.1 guest once 16 against 12).
+/// `ooo_segments` (data segments after `rcv_nxt` at `tcp_probe`, less
+/// those PAWS will drop) can differ from TcpExtTCPOFOQueue. Printed as
+/// evidence.
 fn receive_drops(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> String {
     const COUNTERS: [&str; 8] = [
         "TcpExtTCPOFOQueue",
@@ -111,28 +141,79 @@ fn pinned_lossless_transfer_has_no_stalls() -> Result<()> {
 }
 
 /// No loss, ends free to run on both CPUs: loopback may reorder between
-/// CPUs (real, brief head-of-line blocking). Whatever happens, netlens's
-/// out-of-order count is the kernel's: every segment it queued out of
-/// order, less any whose tcp_probe run the kernel skipped, plus any it
-/// then rejected for an old timestamp (PAWS; tcp_probe sees a segment
-/// before the kernel checks it: a 5.10 guest counted 11 against 10 with 5
-/// PAWS rejections). The receiver is the namespace's only socket that
-/// gets data.
+/// CPUs (real, brief head-of-line blocking), and a segment overtaken this
+/// way may carry an older timestamp than one the receiver took in order
+/// (a 5.10 guest counted 11 against 10 with 5 PAWS rejections before
+/// netlens read the timestamp). Whatever happens, netlens's out-of-order
+/// count is the kernel's ([`Received::agrees`]). The receiver is the
+/// namespace's only socket that gets data.
 #[test]
 fn unpinned_ooo_segments_match_kernel() -> Result<()> {
     let bulk = Bulk { bytes: 32 << 20, ..Bulk::default() };
-    let (traced, transfer, Received { ofo, paws }) = traced_transfer(8091, bulk, None)?;
+    let (traced, transfer, received) = traced_transfer(8091, bulk, None)?;
+    let Received { ofo, paws, dropped } = received;
     let close = receiver_close(&traced, transfer.client_port);
     let slack = traced.unaccounted();
     let counted = close["ooo_segments"].as_u64().unwrap_or(0);
     assert!(
-        counted + slack >= ofo && counted <= ofo + paws,
-        "ooo_segments {counted} vs TcpExtTCPOFOQueue {ofo} (missed runs {slack}, PAWS rejections {paws})"
+        received.agrees(counted, slack),
+        "ooo_segments {counted} vs TcpExtTCPOFOQueue {ofo} (missed runs {slack}, PAWS rejections {paws}, dropped {dropped})"
     );
     let in_stalls: u64 = traced.named("hol_stall").map(|e| e["ooo_segments"].as_u64().unwrap_or(0)).sum();
     assert!(in_stalls <= counted);
     eprintln!("unpinned: {ofo} OFO segments, {} stalls", traced.named("hol_stall").count());
     Ok(())
+}
+
+/// Segments the kernel drops by PAWS are not counted as queued out of
+/// order, though tcp_probe sees them beyond `rcv_nxt`: nftables rewrites
+/// the timestamp of 1 % of the data segments to one 2^30 ms (12 days)
+/// behind the connection's clock (the namespace's timestamps carry no
+/// random offset, `tcp_timestamps = 2`, so TSval is the monotonic clock in
+/// ms). Each such segment is dropped: in order, it leaves a hole that
+/// queues the next ones out of order; out of order, it is one netlens
+/// would count without reading the timestamp.
+#[test]
+fn segments_dropped_by_paws_are_not_counted_out_of_order() -> Result<()> {
+    old_timestamps_not_counted(8099, None)
+}
+
+/// The same through the raw `tcp_probe`, which copies the header by probe
+/// reads where the BTF one loads `skb->data`.
+#[test]
+fn segments_dropped_by_paws_are_not_counted_out_of_order_raw() -> Result<()> {
+    old_timestamps_not_counted(8100, Some("tcp_probe_btf"))
+}
+
+fn old_timestamps_not_counted(port: u16, without: Option<&str>) -> Result<()> {
+    let bulk = Bulk { bytes: 16 << 20, ..Bulk::default() };
+    let old_tsval = (monotonic_ms() as u32).wrapping_sub(1 << 30);
+    let rule = format!("tcp dport {port} tcp flags & syn == 0 numgen random mod 1000 < 10 tcp option timestamp tsval set {old_tsval}");
+    let (traced, transfer, received) = traced_transfer_prepared(port, bulk, without, |netns| {
+        netns.exec(&["sysctl", "-q", "net.ipv4.tcp_timestamps=2"])?;
+        netns.nft(&loss_rule(&rule))
+    })?;
+    let Received { ofo, paws, dropped } = received;
+    let close = receiver_close(&traced, transfer.client_port);
+    let slack = traced.unaccounted();
+    let counted = close["ooo_segments"].as_u64().unwrap_or(0);
+    // ~1 % of ~11,600 segments rewritten, each one dropped.
+    assert!(paws >= 40, "TcpExtPAWSEstab {paws}: the rewritten timestamps were not rejected");
+    assert!(ofo > 0, "no segment queued out of order behind the PAWS drops");
+    assert!(
+        received.agrees(counted, slack),
+        "ooo_segments {counted} vs TcpExtTCPOFOQueue {ofo} (missed runs {slack}, PAWS rejections {paws}, dropped {dropped})"
+    );
+    eprintln!("old timestamps (without {without:?}): ooo_segments {counted}, TcpExtTCPOFOQueue {ofo}, TcpExtPAWSEstab {paws}");
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC in ms: the clock the kernel's TCP timestamps count.
+fn monotonic_ms() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
 }
 
 /// Every hook that can end a stall; leaving them all out is 5.10 or 6.1

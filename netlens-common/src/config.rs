@@ -246,6 +246,16 @@ pub struct KernelOffsets {
     pub icsk_ca_ops: u32,
     /// `struct tcp_congestion_ops` → `name` (char[16]).
     pub ca_ops_name: u32,
+    /// `struct sk_buff` → `data` (unsigned char *): where tcp_probe's
+    /// segment starts, at its TCP header.
+    pub skb_data: u32,
+    /// `struct tcp_sock` → `rx_opt.ts_recent_stamp` (int, seconds), with
+    /// `rx_opt.ts_recent` (u32) right after it: the last in-order
+    /// timestamp, for the PAWS test (`paws::rejects`); 0 where the kernel
+    /// lays them out otherwise, and segments are taken as accepted.
+    pub tcp_ts_recent_stamp: u32,
+    /// The kernel's `TCP_PAWS_WRAP` or `TCP_PAWS_24DAYS` (`paws::PAWS_WRAP_S`).
+    pub paws_wrap_s: u32,
     /// The BTF id of `struct tcp_sock`, where the typed programs reach it
     /// through the `bpf_rdonly_cast` kfunc; 0 where they call the
     /// `bpf_skc_to_tcp_sock` helper (see `CAST_CALL`).

@@ -155,9 +155,9 @@ pub struct Transport {
     pub loss_episodes: u32,
     pub cwr_episodes: u32,
     pub hol_stalls: u32,
-    /// Data segments that arrived beyond rcv_nxt: those the kernel queued
-    /// out of order, and the rare one it then rejected (PAWS, beyond the
-    /// window).
+    /// Data segments that arrived beyond rcv_nxt, less those PAWS drops
+    /// (`paws`): those the kernel queued out of order, and the rare one it
+    /// then dropped (no memory, beyond the window).
     pub ooo_segments: u32,
     /// Segments sent (`tcp_sock.segs_out`), at close: the denominator of
     /// retransmits per 1,000 segments.

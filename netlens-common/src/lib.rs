@@ -8,6 +8,7 @@
 pub mod config;
 pub mod event;
 pub mod histogram;
+pub mod paws;
 
 pub use config::*;
 pub use event::*;

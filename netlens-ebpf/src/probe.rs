@@ -21,17 +21,23 @@
 //! Limits: a stall that began before netlens attached starts at the first
 //! out-of-order segment we see; one still undrained at close is not reported
 //! as a `hol_stall` (its segments are in the close's `ooo_segments`);
-//! tcp_probe sees a segment before the kernel validates it, so one after
-//! `rcv_nxt` that the kernel then rejects (beyond the receive window, or
-//! an old timestamp: PAWS, TcpExtPAWSEstab) is counted anyway.
+//! tcp_probe sees a segment before the kernel validates it. One after
+//! `rcv_nxt` with an old timestamp, which the kernel will drop by PAWS
+//! (TcpExtPAWSEstab), is recognised and left out (`rejected_by_paws`); one
+//! it drops for another reason (beyond the receive window, no memory for
+//! it: TcpExtTCPOFODrop) is counted anyway.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, fentry, kprobe, map, raw_tracepoint},
     maps::PerCpuArray,
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
 };
-use netlens_common::{kind, log2_bucket_from, program, Flow, PacketHistograms, NEVER};
+use netlens_common::{
+    kind, log2_bucket_from,
+    paws::{self, Recent, TcpHeader, TCP_HEADER_MAX},
+    program, Flow, PacketHistograms, NEVER,
+};
 
 use crate::{
     config::cfg_field,
@@ -116,7 +122,8 @@ pub fn tcp_probe(ctx: RawTracePointContext) -> i32 {
     // lookup and nothing else.
     let mut flow = flows::lookup_mut(Probed(sk));
     if let Some(flow) = flow.as_deref_mut() {
-        let result = segment_seqs(ctx.arg(1)).and_then(|seqs| on_segment(flow, Probed(sk), seqs));
+        let skb: u64 = ctx.arg(1);
+        let result = segment_seqs(skb).and_then(|seqs| on_segment(flow, Probed(sk), skb, seqs));
         counted(program::TCP_PROBE, result);
     }
     remember_segment(sk, flow.as_deref());
@@ -131,7 +138,8 @@ pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
     // The flow by the socket as handed; the cast only for tracked ones.
     let mut flow = flows::lookup_mut(Handed(sk));
     if let Some(flow) = flow.as_deref_mut() {
-        let result = Typed::of_tcp(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, segment_seqs_typed(ctx.arg(1))));
+        let skb: u64 = ctx.arg(1);
+        let result = Typed::of_tcp(sk).ok_or(-1).and_then(|tp| on_segment(flow, tp, skb, segment_seqs_typed(skb)));
         counted(program::TCP_PROBE_BTF, result);
     }
     remember_segment(sk, flow.as_deref());
@@ -156,8 +164,9 @@ pub fn segment_seqs_typed(skb: u64) -> u64 {
     unsafe { typed_member(skb, at) }
 }
 
+/// `skb` is typed where `S` is.
 #[inline(always)]
-fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
+fn on_segment<S: Sock>(flow: &mut Flow, sk: S, skb: u64, seqs: u64) -> Result<(), i32> {
     // Read only for a segment that starts or ends an episode.
     let mut clock = Clock::default();
     let tp = sk.tcp_now(window_slot::PROBE)?;
@@ -198,7 +207,7 @@ fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
             flow.hol_inorder_ns = clock.now();
         }
     }
-    if has_data && after(seq, rcv_nxt) {
+    if has_data && after(seq, rcv_nxt) && !rejected_by_paws(sk, skb, clock.now()) {
         flow.transport.ooo_segments += 1;
         if flow.hol_start_ns == 0 {
             let now = clock.now();
@@ -215,6 +224,48 @@ fn on_segment<S: Sock>(flow: &mut Flow, sk: S, seqs: u64) -> Result<(), i32> {
         }
     }
     Ok(())
+}
+
+/// This CPU's copy of the TCP header of the segment [`rejected_by_paws`]
+/// looks at (more than the programs' stack can spare).
+#[map]
+static TCP_HEADER: PerCpuArray<TcpHeader> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether the kernel will drop this data segment by PAWS instead of
+/// queuing it (see `netlens_common::paws`): its timestamp is older than the
+/// socket's last in-order one. Only a segment beyond `rcv_nxt` asks (the
+/// rare path), and its own BPF function: two loads from the socket and,
+/// once the socket has a timestamp to compare with, one copy of the
+/// header. `skb` is typed where `S` is.
+#[inline(never)]
+fn rejected_by_paws<S: Sock>(sk: S, skb: u64, now_ns: u64) -> bool {
+    let stamp_at = cfg_field!(kernel.tcp_ts_recent_stamp);
+    if stamp_at == 0 {
+        return false;
+    }
+    let (Ok(stamp_s), Ok(tsval)) = (sk.get::<i32>(stamp_at), sk.get::<u32>(stamp_at + 4)) else { return false };
+    if tsval == 0 {
+        return false;
+    }
+    let data_at = cfg_field!(kernel.skb_data);
+    let header_at: u64 = if S::TYPED {
+        // SAFETY: tcp_probe's BTF-typed skb; `data` is a pointer member,
+        // loaded as a number. In tcp_rcv_established it is the TCP header.
+        unsafe { typed_member(skb, data_at) }
+    } else {
+        let Ok(at) = member(skb, data_at) else { return false };
+        at
+    };
+    let Some(header) = TCP_HEADER.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's slot, nothing else writes it while we run; the
+    // helper validates the source. 60 bytes from the TCP header stay in
+    // the skb's head buffer (its shared info follows the data).
+    let header = unsafe { &mut *header };
+    if unsafe { bpf_probe_read_kernel_buf(header_at as *const u8, &mut header[..TCP_HEADER_MAX]) }.is_err() {
+        return false;
+    }
+    let now_s = (now_ns / 1_000_000_000) as u32;
+    paws::rejects(header, Recent { tsval, stamp_s }, now_s, cfg_field!(kernel.paws_wrap_s))
 }
 
 /// When a stall found drained at `seen_ns` ended, without a data-ready

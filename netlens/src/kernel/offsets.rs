@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use netlens_common::{
-    code_range, CongStateFields, Config, KernelOffsets, ProbeOffsets, TcpSockMembers, ReceiveResetFields, RetransmitFields, SendResetFields,
+    code_range, paws, CongStateFields, Config, KernelOffsets, ProbeOffsets, TcpSockMembers, ReceiveResetFields, RetransmitFields, SendResetFields,
     SockTupleOffsets, SynackFields, TupleFields, Window, FIELD_ABSENT, PROBE_WINDOWS, RECORD_MAX,
 };
 
@@ -208,6 +208,9 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         tcb_seq: tcb_seq(btf)?,
         icsk_ca_ops: btf.offset("inet_connection_sock", "icsk_ca_ops")?,
         ca_ops_name: btf.offset("tcp_congestion_ops", "name")?,
+        skb_data: btf.offset("sk_buff", "data")?,
+        tcp_ts_recent_stamp: ts_recent_stamp(btf),
+        paws_wrap_s: if btf.bitfield("tcp_sock", "tcp_usec_ts").is_ok() { paws::PAWS_WRAP_S } else { paws::PAWS_24DAYS_S },
         tcp_sock_btf_id: btf.function_id(RDONLY_CAST).and(btf.struct_id("tcp_sock")).unwrap_or(0),
     })
 }
@@ -245,6 +248,17 @@ fn sock_tuple(btf: &KernelBtf) -> Result<SockTupleOffsets> {
         v6_daddr: fields[5].0,
         len: len as u16,
     })
+}
+
+/// `rx_opt.ts_recent_stamp`, where `ts_recent` follows it (one offset
+/// for both), else 0: no PAWS test.
+fn ts_recent_stamp(btf: &KernelBtf) -> u32 {
+    let stamp = btf.sized_offset("tcp_sock", "rx_opt.ts_recent_stamp", 4);
+    let recent = btf.sized_offset("tcp_sock", "rx_opt.ts_recent", 4);
+    match (stamp, recent) {
+        (Ok(stamp), Ok(recent)) if recent == stamp + 4 => stamp,
+        _ => 0,
+    }
 }
 
 /// `seq` and `end_seq` must be adjacent: the per-packet program reads both
