@@ -13,14 +13,20 @@ pub const TCP_HEADER_MAX: usize = 60;
 const TCP_HEADER_MIN: usize = 20;
 
 /// A copy of a TCP header: its first [`TCP_HEADER_MAX`] bytes, in a
-/// power of two so that each index is masked into it instead of checked
-/// (the verifier follows a mask, not the compiler's shortcuts of a bounds
-/// check).
+/// power of two so that each index is masked into it (see [`byte`]).
 pub type TcpHeader = [u8; HEADER_COPY];
 const HEADER_COPY: usize = 64;
 
+/// The byte at `at`. The verifier must see each index bounded by a
+/// constant: the walk's checks bound it only by the header's length, a
+/// second variable, which the compiler knows is at most 60 but verifiers
+/// before 6.x do not follow (5.10: "invalid access to map value"). So the
+/// index is masked, and read back through a volatile load first: the
+/// compiler would otherwise drop the mask as implied by those checks.
 #[inline(always)]
 fn byte(header: &TcpHeader, at: usize) -> u8 {
+    // SAFETY: a volatile read of a local.
+    let at = unsafe { core::ptr::read_volatile(&at) };
     header[at & (HEADER_COPY - 1)]
 }
 
