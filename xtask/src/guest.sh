@@ -5,6 +5,8 @@
 #   uname             the guest's kernel release
 #   check.json        `netlens check --json` (check.txt: the plain table, for
 #                     a netlens without --json)
+#   check.verbose     `netlens check --verbose`, with the verifier's log,
+#                     where the kernel rejected a program
 #   steps.tsv         one line per step: name, exit status, seconds
 #   tests.log         the output of every test binary
 #   STEP.err          each smoke run's stderr (trace, top, daemon)
@@ -135,6 +137,11 @@ else
 fi
 cat "$out/check.err" >&2
 step check "$status"
+# A program this kernel's verifier rejected: keep its log for the reader.
+if grep -q "the kernel rejected the program" "$out/check.json" "$out/check.txt" 2>/dev/null; then
+    timeout -k 5 "$check_limit" "$netlens" check --verbose >"$out/check.verbose" 2>&1
+    echo "guest: a program was rejected; its verifier log: $out/check.verbose"
+fi
 
 # 2. The kernel-side integration tests, one binary at a time, serially.
 while IFS="$tab" read -r kind name dir binary; do
