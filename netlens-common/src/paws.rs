@@ -4,8 +4,9 @@
 //! segment before the kernel validates it, so the per-packet program asks
 //! this of a segment it would count as queued out of order (the kernel
 //! counts those it rejects in TcpExtPAWSEstab, not TcpExtTCPOFOQueue).
-//! Pure logic, shared by the eBPF side and its unit tests; it follows
-//! `tcp_fast_parse_options`, `tcp_parse_options` and `tcp_paws_check`.
+//! Pure logic, shared by the eBPF side and its unit tests; the test is
+//! the kernel's `tcp_paws_check`, the timestamp found where senders put it
+//! (see [`timestamp_value`]).
 
 /// Bytes of a TCP header, options included, at most (`doff` is 4 bits of
 /// 32-bit words).

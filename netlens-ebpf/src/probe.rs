@@ -247,15 +247,10 @@ fn rejected_by_paws<S: Sock>(sk: S, skb: u64, now_ns: u64) -> bool {
     if tsval == 0 {
         return false;
     }
-    let data_at = cfg_field!(kernel.skb_data);
-    let header_at: u64 = if S::TYPED {
-        // SAFETY: tcp_probe's BTF-typed skb; `data` is a pointer member,
-        // loaded as a number. In tcp_rcv_established it is the TCP header.
-        unsafe { typed_member(skb, data_at) }
-    } else {
-        let Ok(at) = member(skb, data_at) else { return false };
-        at
-    };
+    // `data`, a pointer member (loaded as a number), is the TCP header in
+    // tcp_rcv_established. The skb is read as the socket is: probed, or
+    // by a plain load where both are BTF-typed.
+    let Ok(header_at) = sk.follow::<u64>(skb, cfg_field!(kernel.skb_data)) else { return false };
     let Some(header) = TCP_HEADER.get_ptr_mut(0) else { return false };
     // SAFETY: this CPU's slot, nothing else writes it while we run; the
     // helper validates the source. 60 bytes from the TCP header stay in
