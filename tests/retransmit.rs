@@ -102,11 +102,13 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
         .map(|e| format!("{}:{}->{}", e["state"], port_of(e, "sport"), port_of(e, "dport")))
         .collect();
     eprintln!(
-        "syn loss: {} SYN_SENT + {synack_retransmits} SYN-ACK retransmits, nstat TcpExtTCPSynRetrans {syn_retrans}, TcpExtListenOverflows {}, {slow} of {} handshakes >= 1 s, {} events missed or lost; slow without an event: {slow_unexplained:?}; retransmits in other states: {other_states:?}",
+        "syn loss: {} SYN_SENT ({} segments) + {synack_retransmits} SYN-ACK retransmits, nstat TcpExtTCPSynRetrans {syn_retrans}, TcpExtListenOverflows {}, {slow} of {} handshakes >= 1 s, {} events missed or lost, {} flows lost; slow without an event: {slow_unexplained:?}; retransmits in other states: {other_states:?}",
         syn_retransmits.len(),
+        syn_retransmits.iter().map(|e| e["segs"].as_u64().unwrap_or(0)).sum::<u64>(),
         nstat_delta(&before, &after, "TcpExtListenOverflows"),
         conns.len(),
         traced.unaccounted(),
+        traced.flows_lost(),
     );
     assert_close(
         syn_retransmits.len() as u64 + synack_retransmits,
@@ -148,15 +150,20 @@ fn synack_loss_shows_in_passive_handshake_time() -> Result<()> {
 
     // TcpExtTCPSynRetrans counts the client's SYN retransmits and the
     // server's SYN-ACK retransmits together.
-    let syn_sent = traced.named("retransmit").filter(|e| e["state"] == "SYN_SENT").count() as u64;
+    let syn_sent_events: Vec<&Value> = traced.named("retransmit").filter(|e| e["state"] == "SYN_SENT").collect();
+    let syn_sent = syn_sent_events.len() as u64;
     let synacks: Vec<&Value> = traced.named("synack_retransmit").collect();
+    // Printed before the checks: what a failure needs to be read.
+    eprintln!(
+        "synack loss: {} synack_retransmit + {syn_sent} SYN retransmits ({} segments), nstat TcpExtTCPSynRetrans {}, {} events missed or lost, {} flows lost",
+        synacks.len(),
+        syn_sent_events.iter().map(|e| e["segs"].as_u64().unwrap_or(0)).sum::<u64>(),
+        nstat_delta(&before, &after, "TcpExtTCPSynRetrans"),
+        traced.unaccounted(),
+        traced.flows_lost(),
+    );
     assert!(!synacks.is_empty(), "dropping every third SYN-ACK retransmitted none");
     assert_close(synacks.len() as u64 + syn_sent, nstat_delta(&before, &after, "TcpExtTCPSynRetrans"), traced.unaccounted(), "SYN and SYN-ACK retransmits vs TcpExtTCPSynRetrans");
-    eprintln!(
-        "synack loss: {} synack_retransmit + {syn_sent} SYN retransmits, nstat TcpExtTCPSynRetrans {}",
-        synacks.len(),
-        nstat_delta(&before, &after, "TcpExtTCPSynRetrans")
-    );
     let delayed: HashSet<u16> = synacks.iter().map(|e| port_of(e, "dport")).collect();
     let passive: Vec<&Value> = traced.named("handshake").filter(|e| e["direction"] == "passive").collect();
     assert_eq!(passive.len(), conns.len());
