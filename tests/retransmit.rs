@@ -166,7 +166,9 @@ fn synack_loss_shows_in_passive_handshake_time() -> Result<()> {
     assert_close(synacks.len() as u64 + syn_sent, nstat_delta(&before, &after, "TcpExtTCPSynRetrans"), traced.unaccounted(), "SYN and SYN-ACK retransmits vs TcpExtTCPSynRetrans");
     let delayed: HashSet<u16> = synacks.iter().map(|e| port_of(e, "dport")).collect();
     let passive: Vec<&Value> = traced.named("handshake").filter(|e| e["direction"] == "passive").collect();
-    assert_eq!(passive.len(), conns.len());
+    // Every connect() completed: one passive handshake each, less the
+    // events netlens reported missed or lost (a loaded host fills the ring).
+    assert_close(passive.len() as u64, conns.len() as u64, traced.unaccounted(), "passive handshakes vs completed connects");
     for e in &passive {
         let handshake_us = e["handshake_us"].as_f64().unwrap_or(0.0);
         if delayed.contains(&port_of(e, "dport")) {
