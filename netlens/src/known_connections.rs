@@ -45,10 +45,11 @@ pub struct KnownConnections {
 }
 
 impl KnownConnections {
-    /// Joins `event` to its connection; `None` for an event to drop: an
+    /// Joins `event` to its connection, in place (an event is 280 bytes,
+    /// and this runs for each one); `false` for an event to drop: an
     /// accept() of a connection established before netlens attached (its
     /// wait is unknown; the flow table's programs skip those too).
-    pub fn join(&mut self, mut event: ConnEvent) -> Option<ConnEvent> {
+    pub fn join(&mut self, event: &mut ConnEvent) -> bool {
         let key = (event.netns, event.local, event.remote);
         match &mut event.detail {
             Detail::Handshake { direction, handshake_ns } => {
@@ -66,16 +67,16 @@ impl KnownConnections {
                 } else {
                     self.refused += 1;
                 }
-                return Some(event);
+                return true;
             }
             Detail::Accepted { wait_ns, .. } if *wait_ns == netlens_common::ACCEPT_WAIT_UNKNOWN => {
-                let known = self.by_endpoints.get_mut(&key)?;
+                let Some(known) = self.by_endpoints.get_mut(&key) else { return false };
                 *wait_ns = event.ts_ns.saturating_sub(known.established_ns);
                 known.pid = event.pid;
                 known.comm = event.comm.clone();
                 known.accepted = true;
                 event.cgroup = known.cgroup;
-                return Some(event);
+                return true;
             }
             _ => {}
         }
@@ -91,7 +92,7 @@ impl KnownConnections {
                 event.cgroup = known.cgroup;
             }
         }
-        Some(event)
+        true
     }
 
     /// Up to `limit` connections that `wanted` keeps, for views that list
@@ -151,19 +152,24 @@ mod tests {
         ConnEvent::decode(&raw, (kind == kind::CLOSE).then_some(&Transport::default())).unwrap()
     }
 
+    /// `join` for a test: the joined event, `None` where it is dropped.
+    fn joined(known: &mut KnownConnections, mut event: ConnEvent) -> Option<ConnEvent> {
+        known.join(&mut event).then_some(event)
+    }
+
     #[test]
     fn accept_is_timed_from_the_handshake_and_names_the_connections_process() {
         let mut known = KnownConnections::default();
-        let handshake = known.join(event(kind::HANDSHAKE, 1_000, 10, b"listener")).unwrap();
+        let handshake = joined(&mut known, event(kind::HANDSHAKE, 1_000, 10, b"listener")).unwrap();
         assert_eq!(handshake.pid, Some(10));
-        let accepted = known.join(event(kind::ACCEPTED, 251_000, 20, b"worker")).unwrap();
+        let accepted = joined(&mut known, event(kind::ACCEPTED, 251_000, 20, b"worker")).unwrap();
         assert!(matches!(accepted.detail, Detail::Accepted { wait_ns: 250_000, .. }), "{:?}", accepted.detail);
         assert_eq!(accepted.cgroup, 9);
         // Later events carry the accepting process, also where the kernel
         // side named the listener's.
-        let retransmit = known.join(event(kind::RETRANSMIT, 300_000, 10, b"listener")).unwrap();
+        let retransmit = joined(&mut known, event(kind::RETRANSMIT, 300_000, 10, b"listener")).unwrap();
         assert_eq!((retransmit.pid, retransmit.comm.as_deref()), (Some(20), Some("worker")));
-        let close = known.join(event(kind::CLOSE, 400_000, 10, b"listener")).unwrap();
+        let close = joined(&mut known, event(kind::CLOSE, 400_000, 10, b"listener")).unwrap();
         assert_eq!((close.pid, close.direction), (Some(20), Some(Direction::Passive)));
         assert!(known.is_empty(), "a close forgets its connection");
     }
@@ -171,8 +177,8 @@ mod tests {
     #[test]
     fn events_without_a_process_get_the_connections() {
         let mut known = KnownConnections::default();
-        known.join(event(kind::HANDSHAKE, 1_000, 10, b"server"));
-        let reset = known.join(event(kind::RESET_SENT, 2_000, 0, b"")).unwrap();
+        joined(&mut known, event(kind::HANDSHAKE, 1_000, 10, b"server"));
+        let reset = joined(&mut known, event(kind::RESET_SENT, 2_000, 0, b"")).unwrap();
         assert_eq!((reset.pid, reset.comm.as_deref(), reset.direction, reset.cgroup), (Some(10), Some("server"), Some(Direction::Passive), 9));
     }
 
@@ -181,8 +187,8 @@ mod tests {
     #[test]
     fn an_accept_of_an_unseen_handshake_is_dropped() {
         let mut known = KnownConnections::default();
-        assert!(known.join(event(kind::ACCEPTED, 5_000, 20, b"worker")).is_none());
-        let reset = known.join(event(kind::RESET_SENT, 6_000, 0, b"")).unwrap();
+        assert!(joined(&mut known, event(kind::ACCEPTED, 5_000, 20, b"worker")).is_none());
+        let reset = joined(&mut known, event(kind::RESET_SENT, 6_000, 0, b"")).unwrap();
         assert_eq!(reset.pid, None);
     }
 
@@ -194,12 +200,12 @@ mod tests {
         for port in 0..=u16::MAX {
             let mut handshake = event(kind::HANDSHAKE, 1, 1, b"x");
             handshake.remote.set_port(port);
-            known.join(handshake);
+            joined(&mut known, handshake);
         }
         assert_eq!((known.len(), known.refused), (MAX_CONNECTIONS, 0));
         let mut one_more = event(kind::HANDSHAKE, 1, 1, b"x");
         one_more.local.set_port(81);
-        known.join(one_more);
+        joined(&mut known, one_more);
         assert_eq!((known.len(), known.refused), (MAX_CONNECTIONS, 1));
         assert_eq!(known.live(10, &|_| true).len(), 10);
     }

@@ -191,21 +191,17 @@ impl EventSource {
     }
 
     /// Hands every pending event that `filter` matches to `sink`.
-    pub fn drain(&mut self, filter: &Filter, mut sink: impl FnMut(ConnEvent)) {
+    pub fn drain(&mut self, filter: &Filter, mut sink: impl FnMut(&ConnEvent)) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
-            let Some(event) = ConnEvent::from_record(&item) else {
+            let Some(mut event) = ConnEvent::from_record(&item) else {
                 self.undecodable += 1;
                 continue;
             };
             // Joined before filtering: a filter may name the process.
-            let joined = match &mut self.known {
-                Some(known) => known.join(event),
-                None => Some(event),
-            };
-            match joined {
-                Some(event) if filter.matches(&event) => self.attribution.push(event, &mut sink),
-                _ => {}
+            let kept = self.known.as_mut().is_none_or(|known| known.join(&mut event));
+            if kept && filter.matches(&event) {
+                self.attribution.push(&mut event, &mut sink);
             }
         }
         self.attribution.release(&mut sink);
@@ -228,14 +224,14 @@ impl EventSource {
 
     /// Hands on the events still waiting for their service (at most
     /// `service::MAX_WAIT` more): at exit, after the last [`Self::drain`].
-    pub fn flush(&mut self, mut sink: impl FnMut(ConnEvent)) {
+    pub fn flush(&mut self, mut sink: impl FnMut(&ConnEvent)) {
         self.attribution.flush(&mut sink);
     }
 
     /// Reports the listen overflows counted since the last read: one event
     /// per listener whose count grew. Called once a period by [`drain`],
     /// and by views at exit so that the last second is reported too.
-    pub fn read_overflows(&mut self, filter: &Filter, mut sink: impl FnMut(ConnEvent)) {
+    pub fn read_overflows(&mut self, filter: &Filter, mut sink: impl FnMut(&ConnEvent)) {
         self.overflows_read = Instant::now();
         let listeners = match self.probes.listen_overflows() {
             Ok(listeners) => listeners,
@@ -256,7 +252,7 @@ impl EventSource {
                 continue;
             }
             match ConnEvent::listen_overflow(&endpoint, entry.last_ns, entry.backlog, dropped) {
-                Some(event) if filter.matches(&event) => sink(event),
+                Some(event) if filter.matches(&event) => sink(&event),
                 Some(_) => {}
                 None => self.undecodable += 1,
             }

@@ -60,12 +60,12 @@ pub async fn run(options: TraceOptions) -> Result<()> {
         };
         // Drain after a stop signal too: what was seen gets printed, and
         // the listen overflows of the last second.
-        let mut print = |event: ConnEvent| {
+        let mut print = |event: &ConnEvent| {
             if write_error.is_none() {
                 let written = if options.json {
-                    jsonl::write(&mut out, &mut json_line, &event)
+                    jsonl::write(&mut out, &mut json_line, event)
                 } else {
-                    writeln!(out, "{}", text_line(&event, &clock))
+                    writeln!(out, "{}", text_line(event, &clock))
                 };
                 write_error = written.err();
             }

@@ -71,8 +71,8 @@ pub async fn run(config: DaemonConfig, filter: Filter) -> Result<()> {
         // Whatever woke us, take what the kernel sent so far: a scrape
         // includes everything up to its arrival.
         source.drain(&filter, |event| {
-            aggregator.record(&event);
-            findings.record(&event);
+            aggregator.record(event);
+            findings.record(event);
         });
         last_drain.0.store(monotonic_ns(), Ordering::Relaxed);
         if let Some(reply) = scrape {

@@ -71,12 +71,12 @@ pub async fn run(options: DoctorOptions) -> Result<()> {
             _ = sigterm.recv() => true,
             _ = &mut deadline => true,
         };
-        source.drain(&options.filter, |event| watch.record(&event));
+        source.drain(&options.filter, |event| watch.record(event));
         if stop {
             // Events still waiting for their service, the last second's
             // listen overflows, and a last census.
-            source.flush(|event| watch.record(&event));
-            source.read_overflows(&options.filter, |event| watch.record(&event));
+            source.flush(|event| watch.record(event));
+            source.read_overflows(&options.filter, |event| watch.record(event));
             take_census(&mut watch);
             break;
         }

@@ -117,8 +117,10 @@ impl Attribution {
     }
 
     /// Hands `event` to `sink` with its service, now when its cgroup is
-    /// known and nothing waits before it, else later (see [`Self::release`]).
-    pub fn push(&mut self, mut event: ConnEvent, sink: &mut impl FnMut(ConnEvent)) {
+    /// known and nothing waits before it, else later (see [`Self::release`]):
+    /// by reference, and copied only to be held (an event is 280 bytes;
+    /// the common case passes it on where it was decoded).
+    pub fn push(&mut self, event: &mut ConnEvent, sink: &mut impl FnMut(&ConnEvent)) {
         self.take_answers();
         if self.held.is_empty() {
             if let Some(known) = self.known(event.cgroup) {
@@ -131,12 +133,12 @@ impl Attribution {
         if self.held.len() >= HELD_EVENTS {
             self.release_front(sink);
         }
-        self.held.push_back((Instant::now(), event));
+        self.held.push_back((Instant::now(), event.clone()));
     }
 
     /// Hands on the held events whose answer came, or that waited
     /// [`MAX_WAIT`], in order.
-    pub fn release(&mut self, sink: &mut impl FnMut(ConnEvent)) {
+    pub fn release(&mut self, sink: &mut impl FnMut(&ConnEvent)) {
         self.take_answers();
         while let Some((since, event)) = self.held.front() {
             let ready = self.known(event.cgroup).is_some() || since.elapsed() >= MAX_WAIT || self.requests.is_none();
@@ -149,7 +151,7 @@ impl Attribution {
 
     /// Waits (at most [`MAX_WAIT`]) for the answers held events need, then
     /// hands them all on: at exit.
-    pub fn flush(&mut self, sink: &mut impl FnMut(ConnEvent)) {
+    pub fn flush(&mut self, sink: &mut impl FnMut(&ConnEvent)) {
         let deadline = Instant::now() + MAX_WAIT;
         while self.held.iter().any(|(_, e)| self.known(e.cgroup).is_none()) {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
@@ -163,13 +165,13 @@ impl Attribution {
         }
     }
 
-    fn release_front(&mut self, sink: &mut impl FnMut(ConnEvent)) {
+    fn release_front(&mut self, sink: &mut impl FnMut(&ConnEvent)) {
         let Some((_, mut event)) = self.held.pop_front() else { return };
         match self.known(event.cgroup) {
             Some(known) => event.service = known,
             None => self.late += 1,
         }
-        sink(event);
+        sink(&event);
     }
 
     /// `Some(answer)` when the cgroup's answer is known (id 0: no cgroup).
@@ -230,7 +232,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !attribution.held.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
-            attribution.release(&mut |e| out.push(e));
+            attribution.release(&mut |e| out.push(e.clone()));
         }
     }
 
@@ -241,7 +243,7 @@ mod tests {
         let mut attribution = Attribution::with_resolver(Box::new(move |id| paths.get(&id).cloned()));
         let mut out = Vec::new();
         for (ts, cgroup) in [(1, 7), (2, 0), (3, 8), (4, 7), (5, 99)] {
-            attribution.push(event(cgroup, ts), &mut |e| out.push(e));
+            attribution.push(&mut event(cgroup, ts), &mut |e| out.push(e.clone()));
         }
         drain(&mut attribution, &mut out);
         assert_eq!(out.iter().map(|e| e.ts_ns).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
@@ -251,7 +253,7 @@ mod tests {
         assert_eq!(attribution.late, 0);
         // Known now: no wait.
         let mut now = Vec::new();
-        attribution.push(event(7, 6), &mut |e| now.push(e));
+        attribution.push(&mut event(7, 6), &mut |e| now.push(e.clone()));
         assert_eq!(now.len(), 1);
     }
 
@@ -262,10 +264,10 @@ mod tests {
             Some("/slow.service".into())
         }));
         let mut out = Vec::new();
-        attribution.push(event(5, 1), &mut |e| out.push(e));
+        attribution.push(&mut event(5, 1), &mut |e| out.push(e.clone()));
         assert!(out.is_empty());
         std::thread::sleep(MAX_WAIT);
-        attribution.release(&mut |e| out.push(e));
+        attribution.release(&mut |e| out.push(e.clone()));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].service, None);
         assert_eq!(attribution.late, 1);

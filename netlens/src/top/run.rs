@@ -65,7 +65,7 @@ struct Collector {
 impl Collector {
     fn drain(&mut self) {
         let feed = &mut self.feed;
-        self.source.drain(&self.filter, |event| feed.record(&event));
+        self.source.drain(&self.filter, |event| feed.record(event));
     }
 
     fn snapshot(&mut self) -> super::model::Snapshot {
