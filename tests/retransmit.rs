@@ -18,6 +18,11 @@ fn loss_rule(rule: &str) -> String {
     format!("table inet loss {{\n chain pre {{\n  type filter hook prerouting priority 0;\n  {rule}\n }}\n}}\n")
 }
 
+/// The segments a set of retransmit events carried (`segs` each).
+fn segments(events: &[&Value]) -> u64 {
+    events.iter().map(|e| e["segs"].as_u64().unwrap_or(0)).sum()
+}
+
 fn port_of(event: &Value, key: &str) -> u16 {
     event[key].as_u64().unwrap_or(0) as u16
 }
@@ -104,7 +109,7 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
     eprintln!(
         "syn loss: {} SYN_SENT ({} segments) + {synack_retransmits} SYN-ACK retransmits, nstat TcpExtTCPSynRetrans {syn_retrans}, TcpExtListenOverflows {}, {slow} of {} handshakes >= 1 s, {} events missed or lost, {} flows lost; slow without an event: {slow_unexplained:?}; retransmits in other states: {other_states:?}",
         syn_retransmits.len(),
-        syn_retransmits.iter().map(|e| e["segs"].as_u64().unwrap_or(0)).sum::<u64>(),
+        segments(&syn_retransmits),
         nstat_delta(&before, &after, "TcpExtListenOverflows"),
         conns.len(),
         traced.unaccounted(),
@@ -157,7 +162,7 @@ fn synack_loss_shows_in_passive_handshake_time() -> Result<()> {
     eprintln!(
         "synack loss: {} synack_retransmit + {syn_sent} SYN retransmits ({} segments), nstat TcpExtTCPSynRetrans {}, {} events missed or lost, {} flows lost",
         synacks.len(),
-        syn_sent_events.iter().map(|e| e["segs"].as_u64().unwrap_or(0)).sum::<u64>(),
+        segments(&syn_sent_events),
         nstat_delta(&before, &after, "TcpExtTCPSynRetrans"),
         traced.unaccounted(),
         traced.flows_lost(),

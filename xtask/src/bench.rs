@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{capture, workspace_root};
+use crate::{capture, stats::mean, workspace_root};
 
 /// `cargo xtask bench churn`: connection churn in a private namespace,
 /// alternating no netlens and `netlens trace --json > /dev/null`.
@@ -44,7 +44,6 @@ pub fn churn(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         with.push(traced);
         attach_ms.push(attached.as_secs_f64() * 1e3);
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!("churn: without {:.0} conn/s, with {:.0} conn/s, ratio {:.3} (goal >= 0.97)", mean(&without), mean(&with), mean(&with) / mean(&without));
     println!(
         "churn: events lost (ring buffer full) {lost} (goal 0), missed (kernel skipped a nested run) {missed}; start to `netlens: attached` {:.1} ms mean, {:.1} ms max (goal <= 50 ms)",
@@ -79,7 +78,6 @@ pub fn bulk(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
     drop(stats);
     measured?;
     let costs: Vec<String> = stderr?.into_iter().filter(|l| l.starts_with("netlens: program ")).collect();
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!("bulk: without {:.2} Gbit/s, with {:.2} Gbit/s, ratio {:.3} (goal >= 0.97)", mean(&without), mean(&with), mean(&with) / mean(&without));
     println!("bulk: cost per run in a traced run with BPF stats on (goal tcp_probe <= 100 ns):");
     for line in costs {
@@ -228,7 +226,6 @@ pub fn daemon(netlens: &Path, pairs: u32, seconds: u32) -> Result<()> {
         without.push(base);
         with.push(rate);
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!("daemon: churn without {:.0} conn/s, with {:.0} conn/s, ratio {:.3} (goal >= 0.97)", mean(&without), mean(&with), mean(&with) / mean(&without));
     Ok(())
 }

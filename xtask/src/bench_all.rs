@@ -23,7 +23,9 @@ use anyhow::{bail, Context as _, Result};
 use crate::{
     bench::{cpu_seconds, rss_kib, start_netlens, start_netlens_with, start_tracer, stop_netlens, TopSession},
     bpfstats::{self, EmptyOnNetlensHooks, EmptyProgram, StatsOn},
-    capture, workspace_root,
+    capture,
+    stats::{mean, min_max, pair_ratios, ratio_summary},
+    workspace_root,
 };
 
 /// The bpftrace reference: handshake times from inet_sock_set_state, what
@@ -90,33 +92,6 @@ fn churn_measured(seconds: u32, newer_than: u32) -> Result<(Churn, f64, Vec<(Str
     let ns: u64 = ran.iter().map(|(_, _, ns)| ns).sum();
     let per_connection = ns as f64 / run.connections;
     Ok((run, per_connection, ran))
-}
-
-fn mean(values: &[f64]) -> f64 {
-    values.iter().sum::<f64>() / values.len().max(1) as f64
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-/// Each pair's rate with netlens over the same pair's baseline (`baselines`
-/// per pair, run around it), so that a slow phase of the machine during
-/// one pair moves that pair's ratio only.
-fn pair_ratios(with: &[f64], baselines: &[f64], per_pair: usize) -> Vec<f64> {
-    with.iter().zip(baselines.chunks(per_pair)).map(|(with, baseline)| with / mean(baseline)).collect()
-}
-
-/// "0.933 [0.370..0.975]": the median of per-pair ratios and their range.
-fn ratio_summary(ratios: &[f64]) -> String {
-    let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-    format!("{:.3} [{lo:.3}..{hi:.3}]", median(ratios))
 }
 
 #[derive(Default)]
@@ -409,7 +384,7 @@ fn top_at(netlens: &Path, seconds: u32, rate: u32) -> Result<(f64, f64)> {
 
 fn print_table(f: &Figures, pairs: u32) {
     let range = |v: &[f64]| {
-        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = min_max(v);
         format!("[{lo:.0}..{hi:.0}]")
     };
     // Ratios are medians of per-pair ratios, each against its own pair's
@@ -493,27 +468,4 @@ fn print_table(f: &Figures, pairs: u32) {
     let rss: Vec<String> = f.daemon_rss_mib.iter().map(|(start, end)| format!("{start:.1} → {end:.1}")).collect();
     println!("| daemon RSS under churn ({} runs) | | {} MiB | | | ≤ 30 MB, flat |", rss.len(), rss.join(", "));
     println!("| daemon user CPU per 10,000 connections | | {:.4} s | | | ≤ 0.02 s |", mean(&f.daemon_user_per_10k));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_slow_pair_moves_its_own_ratio_only() {
-        // Pair 2 ran in a slow phase: its baselines and its run both fell.
-        let none = [29_917.0, 29_930.0, 17_889.0, 29_955.0, 28_853.0, 29_508.0];
-        let trace = [27_898.0, 8_888.0, 28_444.0];
-        let ratios = pair_ratios(&trace, &none, 2);
-        assert_eq!(ratios.len(), 3);
-        assert!((ratios[0] - 27_898.0 / 29_923.5).abs() < 1e-12);
-        assert_eq!(ratio_summary(&ratios), "0.932 [0.372..0.975]");
-    }
-
-    #[test]
-    fn median_of_even_and_odd_counts() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(&[]), 0.0);
-    }
 }

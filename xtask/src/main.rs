@@ -8,6 +8,7 @@ mod guest;
 mod kernels;
 mod matrix;
 mod setup;
+mod stats;
 
 use std::{
     path::PathBuf,
