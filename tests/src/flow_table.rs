@@ -41,8 +41,17 @@ pub fn entries(pid: u32) -> Result<Vec<Entry>> {
     if !output.status.success() {
         bail!("bpftool map dump: {}", String::from_utf8_lossy(&output.stderr));
     }
-    let dump: Vec<Value> = serde_json::from_slice(&output.stdout).context("bpftool's dump")?;
-    dump.iter().map(entry_of).collect()
+    entries_of(&output.stdout)
+}
+
+/// The entries of bpftool's JSON dump of the flow table.
+fn entries_of(dump: &[u8]) -> Result<Vec<Entry>> {
+    let dump: Vec<Value> = serde_json::from_slice(dump).context("bpftool's dump")?;
+    // The dump is not atomic: an entry deleted between bpftool's listing
+    // of its key and its lookup (a close, a sweep) comes back as
+    // `"value": {"error": "can't lookup element"}`, and is no longer in
+    // the table.
+    dump.iter().filter(|entry| entry["value"].get("error").is_none()).map(entry_of).collect()
 }
 
 /// An entry from bpftool's dump: key and value as lists of "0x.." bytes.
@@ -61,7 +70,7 @@ fn entry_of(entry: &Value) -> Result<Entry> {
 
 fn bytes_of(list: &Value) -> Result<Vec<u8>> {
     list.as_array()
-        .context("not a byte list")?
+        .with_context(|| format!("not a byte list: {list}"))?
         .iter()
         .map(|byte| byte.as_str().and_then(|hex| u8::from_str_radix(hex.trim_start_matches("0x"), 16).ok()))
         .collect::<Option<_>>()
@@ -70,4 +79,35 @@ fn bytes_of(list: &Value) -> Result<Vec<u8>> {
 
 fn little_endian(bytes: &[u8]) -> u64 {
     bytes.iter().rev().fold(0, |n, &b| n << 8 | u64::from(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        let list: Vec<String> = bytes.iter().map(|b| format!("\"0x{b:02x}\"")).collect();
+        format!("[{}]", list.join(","))
+    }
+
+    #[test]
+    fn entries_deleted_during_the_dump_are_gone() {
+        let mut value = vec![0u8; size_of::<Flow>()];
+        value[offset_of!(Flow, netns)..][..4].copy_from_slice(&7u32.to_le_bytes());
+        value[offset_of!(Flow, closed_ns)..][..8].copy_from_slice(&99u64.to_le_bytes());
+        let dump = format!(
+            r#"[{{"key":{},"value":{}}},{{"key":{},"value":{{"error":"can't lookup element"}}}}]"#,
+            hex(&5u64.to_le_bytes()),
+            hex(&value),
+            hex(&6u64.to_le_bytes())
+        );
+        let entries = entries_of(dump.as_bytes()).unwrap();
+        assert_eq!(entries, [Entry { key: 5, netns: 7, closed_ns: 99 }]);
+    }
+
+    #[test]
+    fn a_malformed_value_is_an_error() {
+        let dump = format!(r#"[{{"key":{},"value":"zz"}}]"#, hex(&5u64.to_le_bytes()));
+        assert!(entries_of(dump.as_bytes()).is_err());
+    }
 }
