@@ -356,7 +356,13 @@ fn closed_flows_are_kept_for_reuse_then_swept() -> Result<()> {
     let inode = netns.inode()?;
     let addr: SocketAddr = "127.0.0.1:7112".parse()?;
     // 256 entries: a sweep is due once a sixteenth of them, 16, are closed.
-    let netlens = Netlens::start_with_env(None, &["trace", "--json"], &[("NETLENS_FLOW_TABLE_ENTRIES", "256")])?;
+    // The table's sweep; the array frees a slot at its close (losses.rs).
+    let netlens = Netlens::start_with_env(
+        None,
+        &["trace", "--json"],
+        &[("NETLENS_FLOW_TABLE_ENTRIES", "256"), ("NETLENS_FLOW_STATE", "table")],
+    )?;
+    assert_eq!(flow_table::home(netlens.pid())?, flow_table::Home::Table);
     held_connections(&netns, addr, CONNECTIONS)?;
     netns.wait_closed(Duration::from_secs(30))?;
     let closed_by = netlens_tests::monotonic_ns();

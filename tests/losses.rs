@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::{bail, Result};
 use netlens_tests::{
+    flow_table,
     netlens::{assert_one_line_error, binary},
     traffic::{churn_server, held_connections},
     Netlens, Netns, Traced,
@@ -277,6 +278,49 @@ fn tiny_flow_table_losses_are_counted_exactly() -> Result<()> {
     if foreign == 0 {
         assert_eq!(traced.flows_lost(), lost, "exact when nothing else opened");
     }
+    Ok(())
+}
+
+/// An array of 64 slots takes 6 rounds of 16 flows (8 connections held
+/// open, both ends on loopback), each once the round before closed: 96
+/// flows, so closed slots were taken again. Every close has its flow
+/// (direction and lifetime), unless other namespaces' connections took
+/// slots meanwhile (the watcher counts those).
+#[test]
+fn closed_slots_are_taken_by_the_next_connections() -> Result<()> {
+    const HELD: usize = 8;
+    const PORTS: [u16; 6] = [7113, 7114, 7115, 7116, 7117, 7118];
+    let _alone = exclusive();
+    let netns = Netns::new()?;
+    let inode = netns.inode()?;
+    let watcher = Netlens::start(&["trace", "--json"])?;
+    let netlens = Netlens::start_with_env(None, &["trace", "--json"], &[("NETLENS_FLOW_TABLE_ENTRIES", "64")])?;
+    if flow_table::home(netlens.pid())? != flow_table::Home::Array {
+        eprintln!("skipped: flows are not in the array on this kernel (netlens check says where)");
+        return Ok(());
+    }
+    let mut opened = 0;
+    for (round, port) in PORTS.into_iter().enumerate() {
+        opened += held_connections(&netns, SocketAddr::from(([127, 0, 0, 1], port)), HELD)?;
+        netns.wait_closed(Duration::from_secs(30))?;
+        let ours: Vec<_> = flow_table::entries(netlens.pid())?.into_iter().filter(|slot| slot.netns == inode).collect();
+        eprintln!("round {round}: {} of our slots used, {} closed", ours.len(), ours.iter().filter(|slot| slot.closed_ns != 0).count());
+        assert!(ours.iter().all(|slot| slot.closed_ns != 0), "every flow of ours closed: {ours:?}");
+    }
+    let traced = netlens.stop()?;
+    let watched = watcher.stop()?;
+    assert_eq!(traced.unaccounted(), 0, "events lost or missed");
+    let closes: Vec<&Value> = traced
+        .named("close")
+        .filter(|e| e["netns"] == inode && PORTS.iter().any(|&p| port(e, "sport") == p || port(e, "dport") == p))
+        .collect();
+    assert_eq!(closes.len(), 2 * opened, "close events");
+    let lost = closes.iter().filter(|e| e["direction"].is_null()).count() as u64;
+    let foreign = foreign_openings(&watched, inode) as u64;
+    eprintln!("{lost} of {} closes without their flow; other namespaces opened {foreign}", closes.len());
+    assert!(2 * opened > 64, "the test's premise: more flows than slots");
+    assert!(lost <= foreign, "{} flows through 64 slots: {lost} lost with {foreign} other connections opened", 2 * opened);
+    assert!((lost..=lost + foreign).contains(&traced.flows_lost()), "netlens's count of flows lost; stderr: {:?}", traced.stderr);
     Ok(())
 }
 

@@ -231,6 +231,25 @@ pub struct Flow {
     pub closed_ns: u64,
 }
 
+/// One slot of the flow array (the eBPF crate's flows.rs): a flow and
+/// the socket it belongs to. `owner` is the socket's distance from the
+/// array's first slot in kernel memory (a socket address the programs may
+/// hash), even; the lowest bit set marks the flow closed and the slot
+/// free for any socket; 0: never used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    pub owner: u64,
+    pub flow: Flow,
+}
+
+impl FlowSlot {
+    /// Whether the slot holds a connection's flow (not closed, not unused).
+    pub fn is_open(&self) -> bool {
+        self.owner != 0 && self.owner & 1 == 0
+    }
+}
+
 /// Key of the SYN-ACK start table: the 4-tuple of a pending passive open as
 /// the listener sees it, plus its network namespace.
 #[repr(C)]
@@ -306,6 +325,7 @@ mod pod {
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::RawClose {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FlowSlot {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::ListenOverflow {}
     unsafe impl aya::Pod for super::ListenerEndpoint {}

@@ -1,6 +1,10 @@
-//! Per-connection state (a [`Flow`]), kept in one of two places, chosen
-//! by the loader at start-up (`Config::flows_in_storage`, frozen, so each
-//! program is verified with one of the two):
+//! Per-connection state (a [`Flow`]), kept in one of three places, chosen
+//! by the loader at start-up (`Config::flows_in_storage` and
+//! `flows_in_slots`, frozen, so each program is verified with one):
+//! - an array of slots (`FLOW_SLOTS`, 5.12+, the default where every
+//!   program that keeps flows is BTF-typed): see slots.rs. Its lookup is
+//!   a few inlined loads, where the table's is two calls (tcp_probe runs
+//!   it for every segment).
 //! - socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`), when asked for
 //!   (`NETLENS_FLOW_STATE=storage`): the flow lives with its socket and
 //!   the kernel frees it with the socket, so there is no table to fill,
@@ -53,6 +57,7 @@ use crate::{
     config::cfg_field,
     events::count,
     kernel::{slot, EEXIST},
+    slots,
     sock::{Sock, SockRef},
 };
 
@@ -108,6 +113,10 @@ fn storage_map() -> *mut c_void {
 /// Starts tracking the connection of socket `sk`.
 #[inline(always)]
 pub fn insert<S: SockRef>(sk: S, flow: &Flow) {
+    if slots::in_use() {
+        slots::insert(sk, flow);
+        return;
+    }
     if in_storage() {
         match stored(sk, true) {
             Some(slot) => *slot = *flow,
@@ -154,7 +163,11 @@ pub fn lookup<S: SockRef>(sk: S) -> Option<&'static Flow> {
 /// closed socket's flow (a new connect() on it makes a new one).
 #[inline(always)]
 pub fn remove<S: SockRef>(sk: S, flow: &mut Flow, now: u64) {
-    if in_storage() {
+    if slots::in_use() {
+        flow.closed_ns = now | 1;
+        slots::close(sk);
+        count(counter::FLOW_REMOVES, 1);
+    } else if in_storage() {
         // Kept.
     } else if keeps_closed() {
         close_kept(flow, now);
@@ -184,6 +197,11 @@ pub fn discard_stale<S: SockRef>(sk: S, flow: &mut Flow, now: u64) {
         return;
     }
     count(counter::FLOW_STALE, 1);
+    if slots::in_use() {
+        flow.closed_ns = now | 1;
+        slots::close(sk);
+        return;
+    }
     if keeps_closed() {
         close_kept(flow, now);
     } else {
@@ -195,6 +213,9 @@ pub fn discard_stale<S: SockRef>(sk: S, flow: &mut Flow, now: u64) {
 /// flow kept in the table.
 #[inline(always)]
 pub fn lookup_mut<S: SockRef>(sk: S) -> Option<&'static mut Flow> {
+    if slots::in_use() {
+        return slots::find(sk).map(|slot| &mut slot.flow);
+    }
     if in_storage() {
         return stored(sk, false);
     }

@@ -20,6 +20,7 @@ mod owners;
 mod probe;
 mod reset;
 mod retransmit;
+mod slots;
 mod sock;
 mod synstart;
 

@@ -81,7 +81,7 @@ fn inspect() -> Report {
             row("offsets", true, "tracepoint fields from tracefs, struct members from BTF".into());
             row("typed socket reads", true, facts.tcp_sock_cast().describe().into());
             row("overflow counts", true, facts.overflow_evidence().into());
-            let attached = loader::choose_flow_home(&mut facts).and_then(|home| {
+            let attached = loader::choose_flow_home(&mut facts, loader::FlowTableUse::Session).and_then(|home| {
                 let mut ebpf = loader::open(&facts)?;
                 let (statuses, tried) = loader::attach_features(&mut ebpf, &facts);
                 loader::place_flows(home, (ebpf, statuses, tried), &mut facts, loader::open)

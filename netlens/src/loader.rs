@@ -107,12 +107,16 @@ pub fn open(facts: &KernelFacts) -> Result<Ebpf> {
 fn open_with<'a>(mut loader: EbpfLoader<'a>, facts: &'a KernelFacts, ring_bytes: u32, flows: FlowTableUse) -> Result<Ebpf> {
     let started = Instant::now();
     raise_memlock();
-    let object = casts::rewrite(EBPF_OBJECT, facts.tcp_sock_cast())?;
+    let config = &facts.offsets.config;
+    let in_slots = config.flows_in_slots != 0;
+    let object = casts::rewrite(EBPF_OBJECT, facts.tcp_sock_cast(), in_slots)?;
     timing(started, "object rewritten");
-    // Unused where flows live in socket storage (one entry: the map must
-    // exist for the programs that reference it).
-    let table_entries = if facts.offsets.config.flows_in_storage != 0 { 1 } else { sizing::flow_table_entries(flows)? };
+    // The table unused where flows live in socket storage or the array,
+    // the array where they do not (one entry: the maps must exist for the
+    // programs that reference them).
+    let table_entries = if config.flows_in_storage != 0 || in_slots { 1 } else { sizing::flow_table_entries(flows)? };
     loader.map_max_entries("FLOWS", table_entries);
+    loader.map_max_entries("FLOW_SLOTS", if in_slots { config.flow_slot_mask + 1 } else { 1 });
     loader.map_max_entries("EVENTS", ring_bytes);
     let ebpf = loader
         .override_global("CONFIG", &facts.offsets.config, true)
@@ -410,7 +414,7 @@ impl Probes {
         let loader = std::thread::spawn(ebpf_loader::without_kernel_btf);
         let mut facts = resolve_config()?;
         facts.offsets.config.wakeup_bytes = wakeup_bytes;
-        let home = flow_home::choose(&mut facts)?;
+        let home = flow_home::choose(&mut facts, flows)?;
         let t = |what: &str| timing(started, &format!("since start, {what}"));
         // The BTF the BTF-tracepoint and fentry programs load with (a
         // stand-in, attach_btf.rs, ~1 ms): made while the object opens.

@@ -18,6 +18,12 @@
 //! path only for `struct tcp_sock`; see `CAST_CALL`). The instruction's size
 //! and place are unchanged, so nothing else in the object (relocations,
 //! line info) moves.
+//!
+//! The same pass takes the compare-and-exchanges out where flows do not
+//! live in the array of slots (the eBPF crate's slots.rs, their only
+//! user): before 5.12 the verifier refuses a program that holds one
+//! anywhere, even on a path the frozen config rules out ("BPF_STX uses
+//! reserved fields"). Each becomes `r0 = r0`, on that dead path.
 
 use anyhow::{bail, Context as _, Result};
 use netlens_common::CAST_CALL;
@@ -29,6 +35,12 @@ const CALL: u8 = 0x85;
 const PSEUDO_KFUNC_CALL: u8 = 2;
 /// `BPF_FUNC_skc_to_tcp_sock`.
 const SKC_TO_TCP_SOCK: i32 = 137;
+/// `BPF_STX | BPF_ATOMIC | BPF_DW`, and the immediate of its
+/// compare-and-exchange (`BPF_CMPXCHG`, which fetches).
+const ATOMIC_DW: u8 = 0xdb;
+const CMPXCHG: i32 = 0xf1;
+/// `BPF_ALU64 | BPF_MOV | BPF_X` with both registers r0: `r0 = r0`.
+const MOV_R0_R0: [u8; 8] = [0xbf, 0, 0, 0, 0, 0, 0, 0];
 
 /// What the placeholder call becomes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,10 +71,11 @@ impl Cast {
     }
 }
 
-/// `object` with every placeholder call in its code rewritten to `cast`;
-/// in a buffer aligned for the ELF parser. Fails when it holds none: the
+/// `object` with every placeholder call in its code rewritten to `cast`,
+/// and without compare-and-exchanges unless `keep_cmpxchg`; in a buffer
+/// aligned for the ELF parser. Fails when it holds no placeholder: the
 /// programs and this loader would not agree.
-pub fn rewrite(object: &[u8], cast: Cast) -> Result<AlignedObject> {
+pub fn rewrite(object: &[u8], cast: Cast, keep_cmpxchg: bool) -> Result<AlignedObject> {
     let code: Vec<(usize, usize)> = {
         let file = object::File::parse(object).context("parsing the eBPF object")?;
         file.sections()
@@ -77,6 +90,9 @@ pub fn rewrite(object: &[u8], cast: Cast) -> Result<AlignedObject> {
     for (start, size) in code {
         let Some(section) = bytes.get_mut(start..start + size) else { continue };
         rewritten += rewrite_calls(section, cast);
+        if !keep_cmpxchg {
+            remove_cmpxchg(section);
+        }
     }
     if rewritten == 0 {
         bail!("the eBPF object has no placeholder cast to rewrite (built from other sources than this loader?)");
@@ -105,6 +121,19 @@ fn rewrite_calls(code: &mut [u8], cast: Cast) -> usize {
         rewritten += 1;
     }
     rewritten
+}
+
+/// Turns `code`'s compare-and-exchanges into `r0 = r0`; returns how many.
+fn remove_cmpxchg(code: &mut [u8]) -> usize {
+    let mut removed = 0;
+    for insn in code.chunks_exact_mut(8) {
+        let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
+        if insn[0] == ATOMIC_DW && imm == CMPXCHG {
+            insn.copy_from_slice(&MOV_R0_R0);
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// An object's bytes, 8-byte aligned (the ELF parser reads its headers in
@@ -189,8 +218,32 @@ mod tests {
 
     #[test]
     fn the_embedded_object_has_placeholders_in_its_code() {
-        let rewritten = rewrite(super::super::EBPF_OBJECT, Cast::Helper).expect("rewrite");
+        let rewritten = rewrite(super::super::EBPF_OBJECT, Cast::Helper, true).expect("rewrite");
         assert_eq!(rewritten.bytes().len(), super::super::EBPF_OBJECT.len());
+    }
+
+    #[test]
+    fn only_compare_and_exchanges_are_removed() {
+        let xadd = insn(0xc3, 0x21, 0, 0); // lock *(u32 *)(r1 + 0) += r2
+        let cmpxchg = insn(ATOMIC_DW, 0x21, 0, CMPXCHG);
+        let mut code = [program(), xadd.to_vec(), cmpxchg.to_vec()].concat();
+        assert_eq!(remove_cmpxchg(&mut code), 1);
+        assert_eq!(code[..56], program()[..]);
+        assert_eq!(code[56..64], xadd[..]);
+        assert_eq!(code[64..72], MOV_R0_R0);
+    }
+
+    /// The array of slots claims with one (slots.rs in the eBPF crate).
+    #[test]
+    fn the_embedded_object_has_compare_and_exchanges() {
+        let file = object::File::parse(super::super::EBPF_OBJECT).expect("the embedded object parses");
+        let found: usize = file
+            .sections()
+            .filter(|section| section.kind() == SectionKind::Text)
+            .filter_map(|section| section.data().ok().map(<[u8]>::to_vec))
+            .map(|mut code| remove_cmpxchg(&mut code))
+            .sum();
+        assert!(found > 0);
     }
 
     /// The object is embedded without its DWARF (build.rs), with the BTF

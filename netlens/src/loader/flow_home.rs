@@ -1,33 +1,46 @@
 //! Where the programs keep per-connection state (flows.rs in the eBPF
-//! crate): in socket-local storage, which the kernel frees with the socket
-//! (no table to fill, nothing lost), or in a hash table, sized at start.
+//! crate): in an array of slots found by the socket's hashed address
+//! (slots.rs), in socket-local storage, which the kernel frees with the
+//! socket (no table to fill, nothing lost), or in a hash table. The array
+//! and the table are sized at start.
 //!
-//! The table is the default (see [`DEFAULT_WHY`]); socket storage is asked
-//! for with [`FLOW_STATE_ENV`]. Socket storage's helpers take only the BTF-typed socket a tracing
-//! program was handed, and tracing programs may call them from 5.11 on.
-//! So it is chosen where every hook that keeps flows is a BTF tracepoint or
-//! fentry; hooks that only report (the resets' and accept()'s tracepoints)
-//! find no flow there, and userspace joins them to their connection
-//! (known_connections.rs). The choice is made before the programs load (it is
-//! frozen into their config): a kernel that then refuses a typed build, so
-//! that a raw one keeps flows, gets everything loaded again with the table.
+//! The array is the default where the kernel allows it (see
+//! [`DEFAULT_WHY`]), else the table; [`FLOW_STATE_ENV`] asks for one.
+//! The array and socket storage both need the BTF-typed socket a tracing
+//! program was handed (the array hashes its address; socket storage's
+//! helpers take only that pointer). So they are chosen where every hook
+//! that keeps flows is a BTF tracepoint or fentry; hooks that only report
+//! (the resets' and accept()'s tracepoints) find no flow there, and
+//! userspace joins them to their connection (known_connections.rs). The
+//! choice is made before the programs load (it is frozen into their
+//! config): a kernel that then refuses a typed build, so that a raw one
+//! keeps flows, gets everything loaded again with the table.
 
 use anyhow::{anyhow, Result};
 use aya::Ebpf;
 
-use super::{attach_features, sizing::FLOW_TABLE_ENV, Attach, Hook, KernelFacts};
+use super::{
+    attach_features,
+    sizing::{self, FlowTableUse, FLOW_TABLE_ENV},
+    Attach, Hook, KernelFacts,
+};
 use crate::{features::FeatureStatus, kernel::probe};
 
-/// Chooses where flows live: `table` (the default) or `storage`.
+/// Chooses where flows live: `array` (the default where the kernel
+/// allows it), `table` or `storage`.
 pub const FLOW_STATE_ENV: &str = "NETLENS_FLOW_STATE";
 
-/// Why the table is the default: measured on 6.18 (docs/benchmarks.md,
-/// "Where the time went", 2026-12-02 15:10; README, "Where the time goes"), socket storage made each connection cost more
-/// kernel time (two storage allocations per connection, ~650 ns each)
-/// than the LRU table operations it replaced, and each segment less (tcp_probe
-/// -18 %). Connection churn is the common load of the hosts the daemon
-/// runs on.
-const DEFAULT_WHY: &str = "the default; NETLENS_FLOW_STATE=storage puts flows in socket storage: cheaper per segment, dearer per connection";
+/// Why the array is the default: tcp_probe finds a flow there with a few
+/// inlined loads for every segment, where the table's lookup is two
+/// calls (docs/benchmarks.md). Socket storage is not: measured on 6.18
+/// (docs/benchmarks.md, "Where the time went", 2026-12-02 15:10), it made
+/// each connection cost more kernel time (two storage allocations per
+/// connection, ~650 ns each), and connection churn is the common load of
+/// the hosts the daemon runs on.
+const DEFAULT_WHY: &str = "the default; NETLENS_FLOW_STATE=table or storage chooses another";
+
+/// The array's claims are BPF compare-and-exchanges, from this release on.
+const CMPXCHG_FROM: (u32, u32) = (5, 12);
 
 /// Tracing programs may use socket storage from this release on.
 const STORAGE_FOR_TRACING: (u32, u32) = (5, 11);
@@ -45,8 +58,10 @@ const FLOW_KEEPERS: &[&str] =
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlowHome {
+    /// The array of slots, and why.
+    Slots(String),
     Storage,
-    /// The hash table, and why not socket storage.
+    /// The hash table, and why not the array or socket storage.
     Table(String),
 }
 
@@ -56,26 +71,36 @@ fn table_keeps_closed() -> bool {
 }
 
 impl FlowHome {
-    /// What to load with: [`FLOW_STATE_ENV`] (`table`, the default, or
-    /// `storage`), unless this kernel or the environment rules storage out.
-    /// An unknown value is an error.
+    /// What to load with: [`FLOW_STATE_ENV`] (`array`, the default,
+    /// `table` or `storage`), unless this kernel or the environment rules
+    /// it out. An unknown value is an error.
     pub fn first_choice() -> Result<Self, String> {
         let asked = std::env::var(FLOW_STATE_ENV).unwrap_or_default();
+        let version = probe::parse_release(&probe::kernel_release());
         match asked.trim() {
-            "" | "table" => return Ok(Self::Table(DEFAULT_WHY.into())),
-            "storage" => {}
-            other => return Err(format!("{FLOW_STATE_ENV}=`{other}` must be `table` or `storage`")),
+            "" => Ok(Self::slots_on(version, DEFAULT_WHY)),
+            "array" => Ok(Self::slots_on(version, &format!("{FLOW_STATE_ENV}=array"))),
+            "table" => Ok(Self::Table(format!("{FLOW_STATE_ENV}=table"))),
+            "storage" if std::env::var_os(FLOW_TABLE_ENV).is_some() => {
+                Ok(Self::Table(format!("{FLOW_TABLE_ENV} sizes the table")))
+            }
+            "storage" => Ok(match version {
+                Some(version) if version >= STORAGE_FOR_TRACING => Self::Storage,
+                _ => Self::Table(format!(
+                    "socket storage needs Linux {}.{}+ for tracing programs",
+                    STORAGE_FOR_TRACING.0, STORAGE_FOR_TRACING.1
+                )),
+            }),
+            other => Err(format!("{FLOW_STATE_ENV}=`{other}` must be `array`, `table` or `storage`")),
         }
-        if std::env::var_os(FLOW_TABLE_ENV).is_some() {
-            return Ok(Self::Table(format!("{FLOW_TABLE_ENV} sizes the table")));
+    }
+
+    /// The array where this kernel has BPF's compare-and-exchange.
+    fn slots_on(version: Option<(u32, u32)>, why: &str) -> Self {
+        match version {
+            Some(version) if version >= CMPXCHG_FROM => Self::Slots(why.into()),
+            _ => Self::Table(format!("the array of flows needs Linux {}.{}+ (BPF compare-and-exchange)", CMPXCHG_FROM.0, CMPXCHG_FROM.1)),
         }
-        Ok(match probe::parse_release(&probe::kernel_release()) {
-            Some(version) if version >= STORAGE_FOR_TRACING => Self::Storage,
-            _ => Self::Table(format!(
-                "socket storage needs Linux {}.{}+ for tracing programs",
-                STORAGE_FOR_TRACING.0, STORAGE_FOR_TRACING.1
-            )),
-        })
     }
 
     /// This choice, given the hooks that attached; the table where a hook
@@ -83,12 +108,23 @@ impl FlowHome {
     pub fn given(self, attached: &[&Hook]) -> Self {
         match (self, unreachable_by(attached)) {
             (Self::Storage, Some(hook)) => Self::Table(format!("{} keeps flows and cannot reach socket storage", hook.describe())),
+            (Self::Slots(_), Some(hook)) => Self::Table(format!("{} keeps flows and holds no typed socket to hash", hook.describe())),
             (home, _) => home,
         }
     }
 
     pub fn in_storage(&self) -> bool {
         *self == Self::Storage
+    }
+
+    pub fn in_slots(&self) -> bool {
+        matches!(self, Self::Slots(_))
+    }
+
+    /// Whether programs that hold a socket only by address find no flow
+    /// (userspace joins what they report by 4-tuple).
+    pub fn needs_typed_sockets(&self) -> bool {
+        self.in_storage() || self.in_slots()
     }
 
     /// `check`'s line, given the config the programs loaded with.
@@ -98,24 +134,34 @@ impl FlowHome {
             _ => "closed flows kept for the next socket at their address, swept by userspace".into(),
         };
         match self {
+            Self::Slots(why) => format!(
+                "array of {} slots found by hashed socket address (a close frees its slot), flows lost counted ({why})",
+                u64::from(config.flow_slot_mask) + 1
+            ),
             Self::Storage => "socket storage (freed with each socket; nothing to evict)".into(),
             Self::Table(why) => format!("hash table, flows lost counted, {closed} ({why})"),
         }
     }
 }
 
-/// Writes `home` into the programs' config, before they load.
-fn configure(facts: &mut KernelFacts, home: &FlowHome) {
+/// Writes `home` into the programs' config, before they load; the array
+/// gets `entries` slots, rounded up to a power of two (its hash's mask).
+fn configure(facts: &mut KernelFacts, home: &FlowHome, entries: u32) {
     let config = &mut facts.offsets.config;
     config.flows_in_storage = u32::from(home.in_storage());
-    config.flows_kept_closed = u32::from(!home.in_storage() && table_keeps_closed());
+    config.flows_in_slots = u32::from(home.in_slots());
+    let slots = if home.in_slots() { entries.next_power_of_two() } else { 1 };
+    config.flow_slot_mask = slots - 1;
+    config.flow_slot_shift = 64 - slots.trailing_zeros().max(1);
+    config.flows_kept_closed = u32::from(matches!(home, FlowHome::Table(_)) && table_keeps_closed());
 }
 
-/// Chooses where flows live ([`FlowHome::first_choice`]) and writes the
-/// choice into the programs' config, before they load.
-pub fn choose(facts: &mut KernelFacts) -> Result<FlowHome> {
+/// Chooses where flows live ([`FlowHome::first_choice`]), for `table_use`
+/// (see sizing.rs), and writes the choice into the programs' config,
+/// before they load.
+pub fn choose(facts: &mut KernelFacts, table_use: FlowTableUse) -> Result<FlowHome> {
     let home = FlowHome::first_choice().map_err(|err| anyhow!(err))?;
-    configure(facts, &home);
+    configure(facts, &home, sizing::flow_table_entries(table_use)?);
     Ok(home)
 }
 
@@ -136,7 +182,7 @@ pub fn place_flows(
     }
     // Detached with the object, before the same hooks attach again.
     drop(ebpf);
-    configure(facts, &placed);
+    configure(facts, &placed, 0);
     let mut ebpf = reopen(facts)?;
     let (features, tried) = attach_features(&mut ebpf, facts);
     Ok((ebpf, features, tried, placed))
@@ -150,7 +196,8 @@ fn keeps_flows(program: &str) -> bool {
 }
 
 /// The first hook in `attached` that keeps flows from a program that
-/// cannot call socket storage's helpers.
+/// holds no typed socket (for socket storage's helpers, or the array's
+/// hash).
 fn unreachable_by<'a>(attached: &[&'a Hook]) -> Option<&'a Hook> {
     attached.iter().copied().find(|hook| keeps_flows(hook.program) && !matches!(hook.attach, Attach::Btf | Attach::FEntry))
 }
@@ -171,5 +218,8 @@ mod tests {
         assert!(matches!(FlowHome::Storage.given(&[&kprobe]), FlowHome::Table(_)));
         let table = FlowHome::Table("5.10".into());
         assert_eq!(table.clone().given(&[&typed]), table);
+        let slots = FlowHome::Slots("default".into());
+        assert_eq!(slots.clone().given(&[&typed, &reset, &fentry]), slots);
+        assert!(matches!(slots.given(&[&typed, &raw]), FlowHome::Table(why) if why.contains("tcp_probe")));
     }
 }

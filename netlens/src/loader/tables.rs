@@ -5,8 +5,8 @@
 use std::{borrow::Borrow, ops::ControlFlow, os::fd::AsFd};
 
 use anyhow::{anyhow, Result};
-use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use netlens_common::{counter, program, Flow, ListenOverflow, ListenerEndpoint, ListenerKey, ListenerOwner, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use netlens_common::{counter, program, Flow, FlowSlot, ListenOverflow, ListenerEndpoint, ListenerKey, ListenerOwner, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
 
 use super::{closed_flows, Probes};
 use crate::kernel::{
@@ -169,13 +169,24 @@ impl Probes {
     /// Up to `limit` connections from the flow table (those whose endpoints
     /// are known) that `wanted` keeps, read a chunk of entries a syscall.
     pub fn live_flows(&self, limit: usize, wanted: &dyn Fn(&LiveFlow) -> bool) -> Result<Vec<LiveFlow>> {
-        let flows: BpfHashMap<&MapData, u64, Flow> =
-            BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
         let mut live = Vec::new();
-        visit_flows(&flows, |_, flow| {
+        let mut visit = |flow: &Flow| {
             live.extend(LiveFlow::from_flow(flow).filter(wanted));
             if live.len() < limit { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
-        })?;
+        };
+        if self.flow_home.in_slots() {
+            let slots: Array<&MapData, FlowSlot> =
+                Array::try_from(self.ebpf.map("FLOW_SLOTS").ok_or_else(|| anyhow!("FLOW_SLOTS map missing"))?)?;
+            // Every slot is copied, the free ones too: at 16,384 slots of
+            // ~290 bytes, 4.7 MB a call.
+            map_ops::for_each_entry::<u32, FlowSlot>(slots.map().fd().as_fd(), FLOWS_A_SYSCALL, |_, slot| {
+                if slot.is_open() { visit(&slot.flow) } else { ControlFlow::Continue(()) }
+            })?;
+            return Ok(live);
+        }
+        let flows: BpfHashMap<&MapData, u64, Flow> =
+            BpfHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("FLOWS map missing"))?)?;
+        visit_flows(&flows, |_, flow| visit(flow))?;
         Ok(live)
     }
 
