@@ -128,11 +128,18 @@ fn syn_loss_shows_in_handshake_time() -> Result<()> {
     // Every retransmitted SYN is followed by its connection's handshake on
     // that port, less only the events netlens said it lost or missed.
     let unaccounted = traced.unaccounted();
-    let orphans = syn_retransmits
+    let orphans: Vec<_> = syn_retransmits
         .iter()
         .filter(|r| !handshakes.iter().any(|h| port_of(h, "sport") == port_of(r, "sport") && ts(h) >= ts(r)))
-        .count();
-    assert!(orphans as u64 <= unaccounted, "{orphans} SYN retransmits with no handshake after them (netlens missed {unaccounted})");
+        .collect();
+    // What a failure needs: the orphans, and every event on their ports.
+    let on_their_ports: Vec<&Value> =
+        traced.events.iter().filter(|e| orphans.iter().any(|r| port_of(e, "sport") == port_of(r, "sport"))).collect();
+    assert!(
+        orphans.len() as u64 <= unaccounted,
+        "{} SYN retransmits with no handshake after them (netlens missed {unaccounted}): {orphans:?}; their ports' events: {on_their_ports:?}",
+        orphans.len()
+    );
     assert!(retried_handshakes > 0, "no handshake matched a SYN retransmit");
     assert_close(handshakes.len() as u64, conns.len() as u64, unaccounted, "active handshakes vs connects");
     Ok(())
