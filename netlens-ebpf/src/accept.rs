@@ -47,7 +47,7 @@ static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(LISTENER_T
 #[inline(always)]
 fn accepted<const TYPED: bool>(listener: u64, child: u64, pid_tgid: u64, comm: impl FnOnce() -> [u8; 16]) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
-    if flows::typed_only() {
+    if flows::in_storage() {
         return accepted_unjoined::<TYPED>(listener, child, pid_tgid, comm, now);
     }
     let flow = flows::lookup_mut(Probed(child));
@@ -92,8 +92,8 @@ fn report_accepted(now: u64, tuple: &Tuple, flow: &Flow, wait_ns: u64, (queue_le
     });
 }
 
-/// [`accepted`] where flows live in socket storage or the array, which
-/// these programs cannot reach without a typed socket (flows.rs): the event names the connection by its 4-tuple
+/// [`accepted`] where flows live in socket storage, which these programs
+/// cannot reach (flows.rs): the event names the connection by its 4-tuple
 /// and the accepting process, and userspace joins it to the passive
 /// handshake it saw (the wait, and the process the connection's later
 /// events carry; netlens/src/known_connections.rs).

@@ -73,14 +73,6 @@ pub fn in_storage() -> bool {
     cfg_field!(flows_in_storage) != 0
 }
 
-/// Whether flows are found only through a socket's BTF-typed pointer (in
-/// socket storage or the array): a program holding a socket by address
-/// finds none.
-#[inline(always)]
-pub fn typed_only() -> bool {
-    in_storage() || slots::in_use()
-}
-
 /// Whether the table keeps closed flows for reuse (see the top of this file).
 #[inline(always)]
 fn keeps_closed() -> bool {

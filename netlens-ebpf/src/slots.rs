@@ -8,27 +8,35 @@
 //! through the table (docs/benchmarks.md).
 //!
 //! A slot's `owner` says whose flow it holds: the socket's distance from
-//! the array's first slot, a number every program computes the same way
-//! from the socket's BTF-typed pointer (the verifier lets a typed pointer
-//! be subtracted from another pointer, and nothing else: no shift, no
-//! mask). Sockets are aligned, so the distance is even; a close sets its
-//! lowest bit, which frees the slot for any socket. A new flow claims a
+//! the array's first slot in kernel memory, which every program computes
+//! to the same number. From a BTF-typed pointer: that pointer minus the
+//! first slot's (the verifier lets a typed pointer be subtracted from
+//! another pointer, and nothing else: no shift, no mask), with no call on
+//! tcp_probe's path. From an address (a record tracepoint's, or a socket
+//! accept() found through the open files, which the verifier may know as
+//! either): the address as a plain number, minus the first slot's
+//! address as a number. A number comes back from a map as one: the
+//! address goes through this CPU's cell ([`NUMBER`]), and the first
+//! slot's is stored in [`FIRST_SLOT`] by the first insert (where pointers
+//! may leak, as netlens's CAP_PERFMON allows). Sockets are aligned, so
+//! the distance is even; a close sets its lowest bit, which frees the
+//! slot for any socket. A new flow claims a
 //! free slot with a compare-and-exchange on `owner` (two CPUs may open
 //! sockets with the same home slot at once; 5.12+), then writes the flow:
 //! until then the slot is no open socket's. Only the owner writes an
 //! open slot, under its socket's lock, as with the table.
 //!
-//! Like socket storage, the hash needs the typed pointer the kernel handed
-//! the program: a program that holds the socket only by address (the
-//! resets' and accept()'s record tracepoints) finds no flow, and the
-//! loader puts flows here only where every program that keeps them is
-//! typed (loader/flow_home.rs). Closed flows need no sweep: a closed slot
-//! is free. A close never seen leaves its slot until the socket's address
+//! The loader puts flows here only where every program that keeps them is
+//! typed (loader/flow_home.rs): per segment, the address's way costs a
+//! map lookup more. Closed flows need no sweep: a closed slot is free. A close never seen leaves its slot until the socket's address
 //! opens again (counted then as stale), as in the table.
 
 use core::ptr;
 
-use aya_ebpf::{macros::map, maps::Array};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
 use netlens_common::{counter, Flow, FlowSlot, FLOW_TABLE_ENTRIES};
 
 use crate::{config::cfg_field, events::count, sock::SockRef};
@@ -45,23 +53,61 @@ const PROBES: u32 = 8;
 /// home slot: well mixed even where addresses differ only in a few bits.
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
+/// The first slot's address, as a number (0: no flow inserted yet).
+#[map]
+static FIRST_SLOT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// This CPU's cell that turns an address into a plain number.
+#[map]
+static NUMBER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 pub fn in_use() -> bool {
     cfg_field!(flows_in_slots) != 0
 }
 
-/// `sk`'s owner value (see the top of this file), or `None` where the
-/// program holds no typed pointer.
+/// `sk`'s owner value (see the top of this file); `None` before the first
+/// insert, for a socket held by address.
 #[inline(always)]
 fn owner_of<S: SockRef>(sk: S) -> Option<u64> {
-    if !S::TYPED {
+    if S::TYPED {
+        let first = FLOW_SLOTS.get_ptr(0)? as u64;
+        // The volatile read keeps the pointer a pointer to the verifier (and
+        // the subtraction one of two pointers, giving a number).
+        let handed = unsafe { ptr::read_volatile(&sk.handed()) };
+        return Some(handed.wrapping_sub(first));
+    }
+    let first = *FIRST_SLOT.get(0)?;
+    if first == 0 {
         return None;
     }
-    let first = FLOW_SLOTS.get_ptr(0)? as u64;
-    // The volatile read keeps the pointer a pointer to the verifier (and
-    // the subtraction one of two pointers, giving a number).
-    let handed = unsafe { ptr::read_volatile(&sk.handed()) };
-    Some(handed.wrapping_sub(first))
+    Some(as_number(sk.addr())?.wrapping_sub(first))
+}
+
+/// `value` as a plain number to the verifier, whatever it knew it as.
+#[inline(always)]
+fn as_number(value: u64) -> Option<u64> {
+    let cell = NUMBER.get_ptr_mut(0)?;
+    // SAFETY: this CPU's cell; nothing else runs on it meanwhile (a
+    // program does not nest in itself, and a nested one writes before it
+    // reads).
+    unsafe {
+        ptr::write_volatile(cell, value);
+        Some(ptr::read_volatile(cell))
+    }
+}
+
+/// Keeps the first slot's address for the programs that hold sockets by
+/// address (see the top of this file).
+#[inline(always)]
+fn remember_first_slot() {
+    let (Some(first), Some(kept)) = (FLOW_SLOTS.get_ptr(0), FIRST_SLOT.get_ptr_mut(0)) else { return };
+    // SAFETY: a live map value; every writer writes the same number.
+    unsafe {
+        if ptr::read_volatile(kept) == 0 {
+            ptr::write_volatile(kept, first as u64);
+        }
+    }
 }
 
 /// Slot `index` (masked into the array).
@@ -106,6 +152,7 @@ pub fn close<S: SockRef>(sk: S) {
 /// slot it claims. Refused (counted, as a full table's) when none is free.
 #[inline(always)]
 pub fn insert<S: SockRef>(sk: S, flow: &Flow) {
+    remember_first_slot();
     let Some(owner) = owner_of(sk) else {
         count(counter::FLOW_INSERT_FAILURES, 1);
         return;

@@ -165,7 +165,7 @@ impl EventSource {
         }
         let mut tick = tokio::time::interval(delivery.drain_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let known = probes.flow_home.needs_typed_sockets().then(KnownConnections::default);
+        let known = probes.flow_home.in_storage().then(KnownConnections::default);
         Ok(Self {
             probes,
             ring,

@@ -6,15 +6,17 @@
 //!
 //! The array is the default where the kernel allows it (see
 //! [`DEFAULT_WHY`]), else the table; [`FLOW_STATE_ENV`] asks for one.
-//! The array and socket storage both need the BTF-typed socket a tracing
-//! program was handed (the array hashes its address; socket storage's
-//! helpers take only that pointer). So they are chosen where every hook
-//! that keeps flows is a BTF tracepoint or fentry; hooks that only report
-//! (the resets' and accept()'s tracepoints) find no flow there, and
-//! userspace joins them to their connection (known_connections.rs). The
-//! choice is made before the programs load (it is frozen into their
-//! config): a kernel that then refuses a typed build, so that a raw one
-//! keeps flows, gets everything loaded again with the table.
+//! Both are chosen only where every hook that keeps flows is a BTF
+//! tracepoint or fentry. Socket storage's helpers take only the BTF-typed
+//! socket a tracing program was handed: hooks that only report (the
+//! resets' and accept()'s tracepoints) find no flow there, and userspace
+//! joins them to their connection (known_connections.rs). The array's
+//! hash takes a typed socket with no call, and an address with a map
+//! lookup more (slots.rs): every hook finds its flow, but tcp_probe's
+//! raw build would pay that per segment. The choice is made before the
+//! programs load (it is frozen into their config): a kernel that then
+//! refuses a typed build, so that a raw one keeps flows, gets everything
+//! loaded again with the table.
 
 use anyhow::{anyhow, Result};
 use aya::Ebpf;
@@ -108,7 +110,7 @@ impl FlowHome {
     pub fn given(self, attached: &[&Hook]) -> Self {
         match (self, unreachable_by(attached)) {
             (Self::Storage, Some(hook)) => Self::Table(format!("{} keeps flows and cannot reach socket storage", hook.describe())),
-            (Self::Slots(_), Some(hook)) => Self::Table(format!("{} keeps flows and holds no typed socket to hash", hook.describe())),
+            (Self::Slots(_), Some(hook)) => Self::Table(format!("{} keeps flows and holds no typed socket to hash at no cost", hook.describe())),
             (home, _) => home,
         }
     }
@@ -119,12 +121,6 @@ impl FlowHome {
 
     pub fn in_slots(&self) -> bool {
         matches!(self, Self::Slots(_))
-    }
-
-    /// Whether programs that hold a socket only by address find no flow
-    /// (userspace joins what they report by 4-tuple).
-    pub fn needs_typed_sockets(&self) -> bool {
-        self.in_storage() || self.in_slots()
     }
 
     /// `check`'s line, given the config the programs loaded with.
@@ -197,7 +193,7 @@ fn keeps_flows(program: &str) -> bool {
 
 /// The first hook in `attached` that keeps flows from a program that
 /// holds no typed socket (for socket storage's helpers, or the array's
-/// hash).
+/// hash without a lookup).
 fn unreachable_by<'a>(attached: &[&'a Hook]) -> Option<&'a Hook> {
     attached.iter().copied().find(|hook| keeps_flows(hook.program) && !matches!(hook.attach, Attach::Btf | Attach::FEntry))
 }
