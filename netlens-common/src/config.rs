@@ -403,15 +403,13 @@ pub struct Config {
     /// address, and userspace sweeps the ones left (loader/closed_flows.rs);
     /// 0: a close removes its entry.
     pub flows_kept_closed: u32,
-    /// 1: flows live in the array of slots (`FLOW_SLOTS`), found by their
-    /// socket's hashed address.
+    /// 1: flows live in the array of slots (`FLOW_OWNERS`, `FLOW_SLOTS`),
+    /// found by their socket's hashed address.
     pub flows_in_slots: u32,
-    /// The array's slots less one (a power of two less one): a hash's
+    /// The array's buckets less one (a power of two less one): a hash's
     /// mask.
     pub flow_slot_mask: u32,
-    /// 64 less the mask's bits (at most 63): a hash's top bits index the
-    /// array.
-    pub flow_slot_shift: u32,
+    pub _pad_flows: u32,
 }
 
 /// [`Config::wakeup_bytes`] where nothing else is asked for.

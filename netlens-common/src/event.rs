@@ -231,23 +231,24 @@ pub struct Flow {
     pub closed_ns: u64,
 }
 
-/// One slot of the flow array (the eBPF crate's flows.rs): a flow and
-/// the socket it belongs to. `owner` is the socket's distance from the
-/// array's first slot in kernel memory (a socket address the programs may
-/// hash), even; the lowest bit set marks the flow closed and the slot
-/// free for any socket; 0: never used.
+/// Slots a bucket of the flow array holds (the eBPF crate's slots.rs).
+pub const SLOT_WAYS: usize = 8;
+
+/// The owners of one bucket of the flow array's slots: a socket's
+/// distance from the first bucket in kernel memory (a socket address the
+/// programs may hash), even; the lowest bit set marks the flow closed and
+/// the slot free for any socket; 0: never used. Slot `way` of bucket `b`
+/// holds its flow at `b * SLOT_WAYS + way` of the flows beside. 64 bytes:
+/// a socket's lookup reads one cache line of owners.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowSlot {
-    pub owner: u64,
-    pub flow: Flow,
+pub struct OwnerBucket {
+    pub owners: [u64; SLOT_WAYS],
 }
 
-impl FlowSlot {
-    /// Whether the slot holds a connection's flow (not closed, not unused).
-    pub fn is_open(&self) -> bool {
-        self.owner != 0 && self.owner & 1 == 0
-    }
+/// Whether an owner holds a connection's flow (not closed, not unused).
+pub fn owner_is_open(owner: u64) -> bool {
+    owner != 0 && owner & 1 == 0
 }
 
 /// Key of the SYN-ACK start table: the 4-tuple of a pending passive open as
@@ -325,7 +326,7 @@ mod pod {
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::RawClose {}
     unsafe impl aya::Pod for super::Flow {}
-    unsafe impl aya::Pod for super::FlowSlot {}
+    unsafe impl aya::Pod for super::OwnerBucket {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::ListenOverflow {}
     unsafe impl aya::Pod for super::ListenerEndpoint {}

@@ -1,7 +1,7 @@
 //! Per-connection state (a [`Flow`]), kept in one of three places, chosen
 //! by the loader at start-up (`Config::flows_in_storage` and
 //! `flows_in_slots`, frozen, so each program is verified with one):
-//! - an array of slots (`FLOW_SLOTS`, 5.12+, the default where every
+//! - an array of slots (`FLOW_OWNERS`, `FLOW_SLOTS`, 5.12+, the default where every
 //!   program that keeps flows is BTF-typed): see slots.rs. Its lookup is
 //!   a few inlined loads, where the table's is two calls (tcp_probe runs
 //!   it for every segment).
@@ -214,7 +214,7 @@ pub fn discard_stale<S: SockRef>(sk: S, flow: &mut Flow, now: u64) {
 #[inline(always)]
 pub fn lookup_mut<S: SockRef>(sk: S) -> Option<&'static mut Flow> {
     if slots::in_use() {
-        return slots::find(sk).map(|slot| &mut slot.flow);
+        return slots::find(sk);
     }
     if in_storage() {
         return stored(sk, false);

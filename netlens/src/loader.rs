@@ -116,7 +116,9 @@ fn open_with<'a>(mut loader: EbpfLoader<'a>, facts: &'a KernelFacts, ring_bytes:
     // programs that reference them).
     let table_entries = if config.flows_in_storage != 0 || in_slots { 1 } else { sizing::flow_table_entries(flows)? };
     loader.map_max_entries("FLOWS", table_entries);
-    loader.map_max_entries("FLOW_SLOTS", if in_slots { config.flow_slot_mask + 1 } else { 1 });
+    let buckets = if in_slots { config.flow_slot_mask + 1 } else { 1 };
+    loader.map_max_entries("FLOW_OWNERS", buckets);
+    loader.map_max_entries("FLOW_SLOTS", buckets * netlens_common::SLOT_WAYS as u32);
     loader.map_max_entries("EVENTS", ring_bytes);
     let ebpf = loader
         .override_global("CONFIG", &facts.offsets.config, true)

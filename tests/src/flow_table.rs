@@ -1,13 +1,14 @@
 //! The kernel's copy of a running netlens's flows: the entries of its flow
 //! table (a hash of socket addresses to `Flow`s) or the used slots of its
-//! array (`FlowSlot`s), as bpftool dumps them. The map is found among the
-//! ones the process holds by its shape; of the two, the one with more than
-//! one entry (the other is a placeholder).
+//! array (buckets of owners, `FLOW_OWNERS`, beside the flows,
+//! `FLOW_SLOTS`), as bpftool dumps them. The maps are found among the ones
+//! the process holds by their shape and name; of the table and the array,
+//! the one with more than one entry (the other is a placeholder).
 
 use std::{mem::offset_of, process::Command};
 
 use anyhow::{bail, Context as _, Result};
-use netlens_common::{Flow, FlowSlot};
+use netlens_common::{Flow, OwnerBucket, SLOT_WAYS};
 use serde_json::Value;
 
 /// One entry: its key (the socket's address in the table, its owner in
@@ -30,42 +31,74 @@ pub enum Home {
 const HASH: u64 = 1;
 const ARRAY: u64 = 2;
 
-/// The id of the map `pid` keeps its flows in, and which it is.
-fn flows_map(pid: u32) -> Result<(u64, Home)> {
+/// A map the process holds: its id, type, key and value sizes, entries.
+struct Held {
+    id: u64,
+    shape: (u64, u64, u64),
+    entries: u64,
+}
+
+fn held_maps(pid: u32) -> Result<Vec<Held>> {
+    let mut maps = Vec::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let Ok(info) = std::fs::read_to_string(fd?.path()) else { continue };
-        let field = |name: &str| {
-            info.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
-        };
-        let shape = (field("map_type:"), field("key_size:"), field("value_size:"));
-        let home = match shape {
-            (Some(HASH), Some(8), Some(size)) if size == size_of::<Flow>() as u64 => Home::Table,
-            (Some(ARRAY), Some(4), Some(size)) if size == size_of::<FlowSlot>() as u64 => Home::Array,
-            _ => continue,
-        };
-        if field("max_entries:").unwrap_or(0) > 1 {
-            return Ok((field("map_id:").context("fdinfo without map_id")?, home));
+        let field = |name: &str| info.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok());
+        if let (Some(id), Some(kind), Some(key), Some(value)) = (field("map_id:"), field("map_type:"), field("key_size:"), field("value_size:")) {
+            maps.push(Held { id, shape: (kind, key, value), entries: field("max_entries:").unwrap_or(0) });
         }
     }
-    bail!("netlens (pid {pid}) holds no flow table or array")
+    Ok(maps)
+}
+
+fn map_name(id: u64) -> Result<String> {
+    let output = Command::new("bpftool").args(["map", "show", "id", &id.to_string(), "-j"]).output().context("running bpftool")?;
+    let shown: Value = serde_json::from_slice(&output.stdout).context("bpftool's map show")?;
+    Ok(shown["name"].as_str().unwrap_or_default().to_string())
+}
+
+/// Where the netlens running as `pid` keeps its flows, and the ids of the
+/// table, or of the array's owners and flows.
+fn flows_maps(pid: u32) -> Result<(Home, u64, u64)> {
+    let maps = held_maps(pid)?;
+    let flow_size = size_of::<Flow>() as u64;
+    if let Some(table) = maps.iter().find(|m| m.shape == (HASH, 8, flow_size) && m.entries > 1) {
+        return Ok((Home::Table, table.id, 0));
+    }
+    let named = |shape: (u64, u64, u64), name: &str| -> Result<Option<u64>> {
+        for map in maps.iter().filter(|m| m.shape == shape && m.entries > 1) {
+            if map_name(map.id)? == name {
+                return Ok(Some(map.id));
+            }
+        }
+        Ok(None)
+    };
+    let owners = named((ARRAY, 4, size_of::<OwnerBucket>() as u64), "FLOW_OWNERS")?;
+    let slots = named((ARRAY, 4, flow_size), "FLOW_SLOTS")?;
+    match (owners, slots) {
+        (Some(owners), Some(slots)) => Ok((Home::Array, owners, slots)),
+        _ => bail!("netlens (pid {pid}) holds no flow table or array"),
+    }
 }
 
 /// Where the netlens running as `pid` keeps its flows.
 pub fn home(pid: u32) -> Result<Home> {
-    Ok(flows_map(pid)?.1)
+    Ok(flows_maps(pid)?.0)
+}
+
+fn dump(id: u64) -> Result<Vec<u8>> {
+    let output = Command::new("bpftool").args(["map", "dump", "id", &id.to_string(), "-j"]).output().context("running bpftool")?;
+    if !output.status.success() {
+        bail!("bpftool map dump: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(output.stdout)
 }
 
 /// Every entry of the flow table of the netlens running as `pid`, or
 /// every used slot of its array.
 pub fn entries(pid: u32) -> Result<Vec<Entry>> {
-    let (id, home) = flows_map(pid)?;
-    let output = Command::new("bpftool").args(["map", "dump", "id", &id.to_string(), "-j"]).output().context("running bpftool")?;
-    if !output.status.success() {
-        bail!("bpftool map dump: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    match home {
-        Home::Table => entries_of(&output.stdout),
-        Home::Array => slots_of(&output.stdout),
+    match flows_maps(pid)? {
+        (Home::Table, table, _) => entries_of(&dump(table)?),
+        (Home::Array, owners, slots) => slots_of(&dump(owners)?, &dump(slots)?),
     }
 }
 
@@ -97,19 +130,29 @@ fn flow_entry(key: u64, flow: &[u8]) -> Entry {
     }
 }
 
-/// The used slots (owner not 0) of bpftool's JSON dump of the array, keyed
-/// by owner without its closed bit.
-fn slots_of(dump: &[u8]) -> Result<Vec<Entry>> {
-    let dump: Vec<Value> = serde_json::from_slice(dump).context("bpftool's dump")?;
+/// The used slots (owner not 0) of bpftool's JSON dumps of the array's
+/// owners and flows, keyed by owner without its closed bit. (Dumped one
+/// after the other: a slot that changed between them may pair an owner
+/// with its previous flow.)
+fn slots_of(owners: &[u8], slots: &[u8]) -> Result<Vec<Entry>> {
+    let owners: Vec<Value> = serde_json::from_slice(owners).context("bpftool's dump of the owners")?;
+    let slots: Vec<Value> = serde_json::from_slice(slots).context("bpftool's dump of the flows")?;
     let mut used = Vec::new();
-    for slot in &dump {
-        let value = bytes_of(&slot["value"])?;
-        if value.len() != size_of::<FlowSlot>() {
-            bail!("a slot of {} bytes, not a FlowSlot's {}", value.len(), size_of::<FlowSlot>());
+    for (bucket, entry) in owners.iter().enumerate() {
+        let value = bytes_of(&entry["value"])?;
+        if value.len() != size_of::<OwnerBucket>() {
+            bail!("a bucket of {} bytes, not an OwnerBucket's {}", value.len(), size_of::<OwnerBucket>());
         }
-        let owner = little_endian(&value[offset_of!(FlowSlot, owner)..][..8]);
-        if owner != 0 {
-            used.push(flow_entry(owner & !1, &value[offset_of!(FlowSlot, flow)..]));
+        for way in 0..SLOT_WAYS {
+            let owner = little_endian(&value[way * 8..][..8]);
+            if owner == 0 {
+                continue;
+            }
+            let flow = bytes_of(&slots.get(bucket * SLOT_WAYS + way).context("fewer flows than slots")?["value"])?;
+            if flow.len() != size_of::<Flow>() {
+                bail!("a flow of {} bytes, not a Flow's {}", flow.len(), size_of::<Flow>());
+            }
+            used.push(flow_entry(owner & !1, &flow));
         }
     }
     Ok(used)

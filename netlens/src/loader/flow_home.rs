@@ -131,8 +131,9 @@ impl FlowHome {
         };
         match self {
             Self::Slots(why) => format!(
-                "array of {} slots found by hashed socket address (a close frees its slot), flows lost counted ({why})",
-                u64::from(config.flow_slot_mask) + 1
+                "array of {} slots in buckets of {} found by hashed socket address (a close frees its slot), flows lost counted ({why})",
+                (u64::from(config.flow_slot_mask) + 1) * netlens_common::SLOT_WAYS as u64,
+                netlens_common::SLOT_WAYS
             ),
             Self::Storage => "socket storage (freed with each socket; nothing to evict)".into(),
             Self::Table(why) => format!("hash table, flows lost counted, {closed} ({why})"),
@@ -141,14 +142,14 @@ impl FlowHome {
 }
 
 /// Writes `home` into the programs' config, before they load; the array
-/// gets `entries` slots, rounded up to a power of two (its hash's mask).
+/// gets `entries` slots, rounded up to a power of two of buckets (its
+/// hash's mask) of `SLOT_WAYS` slots.
 fn configure(facts: &mut KernelFacts, home: &FlowHome, entries: u32) {
     let config = &mut facts.offsets.config;
     config.flows_in_storage = u32::from(home.in_storage());
     config.flows_in_slots = u32::from(home.in_slots());
-    let slots = if home.in_slots() { entries.next_power_of_two() } else { 1 };
-    config.flow_slot_mask = slots - 1;
-    config.flow_slot_shift = 64 - slots.trailing_zeros().max(1);
+    let buckets = if home.in_slots() { entries.div_ceil(netlens_common::SLOT_WAYS as u32).next_power_of_two() } else { 1 };
+    config.flow_slot_mask = buckets - 1;
     config.flows_kept_closed = u32::from(matches!(home, FlowHome::Table(_)) && table_keeps_closed());
 }
 

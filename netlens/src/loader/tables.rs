@@ -6,7 +6,7 @@ use std::{borrow::Borrow, ops::ControlFlow, os::fd::AsFd};
 
 use anyhow::{anyhow, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use netlens_common::{counter, program, Flow, FlowSlot, ListenOverflow, ListenerEndpoint, ListenerKey, ListenerOwner, PacketHistograms, DROP_REASONS, LOG2_BUCKETS};
+use netlens_common::{counter, program, owner_is_open, Flow, ListenOverflow, ListenerEndpoint, ListenerKey, ListenerOwner, OwnerBucket, PacketHistograms, DROP_REASONS, LOG2_BUCKETS, SLOT_WAYS};
 
 use super::{closed_flows, Probes};
 use crate::kernel::{
@@ -175,13 +175,24 @@ impl Probes {
             if live.len() < limit { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
         };
         if self.flow_home.in_slots() {
-            let slots: Array<&MapData, FlowSlot> =
+            let owners: Array<&MapData, OwnerBucket> =
+                Array::try_from(self.ebpf.map("FLOW_OWNERS").ok_or_else(|| anyhow!("FLOW_OWNERS map missing"))?)?;
+            let slots: Array<&MapData, Flow> =
                 Array::try_from(self.ebpf.map("FLOW_SLOTS").ok_or_else(|| anyhow!("FLOW_SLOTS map missing"))?)?;
-            // Every slot is copied, the free ones too: at 16,384 slots of
-            // ~290 bytes, 4.7 MB a call.
-            map_ops::for_each_entry::<u32, FlowSlot>(slots.map().fd().as_fd(), FLOWS_A_SYSCALL, |_, slot| {
-                if slot.is_open() { visit(&slot.flow) } else { ControlFlow::Continue(()) }
+            // The owners first (64 bytes a bucket), then the flows of the
+            // open slots, one lookup each.
+            let mut open = Vec::new();
+            map_ops::for_each_entry::<u32, OwnerBucket>(owners.map().fd().as_fd(), FLOWS_A_SYSCALL, |&bucket, owners| {
+                let ways = owners.owners.iter().enumerate().filter(|(_, &owner)| owner_is_open(owner));
+                open.extend(ways.map(|(way, _)| bucket * SLOT_WAYS as u32 + way as u32));
+                ControlFlow::Continue(())
             })?;
+            for index in open {
+                let Ok(flow) = slots.get(&index, 0) else { continue };
+                if visit(&flow).is_break() {
+                    break;
+                }
+            }
             return Ok(live);
         }
         let flows: BpfHashMap<&MapData, u64, Flow> =
