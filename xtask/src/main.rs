@@ -129,46 +129,43 @@ fn test_host(args: &[String]) -> Result<TestCounts> {
     // kernel refuses their BTF-tracepoint builds (sock.rs); this kernel
     // takes those, so their tests run again without them.
     if args.is_empty() {
-        let mut command = cargo();
-        toolchain.apply(&mut command);
-        command
-            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests", "--test", "lifecycle", "--test", "transport", "--test", "accept"])
-            .env("NETLENS_BIN", &binary)
-            .env("NETLENS_SKIP_HOOKS", RAW_FALLBACK_SKIPS);
-        println!("xtask: the lifecycle, transport and accept tests again, on the raw-tracepoint builds ({RAW_FALLBACK_SKIPS} left out)");
-        counts.merge(run_tests(&mut command)?);
+        let again = |tests: &[&str], env: (&str, &str), why: &str| -> Result<TestCounts> {
+            let mut command = cargo();
+            toolchain.apply(&mut command);
+            command.args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests"]);
+            for test in tests {
+                command.args(["--test", test]);
+            }
+            command.env("NETLENS_BIN", &binary).env(env.0, env.1);
+            println!("xtask: the {} tests again, {why}", tests.join(", "));
+            run_tests(&mut command)
+        };
+        counts.merge(again(
+            &["lifecycle", "transport", "accept"],
+            ("NETLENS_SKIP_HOOKS", RAW_FALLBACK_SKIPS),
+            &format!("on the raw-tracepoint builds ({RAW_FALLBACK_SKIPS} left out)"),
+        )?);
         // The accept exit with its enter hooks (kernels without
-        // bpf_task_pt_regs, or not x86-64), typed: the accept tests again.
-        let mut command = cargo();
-        toolchain.apply(&mut command);
-        command
-            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests", "--test", "accept"])
-            .env("NETLENS_BIN", &binary)
-            .env("NETLENS_SKIP_HOOKS", "sys_exit_accept_regs");
-        println!("xtask: the accept tests again, with the accept enter hooks (sys_exit_accept_regs left out)");
-        counts.merge(run_tests(&mut command)?);
-        // Flows in socket storage (NETLENS_FLOW_STATE=storage, 5.11+): the
-        // tests of what keeps flows and what userspace joins to them.
-        let mut command = cargo();
-        toolchain.apply(&mut command);
-        command
-            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests"])
-            .args(["--test", "lifecycle", "--test", "retransmit", "--test", "transport", "--test", "accept", "--test", "daemon", "--test", "top"])
-            .env("NETLENS_BIN", &binary)
-            .env("NETLENS_FLOW_STATE", "storage");
-        println!("xtask: the lifecycle, retransmit, transport, accept, daemon and top tests again, with flows in socket storage");
-        counts.merge(run_tests(&mut command)?);
+        // bpf_task_pt_regs, or not x86-64), typed.
+        counts.merge(again(
+            &["accept"],
+            ("NETLENS_SKIP_HOOKS", "sys_exit_accept_regs"),
+            "with the accept enter hooks (sys_exit_accept_regs left out)",
+        )?);
+        // Flows in socket storage (5.11+): the tests of what keeps flows
+        // and what userspace joins to them.
+        counts.merge(again(
+            &["lifecycle", "retransmit", "transport", "accept", "daemon", "top"],
+            ("NETLENS_FLOW_STATE", "storage"),
+            "with flows in socket storage",
+        )?);
         // Flows in the hash table, with the typed programs (the array is
         // the default from 5.12; the raw builds above use the table).
-        let mut command = cargo();
-        toolchain.apply(&mut command);
-        command
-            .args(["test", "--release", "--no-fail-fast", "-p", "netlens-tests"])
-            .args(["--test", "lifecycle", "--test", "retransmit", "--test", "transport", "--test", "losses", "--test", "daemon", "--test", "top"])
-            .env("NETLENS_BIN", &binary)
-            .env("NETLENS_FLOW_STATE", "table");
-        println!("xtask: the lifecycle, retransmit, transport, losses, daemon and top tests again, with flows in the hash table");
-        counts.merge(run_tests(&mut command)?);
+        counts.merge(again(
+            &["lifecycle", "retransmit", "transport", "losses", "daemon", "top"],
+            ("NETLENS_FLOW_STATE", "table"),
+            "with flows in the hash table",
+        )?);
     }
     Ok(counts)
 }
