@@ -4,7 +4,8 @@
 //!   else Debian's rustc-web + rust-web-src, linked into rustup as
 //!   `netlens-bpf` and driven with RUSTC_BOOTSTRAP=1 (for -Z build-std);
 //! - bpf-linker, built against the LLVM major version that toolchain uses;
-//! - the tools the tests drive (nftables, iproute2, ethtool, promtool, curl, tmux).
+//! - the tools the tests drive (nftables, iproute2, ethtool, promtool, curl, tmux,
+//!   bpftool).
 
 use std::{
     path::{Path, PathBuf},
@@ -49,6 +50,8 @@ pub fn ensure(with_test_tools: bool) -> Result<EbpfToolchain> {
         // tests/daemon.rs scrapes with curl; tests/top.rs drives a terminal.
         tools.push(("curl", "curl"));
         tools.push(("tmux", "tmux"));
+        // tests/src/flow_table.rs reads the flow maps of a running netlens.
+        tools.push(("bpftool", "bpftool"));
     }
     for (binary, package) in tools {
         if which(binary) {
